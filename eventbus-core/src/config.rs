@@ -1,0 +1,76 @@
+//! Configuration helpers shared by every crate: durations written as `30s`, `100ms`, `30d`.
+
+/// Serde support for durations written as text (`"250ms"`, `"30s"`, `"5m"`, `"30d"`) or as a
+/// number of milliseconds.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Text(String),
+        Millis(u64),
+    }
+
+    /// Parses `"30s"`-style text (humantime syntax).
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        humantime::parse_duration(text.trim())
+            .map_err(|e| format!("invalid duration {text:?} ({e}); write e.g. 250ms, 30s, 5m, 30d"))
+    }
+
+    /// Deserializes text or milliseconds.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        match Repr::deserialize(d)? {
+            Repr::Text(t) => parse(&t).map_err(serde::de::Error::custom),
+            Repr::Millis(ms) => Ok(Duration::from_millis(ms)),
+        }
+    }
+
+    /// Serializes as humantime text.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    /// The same for `Option<Duration>`.
+    pub mod option {
+        use std::time::Duration;
+
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        /// Deserializes an optional duration.
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            #[derive(Deserialize)]
+            struct Wrap(#[serde(deserialize_with = "super::deserialize")] Duration);
+            Ok(Option::<Wrap>::deserialize(d)?.map(|w| w.0))
+        }
+
+        /// Serializes an optional duration.
+        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => super::serialize(d, s),
+                None => s.serialize_none(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(super::duration::parse("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(
+            super::duration::parse("30d").unwrap(),
+            Duration::from_secs(30 * 86_400)
+        );
+        assert_eq!(
+            super::duration::parse("100ms").unwrap(),
+            Duration::from_millis(100)
+        );
+        assert!(super::duration::parse("soon").unwrap_err().contains("30s"));
+    }
+}

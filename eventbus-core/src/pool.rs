@@ -1,0 +1,934 @@
+//! The keyed worker pool: per-aggregate order, parallelism across aggregates, bounded
+//! buffering with backpressure, in-place retry, dead letter, deadline extension and
+//! graceful drain.
+//!
+//! Design (see `docs/architecture.md`):
+//! - A dispatcher task pulls deliveries only while fewer than `max_in_flight` are held, decodes
+//!   them and appends each to its key's queue. A key with a queue is *scheduled*: its name is
+//!   in the ready queue or a worker is running it. A key without queued work has no entry
+//!   (idle keys cost nothing).
+//! - `max_concurrency` workers take scheduled keys from one shared ready queue and run the
+//!   key's events one at a time, in arrival order. There is no fixed key-to-worker mapping,
+//!   so a slow or retrying key occupies one worker and stalls no other key.
+//! - A key whose backlog reaches `max_per_key` pauses its partition (when the backend offers
+//!   [`PartitionControl`]) or stops the dispatcher until the backlog shrinks.
+//! - A failed attempt is retried in place (later events of the key wait), then dead-lettered
+//!   with reason headers, then acknowledged. A dead-letter publish that fails is retried and
+//!   the key stays parked: nothing is acknowledged that was neither handled nor dead-lettered.
+//! - A ticker sends progress signals for every held delivery so that the broker does not
+//!   redeliver work that waits behind a slow key; a redelivery of a held message is dropped.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use parking_lot::Mutex;
+use serde::Deserialize;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tower::{Service, ServiceExt as _};
+
+use crate::codec::{Codec, DecodeError};
+use crate::envelope::Envelope;
+use crate::error::{Error, HandleError};
+use crate::handler::{BoxEventHandler, Event};
+use crate::headers::{Headers, validate_header};
+use crate::message::{OutboundMessage, Position};
+use crate::retry::Backoff;
+use crate::transport::{Acker, Delivery, DomainSubscription, DynDomainTransport, PartitionControl};
+
+/// Limits of the keyed pool.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Handlers running at once (different aggregates). Default 256.
+    pub max_concurrency: usize,
+    /// Deliveries held (queued or running) at most; beyond it the pool stops pulling.
+    /// Default 10,000.
+    pub max_in_flight: usize,
+    /// Deliveries of one aggregate held at most before its partition is paused. Default 1,000.
+    pub max_per_key: usize,
+    /// How long a graceful shutdown may take to finish buffered work. Default 10 s.
+    #[serde(with = "crate::config::duration")]
+    pub drain_deadline: Duration,
+    /// How often held deliveries get a progress signal. Default: a third of the backend's
+    /// ack deadline; none if the backend has no deadline.
+    #[serde(with = "crate::config::duration::option")]
+    pub progress_interval: Option<Duration>,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrency: 256,
+            max_in_flight: 10_000,
+            max_per_key: 1_000,
+            drain_deadline: Duration::from_secs(10),
+            progress_interval: None,
+        }
+    }
+}
+
+impl PoolConfig {
+    /// Checks the limits.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.max_concurrency == 0 {
+            return Err(Error::config("pool.max_concurrency", "must be at least 1"));
+        }
+        if self.max_in_flight == 0 {
+            return Err(Error::config("pool.max_in_flight", "must be at least 1"));
+        }
+        if self.max_per_key == 0 {
+            return Err(Error::config("pool.max_per_key", "must be at least 1"));
+        }
+        if self.progress_interval == Some(Duration::ZERO) {
+            return Err(Error::config("pool.progress_interval", "must not be zero"));
+        }
+        Ok(())
+    }
+}
+
+/// Where failed messages go.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeadLetterPolicy {
+    /// Suffix appended to the topic: `orders` -> `orders.dlq`. Default `.dlq`.
+    pub suffix: String,
+}
+
+impl Default for DeadLetterPolicy {
+    fn default() -> Self {
+        Self {
+            suffix: crate::topic::DEFAULT_DEAD_LETTER_SUFFIX.to_owned(),
+        }
+    }
+}
+
+/// Header names written on dead-lettered messages (the original headers are kept).
+pub mod dlq_headers {
+    /// Why: the handler's last error or the decode error.
+    pub const REASON: &str = "dualbus-dlq-reason";
+    /// `exhausted`, `permanent` or `malformed`.
+    pub const KIND: &str = "dualbus-dlq-kind";
+    /// Handler attempts made (0 for malformed messages).
+    pub const ATTEMPTS: &str = "dualbus-dlq-attempts";
+    /// The source topic.
+    pub const TOPIC: &str = "dualbus-dlq-topic";
+    /// The source partition.
+    pub const PARTITION: &str = "dualbus-dlq-partition";
+    /// The source offset.
+    pub const OFFSET: &str = "dualbus-dlq-offset";
+    /// The broker's delivery count of the source message.
+    pub const DELIVERY_COUNT: &str = "dualbus-dlq-delivery-count";
+}
+
+/// Why a message was dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DeadLetterKind {
+    /// Every attempt failed with a retryable error.
+    Exhausted,
+    /// The handler returned a permanent error (or panicked).
+    Permanent,
+    /// The message could not be decoded.
+    Malformed,
+}
+
+impl DeadLetterKind {
+    /// The value of the `dualbus-dlq-kind` header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Exhausted => "exhausted",
+            Self::Permanent => "permanent",
+            Self::Malformed => "malformed",
+        }
+    }
+}
+
+/// Something the pool did, for observers (metrics, tests, the order checker).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum PoolEvent<'a> {
+    /// A handler attempt failed and will be retried after `delay`.
+    Retrying {
+        /// The event.
+        envelope: &'a Envelope,
+        /// The failed attempt, from 1.
+        attempt: u32,
+        /// The error.
+        error: &'a HandleError,
+        /// The wait before the next attempt.
+        delay: Duration,
+    },
+    /// A message was published to the dead letter (it is acknowledged next).
+    DeadLettered {
+        /// The event, if it could be decoded.
+        envelope: Option<&'a Envelope>,
+        /// Why.
+        kind: DeadLetterKind,
+        /// The reason text.
+        reason: &'a str,
+        /// Where it was.
+        position: Position,
+    },
+    /// The broker confirmed an acknowledgement.
+    Acked {
+        /// The event, if it could be decoded.
+        envelope: Option<&'a Envelope>,
+        /// Where it was.
+        position: Position,
+    },
+    /// An acknowledgement failed: the message will be redelivered.
+    AckFailed {
+        /// Where it was.
+        position: Position,
+        /// The error.
+        error: &'a Error,
+    },
+    /// A redelivery of a message the pool already holds was dropped.
+    DuplicateDropped {
+        /// Where it was.
+        position: Position,
+    },
+}
+
+/// Receives [`PoolEvent`]s. Called inline on the pool's tasks: keep it cheap.
+pub trait PoolObserver: Send + Sync + 'static {
+    /// One event.
+    fn on_event(&self, event: &PoolEvent<'_>);
+}
+
+/// Counters of one subscription's pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolStats {
+    /// Deliveries received from the transport.
+    pub received: u64,
+    /// Events whose handler succeeded.
+    pub handled: u64,
+    /// Failed attempts that were retried.
+    pub retried: u64,
+    /// Messages published to the dead letter.
+    pub dead_lettered: u64,
+    /// Of those, messages that could not be decoded.
+    pub malformed: u64,
+    /// Acknowledgements confirmed.
+    pub acked: u64,
+    /// Acknowledgements that failed (the broker redelivers those messages).
+    pub ack_failures: u64,
+    /// Redeliveries of held messages that were dropped.
+    pub duplicates_dropped: u64,
+    /// Failed dead-letter publishes (each is retried).
+    pub dead_letter_failures: u64,
+    /// Deliveries held now (queued or running).
+    pub in_flight: u64,
+    /// The most deliveries held at once.
+    pub peak_in_flight: u64,
+    /// Transport errors reported by the delivery stream.
+    pub transport_errors: u64,
+}
+
+/// What a shutdown did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Deliveries finished (acknowledged) during the drain.
+    pub drained: u64,
+    /// Handlers cut off at the deadline; their messages stay unacknowledged.
+    pub abandoned: u64,
+    /// Buffered deliveries that never started; returned unacknowledged.
+    pub dropped: u64,
+    /// Deliveries whose dead-letter publish kept failing; unacknowledged.
+    pub parked: u64,
+    /// Whether the deadline passed before the drain finished.
+    pub timed_out: bool,
+    /// How long the shutdown took.
+    pub elapsed: Duration,
+    /// The pool's counters at the end.
+    pub stats: PoolStats,
+}
+
+#[derive(Default)]
+struct Counters {
+    received: AtomicU64,
+    handled: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    malformed: AtomicU64,
+    acked: AtomicU64,
+    ack_failures: AtomicU64,
+    duplicates_dropped: AtomicU64,
+    dead_letter_failures: AtomicU64,
+    finished: AtomicU64,
+    transport_errors: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+type Key = Arc<str>;
+
+struct Item {
+    delivery: Delivery,
+    decoded: Result<Arc<Envelope>, DecodeError>,
+    key: Key,
+    _permit: OwnedSemaphorePermit,
+}
+
+struct KeyQueue {
+    items: VecDeque<Item>,
+    over_cap: bool,
+}
+
+struct Held {
+    acker: Arc<dyn Acker>,
+    since: Instant,
+    started: bool,
+    parked: bool,
+}
+
+#[derive(Default)]
+struct State {
+    keys: HashMap<Key, KeyQueue>,
+    held: HashMap<Position, Held>,
+    paused: HashMap<u32, usize>,
+    peak: usize,
+}
+
+/// Everything the pool's tasks share.
+pub(crate) struct PoolParams {
+    pub(crate) topic: Arc<str>,
+    pub(crate) dead_letter_topic: String,
+    pub(crate) handler: BoxEventHandler,
+    pub(crate) transport: DynDomainTransport,
+    pub(crate) config: PoolConfig,
+    pub(crate) retry: Backoff,
+    pub(crate) observer: Option<Arc<dyn PoolObserver>>,
+}
+
+struct Shared {
+    p: PoolParams,
+    control: Option<Arc<dyn PartitionControl>>,
+    state: Mutex<State>,
+    ready_tx: async_channel::Sender<Key>,
+    ready_rx: async_channel::Receiver<Key>,
+    permits: Arc<Semaphore>,
+    counters: Counters,
+    space: Notify,
+    idle: Notify,
+    stop_pulling: CancellationToken,
+    hard_stop: CancellationToken,
+}
+
+/// A running pool: its tasks and shared state.
+pub(crate) struct Pool {
+    shared: Arc<Shared>,
+    tasks: Mutex<Option<PoolTasks>>,
+    report: tokio::sync::OnceCell<ShutdownReport>,
+}
+
+struct PoolTasks {
+    dispatcher: JoinHandle<()>,
+    workers: Vec<JoinHandle<()>>,
+    ticker: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("topic", &self.shared.p.topic)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl Pool {
+    /// Starts the dispatcher, the workers and the progress ticker on the current runtime.
+    pub(crate) fn start(
+        params: PoolParams,
+        subscription: DomainSubscription,
+        ack_deadline: Option<Duration>,
+    ) -> Self {
+        let (ready_tx, ready_rx) = async_channel::unbounded();
+        let progress = params
+            .config
+            .progress_interval
+            .or_else(|| ack_deadline.map(|d| (d / 3).max(Duration::from_millis(1))));
+        let shared = Arc::new(Shared {
+            permits: Arc::new(Semaphore::new(params.config.max_in_flight)),
+            control: subscription.control,
+            p: params,
+            state: Mutex::new(State::default()),
+            ready_tx,
+            ready_rx,
+            counters: Counters::default(),
+            space: Notify::new(),
+            idle: Notify::new(),
+            stop_pulling: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+        });
+        let dispatcher = tokio::spawn(dispatch(shared.clone(), subscription.deliveries));
+        let workers = (0..shared.p.config.max_concurrency)
+            .map(|_| tokio::spawn(worker(shared.clone())))
+            .collect();
+        let ticker = progress.map(|every| tokio::spawn(tick(shared.clone(), every)));
+        Self {
+            shared,
+            tasks: Mutex::new(Some(PoolTasks {
+                dispatcher,
+                workers,
+                ticker,
+            })),
+            report: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// A snapshot of the counters.
+    pub(crate) fn stats(&self) -> PoolStats {
+        let c = &self.shared.counters;
+        let (in_flight, peak) = {
+            let st = self.shared.state.lock();
+            (st.held.len() as u64, st.peak as u64)
+        };
+        PoolStats {
+            received: c.received.load(Ordering::Relaxed),
+            handled: c.handled.load(Ordering::Relaxed),
+            retried: c.retried.load(Ordering::Relaxed),
+            dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
+            malformed: c.malformed.load(Ordering::Relaxed),
+            acked: c.acked.load(Ordering::Relaxed),
+            ack_failures: c.ack_failures.load(Ordering::Relaxed),
+            duplicates_dropped: c.duplicates_dropped.load(Ordering::Relaxed),
+            dead_letter_failures: c.dead_letter_failures.load(Ordering::Relaxed),
+            in_flight,
+            peak_in_flight: peak,
+            transport_errors: c.transport_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether the delivery stream ended (transport closed) and all held work finished.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.shared.stop_pulling.is_cancelled() && self.shared.state.lock().held.is_empty()
+    }
+
+    /// Stops pulling, finishes held work within `deadline`, returns what was left.
+    /// Idempotent: later and concurrent calls get the first call's report.
+    pub(crate) async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
+        *self
+            .report
+            .get_or_init(|| self.shutdown_inner(deadline))
+            .await
+    }
+
+    async fn shutdown_inner(&self, deadline: Duration) -> ShutdownReport {
+        let started = Instant::now();
+        let sh = &self.shared;
+        let finished_before = sh.counters.finished.load(Ordering::Relaxed);
+        sh.stop_pulling.cancel();
+        let Some(tasks) = self.tasks.lock().take() else {
+            return ShutdownReport::default();
+        };
+        let _ = tasks.dispatcher.await;
+        // Drain: wait until nothing is held, or the deadline.
+        let drained_in_time = tokio::time::timeout(deadline, async {
+            loop {
+                let idle = sh.idle.notified();
+                tokio::pin!(idle);
+                idle.as_mut().enable();
+                if sh.state.lock().held.is_empty() {
+                    return;
+                }
+                idle.await;
+            }
+        })
+        .await
+        .is_ok();
+        let mut report = ShutdownReport {
+            timed_out: !drained_in_time,
+            ..ShutdownReport::default()
+        };
+        // Cut off what is still running, then return everything held unacknowledged.
+        sh.hard_stop.cancel();
+        sh.ready_tx.close();
+        for w in tasks.workers {
+            let _ = w.await;
+        }
+        if let Some(t) = tasks.ticker {
+            t.abort();
+            let _ = t.await;
+        }
+        let (queued, held): (Vec<Item>, Vec<Held>) = {
+            let mut st = sh.state.lock();
+            let queued: Vec<Item> = st
+                .keys
+                .drain()
+                .flat_map(|(_, q)| q.items.into_iter())
+                .collect();
+            (queued, st.held.drain().map(|(_, h)| h).collect())
+        };
+        for item in &queued {
+            let _ = item.delivery.nack(Duration::ZERO).await;
+        }
+        for h in &held {
+            if !h.started {
+                report.dropped += 1;
+            } else if h.parked {
+                report.parked += 1;
+            } else {
+                report.abandoned += 1;
+            }
+            if h.started {
+                let _ = h.acker.nack(Duration::ZERO).await;
+            }
+        }
+        drop(queued);
+        report.drained = sh.counters.finished.load(Ordering::Relaxed) - finished_before;
+        report.elapsed = started.elapsed();
+        report.stats = self.stats();
+        report
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Dropped without shutdown: stop at once; unacknowledged work is redelivered.
+        self.shared.stop_pulling.cancel();
+        self.shared.hard_stop.cancel();
+        self.shared.ready_tx.close();
+    }
+}
+
+async fn dispatch(sh: Arc<Shared>, mut deliveries: futures::stream::BoxStream<'static, crate::Result<Delivery>>) {
+    loop {
+        let permit = tokio::select! {
+            biased;
+            () = sh.stop_pulling.cancelled() => break,
+            p = sh.permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let next = tokio::select! {
+            biased;
+            () = sh.stop_pulling.cancelled() => break,
+            n = deliveries.next() => n,
+        };
+        let delivery = match next {
+            None => break,
+            Some(Err(e)) => {
+                bump(&sh.counters.transport_errors);
+                tracing::warn!(topic = %sh.p.topic, error = %e, "delivery stream reported an error");
+                continue;
+            }
+            Some(Ok(d)) => d,
+        };
+        bump(&sh.counters.received);
+        let decoded = Codec::decode(&delivery.message).map(Arc::new);
+        let key: Key = match &decoded {
+            Ok(e) => Arc::from(e.aggregate_id.as_str()),
+            Err(_) => match &delivery.message.key {
+                Some(k) if !k.is_empty() => Arc::from(k.as_str()),
+                _ => {
+                    let p = delivery.position();
+                    Arc::from(format!("\u{0}malformed:{}:{}", p.partition, p.offset))
+                }
+            },
+        };
+        if sh.control.is_none() && !wait_for_space(&sh, &key).await {
+            // Stopped while waiting: hand the delivery back.
+            let _ = delivery.nack(Duration::ZERO).await;
+            break;
+        }
+        enqueue(
+            &sh,
+            Item {
+                delivery,
+                decoded,
+                key,
+                _permit: permit,
+            },
+        );
+    }
+    // Dropping the stream ends the subscription on the broker side.
+    drop(deliveries);
+    sh.stop_pulling.cancel();
+}
+
+/// Without partition control, backpressure per key stops the whole dispatcher.
+async fn wait_for_space(sh: &Shared, key: &Key) -> bool {
+    loop {
+        let space = sh.space.notified();
+        tokio::pin!(space);
+        space.as_mut().enable();
+        let full = sh
+            .state
+            .lock()
+            .keys
+            .get(key)
+            .is_some_and(|q| q.items.len() >= sh.p.config.max_per_key);
+        if !full {
+            return true;
+        }
+        tokio::select! {
+            () = sh.stop_pulling.cancelled() => return false,
+            () = space => {}
+        }
+    }
+}
+
+fn enqueue(sh: &Shared, item: Item) {
+    let position = item.delivery.position();
+    let partition = position.partition;
+    let mut st = sh.state.lock();
+    if st.held.contains_key(&position) {
+        drop(st);
+        bump(&sh.counters.duplicates_dropped);
+        if let Some(o) = &sh.p.observer {
+            o.on_event(&PoolEvent::DuplicateDropped { position });
+        }
+        return;
+    }
+    st.held.insert(
+        position,
+        Held {
+            acker: item.delivery.acker().clone(),
+            since: Instant::now(),
+            started: false,
+            parked: false,
+        },
+    );
+    st.peak = st.peak.max(st.held.len());
+    let cap = sh.p.config.max_per_key;
+    let mut pause = false;
+    let mut schedule = None;
+    match st.keys.get_mut(&item.key) {
+        Some(q) => {
+            q.items.push_back(item);
+            if q.items.len() >= cap && !q.over_cap && sh.control.is_some() {
+                q.over_cap = true;
+                pause = true;
+            }
+        }
+        None => {
+            let key = item.key.clone();
+            let mut items = VecDeque::with_capacity(1);
+            items.push_back(item);
+            st.keys.insert(
+                key.clone(),
+                KeyQueue {
+                    items,
+                    over_cap: false,
+                },
+            );
+            schedule = Some(key);
+        }
+    }
+    if pause {
+        let n = st.paused.entry(partition).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            if let Some(c) = &sh.control {
+                c.pause(partition);
+            }
+        }
+    }
+    drop(st);
+    if let Some(key) = schedule {
+        // Unbounded and only closed at shutdown, when nothing is scheduled any more.
+        let _ = sh.ready_tx.try_send(key);
+    }
+}
+
+/// Takes the next item of `key`, or unschedules the key when its queue is empty.
+fn next_item(sh: &Shared, key: &Key) -> Option<Item> {
+    let mut st = sh.state.lock();
+    let st = &mut *st;
+    let q = st.keys.get_mut(key)?;
+    let Some(item) = q.items.pop_front() else {
+        st.keys.remove(key);
+        return None;
+    };
+    let cap = sh.p.config.max_per_key;
+    if q.over_cap && q.items.len() <= cap / 2 {
+        q.over_cap = false;
+        let partition = item.delivery.position().partition;
+        if let Some(n) = st.paused.get_mut(&partition) {
+            *n -= 1;
+            if *n == 0 {
+                st.paused.remove(&partition);
+                if let Some(c) = &sh.control {
+                    c.resume(partition);
+                }
+            }
+        }
+    }
+    let was_full = q.items.len() + 1 >= cap;
+    if let Some(h) = st.held.get_mut(&item.delivery.position()) {
+        h.started = true;
+    }
+    if was_full && sh.control.is_none() {
+        sh.space.notify_waiters();
+    }
+    Some(item)
+}
+
+/// After an item finished: forget it, and reschedule or unschedule its key.
+fn finish(sh: &Shared, item: Item, budget_left: bool) -> bool {
+    let key = item.key.clone();
+    let position = item.delivery.position();
+    let mut st = sh.state.lock();
+    st.held.remove(&position);
+    let idle = st.held.is_empty();
+    let more = match st.keys.get(&key) {
+        Some(q) if q.items.is_empty() => {
+            st.keys.remove(&key);
+            false
+        }
+        Some(_) => true,
+        None => false,
+    };
+    drop(st);
+    drop(item);
+    sh.counters.finished.fetch_add(1, Ordering::Relaxed);
+    if idle {
+        sh.idle.notify_waiters();
+    }
+    if more && !budget_left {
+        // Fairness: let other scheduled keys run before this one continues.
+        let _ = sh.ready_tx.try_send(key);
+        return false;
+    }
+    more
+}
+
+/// Events of one key run back to back up to this many before the key yields its worker.
+const KEY_BUDGET: u32 = 32;
+
+async fn worker(sh: Arc<Shared>) {
+    let mut handler = sh.p.handler.clone();
+    loop {
+        let key = tokio::select! {
+            biased;
+            () = sh.hard_stop.cancelled() => return,
+            k = sh.ready_rx.recv() => match k {
+                Ok(k) => k,
+                Err(_) => return,
+            },
+        };
+        let mut budget = KEY_BUDGET;
+        loop {
+            let Some(item) = next_item(&sh, &key) else {
+                break;
+            };
+            let done = tokio::select! {
+                biased;
+                () = sh.hard_stop.cancelled() => false,
+                () = process(&sh, &mut handler, &item) => true,
+            };
+            if !done {
+                // Cut off at the shutdown deadline: shutdown returns it unacknowledged.
+                return;
+            }
+            budget -= 1;
+            if !finish(&sh, item, budget > 0) {
+                break;
+            }
+        }
+    }
+}
+
+async fn process(sh: &Shared, handler: &mut BoxEventHandler, item: &Item) {
+    let delivery = &item.delivery;
+    let envelope = match &item.decoded {
+        Err(e) => {
+            bump(&sh.counters.malformed);
+            dead_letter(sh, item, DeadLetterKind::Malformed, &e.to_string(), 0).await;
+            return;
+        }
+        Ok(e) => e.clone(),
+    };
+    let mut attempt = 1;
+    loop {
+        let event = Event {
+            envelope: envelope.clone(),
+            topic: sh.p.topic.clone(),
+            attempt,
+            delivery_count: delivery.delivery_count,
+            position: delivery.position(),
+        };
+        let result = match handler.ready().await {
+            Ok(svc) => svc.call(event).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                bump(&sh.counters.handled);
+                ack(sh, item, Some(&envelope)).await;
+                return;
+            }
+            Err(error) => {
+                if !error.is_retryable() {
+                    let reason = error.to_string();
+                    dead_letter(sh, item, DeadLetterKind::Permanent, &reason, attempt).await;
+                    return;
+                }
+                if attempt >= sh.p.retry.attempts {
+                    let reason = error.to_string();
+                    dead_letter(sh, item, DeadLetterKind::Exhausted, &reason, attempt).await;
+                    return;
+                }
+                let delay = sh.p.retry.delay(attempt);
+                bump(&sh.counters.retried);
+                if let Some(o) = &sh.p.observer {
+                    o.on_event(&PoolEvent::Retrying {
+                        envelope: &envelope,
+                        attempt,
+                        error: &error,
+                        delay,
+                    });
+                }
+                tracing::debug!(
+                    topic = %sh.p.topic, aggregate_id = %envelope.aggregate_id,
+                    version = envelope.event_version, attempt, ?delay, error = %error,
+                    "handler failed; retrying in place"
+                );
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+            }
+        }
+    }
+}
+
+async fn ack(sh: &Shared, item: &Item, envelope: Option<&Envelope>) {
+    let position = item.delivery.position();
+    match item.delivery.ack().await {
+        Ok(()) => {
+            bump(&sh.counters.acked);
+            if let Some(o) = &sh.p.observer {
+                o.on_event(&PoolEvent::Acked { envelope, position });
+            }
+        }
+        Err(error) => {
+            bump(&sh.counters.ack_failures);
+            tracing::warn!(topic = %sh.p.topic, ?position, %error, "ack failed; the broker will redeliver");
+            if let Some(o) = &sh.p.observer {
+                o.on_event(&PoolEvent::AckFailed {
+                    position,
+                    error: &error,
+                });
+            }
+        }
+    }
+}
+
+/// Keeps header text printable and bounded.
+fn clip(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(max)
+        .collect();
+    if out.trim().is_empty() {
+        out = "unknown".to_owned();
+    }
+    out
+}
+
+fn dead_letter_message(sh: &Shared, item: &Item, kind: DeadLetterKind, reason: &str, attempts: u32) -> OutboundMessage {
+    let m = &item.delivery.message;
+    let mut headers = Headers::with_capacity(m.headers.len() + 7);
+    // Keep the original headers that every backend can carry (a malformed message may have
+    // others: they are dropped rather than blocking the dead letter).
+    for (n, v) in m.headers.iter() {
+        if validate_header(n, v).is_ok() && !n.starts_with("dualbus-dlq-") {
+            headers.insert(n.to_owned(), v);
+        }
+    }
+    headers.insert(dlq_headers::REASON, clip(reason, 1024));
+    headers.insert(dlq_headers::KIND, kind.as_str());
+    headers.insert(dlq_headers::ATTEMPTS, attempts.to_string());
+    headers.insert(dlq_headers::TOPIC, sh.p.topic.to_string());
+    headers.insert(dlq_headers::PARTITION, m.position.partition.to_string());
+    headers.insert(dlq_headers::OFFSET, m.position.offset.to_string());
+    headers.insert(dlq_headers::DELIVERY_COUNT, item.delivery.delivery_count.to_string());
+    OutboundMessage {
+        key: item.key.to_string(),
+        headers,
+        payload: m.payload.clone(),
+    }
+}
+
+async fn dead_letter(sh: &Shared, item: &Item, kind: DeadLetterKind, reason: &str, attempts: u32) {
+    let message = dead_letter_message(sh, item, kind, reason, attempts);
+    let position = item.delivery.position();
+    let mut failures = 0u32;
+    loop {
+        match sh.p.transport.publish(&sh.p.dead_letter_topic, message.clone()).await {
+            Ok(_) => break,
+            Err(error) => {
+                failures += 1;
+                bump(&sh.counters.dead_letter_failures);
+                if failures == 1 {
+                    if let Some(h) = sh.state.lock().held.get_mut(&position) {
+                        h.parked = true;
+                    }
+                }
+                let delay = sh.p.retry.delay(failures.min(16)).max(Duration::from_millis(10));
+                tracing::warn!(
+                    topic = %sh.p.topic, dead_letter_topic = %sh.p.dead_letter_topic, ?position,
+                    %error, ?delay, "dead-letter publish failed; the aggregate stays parked"
+                );
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+    if failures > 0 {
+        if let Some(h) = sh.state.lock().held.get_mut(&position) {
+            h.parked = false;
+        }
+    }
+    bump(&sh.counters.dead_lettered);
+    let envelope = item.decoded.as_ref().ok().map(|e| &**e);
+    tracing::info!(topic = %sh.p.topic, ?position, kind = kind.as_str(), reason, "message dead-lettered");
+    if let Some(o) = &sh.p.observer {
+        o.on_event(&PoolEvent::DeadLettered {
+            envelope,
+            kind,
+            reason,
+            position,
+        });
+    }
+    ack(sh, item, envelope).await;
+}
+
+async fn tick(sh: Arc<Shared>, every: Duration) {
+    loop {
+        tokio::select! {
+            () = sh.hard_stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let now = Instant::now();
+        let due: Vec<Arc<dyn Acker>> = {
+            let mut st = sh.state.lock();
+            st.held
+                .values_mut()
+                .filter(|h| now.duration_since(h.since) >= every)
+                .map(|h| {
+                    h.since = now;
+                    h.acker.clone()
+                })
+                .collect()
+        };
+        for acker in due {
+            if let Err(error) = acker.in_progress().await {
+                tracing::debug!(topic = %sh.p.topic, %error, "progress signal failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,451 @@
+//! The simple-message bus: raw payloads, no persistence, handled concurrently.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
+use parking_lot::Mutex;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tower::Service;
+
+use crate::error::{Error, HandleError, Result};
+use crate::handler::{BoxMessageHandler, BoxRequestHandler};
+use crate::headers::Headers;
+use crate::message::{Message, Receipt};
+use crate::middleware::{BusKind, CatchPanicLayer, Hook, HookLayer, PublishInfo};
+use crate::middleware::{finish_publish, publish_scopes};
+use crate::topic::validate_topic;
+use crate::transport::{Capabilities, DynSimpleTransport, SimpleTransport};
+
+/// Builds a [`SimpleBus`].
+#[must_use]
+pub struct SimpleBusBuilder {
+    transport: DynSimpleTransport,
+    hooks: Vec<Arc<dyn Hook>>,
+    max_concurrency: usize,
+}
+
+impl fmt::Debug for SimpleBusBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimpleBusBuilder")
+            .field("backend", &self.transport.capabilities().backend)
+            .field("max_concurrency", &self.max_concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SimpleBusBuilder {
+    /// Defaults: 1,024 concurrent handlers per subscription.
+    pub fn new(transport: impl SimpleTransport) -> Self {
+        Self::from_dyn(Arc::new(transport))
+    }
+
+    /// Same, from a shared transport.
+    pub fn from_dyn(transport: DynSimpleTransport) -> Self {
+        Self {
+            transport,
+            hooks: Vec::new(),
+            max_concurrency: 1024,
+        }
+    }
+
+    /// Adds a hook run around every publish and handler call.
+    pub fn hook(mut self, hook: Arc<dyn Hook>) -> Self {
+        self.hooks.push(hook);
+        self
+    }
+
+    /// Handler calls running at once per subscription (default 1,024). When all are busy
+    /// the subscription stops reading, and the backend's own buffering applies.
+    pub fn max_concurrency(mut self, n: usize) -> Self {
+        self.max_concurrency = n;
+        self
+    }
+
+    /// Validates and builds.
+    pub fn build(self) -> Result<SimpleBus> {
+        if self.max_concurrency == 0 {
+            return Err(Error::config("simple.max_concurrency", "must be at least 1"));
+        }
+        Ok(SimpleBus {
+            inner: Arc::new(Inner {
+                transport: self.transport,
+                hooks: self.hooks.into(),
+                max_concurrency: self.max_concurrency,
+                closed: AtomicBool::new(false),
+                subscriptions: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+}
+
+struct Inner {
+    transport: DynSimpleTransport,
+    hooks: Arc<[Arc<dyn Hook>]>,
+    max_concurrency: usize,
+    closed: AtomicBool,
+    subscriptions: Mutex<Vec<std::sync::Weak<SubInner>>>,
+}
+
+/// The simple-message bus: at-most-once fan-out of raw payloads. Cheap to clone.
+#[derive(Clone)]
+pub struct SimpleBus {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for SimpleBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimpleBus")
+            .field("backend", &self.capabilities().backend)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SimpleBus {
+    /// A builder over `transport`.
+    pub fn builder(transport: impl SimpleTransport) -> SimpleBusBuilder {
+        SimpleBusBuilder::new(transport)
+    }
+
+    /// What the backend offers.
+    pub fn capabilities(&self) -> &Capabilities {
+        self.inner.transport.capabilities()
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            Err(Error::closed("simple bus"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn prepare(&self, message: &mut Message) -> Result<Vec<Box<dyn crate::middleware::PublishScope>>> {
+        self.check_open()?;
+        validate_topic(&message.topic)?;
+        let caps = self.capabilities();
+        let info = PublishInfo {
+            bus: BusKind::Simple,
+            backend: caps.backend,
+            topic: &message.topic,
+            key: None,
+            event_type: None,
+            payload_len: message.payload.len(),
+        };
+        let scopes = publish_scopes(&self.inner.hooks, &info, &mut message.headers);
+        message.headers.validate()?;
+        let size = message.payload.len() + message.headers.encoded_len();
+        if size > caps.max_payload {
+            return Err(Error::PayloadTooLarge {
+                size,
+                max: caps.max_payload,
+            });
+        }
+        Ok(scopes)
+    }
+
+    /// Publishes `payload` to `topic` without headers.
+    pub async fn publish(&self, topic: &str, payload: impl Into<Bytes>) -> Result<()> {
+        self.publish_message(Message::new(topic, payload)).await
+    }
+
+    /// Publishes a message with headers.
+    pub async fn publish_message(&self, mut message: Message) -> Result<()> {
+        let scopes = self.prepare(&mut message)?;
+        let result = self.inner.transport.publish(message).await;
+        let receipt = Receipt::accepted();
+        finish_publish(scopes, result.as_ref().map(|()| &receipt));
+        result
+    }
+
+    /// Sends a request and waits up to `timeout` for the reply.
+    pub async fn request(&self, topic: &str, payload: impl Into<Bytes>, timeout: Duration) -> Result<Message> {
+        let mut message = Message::new(topic, payload);
+        let scopes = self.prepare(&mut message)?;
+        let result = self.inner.transport.request(message, timeout).await;
+        let receipt = Receipt::accepted();
+        finish_publish(scopes, result.as_ref().map(|_| &receipt));
+        result
+    }
+
+    /// Subscribes to `topic`; see [`SimpleSubscribeBuilder`].
+    pub fn subscribe(&self, topic: &str) -> SimpleSubscribeBuilder {
+        SimpleSubscribeBuilder {
+            bus: self.clone(),
+            topic: topic.to_owned(),
+            queue: None,
+            max_concurrency: self.inner.max_concurrency,
+        }
+    }
+
+    /// Answers requests on `topic` with `handler`'s reply payload. Members of one queue
+    /// group share the requests.
+    pub async fn serve<H>(&self, topic: &str, queue_group: Option<&str>, handler: H) -> Result<SimpleSubscription>
+    where
+        H: Service<Message, Response = Bytes, Error = HandleError> + Clone + Send + Sync + 'static,
+        H::Future: Send + 'static,
+    {
+        let handler = BoxRequestHandler::new(handler);
+        let bus = self.clone();
+        let reply = tower::service_fn(move |request: Message| {
+            let handler = handler.clone();
+            let bus = bus.clone();
+            async move {
+                let reply_to = request.reply_to.clone();
+                let payload = crate::handler::call_once(&handler, request).await?;
+                match reply_to {
+                    Some(to) => bus
+                        .inner
+                        .transport
+                        .publish(Message {
+                            topic: to,
+                            headers: Headers::new(),
+                            payload,
+                            reply_to: None,
+                        })
+                        .await
+                        .map_err(HandleError::retryable),
+                    None => Ok(()),
+                }
+            }
+        });
+        let mut b = self.subscribe(topic);
+        if let Some(q) = queue_group {
+            b = b.queue_group(q);
+        }
+        b.start(reply).await
+    }
+
+    /// Stops every subscription (in-flight handlers finish within `drain`) and closes the
+    /// transport. Idempotent and safe to call concurrently.
+    pub async fn close(&self) -> Result<()> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let subs: Vec<Arc<SubInner>> = self
+            .inner
+            .subscriptions
+            .lock()
+            .drain(..)
+            .filter_map(|w| w.upgrade())
+            .collect();
+        for s in subs {
+            s.stop(Duration::from_secs(10)).await;
+        }
+        self.inner.transport.close().await
+    }
+
+    /// Whether [`SimpleBus::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+}
+
+/// Options of one simple subscription.
+#[must_use]
+pub struct SimpleSubscribeBuilder {
+    bus: SimpleBus,
+    topic: String,
+    queue: Option<String>,
+    max_concurrency: usize,
+}
+
+impl fmt::Debug for SimpleSubscribeBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimpleSubscribeBuilder")
+            .field("topic", &self.topic)
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SimpleSubscribeBuilder {
+    /// Join a queue group: each message goes to one member of the group.
+    pub fn queue_group(mut self, group: impl Into<String>) -> Self {
+        self.queue = Some(group.into());
+        self
+    }
+
+    /// Handler calls running at once for this subscription.
+    pub fn max_concurrency(mut self, n: usize) -> Self {
+        self.max_concurrency = n;
+        self
+    }
+
+    /// Subscribes and starts handling. A handler error or panic is counted and logged; the
+    /// message is not redelivered (at-most-once).
+    pub async fn start<H>(self, handler: H) -> Result<SimpleSubscription>
+    where
+        H: Service<Message, Response = (), Error = HandleError> + Clone + Send + Sync + 'static,
+        H::Future: Send + 'static,
+    {
+        let bus = self.bus;
+        bus.check_open()?;
+        validate_topic(&self.topic)?;
+        if self.max_concurrency == 0 {
+            return Err(Error::config("max_concurrency", "must be at least 1"));
+        }
+        if let Some(q) = &self.queue {
+            if !bus.capabilities().queue_groups {
+                return Err(Error::NotSupported {
+                    operation: "queue groups",
+                    backend: bus.capabilities().backend,
+                });
+            }
+            validate_topic(q).map_err(|_| Error::config("queue_group", "must match [A-Za-z0-9_.-]+"))?;
+        }
+        let mut svc = BoxMessageHandler::new(handler);
+        if !bus.inner.hooks.is_empty() {
+            svc = BoxMessageHandler::new(tower::Layer::layer(
+                &HookLayer::new(bus.inner.hooks.iter().cloned()),
+                svc,
+            ));
+        }
+        svc = BoxMessageHandler::new(tower::Layer::layer(&CatchPanicLayer::new(), svc));
+        let stream = bus
+            .inner
+            .transport
+            .subscribe(&self.topic, self.queue.as_deref())
+            .await?;
+        let inner = Arc::new(SubInner {
+            stop: CancellationToken::new(),
+            stats: SubCounters::default(),
+            task: Mutex::new(None),
+            topic: self.topic,
+        });
+        let task = tokio::spawn(run_simple(inner.clone(), stream, svc, self.max_concurrency));
+        *inner.task.lock() = Some(task);
+        {
+            let mut subs = bus.inner.subscriptions.lock();
+            subs.retain(|w| w.strong_count() > 0);
+            subs.push(Arc::downgrade(&inner));
+        }
+        Ok(SimpleSubscription { inner })
+    }
+}
+
+#[derive(Default)]
+struct SubCounters {
+    received: AtomicU64,
+    handled: AtomicU64,
+    failed: AtomicU64,
+}
+
+struct SubInner {
+    stop: CancellationToken,
+    stats: SubCounters,
+    task: Mutex<Option<JoinHandle<()>>>,
+    topic: String,
+}
+
+impl SubInner {
+    async fn stop(&self, deadline: Duration) {
+        self.stop.cancel();
+        let task = self.task.lock().take();
+        if let Some(mut task) = task {
+            if tokio::time::timeout(deadline, &mut task).await.is_err() {
+                task.abort();
+            }
+        }
+    }
+}
+
+/// Counters of a simple subscription.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SimpleStats {
+    /// Messages received.
+    pub received: u64,
+    /// Handler calls that succeeded.
+    pub handled: u64,
+    /// Handler calls that failed or panicked (not redelivered).
+    pub failed: u64,
+}
+
+/// A running simple subscription. Dropping it unsubscribes at once.
+pub struct SimpleSubscription {
+    inner: Arc<SubInner>,
+}
+
+impl fmt::Debug for SimpleSubscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimpleSubscription")
+            .field("topic", &self.inner.topic)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl SimpleSubscription {
+    /// Counters now.
+    pub fn stats(&self) -> SimpleStats {
+        let s = &self.inner.stats;
+        SimpleStats {
+            received: s.received.load(Ordering::Relaxed),
+            handled: s.handled.load(Ordering::Relaxed),
+            failed: s.failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Unsubscribes and lets running handlers finish within `deadline`.
+    pub async fn shutdown(self, deadline: Duration) -> SimpleStats {
+        self.inner.stop(deadline).await;
+        self.stats()
+    }
+}
+
+impl Drop for SimpleSubscription {
+    fn drop(&mut self) {
+        self.inner.stop.cancel();
+        if let Some(t) = self.inner.task.lock().take() {
+            t.abort();
+        }
+    }
+}
+
+async fn run_simple(
+    inner: Arc<SubInner>,
+    mut stream: futures::stream::BoxStream<'static, Message>,
+    handler: BoxMessageHandler,
+    max_concurrency: usize,
+) {
+    let mut running = FuturesUnordered::new();
+    let record = |r: Result<(), HandleError>| match r {
+        Ok(()) => {
+            inner.stats.handled.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(error) => {
+            inner.stats.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(topic = %inner.topic, %error, "simple handler failed; message dropped (at-most-once)");
+        }
+    };
+    loop {
+        if running.len() >= max_concurrency {
+            if let Some(r) = running.next().await {
+                record(r);
+            }
+            continue;
+        }
+        tokio::select! {
+            biased;
+            () = inner.stop.cancelled() => break,
+            Some(r) = running.next(), if !running.is_empty() => record(r),
+            m = stream.next() => match m {
+                Some(message) => {
+                    inner.stats.received.fetch_add(1, Ordering::Relaxed);
+                    running.push(crate::handler::call_once(&handler, message));
+                }
+                None => break,
+            },
+        }
+    }
+    drop(stream);
+    while let Some(r) = running.next().await {
+        record(r);
+    }
+}

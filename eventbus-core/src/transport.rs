@@ -1,0 +1,399 @@
+//! The small traits a backend implements: it moves bytes, headers and acknowledgements,
+//! and reports what it can do. Every semantic (envelopes, ordering, retry, dead letter)
+//! lives above these traits, in this crate, once.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+
+use crate::codec::HeaderStyle;
+use crate::error::{Error, Result};
+use crate::message::{InboundMessage, Message, OutboundMessage, Position, Receipt};
+
+/// What a backend can do. The buses refuse a combination a backend cannot honour.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Short backend name, used in errors and logs.
+    pub backend: &'static str,
+    /// Messages survive a restart of the broker (and of this process).
+    pub durable: bool,
+    /// Messages with one key are delivered in publish order (within a partition).
+    pub ordered_per_key: bool,
+    /// Partitioned consumer groups: several members share one domain topic with order kept
+    /// per key across members and handovers.
+    pub consumer_groups: bool,
+    /// Simple-bus queue groups: each message to exactly one member of the group.
+    pub queue_groups: bool,
+    /// [`DomainTransport::replay`] is available.
+    pub replay: bool,
+    /// The broker drops a republished message with the same event id.
+    pub dedup: bool,
+    /// [`SimpleTransport::request`] is available.
+    pub request_reply: bool,
+    /// Largest payload plus headers the backend accepts, in bytes.
+    pub max_payload: usize,
+    /// How CloudEvents attributes are named in this backend's headers.
+    pub header_style: HeaderStyle,
+    /// After how long without an ack or progress signal the broker redelivers a message.
+    /// The keyed pool sends progress signals well before it for the messages it holds.
+    pub ack_deadline: Option<Duration>,
+    /// [`PartitionControl`] is available on domain subscriptions.
+    pub pause_partitions: bool,
+}
+
+impl Capabilities {
+    /// Nothing offered; backends switch on what they have.
+    pub fn new(backend: &'static str) -> Self {
+        Self {
+            backend,
+            durable: false,
+            ordered_per_key: false,
+            consumer_groups: false,
+            queue_groups: false,
+            replay: false,
+            dedup: false,
+            request_reply: false,
+            max_payload: 1024 * 1024,
+            header_style: HeaderStyle::Nats,
+            ack_deadline: None,
+            pause_partitions: false,
+        }
+    }
+}
+
+/// Acknowledgement of one delivered message.
+///
+/// Implementations must be cheap to call repeatedly and safe to call from any task.
+/// After the first of `ack`, `nack` or `term`, later calls have no effect on the broker
+/// (they may return an error).
+#[async_trait]
+pub trait Acker: Send + Sync + 'static {
+    /// The message was handled (or dead-lettered): the broker may forget it.
+    async fn ack(&self) -> Result<()>;
+    /// Redeliver the message after `delay`.
+    async fn nack(&self, delay: Duration) -> Result<()>;
+    /// Never redeliver the message (it was dead-lettered elsewhere).
+    async fn term(&self) -> Result<()>;
+    /// Still working on it: push the redelivery deadline back by a full ack deadline.
+    async fn in_progress(&self) -> Result<()>;
+}
+
+/// One message delivered by a domain transport, with its acknowledgement handle.
+pub struct Delivery {
+    /// The raw message.
+    pub message: InboundMessage,
+    /// How many times the broker delivered this message, from 1.
+    pub delivery_count: u32,
+    acker: Arc<dyn Acker>,
+}
+
+impl Delivery {
+    /// A delivery with its acknowledgement handle.
+    pub fn new(message: InboundMessage, delivery_count: u32, acker: Arc<dyn Acker>) -> Self {
+        Self {
+            message,
+            delivery_count,
+            acker,
+        }
+    }
+
+    /// The acknowledgement handle (shared: the pool extends deadlines from another task).
+    pub fn acker(&self) -> &Arc<dyn Acker> {
+        &self.acker
+    }
+
+    /// Where the message sits in the broker.
+    pub fn position(&self) -> Position {
+        self.message.position
+    }
+
+    /// Acknowledges the message.
+    pub async fn ack(&self) -> Result<()> {
+        self.acker.ack().await
+    }
+
+    /// Asks for redelivery after `delay`.
+    pub async fn nack(&self, delay: Duration) -> Result<()> {
+        self.acker.nack(delay).await
+    }
+
+    /// Stops redelivery for good.
+    pub async fn term(&self) -> Result<()> {
+        self.acker.term().await
+    }
+
+    /// Extends the redelivery deadline.
+    pub async fn in_progress(&self) -> Result<()> {
+        self.acker.in_progress().await
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("message", &self.message)
+            .field("delivery_count", &self.delivery_count)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a new durable subscription starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum StartPosition {
+    /// At the first message the topic still holds (Kafka `earliest`, Redis group at `0`).
+    #[default]
+    Earliest,
+    /// Only messages published after the subscription was created.
+    Latest,
+}
+
+/// What a domain subscription asks of the transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SubscriptionSpec {
+    /// The topic.
+    pub topic: String,
+    /// The durable consumer (group) name: acknowledged progress is kept under it.
+    pub group: String,
+    /// Where a new durable consumer starts.
+    pub start: StartPosition,
+}
+
+impl SubscriptionSpec {
+    /// A spec starting at the earliest message.
+    pub fn new(topic: impl Into<String>, group: impl Into<String>) -> Self {
+        Self {
+            topic: topic.into(),
+            group: group.into(),
+            start: StartPosition::Earliest,
+        }
+    }
+
+    /// Same spec with another start position.
+    #[must_use]
+    pub fn starting_at(mut self, start: StartPosition) -> Self {
+        self.start = start;
+        self
+    }
+}
+
+/// Stop and resume pulling one partition of a subscription (backpressure per key).
+///
+/// Pausing must not make the broker consider the consumer dead (Kafka: pause and keep
+/// polling; JetStream: keep a small keepalive pull).
+pub trait PartitionControl: Send + Sync + 'static {
+    /// Deliver nothing more from `partition` until resumed. Messages already delivered stay.
+    fn pause(&self, partition: u32);
+    /// Resume delivering `partition`.
+    fn resume(&self, partition: u32);
+}
+
+/// A live domain subscription: the deliveries, and control over partitions if offered.
+///
+/// Dropping the stream ends the subscription on the broker side; unacknowledged messages
+/// are redelivered later (to this durable consumer).
+pub struct DomainSubscription {
+    /// Deliveries in broker order per partition. An `Err` item is a transient problem
+    /// (logged; the stream goes on); the stream ends when the subscription is closed.
+    pub deliveries: BoxStream<'static, Result<Delivery>>,
+    /// Per-partition pause and resume, when [`Capabilities::pause_partitions`] is set.
+    pub control: Option<Arc<dyn PartitionControl>>,
+}
+
+impl fmt::Debug for DomainSubscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DomainSubscription")
+            .field("control", &self.control.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A durable, acknowledged transport for domain events (JetStream, Kafka, Redis Streams,
+/// memory).
+///
+/// Contract:
+/// - `publish` resolves only when the broker accepted the message (durable backends:
+///   persisted). Messages of one key published one after another are stored in that order.
+/// - `subscribe` delivers messages of one partition in stored order; unacknowledged
+///   messages come back after the ack deadline, after `nack`, or to the next subscriber of
+///   the same durable name. A backend without consumer groups refuses a second active
+///   subscriber on one durable name with [`Error::Conflict`].
+/// - After `close`, every operation returns [`Error::Closed`]; closing twice is harmless.
+#[async_trait]
+pub trait DomainTransport: Send + Sync + 'static {
+    /// What this backend offers.
+    fn capabilities(&self) -> &Capabilities;
+
+    /// Publishes one encoded message to `topic`; resolves when the broker accepted it.
+    async fn publish(&self, topic: &str, message: OutboundMessage) -> Result<Receipt>;
+
+    /// Publishes many messages, pipelined where the backend can; one result per message,
+    /// in order. Messages of one key are stored in the order given. The default publishes
+    /// one after another.
+    async fn publish_batch(
+        &self,
+        topic: &str,
+        messages: Vec<OutboundMessage>,
+    ) -> Vec<Result<Receipt>> {
+        let mut out = Vec::with_capacity(messages.len());
+        for m in messages {
+            out.push(self.publish(topic, m).await);
+        }
+        out
+    }
+
+    /// Opens a durable subscription.
+    async fn subscribe(&self, spec: SubscriptionSpec) -> Result<DomainSubscription>;
+
+    /// Every stored message with routing key `key` on `topic`, in order.
+    /// Available when [`Capabilities::replay`] is set.
+    async fn replay(&self, topic: &str, key: &str) -> Result<Vec<InboundMessage>> {
+        let _ = (topic, key);
+        Err(Error::NotSupported {
+            operation: "replay",
+            backend: self.capabilities().backend,
+        })
+    }
+
+    /// How many messages of `topic` the durable consumer `group` has not yet acknowledged
+    /// (unread plus delivered-unacked), if the backend can tell.
+    async fn pending(&self, topic: &str, group: &str) -> Result<Option<u64>> {
+        let _ = (topic, group);
+        Ok(None)
+    }
+
+    /// Closes the connection. Idempotent.
+    async fn close(&self) -> Result<()>;
+}
+
+/// A fast, non-persistent transport for simple messages (memory, core NATS, Redis pub/sub).
+///
+/// Contract: at-most-once fan-out to every current subscriber; subscribers of one queue
+/// group share the messages (each to exactly one member). After `close`, every operation
+/// returns [`Error::Closed`]; closing twice is harmless.
+#[async_trait]
+pub trait SimpleTransport: Send + Sync + 'static {
+    /// What this backend offers.
+    fn capabilities(&self) -> &Capabilities;
+
+    /// Publishes a message to its topic.
+    async fn publish(&self, message: Message) -> Result<()>;
+
+    /// Subscribes to `topic`, alone or as a member of `queue_group`. The stream ends when
+    /// the transport is closed; dropping it unsubscribes.
+    async fn subscribe(
+        &self,
+        topic: &str,
+        queue_group: Option<&str>,
+    ) -> Result<BoxStream<'static, Message>>;
+
+    /// Sends `message` and waits up to `timeout` for one reply.
+    ///
+    /// The default subscribes to a fresh inbox topic and publishes with `reply_to` set;
+    /// backends with a native request (core NATS) override it.
+    async fn request(&self, message: Message, timeout: Duration) -> Result<Message> {
+        request_via_inbox(self, message, timeout).await
+    }
+
+    /// Closes the connection. Idempotent.
+    async fn close(&self) -> Result<()>;
+}
+
+/// Request-reply over plain publish and subscribe: a fresh inbox topic, `reply_to`, and a
+/// timeout. The default of [`SimpleTransport::request`].
+pub async fn request_via_inbox<T: SimpleTransport + ?Sized>(
+    transport: &T,
+    mut message: Message,
+    timeout: Duration,
+) -> Result<Message> {
+    use futures::StreamExt as _;
+    let inbox = format!("_inbox.{}", uuid::Uuid::now_v7().simple());
+    let mut replies = transport.subscribe(&inbox, None).await?;
+    message.reply_to = Some(inbox);
+    transport.publish(message).await?;
+    match tokio::time::timeout(timeout, replies.next()).await {
+        Ok(Some(reply)) => Ok(reply),
+        Ok(None) => Err(Error::closed("transport")),
+        Err(_) => Err(Error::Timeout {
+            operation: "request",
+            after: timeout,
+        }),
+    }
+}
+
+macro_rules! forward_domain {
+    ($ty:ty) => {
+        #[async_trait]
+        #[deny(clippy::missing_trait_methods)]
+        impl<T: DomainTransport + ?Sized> DomainTransport for $ty {
+            fn capabilities(&self) -> &Capabilities {
+                (**self).capabilities()
+            }
+            async fn publish(&self, topic: &str, message: OutboundMessage) -> Result<Receipt> {
+                (**self).publish(topic, message).await
+            }
+            async fn publish_batch(
+                &self,
+                topic: &str,
+                messages: Vec<OutboundMessage>,
+            ) -> Vec<Result<Receipt>> {
+                (**self).publish_batch(topic, messages).await
+            }
+            async fn subscribe(&self, spec: SubscriptionSpec) -> Result<DomainSubscription> {
+                (**self).subscribe(spec).await
+            }
+            async fn replay(&self, topic: &str, key: &str) -> Result<Vec<InboundMessage>> {
+                (**self).replay(topic, key).await
+            }
+            async fn pending(&self, topic: &str, group: &str) -> Result<Option<u64>> {
+                (**self).pending(topic, group).await
+            }
+            async fn close(&self) -> Result<()> {
+                (**self).close().await
+            }
+        }
+    };
+}
+
+macro_rules! forward_simple {
+    ($ty:ty) => {
+        #[async_trait]
+        #[deny(clippy::missing_trait_methods)]
+        impl<T: SimpleTransport + ?Sized> SimpleTransport for $ty {
+            fn capabilities(&self) -> &Capabilities {
+                (**self).capabilities()
+            }
+            async fn publish(&self, message: Message) -> Result<()> {
+                (**self).publish(message).await
+            }
+            async fn subscribe(
+                &self,
+                topic: &str,
+                queue_group: Option<&str>,
+            ) -> Result<BoxStream<'static, Message>> {
+                (**self).subscribe(topic, queue_group).await
+            }
+            async fn request(&self, message: Message, timeout: Duration) -> Result<Message> {
+                (**self).request(message, timeout).await
+            }
+            async fn close(&self) -> Result<()> {
+                (**self).close().await
+            }
+        }
+    };
+}
+
+forward_domain!(Arc<T>);
+forward_domain!(Box<T>);
+forward_simple!(Arc<T>);
+forward_simple!(Box<T>);
+
+/// A shared domain transport, as the buses hold it.
+pub type DynDomainTransport = Arc<dyn DomainTransport>;
+/// A shared simple transport, as the buses hold it.
+pub type DynSimpleTransport = Arc<dyn SimpleTransport>;
