@@ -53,6 +53,7 @@ mod error;
 mod handler;
 mod headers;
 mod message;
+pub mod partition;
 pub mod middleware;
 pub mod pool;
 pub mod retry;

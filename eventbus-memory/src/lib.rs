@@ -1,1 +1,211 @@
-//! memory
+//! # dualbus-memory
+//!
+//! The in-process backend of [dualbus](https://crates.io/crates/dualbus): both transports
+//! (domain and simple) on tokio, with no server. It is the **reference implementation** that
+//! every other backend is measured against in the conformance suite, and the embedded default
+//! of the facade.
+//!
+//! It fails the way a broker does: domain deliveries have an ack deadline and come back when
+//! it passes, after a `nack`, or to the next subscriber of the same durable group; each
+//! partition keeps an ack floor. It is **not durable**: everything lives as long as the
+//! [`Memory`] broker value (and its clones) lives.
+//!
+//! ```
+//! use dualbus_memory::Memory;
+//! use dualbus_core::{DomainBus, Envelope, SimpleBus, handler_fn, Event, HandleError};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> dualbus_core::Result<()> {
+//! let broker = Memory::new();
+//! let domain = DomainBus::builder(broker.clone()).source("orders-service").build()?;
+//! domain.publish("orders", &Envelope::new("order-1", "OrderCreated", 1, "{}")?).await?;
+//! let sub = domain
+//!     .subscribe("orders")
+//!     .start(handler_fn(|e: Event| async move {
+//!         assert_eq!(e.aggregate_id, "order-1");
+//!         Ok::<_, HandleError>(())
+//!     }))
+//!     .await?;
+//! # let _ = sub;
+//! let simple = SimpleBus::builder(broker).build()?;
+//! simple.publish("notifications", "hello").await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Both transport traits are implemented on [`Memory`]; calling their methods directly needs
+//! the trait path (`DomainTransport::publish(&broker, ..)`), since both have a `publish`.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod domain;
+mod simple;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dualbus_core::{Capabilities, Error, HeaderStyle};
+use tokio_util::sync::CancellationToken;
+
+/// Settings of the in-process broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MemoryConfig {
+    /// Partitions per domain topic. Default 16.
+    pub partitions: u32,
+    /// Redelivery deadline of unacknowledged domain deliveries. Default 30 s.
+    pub ack_wait: Duration,
+    /// Largest payload plus headers accepted. Default 1 MiB.
+    pub max_payload: usize,
+    /// Buffered simple messages per subscriber before publishers wait. Default 1,024.
+    pub simple_buffer: usize,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            partitions: 16,
+            ack_wait: Duration::from_secs(30),
+            max_payload: 1024 * 1024,
+            simple_buffer: 1024,
+        }
+    }
+}
+
+impl MemoryConfig {
+    /// Same settings with another partition count.
+    #[must_use]
+    pub fn with_partitions(mut self, partitions: u32) -> Self {
+        self.partitions = partitions;
+        self
+    }
+
+    /// Same settings with another ack deadline.
+    #[must_use]
+    pub fn with_ack_wait(mut self, ack_wait: Duration) -> Self {
+        self.ack_wait = ack_wait;
+        self
+    }
+
+    /// Same settings with another payload limit.
+    #[must_use]
+    pub fn with_max_payload(mut self, max_payload: usize) -> Self {
+        self.max_payload = max_payload;
+        self
+    }
+
+    /// Same settings with another simple-subscriber buffer.
+    #[must_use]
+    pub fn with_simple_buffer(mut self, simple_buffer: usize) -> Self {
+        self.simple_buffer = simple_buffer;
+        self
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        if self.partitions == 0 {
+            return Err(Error::config("memory.partitions", "must be at least 1"));
+        }
+        if self.ack_wait.is_zero() {
+            return Err(Error::config("memory.ack_wait", "must not be zero"));
+        }
+        if self.simple_buffer == 0 {
+            return Err(Error::config("memory.simple_buffer", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// An in-process broker and a client handle to it.
+///
+/// Clones share the broker *and* the handle (closing one closes all clones);
+/// [`Memory::connect`] makes another client of the same broker with a lifecycle of its own,
+/// the way a second process would connect to a real server.
+#[derive(Clone, Debug)]
+pub struct Memory {
+    broker: Arc<Broker>,
+    handle: Arc<Handle>,
+}
+
+#[derive(Debug)]
+struct Broker {
+    config: MemoryConfig,
+    domain_caps: Capabilities,
+    simple_caps: Capabilities,
+    domain: domain::DomainBroker,
+    simple: simple::SimpleBroker,
+}
+
+/// Per-client lifecycle: each role closes on its own, so that a domain bus and a simple bus
+/// may share one handle.
+#[derive(Debug, Default)]
+struct Handle {
+    domain_closed: CancellationToken,
+    simple_closed: CancellationToken,
+}
+
+impl Default for Memory {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Memory {
+    /// A broker with default settings (16 partitions, 30 s ack deadline, 1 MiB payloads).
+    pub fn new() -> Self {
+        Self::build(MemoryConfig::default())
+    }
+
+    /// A broker with the given settings.
+    pub fn with_config(config: MemoryConfig) -> Result<Self, Error> {
+        config.validate()?;
+        Ok(Self::build(config))
+    }
+
+    fn build(config: MemoryConfig) -> Self {
+        let mut domain_caps = Capabilities::new("memory");
+        domain_caps.durable = false;
+        domain_caps.ordered_per_key = true;
+        domain_caps.replay = true;
+        domain_caps.max_payload = config.max_payload;
+        domain_caps.header_style = HeaderStyle::Nats;
+        domain_caps.ack_deadline = Some(config.ack_wait);
+        domain_caps.pause_partitions = true;
+        let mut simple_caps = Capabilities::new("memory");
+        simple_caps.queue_groups = true;
+        simple_caps.request_reply = true;
+        simple_caps.max_payload = config.max_payload;
+        Self {
+            broker: Arc::new(Broker {
+                domain: domain::DomainBroker::default(),
+                simple: simple::SimpleBroker::default(),
+                domain_caps,
+                simple_caps,
+                config,
+            }),
+            handle: Arc::new(Handle::default()),
+        }
+    }
+
+    /// Another client of the same broker, with its own open/closed state.
+    #[must_use]
+    pub fn connect(&self) -> Self {
+        Self {
+            broker: self.broker.clone(),
+            handle: Arc::new(Handle::default()),
+        }
+    }
+
+    /// The broker's settings.
+    pub fn config(&self) -> &MemoryConfig {
+        &self.broker.config
+    }
+}
+
+fn check_size(caps: &Capabilities, headers: &dualbus_core::Headers, payload: usize) -> Result<(), Error> {
+    let size = payload + headers.encoded_len();
+    if size > caps.max_payload {
+        return Err(Error::PayloadTooLarge {
+            size,
+            max: caps.max_payload,
+        });
+    }
+    Ok(())
+}
