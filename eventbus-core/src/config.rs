@@ -62,7 +62,10 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(super::duration::parse("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(
+            super::duration::parse("30s").unwrap(),
+            Duration::from_secs(30)
+        );
         assert_eq!(
             super::duration::parse("30d").unwrap(),
             Duration::from_secs(30 * 86_400)

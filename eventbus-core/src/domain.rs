@@ -15,10 +15,14 @@ use crate::handler::{BoxEventHandler, Event};
 use crate::message::{OutboundMessage, Receipt};
 use crate::middleware::{BusKind, CatchPanicLayer, Hook, HookLayer, PublishInfo, TimeoutLayer};
 use crate::middleware::{finish_publish, publish_scopes};
-use crate::pool::{DeadLetterPolicy, Pool, PoolConfig, PoolObserver, PoolParams, PoolStats, ShutdownReport};
+use crate::pool::{
+    DeadLetterPolicy, Pool, PoolConfig, PoolObserver, PoolParams, PoolStats, ShutdownReport,
+};
 use crate::retry::Backoff;
 use crate::topic::{dead_letter_topic, validate_topic};
-use crate::transport::{Capabilities, DomainTransport, DynDomainTransport, StartPosition, SubscriptionSpec};
+use crate::transport::{
+    Capabilities, DomainTransport, DynDomainTransport, StartPosition, SubscriptionSpec,
+};
 
 /// A request to publish one encoded message: what publish layers see.
 #[derive(Debug, Clone)]
@@ -151,11 +155,13 @@ impl DomainBusBuilder {
     pub fn handler_layer<L>(mut self, layer: L) -> Self
     where
         L: tower::Layer<BoxEventHandler> + Send + Sync + 'static,
-        L::Service: Service<Event, Response = (), Error = HandleError> + Clone + Send + Sync + 'static,
+        L::Service:
+            Service<Event, Response = (), Error = HandleError> + Clone + Send + Sync + 'static,
         <L::Service as Service<Event>>::Future: Send + 'static,
     {
-        self.handler_layers
-            .push(Arc::new(move |inner| BoxEventHandler::new(layer.layer(inner))));
+        self.handler_layers.push(Arc::new(move |inner| {
+            BoxEventHandler::new(layer.layer(inner))
+        }));
         self
     }
 
@@ -163,11 +169,16 @@ impl DomainBusBuilder {
     pub fn publish_layer<L>(mut self, layer: L) -> Self
     where
         L: tower::Layer<BoxPublishService> + Send + Sync + 'static,
-        L::Service: Service<PublishRequest, Response = Receipt, Error = Error> + Clone + Send + Sync + 'static,
+        L::Service: Service<PublishRequest, Response = Receipt, Error = Error>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
         <L::Service as Service<PublishRequest>>::Future: Send + 'static,
     {
-        self.publish_layers
-            .push(Arc::new(move |inner| BoxPublishService::new(layer.layer(inner))));
+        self.publish_layers.push(Arc::new(move |inner| {
+            BoxPublishService::new(layer.layer(inner))
+        }));
         self
     }
 
@@ -275,7 +286,9 @@ impl DomainBus {
             .inner
             .codec
             .encode(envelope, caps.header_style, &self.inner.source)?;
-        if self.inner.codec == Codec::JxtJson && !crate::codec::jxt_compatible_id(&envelope.aggregate_id) {
+        if self.inner.codec == Codec::JxtJson
+            && !crate::codec::jxt_compatible_id(&envelope.aggregate_id)
+        {
             tracing::warn!(
                 aggregate_id = %envelope.aggregate_id,
                 "aggregate id outside jxt-core's [A-Za-z0-9:_./-]{{1,256}}: jxt-core consumers will reject it"
@@ -284,7 +297,12 @@ impl DomainBus {
         Ok(message)
     }
 
-    async fn send(&self, topic: &str, envelope: &Envelope, mut message: OutboundMessage) -> Result<Receipt> {
+    async fn send(
+        &self,
+        topic: &str,
+        envelope: &Envelope,
+        mut message: OutboundMessage,
+    ) -> Result<Receipt> {
         let caps = self.capabilities();
         let info = PublishInfo {
             bus: BusKind::Domain,
@@ -330,7 +348,11 @@ impl DomainBus {
     /// One result per envelope. If one fails, later events of the same aggregate in the
     /// batch may still have been stored: republish an aggregate's events from its first
     /// failure (backends with [`Capabilities::dedup`] drop the copies).
-    pub async fn publish_batch(&self, topic: &str, envelopes: &[Envelope]) -> Result<Vec<Result<Receipt>>> {
+    pub async fn publish_batch(
+        &self,
+        topic: &str,
+        envelopes: &[Envelope],
+    ) -> Result<Vec<Result<Receipt>>> {
         self.check_open()?;
         let caps = self.capabilities();
         let mut messages = Vec::with_capacity(envelopes.len());

@@ -103,7 +103,10 @@ impl Headers {
 
     /// Total bytes of names and values (for size limits).
     pub fn encoded_len(&self) -> usize {
-        self.entries.iter().map(|(n, v)| n.len() + v.len() + 4).sum()
+        self.entries
+            .iter()
+            .map(|(n, v)| n.len() + v.len() + 4)
+            .sum()
     }
 
     /// Checks every name and value; see the type's documentation for the rules.

@@ -53,8 +53,8 @@ mod error;
 mod handler;
 mod headers;
 mod message;
-pub mod partition;
 pub mod middleware;
+pub mod partition;
 pub mod pool;
 pub mod retry;
 mod simple;
@@ -66,24 +66,37 @@ mod transport;
 pub mod conformance;
 
 pub use codec::{Codec, DecodeError, HeaderStyle};
-pub use domain::{BoxPublishService, DomainBus, DomainBusBuilder, DomainSubscribeBuilder, PublishRequest, Subscription};
+pub use domain::{
+    BoxPublishService, DomainBus, DomainBusBuilder, DomainSubscribeBuilder, PublishRequest,
+    Subscription,
+};
 pub use envelope::{Envelope, EnvelopeError, MAX_AGGREGATE_ID_LEN, MAX_ID_LEN};
 pub use error::{BoxError, Disposition, Error, ErrorKind, Failure, HandleError, Result};
-pub use handler::{BoxEventHandler, BoxMessageHandler, BoxRequestHandler, Event, HandlerFn, handler_fn};
-pub use headers::{HeaderName, Headers, MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, validate_header};
+pub use handler::{
+    BoxEventHandler, BoxMessageHandler, BoxRequestHandler, Event, HandlerFn, handler_fn,
+};
+pub use headers::{
+    HeaderName, Headers, MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, validate_header,
+};
 pub use message::{InboundMessage, Message, OutboundMessage, Position, Receipt};
-pub use pool::{DeadLetterKind, DeadLetterPolicy, PoolConfig, PoolEvent, PoolObserver, PoolStats, ShutdownReport};
+pub use pool::{
+    DeadLetterKind, DeadLetterPolicy, PoolConfig, PoolEvent, PoolObserver, PoolStats,
+    ShutdownReport,
+};
 pub use retry::Backoff;
-pub use simple::{SimpleBus, SimpleBusBuilder, SimpleStats, SimpleSubscribeBuilder, SimpleSubscription};
+pub use simple::{
+    SimpleBus, SimpleBusBuilder, SimpleStats, SimpleSubscribeBuilder, SimpleSubscription,
+};
 pub use topic::{DEFAULT_DEAD_LETTER_SUFFIX, MAX_TOPIC_LEN, dead_letter_topic, validate_topic};
 pub use transport::{
-    Acker, Capabilities, Delivery, DomainSubscription, DomainTransport, DynDomainTransport, DynSimpleTransport,
-    PartitionControl, SimpleTransport, StartPosition, SubscriptionSpec, request_via_inbox,
+    Acker, Capabilities, Delivery, DomainSubscription, DomainTransport, DynDomainTransport,
+    DynSimpleTransport, PartitionControl, SimpleTransport, StartPosition, SubscriptionSpec,
+    request_via_inbox,
 };
 
 /// Traits to import with `use dualbus_core::prelude::*`.
 pub mod prelude {
+    pub use crate::middleware::Hook;
     pub use crate::pool::PoolObserver;
     pub use crate::transport::{Acker, DomainTransport, PartitionControl, SimpleTransport};
-    pub use crate::middleware::Hook;
 }

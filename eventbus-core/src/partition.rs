@@ -25,8 +25,8 @@ mod tests {
     #[test]
     fn fnv1a_reference_values() {
         // Reference values of FNV-1a 32: "" -> 0x811c9dc5, "a" -> 0xe40c292c.
-        assert_eq!(partition_for("a", u32::MAX), 0xe40c_292c % u32::MAX);
-        assert_eq!(partition_for("", u32::MAX), 0x811c_9dc5 % u32::MAX);
+        assert_eq!(partition_for("a", u32::MAX), 0xe40c_292c);
+        assert_eq!(partition_for("", u32::MAX), 0x811c_9dc5);
         assert_eq!(partition_for("order-1", 1), 0);
         let p = partition_for("order-1", 16);
         assert!(p < 16);

@@ -504,7 +504,10 @@ impl Drop for Pool {
     }
 }
 
-async fn dispatch(sh: Arc<Shared>, mut deliveries: futures::stream::BoxStream<'static, crate::Result<Delivery>>) {
+async fn dispatch(
+    sh: Arc<Shared>,
+    mut deliveries: futures::stream::BoxStream<'static, crate::Result<Delivery>>,
+) {
     loop {
         let permit = tokio::select! {
             biased;
@@ -840,7 +843,13 @@ fn clip(text: &str, max: usize) -> String {
     out
 }
 
-fn dead_letter_message(sh: &Shared, item: &Item, kind: DeadLetterKind, reason: &str, attempts: u32) -> OutboundMessage {
+fn dead_letter_message(
+    sh: &Shared,
+    item: &Item,
+    kind: DeadLetterKind,
+    reason: &str,
+    attempts: u32,
+) -> OutboundMessage {
     let m = &item.delivery.message;
     let mut headers = Headers::with_capacity(m.headers.len() + 7);
     // Keep the original headers that every backend can carry (a malformed message may have
@@ -856,7 +865,10 @@ fn dead_letter_message(sh: &Shared, item: &Item, kind: DeadLetterKind, reason: &
     headers.insert(dlq_headers::TOPIC, sh.p.topic.to_string());
     headers.insert(dlq_headers::PARTITION, m.position.partition.to_string());
     headers.insert(dlq_headers::OFFSET, m.position.offset.to_string());
-    headers.insert(dlq_headers::DELIVERY_COUNT, item.delivery.delivery_count.to_string());
+    headers.insert(
+        dlq_headers::DELIVERY_COUNT,
+        item.delivery.delivery_count.to_string(),
+    );
     OutboundMessage {
         key: item.key.to_string(),
         headers,
@@ -869,7 +881,12 @@ async fn dead_letter(sh: &Shared, item: &Item, kind: DeadLetterKind, reason: &st
     let position = item.delivery.position();
     let mut failures = 0u32;
     loop {
-        match sh.p.transport.publish(&sh.p.dead_letter_topic, message.clone()).await {
+        match sh
+            .p
+            .transport
+            .publish(&sh.p.dead_letter_topic, message.clone())
+            .await
+        {
             Ok(_) => break,
             Err(error) => {
                 failures += 1;
@@ -879,7 +896,10 @@ async fn dead_letter(sh: &Shared, item: &Item, kind: DeadLetterKind, reason: &st
                         h.parked = true;
                     }
                 }
-                let delay = sh.p.retry.delay(failures.min(16)).max(Duration::from_millis(10));
+                let delay =
+                    sh.p.retry
+                        .delay(failures.min(16))
+                        .max(Duration::from_millis(10));
                 tracing::warn!(
                     topic = %sh.p.topic, dead_letter_topic = %sh.p.dead_letter_topic, ?position,
                     %error, ?delay, "dead-letter publish failed; the aggregate stays parked"

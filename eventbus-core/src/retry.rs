@@ -93,7 +93,8 @@ mod tests {
 
     #[test]
     fn exponential_and_capped() {
-        let b = Backoff::new(5, Duration::from_millis(100), Duration::from_millis(350)).without_jitter();
+        let b = Backoff::new(5, Duration::from_millis(100), Duration::from_millis(350))
+            .without_jitter();
         assert_eq!(b.delay(1), Duration::from_millis(100));
         assert_eq!(b.delay(2), Duration::from_millis(200));
         assert_eq!(b.delay(3), Duration::from_millis(350));
@@ -104,6 +105,13 @@ mod tests {
             let full = j.clone().without_jitter().delay(n);
             assert!(d <= full && d >= full.mul_f64(0.8), "{d:?} vs {full:?}");
         }
-        assert!(Backoff { attempts: 0, ..Backoff::default() }.validate().is_err());
+        assert!(
+            Backoff {
+                attempts: 0,
+                ..Backoff::default()
+            }
+            .validate()
+            .is_err()
+        );
     }
 }

@@ -70,7 +70,10 @@ impl SimpleBusBuilder {
     /// Validates and builds.
     pub fn build(self) -> Result<SimpleBus> {
         if self.max_concurrency == 0 {
-            return Err(Error::config("simple.max_concurrency", "must be at least 1"));
+            return Err(Error::config(
+                "simple.max_concurrency",
+                "must be at least 1",
+            ));
         }
         Ok(SimpleBus {
             inner: Arc::new(Inner {
@@ -125,7 +128,10 @@ impl SimpleBus {
         }
     }
 
-    fn prepare(&self, message: &mut Message) -> Result<Vec<Box<dyn crate::middleware::PublishScope>>> {
+    fn prepare(
+        &self,
+        message: &mut Message,
+    ) -> Result<Vec<Box<dyn crate::middleware::PublishScope>>> {
         self.check_open()?;
         validate_topic(&message.topic)?;
         let caps = self.capabilities();
@@ -164,7 +170,12 @@ impl SimpleBus {
     }
 
     /// Sends a request and waits up to `timeout` for the reply.
-    pub async fn request(&self, topic: &str, payload: impl Into<Bytes>, timeout: Duration) -> Result<Message> {
+    pub async fn request(
+        &self,
+        topic: &str,
+        payload: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> Result<Message> {
         let mut message = Message::new(topic, payload);
         let scopes = self.prepare(&mut message)?;
         let result = self.inner.transport.request(message, timeout).await;
@@ -185,7 +196,12 @@ impl SimpleBus {
 
     /// Answers requests on `topic` with `handler`'s reply payload. Members of one queue
     /// group share the requests.
-    pub async fn serve<H>(&self, topic: &str, queue_group: Option<&str>, handler: H) -> Result<SimpleSubscription>
+    pub async fn serve<H>(
+        &self,
+        topic: &str,
+        queue_group: Option<&str>,
+        handler: H,
+    ) -> Result<SimpleSubscription>
     where
         H: Service<Message, Response = Bytes, Error = HandleError> + Clone + Send + Sync + 'static,
         H::Future: Send + 'static,
@@ -297,7 +313,8 @@ impl SimpleSubscribeBuilder {
                     backend: bus.capabilities().backend,
                 });
             }
-            validate_topic(q).map_err(|_| Error::config("queue_group", "must match [A-Za-z0-9_.-]+"))?;
+            validate_topic(q)
+                .map_err(|_| Error::config("queue_group", "must match [A-Za-z0-9_.-]+"))?;
         }
         let mut svc = BoxMessageHandler::new(handler);
         if !bus.inner.hooks.is_empty() {

@@ -55,7 +55,17 @@ mod tests {
         for ok in ["orders", "orders.dlq", "a-b_c.D9", "x"] {
             validate_topic(ok).unwrap();
         }
-        for bad in ["", ".a", "a.", "a..b", "a b", "a*", "a>", "ä", &"x".repeat(201)] {
+        for bad in [
+            "",
+            ".a",
+            "a.",
+            "a..b",
+            "a b",
+            "a*",
+            "a>",
+            "ä",
+            &"x".repeat(201),
+        ] {
             let e = validate_topic(bad).unwrap_err();
             assert!(matches!(e, Error::InvalidTopic { .. }), "{bad}");
         }

@@ -9,8 +9,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use dualbus_core::partition::partition_for;
 use dualbus_core::{
-    Acker, Capabilities, Delivery, DomainSubscription, DomainTransport, Error, Headers, InboundMessage,
-    OutboundMessage, PartitionControl, Position, Receipt, Result, StartPosition, SubscriptionSpec, validate_topic,
+    Acker, Capabilities, Delivery, DomainSubscription, DomainTransport, Error, Headers,
+    InboundMessage, OutboundMessage, PartitionControl, Position, Receipt, Result, StartPosition,
+    SubscriptionSpec, validate_topic,
 };
 use futures::StreamExt as _;
 use parking_lot::Mutex;
@@ -150,7 +151,11 @@ impl Memory {
                 field: "aggregate_id",
             }));
         }
-        crate::check_size(&self.broker.domain_caps, &message.headers, message.payload.len())?;
+        crate::check_size(
+            &self.broker.domain_caps,
+            &message.headers,
+            message.payload.len(),
+        )?;
         let partition = partition_for(&message.key, self.broker.config.partitions);
         let offset = {
             let mut logs = topic.logs.lock();
@@ -184,12 +189,25 @@ impl DomainTransport for Memory {
         Ok(receipt)
     }
 
-    async fn publish_batch(&self, topic: &str, messages: Vec<OutboundMessage>) -> Vec<Result<Receipt>> {
-        if let Err(e) = self.check_domain_open().and_then(|()| validate_topic(topic)) {
+    async fn publish_batch(
+        &self,
+        topic: &str,
+        messages: Vec<OutboundMessage>,
+    ) -> Vec<Result<Receipt>> {
+        if let Err(e) = self
+            .check_domain_open()
+            .and_then(|()| validate_topic(topic))
+        {
             let text = e.to_string();
             return messages
                 .iter()
-                .map(|_| Err(Error::backend("memory", false, dualbus_core::Failure(text.clone()))))
+                .map(|_| {
+                    Err(Error::backend(
+                        "memory",
+                        false,
+                        dualbus_core::Failure(text.clone()),
+                    ))
+                })
                 .collect();
         }
         let t = self.topic(topic);
@@ -378,7 +396,12 @@ impl Reader {
         }
     }
 
-    fn take(&self, logs: &[Vec<Arc<Stored>>], st: &mut ConsumerState, now: Instant) -> Option<Delivery> {
+    fn take(
+        &self,
+        logs: &[Vec<Arc<Stored>>],
+        st: &mut ConsumerState,
+        now: Instant,
+    ) -> Option<Delivery> {
         // Due redeliveries, earliest deadline first.
         let due = st
             .timers
@@ -443,16 +466,19 @@ struct MemoryAcker {
 #[async_trait]
 impl Acker for MemoryAcker {
     async fn ack(&self) -> Result<()> {
-        self.consumer.state.lock().settle(self.partition, self.offset);
+        self.consumer
+            .state
+            .lock()
+            .settle(self.partition, self.offset);
         Ok(())
     }
 
     async fn nack(&self, delay: Duration) -> Result<()> {
-        let found = self
-            .consumer
-            .state
-            .lock()
-            .set_deadline(self.partition, self.offset, Instant::now() + delay);
+        let found = self.consumer.state.lock().set_deadline(
+            self.partition,
+            self.offset,
+            Instant::now() + delay,
+        );
         if found {
             self.consumer.wake.notify_one();
         }
@@ -464,10 +490,11 @@ impl Acker for MemoryAcker {
     }
 
     async fn in_progress(&self) -> Result<()> {
-        self.consumer
-            .state
-            .lock()
-            .set_deadline(self.partition, self.offset, Instant::now() + self.ack_wait);
+        self.consumer.state.lock().set_deadline(
+            self.partition,
+            self.offset,
+            Instant::now() + self.ack_wait,
+        );
         Ok(())
     }
 }

@@ -199,7 +199,11 @@ impl Memory {
     }
 }
 
-fn check_size(caps: &Capabilities, headers: &dualbus_core::Headers, payload: usize) -> Result<(), Error> {
+fn check_size(
+    caps: &Capabilities,
+    headers: &dualbus_core::Headers,
+    payload: usize,
+) -> Result<(), Error> {
     let size = payload + headers.encoded_len();
     if size > caps.max_payload {
         return Err(Error::PayloadTooLarge {

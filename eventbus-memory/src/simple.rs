@@ -7,9 +7,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use dualbus_core::{Capabilities, Error, Message, Result, SimpleTransport, request_via_inbox, validate_topic};
-use futures::stream::{BoxStream, Stream};
+use dualbus_core::{
+    Capabilities, Error, Message, Result, SimpleTransport, request_via_inbox, validate_topic,
+};
 use futures::StreamExt as _;
+use futures::stream::{BoxStream, Stream};
 use parking_lot::Mutex;
 
 use crate::Memory;
@@ -111,7 +113,11 @@ impl SimpleTransport for Memory {
     async fn publish(&self, message: Message) -> Result<()> {
         self.check_simple_open()?;
         validate_topic(&message.topic)?;
-        crate::check_size(&self.broker.simple_caps, &message.headers, message.payload.len())?;
+        crate::check_size(
+            &self.broker.simple_caps,
+            &message.headers,
+            message.payload.len(),
+        )?;
         let targets: Vec<async_channel::Sender<Message>> = {
             let topics = self.broker.simple.topics.lock();
             match topics.get(&message.topic) {
@@ -140,7 +146,11 @@ impl SimpleTransport for Memory {
         Ok(())
     }
 
-    async fn subscribe(&self, topic: &str, queue_group: Option<&str>) -> Result<BoxStream<'static, Message>> {
+    async fn subscribe(
+        &self,
+        topic: &str,
+        queue_group: Option<&str>,
+    ) -> Result<BoxStream<'static, Message>> {
         self.check_simple_open()?;
         validate_topic(topic)?;
         let buffer = self.broker.config.simple_buffer;

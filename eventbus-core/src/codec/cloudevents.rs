@@ -181,8 +181,9 @@ pub(super) fn decode(m: &InboundMessage, style: HeaderStyle) -> Result<Envelope,
             },
         }
     };
-    let required =
-        |name: &'static str| -> Result<String, DecodeError> { get(name)?.ok_or(DecodeError::Missing(name)) };
+    let required = |name: &'static str| -> Result<String, DecodeError> {
+        get(name)?.ok_or(DecodeError::Missing(name))
+    };
 
     let spec = required(n.specversion)?;
     if spec != SPEC_VERSION {
@@ -190,7 +191,10 @@ pub(super) fn decode(m: &InboundMessage, style: HeaderStyle) -> Result<Envelope,
     }
     let version_text = required(n.aggregateversion)?;
     let event_version = version_text.parse::<u64>().map_err(|_| {
-        DecodeError::invalid(n.aggregateversion, format!("{version_text:?} is not a positive integer"))
+        DecodeError::invalid(
+            n.aggregateversion,
+            format!("{version_text:?} is not a positive integer"),
+        )
     })?;
     let occurred_at = match get(n.time)? {
         Some(t) => parse_rfc3339(&t)
@@ -219,7 +223,9 @@ pub(super) fn decode(m: &InboundMessage, style: HeaderStyle) -> Result<Envelope,
             Some(v) if style == HeaderStyle::Nats => Some(
                 percent_decode_str(v)
                     .decode_utf8()
-                    .map_err(|_| DecodeError::invalid(CONTENT_TYPE, "percent-encoding is not UTF-8"))?
+                    .map_err(|_| {
+                        DecodeError::invalid(CONTENT_TYPE, "percent-encoding is not UTF-8")
+                    })?
                     .into_owned(),
             ),
             Some(v) => Some(v.to_owned()),

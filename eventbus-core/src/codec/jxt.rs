@@ -204,15 +204,23 @@ struct Wire<'a> {
 
 pub(super) fn decode(m: &InboundMessage) -> Result<Envelope, DecodeError> {
     let w: Wire<'_> = serde_json::from_slice(&m.payload).map_err(|e| {
-        DecodeError::UnknownFormat(format!("no ce-specversion header and the body is not a jxt envelope: {e}"))
+        DecodeError::UnknownFormat(format!(
+            "no ce-specversion header and the body is not a jxt envelope: {e}"
+        ))
     })?;
-    let version = w.event_version.ok_or(DecodeError::Missing("event_version"))?;
-    let event_version = version
-        .as_u64()
-        .ok_or_else(|| DecodeError::invalid("event_version", format!("{version} is not a positive integer")))?;
+    let version = w
+        .event_version
+        .ok_or(DecodeError::Missing("event_version"))?;
+    let event_version = version.as_u64().ok_or_else(|| {
+        DecodeError::invalid(
+            "event_version",
+            format!("{version} is not a positive integer"),
+        )
+    })?;
     let timestamp = w.timestamp.ok_or(DecodeError::Missing("timestamp"))?;
-    let occurred_at = parse_rfc3339(&timestamp)
-        .ok_or_else(|| DecodeError::invalid("timestamp", format!("{timestamp:?} is not RFC 3339")))?;
+    let occurred_at = parse_rfc3339(&timestamp).ok_or_else(|| {
+        DecodeError::invalid("timestamp", format!("{timestamp:?} is not RFC 3339"))
+    })?;
     let payload = w.payload.ok_or(DecodeError::Missing("payload"))?;
     if payload.get() == "null" {
         return Err(EnvelopeError::EmptyPayload.into());

@@ -1,1 +1,145 @@
-//! Conformance suite.
+//! The backend conformance suite (semver-exempt).
+//!
+//! Every backend runs the same behaviour tests with its declared [`Capabilities`]: implement
+//! [`Backend`] for a constructor of your transports and expand [`conformance_tests!`] in an
+//! integration test. Each test counts every message (published = handled or dead-lettered),
+//! judges order with the [`OrderChecker`], and runs under an overall deadline so that a hang
+//! fails fast. A capability a backend does not declare is checked the other way round: the
+//! operation must fail with [`Error::NotSupported`].
+//!
+//! [`Capabilities`]: crate::Capabilities
+//! [`Error::NotSupported`]: crate::Error::NotSupported
+
+// The suite is test code: a failed expectation is a failed test, reported by panicking.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod checker;
+pub mod domain;
+pub mod simple;
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use checker::{EndKind, OrderChecker, Record, Recorded, Summary, Violation};
+
+use crate::envelope::Envelope;
+use crate::error::Result;
+use crate::transport::{DynDomainTransport, DynSimpleTransport};
+
+/// Limits of a conformance run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Settings {
+    /// Overall deadline of each test. Default 120 s.
+    pub deadline: Duration,
+    /// How long "nothing more arrives" is watched for. Default 300 ms.
+    pub quiet: Duration,
+    /// Seeds of the randomized order test. Default 20.
+    pub seeds: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            deadline: Duration::from_secs(120),
+            quiet: Duration::from_millis(300),
+            seeds: 20,
+        }
+    }
+}
+
+/// A backend under test: makes new clients of one broker.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// A new domain client of the broker (every call: the same broker, a new connection).
+    async fn domain(&self) -> Result<DynDomainTransport>;
+    /// A new simple client of the broker.
+    async fn simple(&self) -> Result<DynSimpleTransport>;
+    /// Limits of the run.
+    fn settings(&self) -> Settings {
+        Settings::default()
+    }
+}
+
+/// A topic name no other test uses.
+pub fn unique_topic(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+}
+
+/// A test event with a JSON payload naming the aggregate and version.
+pub fn event(aggregate: &str, version: u64) -> Envelope {
+    let payload = format!(r#"{{"aggregate":"{aggregate}","version":{version}}}"#);
+    Envelope::unchecked(aggregate, "TestEvent", version, Bytes::from(payload))
+        .with_content_type("application/json")
+}
+
+/// Runs `fut` under the backend's deadline, panicking with `what` if it passes.
+pub async fn with_deadline<F: Future<Output = ()>>(backend: &dyn Backend, what: &str, fut: F) {
+    let deadline = backend.settings().deadline;
+    if tokio::time::timeout(deadline, fut).await.is_err() {
+        panic!("conformance test {what:?} did not finish within {deadline:?}");
+    }
+}
+
+/// Polls `cond` every few milliseconds until it holds (the test's deadline bounds it).
+pub async fn wait_for(mut cond: impl FnMut() -> bool) {
+    while !cond() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Expands to one `#[tokio::test]` per conformance test, each calling the suite function
+/// with the backend built by `$make` (an expression evaluated per test).
+///
+/// `conformance_tests!(paused: make())` runs on tokio's paused clock (in-process backends);
+/// `conformance_tests!(make())` on a real clock with two worker threads (network backends).
+#[macro_export]
+macro_rules! conformance_tests {
+    (paused: $make:expr) => {
+        $crate::conformance_tests!(@all tokio::test(start_paused = true); $make);
+    };
+    ($make:expr) => {
+        $crate::conformance_tests!(@all tokio::test(flavor = "multi_thread", worker_threads = 2); $make);
+    };
+    (@all $attr:meta; $make:expr) => {
+        $crate::conformance_tests!(@each $attr; $make;
+            simple_publish_subscribe => simple::publish_subscribe,
+            simple_fan_out => simple::fan_out,
+            simple_queue_groups => simple::queue_groups,
+            simple_topic_isolation => simple::topic_isolation,
+            simple_request_reply => simple::request_reply,
+            simple_handler_failures => simple::handler_failures,
+            simple_bad_input => simple::bad_input,
+            simple_close => simple::close,
+            domain_publish_subscribe => domain::publish_subscribe,
+            domain_topic_isolation => domain::topic_isolation,
+            domain_order_under_failures => domain::order_under_failures,
+            domain_retry_then_success => domain::retry_then_success,
+            domain_nack_and_deadline_redelivery => domain::nack_and_deadline_redelivery,
+            domain_dead_letter => domain::dead_letter,
+            domain_malformed_input => domain::malformed_input,
+            domain_resubscribe => domain::resubscribe,
+            domain_close => domain::close,
+            domain_graceful_drain => domain::graceful_drain,
+            domain_drain_deadline => domain::drain_deadline,
+            domain_backpressure => domain::backpressure,
+            domain_slow_key_does_not_stall_others => domain::slow_key_does_not_stall_others,
+            domain_bad_input => domain::bad_input,
+            domain_replay => domain::replay,
+            domain_publish_batch_order => domain::publish_batch_order,
+            domain_single_active_consumer => domain::single_active_consumer,
+        );
+    };
+    (@each $attr:meta; $make:expr; $($name:ident => $m:ident :: $f:ident),* $(,)?) => {
+        $(
+            #[$attr]
+            async fn $name() {
+                let backend = $make;
+                $crate::conformance::with_deadline(&backend, stringify!($name), $crate::conformance::$m::$f(&backend)).await;
+            }
+        )*
+    };
+}

@@ -12,7 +12,10 @@ mod retry;
 mod timeout;
 
 pub use catch_panic::{CatchPanic, CatchPanicLayer};
-pub use hook::{BusKind, HandleInfo, HandleScope, Hook, HookLayer, HookService, HookedRequest, PublishInfo, PublishScope};
+pub use hook::{
+    BusKind, HandleInfo, HandleScope, Hook, HookLayer, HookService, HookedRequest, PublishInfo,
+    PublishScope,
+};
 pub(crate) use hook::{finish_publish, publish_scopes};
 pub use retry::{PublishRetry, PublishRetryLayer};
 pub use timeout::{FromTimeout, Timeout, TimeoutLayer};
