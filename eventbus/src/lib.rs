@@ -1,1 +1,107 @@
-//! facade
+//! # dualbus
+//!
+//! An event bus for Rust services, with **two buses behind one API**:
+//!
+//! - the **domain-event bus** (reliability first): events travel in an [`Envelope`], a broker
+//!   persists them, and a keyed worker pool handles the events of one aggregate strictly in
+//!   order while different aggregates run in parallel; at-least-once, acknowledged only after
+//!   the handler succeeded or the event was dead-lettered after bounded retries;
+//! - the **simple-message bus** (speed first): raw payloads, no persistence, concurrent
+//!   handlers, queue groups and request-reply.
+//!
+//! ## Quick start
+//!
+//! ```
+//! # #[cfg(feature = "memory")]
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> dualbus::Result<()> {
+//! use dualbus::{Buses, Envelope, Event, HandleError, Message, handler_fn};
+//!
+//! let buses = Buses::builder().source("orders-service").build()?; // in-memory by default
+//!
+//! let orders = buses
+//!     .domain()
+//!     .subscribe("orders")
+//!     .start(handler_fn(|e: Event| async move {
+//!         println!("{} v{} {}", e.aggregate_id, e.event_version, e.event_type);
+//!         Ok::<_, HandleError>(())
+//!     }))
+//!     .await?;
+//! buses.domain().publish("orders", &Envelope::new("order-1", "OrderCreated", 1, r#"{"total":42}"#)?).await?;
+//!
+//! let notes = buses
+//!     .simple()
+//!     .subscribe("notifications")
+//!     .start(handler_fn(|m: Message| async move { Ok::<_, HandleError>(()) }))
+//!     .await?;
+//! buses.simple().publish("notifications", "order-1 created").await?;
+//! # drop((orders, notes));
+//! buses.close().await?;
+//! # Ok(()) }
+//! # #[cfg(not(feature = "memory"))] fn main() {}
+//! ```
+//!
+//! ## Backends
+//!
+#![cfg_attr(
+    feature = "memory",
+    doc = "- [`memory`]: in-process, both buses (the embedded default; not durable)."
+)]
+#![cfg_attr(
+    not(feature = "memory"),
+    doc = "- `memory` (feature off in this build): in-process, both buses."
+)]
+//! - NATS (JetStream + core), Kafka and Redis (Streams + pub/sub) follow as their own crates
+//!   behind the features `nats`, `kafka` and `redis`.
+//!
+//! ## Features
+//!
+//! | feature | default | what |
+//! |---|---|---|
+//! | `memory` | yes | the in-process backend (`dualbus-memory`) |
+//! | `config` | yes | [`Buses::from_config`] from YAML / TOML / `DUALBUS__` environment variables |
+//! | `full` | no | everything |
+//!
+//! With no features at all the crate still builds: the core types and buses, with the
+//! backend you bring (`Buses::builder().domain(..).simple(..)`).
+//!
+//! ## Guarantees
+//!
+//! See `docs/guarantees.md` in the repository: delivery, order, durability, and what happens
+//! on handler error, crash and shutdown, per bus.
+//!
+//! ## MSRV
+//!
+//! Rust 1.85. Raising it is a minor-version change, announced in the changelog.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod buses;
+#[cfg(feature = "config")]
+#[cfg_attr(docsrs, doc(cfg(feature = "config")))]
+pub mod config;
+
+pub use buses::{Buses, BusesBuilder};
+#[cfg(feature = "config")]
+pub use config::Config;
+
+/// Layers around one handler attempt or one publish.
+pub use dualbus_core::middleware;
+pub use dualbus_core::{
+    Backoff, BoxError, Capabilities, Codec, DeadLetterKind, DeadLetterPolicy, Disposition,
+    DomainBus, DomainBusBuilder, DomainSubscribeBuilder, DomainTransport, Envelope, EnvelopeError,
+    Error, ErrorKind, Event, Failure, HandleError, HeaderStyle, Headers, Message, PoolConfig,
+    PoolEvent, PoolObserver, PoolStats, Position, Receipt, Result, ShutdownReport, SimpleBus,
+    SimpleBusBuilder, SimpleStats, SimpleSubscribeBuilder, SimpleSubscription, SimpleTransport,
+    StartPosition, Subscription, handler_fn,
+};
+
+/// The in-process backend.
+#[cfg(feature = "memory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
+pub use dualbus_memory as memory;
+
+/// Traits to import with `use dualbus::prelude::*`.
+pub mod prelude {
+    pub use dualbus_core::prelude::*;
+}

@@ -1,0 +1,210 @@
+//! One builder wiring the domain-event bus and the simple-message bus.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dualbus_core::middleware::Hook;
+use dualbus_core::{
+    Backoff, Codec, DeadLetterPolicy, DomainBus, DomainBusBuilder, DomainTransport,
+    DynDomainTransport, DynSimpleTransport, PoolConfig, Result, SimpleBus, SimpleBusBuilder,
+    SimpleTransport,
+};
+
+/// The two buses of a service: [`Buses::domain`] for domain events, [`Buses::simple`] for
+/// simple messages. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Buses {
+    domain: DomainBus,
+    simple: SimpleBus,
+}
+
+impl Buses {
+    /// A builder; with the `memory` feature, unset buses default to one shared in-process
+    /// broker.
+    pub fn builder() -> BusesBuilder {
+        BusesBuilder::default()
+    }
+
+    /// The domain-event bus (envelopes, persisted, ordered per aggregate, at-least-once).
+    pub fn domain(&self) -> &DomainBus {
+        &self.domain
+    }
+
+    /// The simple-message bus (raw payloads, at-most-once, concurrent).
+    pub fn simple(&self) -> &SimpleBus {
+        &self.simple
+    }
+
+    /// Drains the subscriptions of both buses and closes their transports. Idempotent.
+    pub async fn close(&self) -> Result<()> {
+        let domain = self.domain.close().await;
+        let simple = self.simple.close().await;
+        domain.and(simple)
+    }
+}
+
+/// Builds [`Buses`].
+#[must_use]
+#[derive(Default)]
+pub struct BusesBuilder {
+    domain: Option<DynDomainTransport>,
+    simple: Option<DynSimpleTransport>,
+    source: Option<String>,
+    codec: Codec,
+    pool: Option<PoolConfig>,
+    retry: Option<Backoff>,
+    dead_letter: Option<DeadLetterPolicy>,
+    hooks: Vec<Arc<dyn Hook>>,
+    handler_timeout: Option<Duration>,
+    simple_max_concurrency: Option<usize>,
+}
+
+impl fmt::Debug for BusesBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BusesBuilder")
+            .field(
+                "domain",
+                &self.domain.as_ref().map(|t| t.capabilities().backend),
+            )
+            .field(
+                "simple",
+                &self.simple.as_ref().map(|t| t.capabilities().backend),
+            )
+            .field("source", &self.source)
+            .field("codec", &self.codec)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BusesBuilder {
+    /// The domain backend (NATS JetStream, Kafka, Redis Streams, memory).
+    pub fn domain(mut self, transport: impl DomainTransport) -> Self {
+        self.domain = Some(Arc::new(transport));
+        self
+    }
+
+    /// The domain backend, shared.
+    pub fn domain_dyn(mut self, transport: DynDomainTransport) -> Self {
+        self.domain = Some(transport);
+        self
+    }
+
+    /// The simple backend (memory, core NATS, Redis pub/sub).
+    pub fn simple(mut self, transport: impl SimpleTransport) -> Self {
+        self.simple = Some(Arc::new(transport));
+        self
+    }
+
+    /// The simple backend, shared.
+    pub fn simple_dyn(mut self, transport: DynSimpleTransport) -> Self {
+        self.simple = Some(transport);
+        self
+    }
+
+    /// The service name: CloudEvents `source` and default consumer group. Default `dualbus`.
+    pub fn source(mut self, source: impl Into<String>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// The codec domain publishers write (CloudEvents binary mode by default).
+    pub fn codec(mut self, codec: Codec) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// Keyed pool limits of domain subscriptions.
+    pub fn pool(mut self, pool: PoolConfig) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// Retry policy of domain handlers.
+    pub fn retry(mut self, retry: Backoff) -> Self {
+        self.retry = Some(retry);
+        self
+    }
+
+    /// Dead-letter naming.
+    pub fn dead_letter(mut self, policy: DeadLetterPolicy) -> Self {
+        self.dead_letter = Some(policy);
+        self
+    }
+
+    /// A hook on both buses (publish and handle): tracing, metrics.
+    pub fn hook(mut self, hook: Arc<dyn Hook>) -> Self {
+        self.hooks.push(hook);
+        self
+    }
+
+    /// Cuts off each domain handler attempt after `after` (a retryable failure).
+    pub fn handler_timeout(mut self, after: Duration) -> Self {
+        self.handler_timeout = Some(after);
+        self
+    }
+
+    /// Concurrent handler calls per simple subscription.
+    pub fn simple_max_concurrency(mut self, n: usize) -> Self {
+        self.simple_max_concurrency = Some(n);
+        self
+    }
+
+    /// Validates and builds both buses.
+    pub fn build(self) -> Result<Buses> {
+        let (domain_t, simple_t) = self.transports()?;
+        let mut domain = DomainBusBuilder::from_dyn(domain_t).codec(self.codec);
+        if let Some(s) = self.source {
+            domain = domain.source(s);
+        }
+        if let Some(p) = self.pool {
+            domain = domain.pool(p);
+        }
+        if let Some(r) = self.retry {
+            domain = domain.retry(r);
+        }
+        if let Some(d) = self.dead_letter {
+            domain = domain.dead_letter(d);
+        }
+        if let Some(t) = self.handler_timeout {
+            domain = domain.handler_timeout(t);
+        }
+        let mut simple = SimpleBusBuilder::from_dyn(simple_t);
+        if let Some(n) = self.simple_max_concurrency {
+            simple = simple.max_concurrency(n);
+        }
+        for h in self.hooks {
+            domain = domain.hook(h.clone());
+            simple = simple.hook(h);
+        }
+        Ok(Buses {
+            domain: domain.build()?,
+            simple: simple.build()?,
+        })
+    }
+
+    #[cfg(feature = "memory")]
+    fn transports(&self) -> Result<(DynDomainTransport, DynSimpleTransport)> {
+        let embedded = dualbus_memory::Memory::new();
+        Ok((
+            self.domain
+                .clone()
+                .unwrap_or_else(|| Arc::new(embedded.clone())),
+            self.simple.clone().unwrap_or_else(|| Arc::new(embedded)),
+        ))
+    }
+
+    #[cfg(not(feature = "memory"))]
+    fn transports(&self) -> Result<(DynDomainTransport, DynSimpleTransport)> {
+        let missing = |which: &str| {
+            dualbus_core::Error::config(
+                which,
+                "no backend given; call .domain(..) / .simple(..) or enable the `memory` feature of dualbus",
+            )
+        };
+        Ok((
+            self.domain.clone().ok_or_else(|| missing("domain"))?,
+            self.simple.clone().ok_or_else(|| missing("simple"))?,
+        ))
+    }
+}

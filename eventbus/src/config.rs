@@ -1,0 +1,385 @@
+//! Configuration files (YAML or TOML) with environment overrides.
+//!
+//! ```yaml
+//! domain:
+//!   type: memory            # memory | nats | kafka | redis
+//!   source: orders-service  # CloudEvents source; also the default group name
+//!   codec: cloudevents      # cloudevents | jxt
+//!   memory: { partitions: 16, ack_wait: 30s }
+//!   pool: { max_concurrency: 256, max_in_flight: 10000, max_per_key: 1000, drain_deadline: 10s }
+//!   retry: { attempts: 5, initial_backoff: 100ms, max_backoff: 10s }
+//!   dead_letter: { suffix: ".dlq" }
+//!   handler_timeout: 30s
+//! simple:
+//!   type: memory            # memory | nats | redis
+//!   max_concurrency: 1024
+//! ```
+//!
+//! Every key can be overridden from the environment with the prefix `DUALBUS__` and `__`
+//! between levels: `DUALBUS__DOMAIN__TYPE=memory`, `DUALBUS__DOMAIN__POOL__MAX_IN_FLIGHT=500`.
+//! Unknown keys are rejected with their path (`domain.pool.max_inflight`); a section for a
+//! backend whose cargo feature is off is an error naming the feature. Durations are written
+//! `250ms`, `30s`, `5m`, `30d` (or as a number of milliseconds).
+
+use std::path::Path;
+use std::time::Duration;
+
+use dualbus_core::{Backoff, Codec, DeadLetterPolicy, Error, PoolConfig, Result};
+use figment::Figment;
+use figment::providers::{Env, Format as _, Toml, Yaml};
+use serde::Deserialize;
+
+/// The environment prefix of overrides.
+pub const ENV_PREFIX: &str = "DUALBUS__";
+
+/// Which backend a bus runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum BackendKind {
+    /// In-process (feature `memory`).
+    #[default]
+    Memory,
+    /// NATS: JetStream for domain events, core NATS for simple messages (feature `nats`).
+    Nats,
+    /// Kafka (feature `kafka`, domain bus only).
+    Kafka,
+    /// Redis: Streams for domain events, pub/sub for simple messages (feature `redis`).
+    Redis,
+}
+
+impl BackendKind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::Nats => "nats",
+            Self::Kafka => "kafka",
+            Self::Redis => "redis",
+        }
+    }
+}
+
+/// The codec, as written in configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum CodecKind {
+    /// CloudEvents binary mode.
+    #[default]
+    Cloudevents,
+    /// jxt-core's JSON envelope.
+    Jxt,
+}
+
+/// The `memory` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct MemorySection {
+    /// Partitions per domain topic. Default 16.
+    pub partitions: u32,
+    /// Redelivery deadline. Default 30 s.
+    #[serde(with = "dualbus_core::config::duration")]
+    pub ack_wait: Duration,
+    /// Largest payload plus headers. Default 1 MiB.
+    pub max_payload: usize,
+    /// Simple-subscriber buffer. Default 1,024.
+    pub simple_buffer: usize,
+}
+
+impl Default for MemorySection {
+    fn default() -> Self {
+        Self {
+            partitions: 16,
+            ack_wait: Duration::from_secs(30),
+            max_payload: 1024 * 1024,
+            simple_buffer: 1024,
+        }
+    }
+}
+
+/// Backend sections whose crates this build does not contain are kept as raw values, so
+/// that their presence can be reported with the feature to enable.
+type Raw = figment::value::Value;
+
+/// The `domain` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct DomainSection {
+    /// The backend.
+    #[serde(rename = "type")]
+    pub kind: BackendKind,
+    /// The service name (CloudEvents source and default group).
+    pub source: Option<String>,
+    /// The codec publishers write.
+    pub codec: CodecKind,
+    /// In-process backend settings.
+    pub memory: Option<MemorySection>,
+    /// NATS settings (feature `nats`).
+    pub nats: Option<Raw>,
+    /// Kafka settings (feature `kafka`).
+    pub kafka: Option<Raw>,
+    /// Redis settings (feature `redis`).
+    pub redis: Option<Raw>,
+    /// Keyed pool limits.
+    pub pool: PoolConfig,
+    /// Handler retry.
+    pub retry: Backoff,
+    /// Dead-letter naming.
+    pub dead_letter: DeadLetterPolicy,
+    /// Cut-off of one handler attempt.
+    #[serde(with = "dualbus_core::config::duration::option")]
+    pub handler_timeout: Option<Duration>,
+}
+
+/// The `simple` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct SimpleSection {
+    /// The backend.
+    #[serde(rename = "type")]
+    pub kind: BackendKind,
+    /// In-process backend settings.
+    pub memory: Option<MemorySection>,
+    /// NATS settings (feature `nats`).
+    pub nats: Option<Raw>,
+    /// Redis settings (feature `redis`).
+    pub redis: Option<Raw>,
+    /// Concurrent handler calls per subscription.
+    pub max_concurrency: usize,
+}
+
+impl Default for SimpleSection {
+    fn default() -> Self {
+        Self {
+            kind: BackendKind::Memory,
+            memory: None,
+            nats: None,
+            redis: None,
+            max_concurrency: 1024,
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Config {
+    /// The domain-event bus.
+    pub domain: DomainSection,
+    /// The simple-message bus.
+    pub simple: SimpleSection,
+}
+
+impl Config {
+    /// Reads a YAML (`.yaml`, `.yml`) or TOML (`.toml`) file, then applies `DUALBUS__`
+    /// environment overrides. A missing file is an error.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if !path.is_file() {
+            return Err(Error::config(
+                "",
+                format!("configuration file {} not found", path.display()),
+            ));
+        }
+        let figment = match path.extension().and_then(|e| e.to_str()) {
+            Some("yaml" | "yml") => Figment::from(Yaml::file(path)),
+            Some("toml") => Figment::from(Toml::file(path)),
+            _ => {
+                return Err(Error::config(
+                    "",
+                    format!("{}: use a .yaml, .yml or .toml file", path.display()),
+                ));
+            }
+        };
+        Self::from_figment(figment.merge(env()))
+    }
+
+    /// Parses YAML text, then applies environment overrides.
+    pub fn from_yaml(text: &str) -> Result<Self> {
+        Self::from_figment(Figment::from(Yaml::string(text)).merge(env()))
+    }
+
+    /// Parses TOML text, then applies environment overrides.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        Self::from_figment(Figment::from(Toml::string(text)).merge(env()))
+    }
+
+    /// Defaults plus environment overrides only.
+    pub fn from_env() -> Result<Self> {
+        Self::from_figment(Figment::new().merge(env()))
+    }
+
+    /// Extracts from any figment (for applications that merge their own providers).
+    pub fn from_figment(figment: Figment) -> Result<Self> {
+        let config: Self = figment.extract().map_err(figment_error)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values and backend sections against this build's features.
+    pub fn validate(&self) -> Result<()> {
+        let d = &self.domain;
+        backend_available("domain", d.kind)?;
+        section("domain", "nats", d.nats.is_some())?;
+        section("domain", "kafka", d.kafka.is_some())?;
+        section("domain", "redis", d.redis.is_some())?;
+        section("domain", "memory", d.memory.is_some())?;
+        if let Some(s) = &d.source {
+            if s.trim().is_empty() {
+                return Err(Error::config("domain.source", "must not be empty"));
+            }
+        }
+        d.pool.validate().map_err(|e| prefix("domain", e))?;
+        d.retry.validate().map_err(|e| prefix("domain", e))?;
+        let s = &self.simple;
+        if s.kind == BackendKind::Kafka {
+            return Err(Error::config(
+                "simple.type",
+                "kafka offers no simple-message bus; use memory, nats or redis",
+            ));
+        }
+        backend_available("simple", s.kind)?;
+        section("simple", "nats", s.nats.is_some())?;
+        section("simple", "redis", s.redis.is_some())?;
+        section("simple", "memory", s.memory.is_some())?;
+        if s.max_concurrency == 0 {
+            return Err(Error::config(
+                "simple.max_concurrency",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn env() -> Env {
+    Env::prefixed(ENV_PREFIX).split("__")
+}
+
+fn prefix(section: &str, e: Error) -> Error {
+    match e {
+        Error::Config { path, message } => Error::config(format!("{section}.{path}"), message),
+        other => other,
+    }
+}
+
+fn feature_enabled(name: &str) -> bool {
+    match name {
+        "memory" => cfg!(feature = "memory"),
+        // Backends whose crates are not part of this build.
+        _ => false,
+    }
+}
+
+fn feature_error(path: String, name: &str) -> Error {
+    Error::config(
+        path,
+        format!(
+            "the {name} backend needs the cargo feature `{name}` of dualbus, which this build does not enable"
+        ),
+    )
+}
+
+fn backend_available(section: &str, kind: BackendKind) -> Result<()> {
+    if feature_enabled(kind.name()) {
+        Ok(())
+    } else {
+        Err(feature_error(format!("{section}.type"), kind.name()))
+    }
+}
+
+fn section(parent: &str, name: &str, present: bool) -> Result<()> {
+    if present && !feature_enabled(name) {
+        Err(feature_error(format!("{parent}.{name}"), name))
+    } else {
+        Ok(())
+    }
+}
+
+/// Turns figment's error into ours, with the full key path (unknown keys included).
+fn figment_error(e: figment::Error) -> Error {
+    use figment::error::Kind;
+    let mut path = e.path.join(".");
+    let message = match &e.kind {
+        Kind::UnknownField(field, expected) => {
+            if path.is_empty() {
+                path = field.clone();
+            } else {
+                path = format!("{path}.{field}");
+            }
+            format!(
+                "unknown key; expected one of: {}",
+                expected
+                    .iter()
+                    .map(|s| format!("`{s}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+        Kind::UnknownVariant(v, expected) => format!(
+            "unknown value `{v}`; expected one of: {}",
+            expected
+                .iter()
+                .map(|s| format!("`{s}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        other => {
+            let mut m = other.to_string();
+            if let Some(meta) = &e.metadata {
+                m.push_str(&format!(" (from {})", meta.name));
+            }
+            m
+        }
+    };
+    Error::config(path, message)
+}
+
+impl crate::Buses {
+    /// Builds both buses from configuration. With only in-process backends this needs no
+    /// server; network backends connect here.
+    pub async fn from_config(config: &Config) -> Result<Self> {
+        config.validate()?;
+        let d = &config.domain;
+        let mut b = Self::builder()
+            .codec(match d.codec {
+                CodecKind::Cloudevents => Codec::CloudEvents,
+                CodecKind::Jxt => Codec::JxtJson,
+            })
+            .pool(d.pool.clone())
+            .retry(d.retry.clone())
+            .dead_letter(d.dead_letter.clone())
+            .simple_max_concurrency(config.simple.max_concurrency);
+        if let Some(s) = &d.source {
+            b = b.source(s.clone());
+        }
+        if let Some(t) = d.handler_timeout {
+            b = b.handler_timeout(t);
+        }
+        #[cfg(feature = "memory")]
+        {
+            let memory = |m: &MemorySection| {
+                dualbus_memory::Memory::with_config(
+                    dualbus_memory::MemoryConfig::default()
+                        .with_partitions(m.partitions)
+                        .with_ack_wait(m.ack_wait)
+                        .with_max_payload(m.max_payload)
+                        .with_simple_buffer(m.simple_buffer),
+                )
+            };
+            let domain_memory = memory(d.memory.as_ref().unwrap_or(&MemorySection::default()))
+                .map_err(|e| prefix("domain", e))?;
+            // One broker for both buses unless the simple bus has settings of its own.
+            let simple_memory = match &config.simple.memory {
+                Some(m) => memory(m).map_err(|e| prefix("simple", e))?,
+                None => domain_memory.clone(),
+            };
+            b = b.domain(domain_memory).simple(simple_memory);
+        }
+        b.build()
+    }
+}
