@@ -33,7 +33,9 @@ async fn main() -> anyhow::Result<()> {
     // Warnings only by default (RUST_LOG overrides): the bus warns once that the in-process
     // backend is not durable.
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .init();
     let buses = Buses::builder()
         .source("shop")

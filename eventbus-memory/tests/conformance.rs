@@ -1,5 +1,7 @@
 //! The whole conformance suite on the memory backend, on tokio's paused clock.
 
+#![allow(clippy::expect_used)] // Test code: a failed expectation is a failed test.
+
 use std::time::Duration;
 
 use async_trait::async_trait;

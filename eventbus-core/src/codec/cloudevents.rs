@@ -199,7 +199,7 @@ pub(super) fn decode(m: &InboundMessage, style: HeaderStyle) -> Result<Envelope,
     let occurred_at = match get(n.time)? {
         Some(t) => parse_rfc3339(&t)
             .ok_or_else(|| DecodeError::invalid(n.time, format!("{t:?} is not RFC 3339")))?,
-        None => return Err(DecodeError::Missing("time")),
+        None => return Err(DecodeError::Missing(n.time)),
     };
     let mut headers = Headers::new();
     for (name, v) in m.headers.iter() {

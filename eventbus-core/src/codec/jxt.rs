@@ -221,10 +221,8 @@ pub(super) fn decode(m: &InboundMessage) -> Result<Envelope, DecodeError> {
     let occurred_at = parse_rfc3339(&timestamp).ok_or_else(|| {
         DecodeError::invalid("timestamp", format!("{timestamp:?} is not RFC 3339"))
     })?;
+    // A JSON `null` payload deserializes as absent: both are "missing".
     let payload = w.payload.ok_or(DecodeError::Missing("payload"))?;
-    if payload.get() == "null" {
-        return Err(EnvelopeError::EmptyPayload.into());
-    }
     let mut headers = Headers::new();
     for (name, v) in m.headers.iter() {
         if !OWN_HEADERS.iter().any(|o| o.eq_ignore_ascii_case(name)) {

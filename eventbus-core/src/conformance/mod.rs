@@ -1,7 +1,7 @@
 //! The backend conformance suite (semver-exempt).
 //!
 //! Every backend runs the same behaviour tests with its declared [`Capabilities`]: implement
-//! [`Backend`] for a constructor of your transports and expand [`conformance_tests!`] in an
+//! [`Backend`] for a constructor of your transports and expand [`conformance_tests!`](crate::conformance_tests) in an
 //! integration test. Each test counts every message (published = handled or dead-lettered),
 //! judges order with the [`OrderChecker`], and runs under an overall deadline so that a hang
 //! fails fast. A capability a backend does not declare is checked the other way round: the
