@@ -306,10 +306,13 @@ fn figment_error(e: figment::Error) -> Error {
     let mut path = e.path.join(".");
     let message = match &e.kind {
         Kind::UnknownField(field, expected) => {
-            if path.is_empty() {
-                path = field.clone();
-            } else {
-                path = format!("{path}.{field}");
+            // figment's path usually ends with the field already; make sure it does.
+            if e.path.last() != Some(field) {
+                path = if path.is_empty() {
+                    field.clone()
+                } else {
+                    format!("{path}.{field}")
+                };
             }
             format!(
                 "unknown key; expected one of: {}",

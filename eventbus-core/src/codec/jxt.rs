@@ -107,7 +107,11 @@ fn write_go_compact(out: &mut String, json: &str) {
     }
 }
 
-pub(super) fn encode(e: &Envelope, _style: HeaderStyle) -> Result<OutboundMessage, crate::Error> {
+pub(super) fn encode(
+    e: &Envelope,
+    _style: HeaderStyle,
+    default_source: &str,
+) -> Result<OutboundMessage, crate::Error> {
     let payload = std::str::from_utf8(&e.payload)
         .ok()
         .filter(|p| serde_json::from_str::<&RawValue>(p).is_ok())
@@ -151,8 +155,9 @@ pub(super) fn encode(e: &Envelope, _style: HeaderStyle) -> Result<OutboundMessag
     if let Some(c) = &e.causation_id {
         h.push_unique(X_CAUSATION_ID, c.clone());
     }
-    if let Some(s) = &e.source {
-        h.push_unique(X_EVENT_SOURCE, s.clone());
+    let source = e.source.as_deref().unwrap_or(default_source);
+    if !source.trim().is_empty() {
+        h.push_unique(X_EVENT_SOURCE, source.to_owned());
     }
     if let Some(ct) = &e.content_type {
         h.push_unique(X_CONTENT_TYPE, ct.clone());

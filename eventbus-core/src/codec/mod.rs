@@ -86,7 +86,7 @@ impl Codec {
         envelope.validate()?;
         match self {
             Self::CloudEvents => cloudevents::encode(envelope, style, default_source),
-            Self::JxtJson => jxt::encode(envelope, style),
+            Self::JxtJson => jxt::encode(envelope, style, default_source),
         }
     }
 

@@ -108,7 +108,7 @@ fn cloudevents_kafka_golden() {
 fn jxt_golden() {
     let e = golden_envelope().with_trace_id("4bf92f3577b34da6a3ce929d0e0e4736");
     let m = Codec::JxtJson
-        .encode(&e, HeaderStyle::Kafka, "ignored")
+        .encode(&e, HeaderStyle::Kafka, "orders-service")
         .unwrap();
     assert_eq!(
         std::str::from_utf8(&m.payload).unwrap(),
@@ -127,6 +127,7 @@ fn jxt_golden() {
             ("X-Event-Version", "3"),
             ("X-Event-Type", "OrderCreated"),
             ("X-Causation-ID", "cmd-1"),
+            ("X-Event-Source", "orders-service"),
             ("X-Content-Type", "application/json"),
             (
                 "traceparent",

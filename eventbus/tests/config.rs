@@ -1,0 +1,215 @@
+//! Configuration: YAML, TOML, environment overrides, unknown keys, feature-gated sections.
+
+#![cfg(all(feature = "config", feature = "memory"))]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Test code.
+
+use std::time::Duration;
+
+use dualbus::config::{BackendKind, CodecKind};
+use dualbus::{Buses, Config, Error, Event, HandleError, handler_fn};
+
+const YAML: &str = r#"
+domain:
+  type: memory
+  source: orders-service
+  codec: jxt
+  memory: { partitions: 8, ack_wait: 30d }
+  pool: { max_concurrency: 64, max_in_flight: 5000, max_per_key: 100, drain_deadline: 10s }
+  retry: { attempts: 7, initial_backoff: 100ms, max_backoff: 10s }
+  dead_letter: { suffix: ".dead" }
+  handler_timeout: 2s
+simple:
+  type: memory
+  max_concurrency: 32
+"#;
+
+fn config_error(r: dualbus::Result<Config>) -> (String, String) {
+    match r {
+        Err(Error::Config { path, message }) => (path, message),
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+}
+
+#[test]
+fn yaml_with_durations() {
+    figment::Jail::expect_with(|_| {
+        let c = Config::from_yaml(YAML).unwrap();
+        assert_eq!(c.domain.kind, BackendKind::Memory);
+        assert_eq!(c.domain.source.as_deref(), Some("orders-service"));
+        assert_eq!(c.domain.codec, CodecKind::Jxt);
+        let m = c.domain.memory.as_ref().unwrap();
+        assert_eq!(
+            (m.partitions, m.ack_wait),
+            (8, Duration::from_secs(30 * 86_400))
+        );
+        assert_eq!(c.domain.pool.max_in_flight, 5000);
+        assert_eq!(c.domain.pool.drain_deadline, Duration::from_secs(10));
+        assert_eq!(c.domain.retry.attempts, 7);
+        assert_eq!(c.domain.retry.initial_backoff, Duration::from_millis(100));
+        assert_eq!(c.domain.dead_letter.suffix, ".dead");
+        assert_eq!(c.domain.handler_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(c.simple.max_concurrency, 32);
+        Ok(())
+    });
+}
+
+#[test]
+fn toml_file_and_defaults() {
+    figment::Jail::expect_with(|jail| {
+        jail.create_file(
+            "dualbus.toml",
+            r#"
+[domain]
+source = "billing"
+[domain.retry]
+attempts = 3
+max_backoff = "1m"
+"#,
+        )?;
+        let c = Config::from_file("dualbus.toml").unwrap();
+        assert_eq!(c.domain.source.as_deref(), Some("billing"));
+        assert_eq!(c.domain.retry.attempts, 3);
+        assert_eq!(c.domain.retry.max_backoff, Duration::from_secs(60));
+        // Untouched keys keep their defaults.
+        assert_eq!(c.domain.pool.max_in_flight, 10_000);
+        assert_eq!(c.domain.codec, CodecKind::Cloudevents);
+        let (path, message) = config_error(Config::from_file("missing.yaml"));
+        assert_eq!(path, "");
+        assert!(message.contains("not found"), "{message}");
+        jail.create_file("dualbus.ini", "x=1")?;
+        let (_, message) = config_error(Config::from_file("dualbus.ini"));
+        assert!(message.contains(".yaml"), "{message}");
+        Ok(())
+    });
+}
+
+#[test]
+fn environment_overrides() {
+    figment::Jail::expect_with(|jail| {
+        jail.create_file("dualbus.yaml", YAML)?;
+        jail.set_env("DUALBUS__DOMAIN__POOL__MAX_IN_FLIGHT", "500");
+        jail.set_env("DUALBUS__DOMAIN__RETRY__INITIAL_BACKOFF", "250ms");
+        jail.set_env("DUALBUS__DOMAIN__TYPE", "memory");
+        jail.set_env("DUALBUS__SIMPLE__MAX_CONCURRENCY", "8");
+        let c = Config::from_file("dualbus.yaml").unwrap();
+        assert_eq!(c.domain.pool.max_in_flight, 500);
+        assert_eq!(
+            c.domain.pool.max_concurrency, 64,
+            "the file's other keys stay"
+        );
+        assert_eq!(c.domain.retry.initial_backoff, Duration::from_millis(250));
+        assert_eq!(c.simple.max_concurrency, 8);
+        Ok(())
+    });
+}
+
+#[test]
+fn unknown_keys_name_their_path() {
+    figment::Jail::expect_with(|jail| {
+        let (path, message) =
+            config_error(Config::from_yaml("domain:\n  pool:\n    max_inflight: 5\n"));
+        assert_eq!(path, "domain.pool.max_inflight");
+        assert!(
+            message.contains("max_in_flight"),
+            "the message lists the known keys: {message}"
+        );
+        let (path, _) = config_error(Config::from_yaml("bogus: 1\n"));
+        assert_eq!(path, "bogus");
+        let (path, _) = config_error(Config::from_toml("[simple]\nbuffer = 3\n"));
+        assert_eq!(path, "simple.buffer");
+        jail.set_env("DUALBUS__DOMAIN__BOGUS", "1");
+        let (path, _) = config_error(Config::from_yaml(YAML));
+        assert_eq!(path, "domain.bogus");
+        Ok(())
+    });
+}
+
+#[test]
+fn bad_values_name_their_path() {
+    figment::Jail::expect_with(|_| {
+        let (path, message) = config_error(Config::from_yaml(
+            "domain:\n  retry:\n    initial_backoff: soon\n",
+        ));
+        assert_eq!(path, "domain.retry.initial_backoff");
+        assert!(message.contains("30s"), "{message}");
+        let (path, _) = config_error(Config::from_yaml(
+            "domain:\n  pool:\n    max_concurrency: 0\n",
+        ));
+        assert_eq!(path, "domain.pool.max_concurrency");
+        let (path, message) = config_error(Config::from_yaml("domain:\n  type: rabbitmq\n"));
+        assert_eq!(path, "domain.type");
+        assert!(message.contains("nats"), "{message}");
+        let (path, _) = config_error(Config::from_yaml("simple:\n  type: kafka\n"));
+        assert_eq!(path, "simple.type");
+        let (path, _) = config_error(
+            Config::from_yaml("domain:\n  memory: { partitions: 0 }\n").and_then(|c| {
+                // Caught when the backend is built.
+                block_on(Buses::from_config(&c)).map(|_| c)
+            }),
+        );
+        assert_eq!(path, "domain.memory.partitions");
+        Ok(())
+    });
+}
+
+#[test]
+fn sections_of_disabled_backends_name_the_feature() {
+    figment::Jail::expect_with(|_| {
+        let (path, message) = config_error(Config::from_yaml(
+            "domain:\n  type: nats\n  nats:\n    urls: [\"nats://127.0.0.1:4222\"]\n",
+        ));
+        assert_eq!(path, "domain.type");
+        assert!(message.contains("cargo feature `nats`"), "{message}");
+        let (path, message) = config_error(Config::from_yaml("domain:\n  kafka: { brokers: x }\n"));
+        assert_eq!(path, "domain.kafka");
+        assert!(message.contains("cargo feature `kafka`"), "{message}");
+        let (path, _) = config_error(Config::from_yaml("simple:\n  redis: { url: x }\n"));
+        assert_eq!(path, "simple.redis");
+        Ok(())
+    });
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+#[tokio::test]
+async fn buses_from_config_work() {
+    let config = Config::from_yaml(YAML).unwrap();
+    let buses = Buses::from_config(&config).await.unwrap();
+    assert_eq!(buses.domain().source(), "orders-service");
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let s = seen.clone();
+    let sub = buses
+        .domain()
+        .subscribe("orders")
+        .start(handler_fn(move |e: Event| {
+            let s = s.clone();
+            async move {
+                assert_eq!(
+                    e.source.as_deref(),
+                    Some("orders-service"),
+                    "jxt mode carries the source in a header"
+                );
+                s.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok::<_, HandleError>(())
+            }
+        }))
+        .await
+        .unwrap();
+    let e = dualbus::Envelope::new("o-1", "Created", 1, "{}").unwrap();
+    buses.domain().publish("orders", &e).await.unwrap();
+    while sub.stats().acked < 1 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // The default group is the source.
+    assert_eq!(sub.group(), "orders-service");
+    drop(sub);
+    buses.close().await.unwrap();
+    buses.close().await.unwrap();
+}
