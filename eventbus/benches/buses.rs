@@ -1,0 +1,398 @@
+//! The buses against raw baselines doing the same work, in one run.
+//!
+//! `cargo bench -p dualbus --bench buses` (add `-- --quick` for a short run).
+//!
+//! 1. simple bus: publish -> handler, vs a raw `tokio::sync::mpsc` loop moving the same
+//!    `Message` values;
+//! 2. domain bus end to end (encode, memory transport, decode, keyed handler, ack) over
+//!    10,000 aggregates, vs hash-to-N mpsc workers that encode and decode the same way;
+//! 3. skew: one aggregate gets 1% of the events and its handler sleeps 10 ms per event:
+//!    throughput of the other aggregates with and without the slow one, for the keyed pool
+//!    and for the hash-to-N baseline.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // A benchmark binary.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dualbus::memory::Memory;
+use dualbus::{
+    Codec, DomainBus, Envelope, Event, HandleError, HeaderStyle, Message, PoolConfig, SimpleBus,
+    handler_fn,
+};
+use dualbus_core::{InboundMessage, Position};
+
+struct Run {
+    name: String,
+    n: usize,
+    elapsed: Duration,
+    latencies: Vec<u64>,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.n as f64 / self.elapsed.as_secs_f64()
+    }
+    fn ns_per_msg(&self) -> f64 {
+        self.elapsed.as_nanos() as f64 / self.n as f64
+    }
+    fn pct(&self, p: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        let mut l = self.latencies.clone();
+        l.sort_unstable();
+        let i = ((l.len() as f64 - 1.0) * p).round() as usize;
+        Duration::from_nanos(l[i])
+    }
+}
+
+fn report(bus: &Run, raw: &Run) {
+    for r in [bus, raw] {
+        println!(
+            "  {:<44} {:>10.0} msg/s  {:>8.0} ns/msg  p50 {:>10.1?}  p99 {:>10.1?}",
+            r.name,
+            r.rate(),
+            r.ns_per_msg(),
+            r.pct(0.50),
+            r.pct(0.99)
+        );
+    }
+    println!(
+        "  ratio bus/raw {:.2}x, overhead {:+.0} ns/msg",
+        bus.rate() / raw.rate(),
+        bus.ns_per_msg() - raw.ns_per_msg()
+    );
+}
+
+/// Nanoseconds since `start`, for latency stamps.
+fn now_ns(start: Instant) -> u64 {
+    start.elapsed().as_nanos() as u64
+}
+
+struct Stamps {
+    start: Instant,
+    sent: Vec<AtomicU64>,
+    lat: Vec<AtomicU64>,
+    done: AtomicUsize,
+}
+
+impl Stamps {
+    fn new(n: usize) -> Arc<Self> {
+        Arc::new(Self {
+            start: Instant::now(),
+            sent: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            lat: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            done: AtomicUsize::new(0),
+        })
+    }
+    fn send(&self, i: usize) {
+        self.sent[i].store(now_ns(self.start), Ordering::Relaxed);
+    }
+    fn recv(&self, i: usize) {
+        let l = now_ns(self.start).saturating_sub(self.sent[i].load(Ordering::Relaxed));
+        self.lat[i].store(l, Ordering::Relaxed);
+        self.done.fetch_add(1, Ordering::Release);
+    }
+    async fn wait(&self, n: usize) {
+        while self.done.load(Ordering::Acquire) < n {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    }
+    fn latencies(&self) -> Vec<u64> {
+        self.lat.iter().map(|a| a.load(Ordering::Relaxed)).collect()
+    }
+}
+
+fn index(payload: &[u8]) -> usize {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&payload[..8]);
+    u64::from_le_bytes(b) as usize
+}
+
+async fn simple_bus(n: usize) -> Run {
+    let bus = SimpleBus::builder(Memory::new()).build().unwrap();
+    let stamps = Stamps::new(n);
+    let s = stamps.clone();
+    let sub = bus
+        .subscribe("bench")
+        .start(handler_fn(move |m: Message| {
+            s.recv(index(&m.payload));
+            std::future::ready(Ok::<_, HandleError>(()))
+        }))
+        .await
+        .unwrap();
+    let messages: Vec<Message> = (0..n)
+        .map(|i| Message::new("bench", Bytes::from((i as u64).to_le_bytes().to_vec())))
+        .collect();
+    let t = Instant::now();
+    for (i, m) in messages.into_iter().enumerate() {
+        stamps.send(i);
+        bus.publish_message(m).await.unwrap();
+    }
+    stamps.wait(n).await;
+    let elapsed = t.elapsed();
+    drop(sub);
+    bus.close().await.unwrap();
+    Run {
+        name: "simple bus (memory) publish -> handler".into(),
+        n,
+        elapsed,
+        latencies: stamps.latencies(),
+    }
+}
+
+async fn simple_raw(n: usize) -> Run {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Message>(1024);
+    let stamps = Stamps::new(n);
+    let s = stamps.clone();
+    let consumer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            s.recv(index(&m.payload));
+        }
+    });
+    let messages: Vec<Message> = (0..n)
+        .map(|i| Message::new("bench", Bytes::from((i as u64).to_le_bytes().to_vec())))
+        .collect();
+    let t = Instant::now();
+    for (i, m) in messages.into_iter().enumerate() {
+        stamps.send(i);
+        tx.send(m).await.unwrap();
+    }
+    stamps.wait(n).await;
+    let elapsed = t.elapsed();
+    drop(tx);
+    consumer.await.unwrap();
+    Run {
+        name: "raw tokio mpsc loop".into(),
+        n,
+        elapsed,
+        latencies: stamps.latencies(),
+    }
+}
+
+fn envelopes(n: usize, aggregates: usize) -> Vec<Envelope> {
+    let at = chrono_now();
+    (0..n)
+        .map(|i| {
+            let a = i % aggregates;
+            let v = (i / aggregates) as u64 + 1;
+            Envelope::unchecked(
+                format!("agg-{a}"),
+                "BenchEvent",
+                v,
+                Bytes::from_static(br#"{"amount":42,"note":"bench"}"#),
+            )
+            .with_event_id(i.to_string())
+            .with_occurred_at(at)
+            .with_content_type("application/json")
+        })
+        .collect()
+}
+
+fn chrono_now() -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now()
+}
+
+/// How the handler of the domain benchmarks behaves.
+#[derive(Clone, Copy, PartialEq)]
+enum Load {
+    /// No work.
+    Plain,
+    /// `agg-0` sleeps 10 ms per event.
+    SlowFirst,
+}
+
+async fn domain_bus(evs: &[Envelope], load: Load, count_only_others: bool) -> Run {
+    let n = evs.len();
+    let bus = DomainBus::builder(Memory::new())
+        .source("bench")
+        .pool(PoolConfig {
+            max_in_flight: 10_000,
+            ..PoolConfig::default()
+        })
+        .build()
+        .unwrap();
+    let stamps = Stamps::new(n);
+    let s = stamps.clone();
+    let sub = bus
+        .subscribe("bench")
+        .start(handler_fn(move |e: Event| {
+            let s = s.clone();
+            async move {
+                let slow = e.aggregate_id == "agg-0";
+                if slow && load == Load::SlowFirst {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                if !(count_only_others && slow) {
+                    s.recv(e.event_id.parse().unwrap());
+                }
+                Ok::<_, HandleError>(())
+            }
+        }))
+        .await
+        .unwrap();
+    let target = if count_only_others {
+        evs.iter().filter(|e| e.aggregate_id != "agg-0").count()
+    } else {
+        n
+    };
+    let t = Instant::now();
+    for (i, e) in evs.iter().enumerate() {
+        stamps.send(i);
+        bus.publish("bench", e).await.unwrap();
+    }
+    stamps.wait(target).await;
+    let elapsed = t.elapsed();
+    drop(sub);
+    bus.close().await.unwrap();
+    let mut latencies = stamps.latencies();
+    latencies.retain(|l| *l > 0);
+    Run {
+        name: "domain bus (memory, keyed pool, CloudEvents)".into(),
+        n: target,
+        elapsed,
+        latencies,
+    }
+}
+
+/// jxt-core's design: each aggregate hashed to one of `workers` mpsc workers; the same
+/// encoding and decoding as the bus, no broker and no acks.
+async fn domain_raw(evs: &[Envelope], workers: usize, load: Load, count_only_others: bool) -> Run {
+    let n = evs.len();
+    let stamps = Stamps::new(n);
+    let mut senders = Vec::with_capacity(workers);
+    let mut tasks = Vec::with_capacity(workers);
+    // The same total buffer as the pool's max_in_flight.
+    let per_worker = (10_000 / workers).max(1);
+    for _ in 0..workers {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<dualbus_core::OutboundMessage>(per_worker);
+        let s = stamps.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                let inbound = InboundMessage {
+                    topic: "bench".into(),
+                    key: Some(m.key),
+                    headers: m.headers,
+                    payload: m.payload,
+                    position: Position {
+                        partition: 0,
+                        offset: 0,
+                    },
+                };
+                let e = Codec::decode(&inbound).unwrap();
+                let slow = e.aggregate_id == "agg-0";
+                if slow && load == Load::SlowFirst {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                if !(count_only_others && slow) {
+                    s.recv(e.event_id.parse().unwrap());
+                }
+            }
+        }));
+        senders.push(tx);
+    }
+    let target = if count_only_others {
+        evs.iter().filter(|e| e.aggregate_id != "agg-0").count()
+    } else {
+        n
+    };
+    let t = Instant::now();
+    for (i, e) in evs.iter().enumerate() {
+        stamps.send(i);
+        let m = Codec::CloudEvents
+            .encode(e, HeaderStyle::Nats, "bench")
+            .unwrap();
+        let w = fnv(&m.key) % workers;
+        senders[w].send(m).await.unwrap();
+    }
+    stamps.wait(target).await;
+    let elapsed = t.elapsed();
+    drop(senders);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut latencies = stamps.latencies();
+    latencies.retain(|l| *l > 0);
+    Run {
+        name: format!("raw hash-to-{workers} mpsc workers"),
+        n: target,
+        elapsed,
+        latencies,
+    }
+}
+
+fn fnv(s: &str) -> usize {
+    dualbus_core::partition::partition_for(s, u32::MAX) as usize
+}
+
+/// Events where `agg-0` gets 1% and 1,000 other aggregates share the rest.
+fn skewed(n: usize) -> Vec<Envelope> {
+    let at = chrono_now();
+    let mut versions = std::collections::HashMap::new();
+    (0..n)
+        .map(|i| {
+            let a = if i % 100 == 0 { 0 } else { 1 + (i % 1000) };
+            let v = versions.entry(a).or_insert(0u64);
+            *v += 1;
+            Envelope::unchecked(
+                format!("agg-{a}"),
+                "BenchEvent",
+                *v,
+                Bytes::from_static(br#"{"amount":42}"#),
+            )
+            .with_event_id(i.to_string())
+            .with_occurred_at(at)
+        })
+        .collect()
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (n_simple, n_domain, n_skew) = if quick {
+        (50_000, 50_000, 5_000)
+    } else {
+        (500_000, 200_000, 20_000)
+    };
+    println!(
+        "dualbus benchmarks ({} worker threads, {})",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        if quick { "quick" } else { "full" }
+    );
+    rt.block_on(async {
+        println!("\n1. simple bus vs raw mpsc, {n_simple} messages of 8 bytes");
+        let raw = simple_raw(n_simple).await;
+        let bus = simple_bus(n_simple).await;
+        report(&bus, &raw);
+
+        println!("\n2. domain bus end to end vs hash-to-N workers, {n_domain} envelopes over 10,000 aggregates");
+        let evs = envelopes(n_domain, 10_000);
+        let raw = domain_raw(&evs, 64, Load::Plain, false).await;
+        let bus = domain_bus(&evs, Load::Plain, false).await;
+        report(&bus, &raw);
+
+        println!("\n3. skew: {n_skew} events, agg-0 gets 1% and sleeps 10 ms per event; throughput of the others");
+        let evs = skewed(n_skew);
+        let pool_fast = domain_bus(&evs, Load::Plain, true).await;
+        let pool_slow = domain_bus(&evs, Load::SlowFirst, true).await;
+        let raw_fast = domain_raw(&evs, 64, Load::Plain, true).await;
+        let raw_slow = domain_raw(&evs, 64, Load::SlowFirst, true).await;
+        for (name, fast, slow) in [("keyed pool", &pool_fast, &pool_slow), ("hash-to-64 baseline", &raw_fast, &raw_slow)] {
+            println!(
+                "  {:<22} others without slow {:>9.0} msg/s, with slow {:>9.0} msg/s: {:>5.1}% kept (p99 {:.1?} -> {:.1?})",
+                name,
+                fast.rate(),
+                slow.rate(),
+                100.0 * slow.rate() / fast.rate(),
+                fast.pct(0.99),
+                slow.pct(0.99)
+            );
+        }
+    });
+}
