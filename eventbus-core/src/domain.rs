@@ -13,7 +13,7 @@ use crate::envelope::Envelope;
 use crate::error::{Error, HandleError, Result};
 use crate::handler::{BoxEventHandler, Event};
 use crate::message::{OutboundMessage, Receipt};
-use crate::middleware::{BusKind, CatchPanicLayer, Hook, HookLayer, PublishInfo, TimeoutLayer};
+use crate::middleware::{BusKind, Hook, HookLayer, PublishInfo, TimeoutLayer};
 use crate::middleware::{finish_publish, publish_scopes};
 use crate::pool::{
     DeadLetterPolicy, Pool, PoolConfig, PoolObserver, PoolParams, PoolStats, ShutdownReport,
@@ -196,10 +196,14 @@ impl DomainBusBuilder {
                 "the domain bus runs on a non-durable backend: events live only as long as this process"
             );
         }
-        let mut publish = BoxPublishService::new(TransportPublish(self.transport.clone()));
-        for layer in &self.publish_layers {
-            publish = layer(publish);
-        }
+        // Without publish layers the transport is called directly (no boxing per publish).
+        let publish = (!self.publish_layers.is_empty()).then(|| {
+            let mut publish = BoxPublishService::new(TransportPublish(self.transport.clone()));
+            for layer in &self.publish_layers {
+                publish = layer(publish);
+            }
+            publish
+        });
         Ok(DomainBus {
             inner: Arc::new(Inner {
                 transport: self.transport,
@@ -229,7 +233,7 @@ struct Inner {
     hooks: Arc<[Arc<dyn Hook>]>,
     handler_layers: Vec<HandlerLayerFn>,
     handler_timeout: Option<Duration>,
-    publish: BoxPublishService,
+    publish: Option<BoxPublishService>,
     closed: AtomicBool,
     pools: Mutex<Vec<std::sync::Weak<Pool>>>,
 }
@@ -323,11 +327,16 @@ impl DomainBus {
                 max: caps.max_payload,
             });
         }
-        let req = PublishRequest {
-            topic: Arc::from(topic),
-            message,
+        let result = match &self.inner.publish {
+            None => self.inner.transport.publish(topic, message).await,
+            Some(publish) => {
+                let req = PublishRequest {
+                    topic: Arc::from(topic),
+                    message,
+                };
+                crate::handler::call_once(publish, req).await
+            }
         };
-        let result = crate::handler::call_once(&self.inner.publish, req).await;
         finish_publish(scopes, result.as_ref());
         result
     }
@@ -501,8 +510,9 @@ impl DomainSubscribeBuilder {
 
     /// Opens the subscription and starts handling with `handler`.
     ///
-    /// The handler runs inside the bus's layers: panic catching (outermost), hooks, the
-    /// handler timeout and the added handler layers.
+    /// The handler runs inside the bus's layers: hooks (outermost), the handler timeout and
+    /// the added handler layers; the pool catches panics around the whole stack (a panic is a
+    /// permanent failure).
     pub async fn start<H>(self, handler: H) -> Result<Subscription>
     where
         H: Service<Event, Response = (), Error = HandleError> + Clone + Send + Sync + 'static,
@@ -535,7 +545,6 @@ impl DomainSubscribeBuilder {
                 svc,
             ));
         }
-        svc = BoxEventHandler::new(tower::Layer::layer(&CatchPanicLayer::new(), svc));
 
         let spec = SubscriptionSpec::new(self.topic.clone(), group.clone()).starting_at(self.start);
         let subscription = bus.inner.transport.subscribe(spec).await?;

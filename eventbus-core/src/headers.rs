@@ -2,6 +2,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
@@ -16,29 +17,45 @@ pub type HeaderName = Cow<'static, str>;
 /// Ordered headers with case-sensitive, unique names.
 ///
 /// Insertion order is kept (wire formats are deterministic). Lookups are linear: messages
-/// carry a handful of headers, where a vector beats a map.
+/// carry a handful of headers, where a vector beats a map. Clones are cheap (the entries are
+/// shared and copied on the first write), so a broker can hand out stored headers without
+/// copying them.
 ///
 /// Names and values are checked by [`Headers::validate`] before anything is handed to a
 /// backend client: names are HTTP tokens (`[A-Za-z0-9!#$%&'*+.^_`|~-]`, 1 to 256 bytes),
 /// values are UTF-8 without control characters other than tab (no CR, LF or NUL, which
 /// would break NATS and HTTP framing) and at most 8 KiB.
-#[derive(Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default)]
 pub struct Headers {
-    entries: Vec<(HeaderName, String)>,
+    entries: Option<Arc<Vec<(HeaderName, String)>>>,
 }
+
+impl PartialEq for Headers {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries() == other.entries()
+    }
+}
+
+impl Eq for Headers {}
 
 impl Headers {
     /// No headers.
     pub const fn new() -> Self {
-        Self {
-            entries: Vec::new(),
-        }
+        Self { entries: None }
+    }
+
+    fn entries(&self) -> &[(HeaderName, String)] {
+        self.entries.as_deref().map_or(&[], Vec::as_slice)
+    }
+
+    fn entries_mut(&mut self) -> &mut Vec<(HeaderName, String)> {
+        Arc::make_mut(self.entries.get_or_insert_with(Default::default))
     }
 
     /// Room for `n` headers.
     pub fn with_capacity(n: usize) -> Self {
         Self {
-            entries: Vec::with_capacity(n),
+            entries: (n > 0).then(|| Arc::new(Vec::with_capacity(n))),
         }
     }
 
@@ -46,22 +63,23 @@ impl Headers {
     pub fn insert(&mut self, name: impl Into<HeaderName>, value: impl Into<String>) {
         let name = name.into();
         let value = value.into();
-        if let Some(slot) = self.entries.iter_mut().find(|(n, _)| *n == name) {
+        let entries = self.entries_mut();
+        if let Some(slot) = entries.iter_mut().find(|(n, _)| *n == name) {
             slot.1 = value;
         } else {
-            self.entries.push((name, value));
+            entries.push((name, value));
         }
     }
 
     /// Appends without looking for an earlier value: for codecs that build fresh maps with
     /// names known to be distinct.
     pub(crate) fn push_unique(&mut self, name: impl Into<HeaderName>, value: impl Into<String>) {
-        self.entries.push((name.into(), value.into()));
+        self.entries_mut().push((name.into(), value.into()));
     }
 
     /// Value of `name` (exact, case-sensitive match).
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.entries
+        self.entries()
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
@@ -69,7 +87,7 @@ impl Headers {
 
     /// Value of `name`, ignoring ASCII case.
     pub fn get_ignore_case(&self, name: &str) -> Option<&str> {
-        self.entries
+        self.entries()
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
@@ -82,28 +100,28 @@ impl Headers {
 
     /// Removes `name`, returning its value.
     pub fn remove(&mut self, name: &str) -> Option<String> {
-        let idx = self.entries.iter().position(|(n, _)| n == name)?;
-        Some(self.entries.remove(idx).1)
+        let idx = self.entries().iter().position(|(n, _)| n == name)?;
+        Some(self.entries_mut().remove(idx).1)
     }
 
     /// Number of headers.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entries().len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.entries().is_empty()
     }
 
     /// Iterates `(name, value)` in insertion order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
-        self.entries.iter().map(|(n, v)| (n.as_ref(), v.as_str()))
+        self.entries().iter().map(|(n, v)| (n.as_ref(), v.as_str()))
     }
 
     /// Total bytes of names and values (for size limits).
     pub fn encoded_len(&self) -> usize {
-        self.entries
+        self.entries()
             .iter()
             .map(|(n, v)| n.len() + v.len() + 4)
             .sum()
@@ -111,7 +129,7 @@ impl Headers {
 
     /// Checks every name and value; see the type's documentation for the rules.
     pub fn validate(&self) -> Result<()> {
-        for (name, value) in &self.entries {
+        for (name, value) in self.entries() {
             validate_header(name, value)?;
         }
         Ok(())

@@ -24,7 +24,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt as _;
+use std::panic::AssertUnwindSafe;
+
+use futures::{FutureExt as _, StreamExt as _};
 use parking_lot::Mutex;
 use serde::Deserialize;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -35,10 +37,11 @@ use tower::{Service, ServiceExt as _};
 
 use crate::codec::{Codec, DecodeError};
 use crate::envelope::Envelope;
-use crate::error::{Error, HandleError};
+use crate::error::{Disposition, Error, HandleError};
 use crate::handler::{BoxEventHandler, Event};
 use crate::headers::{Headers, validate_header};
 use crate::message::{OutboundMessage, Position};
+use crate::middleware::panicked;
 use crate::retry::Backoff;
 use crate::transport::{Acker, Delivery, DomainSubscription, DynDomainTransport, PartitionControl};
 
@@ -272,7 +275,42 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-type Key = Arc<str>;
+/// The routing key: the aggregate id, borrowed from the decoded envelope (no allocation),
+/// or the raw key of a message that could not be decoded. Hashes and compares as the text.
+#[derive(Clone)]
+enum Key {
+    Envelope(Arc<Envelope>),
+    Raw(Arc<str>),
+}
+
+impl Key {
+    fn as_str(&self) -> &str {
+        match self {
+            Self::Envelope(e) => &e.aggregate_id,
+            Self::Raw(k) => k,
+        }
+    }
+}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Key {}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 struct Item {
     delivery: Delivery,
@@ -533,15 +571,15 @@ async fn dispatch(
         };
         bump(&sh.counters.received);
         let decoded = Codec::decode(&delivery.message).map(Arc::new);
-        let key: Key = match &decoded {
-            Ok(e) => Arc::from(e.aggregate_id.as_str()),
-            Err(_) => match &delivery.message.key {
+        let key = match &decoded {
+            Ok(e) => Key::Envelope(e.clone()),
+            Err(_) => Key::Raw(match &delivery.message.key {
                 Some(k) if !k.is_empty() => Arc::from(k.as_str()),
                 _ => {
                     let p = delivery.position();
                     Arc::from(format!("\u{0}malformed:{}:{}", p.partition, p.offset))
                 }
-            },
+            }),
         };
         if sh.control.is_none() && !wait_for_space(&sh, &key).await {
             // Stopped while waiting: hand the delivery back.
@@ -766,7 +804,14 @@ async fn process(sh: &Shared, handler: &mut BoxEventHandler, item: &Item) {
             position: delivery.position(),
         };
         let result = match handler.ready().await {
-            Ok(svc) => svc.call(event).await,
+            // A panic, in `call` or in the future, is a permanent failure of this attempt.
+            Ok(svc) => match std::panic::catch_unwind(AssertUnwindSafe(|| svc.call(event))) {
+                Ok(fut) => AssertUnwindSafe(fut)
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|p| Err(panicked(&*p, Disposition::Permanent))),
+                Err(p) => Err(panicked(&*p, Disposition::Permanent)),
+            },
             Err(e) => Err(e),
         };
         match result {

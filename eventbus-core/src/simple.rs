@@ -17,7 +17,7 @@ use crate::error::{Error, HandleError, Result};
 use crate::handler::{BoxMessageHandler, BoxRequestHandler};
 use crate::headers::Headers;
 use crate::message::{Message, Receipt};
-use crate::middleware::{BusKind, CatchPanicLayer, Hook, HookLayer, PublishInfo};
+use crate::middleware::{BusKind, Hook, HookLayer, PublishInfo};
 use crate::middleware::{finish_publish, publish_scopes};
 use crate::topic::validate_topic;
 use crate::transport::{Capabilities, DynSimpleTransport, SimpleTransport};
@@ -323,7 +323,6 @@ impl SimpleSubscribeBuilder {
                 svc,
             ));
         }
-        svc = BoxMessageHandler::new(tower::Layer::layer(&CatchPanicLayer::new(), svc));
         let stream = bus
             .inner
             .transport
@@ -428,11 +427,22 @@ impl Drop for SimpleSubscription {
 async fn run_simple(
     inner: Arc<SubInner>,
     mut stream: futures::stream::BoxStream<'static, Message>,
-    handler: BoxMessageHandler,
+    mut handler: BoxMessageHandler,
     max_concurrency: usize,
 ) {
-    let mut running = FuturesUnordered::new();
-    let record = |r: Result<(), HandleError>| match r {
+    use futures::FutureExt as _;
+    use std::panic::AssertUnwindSafe;
+    use tower::ServiceExt as _;
+    type Call = futures::future::CatchUnwind<
+        AssertUnwindSafe<futures::future::BoxFuture<'static, Result<(), HandleError>>>,
+    >;
+    let mut running: FuturesUnordered<Call> = FuturesUnordered::new();
+    let record = |r: std::thread::Result<Result<(), HandleError>>| match r.unwrap_or_else(|p| {
+        Err(crate::middleware::panicked(
+            &*p,
+            crate::error::Disposition::Permanent,
+        ))
+    }) {
         Ok(()) => {
             inner.stats.handled.fetch_add(1, Ordering::Relaxed);
         }
@@ -448,17 +458,38 @@ async fn run_simple(
             }
             continue;
         }
-        tokio::select! {
+        let message = tokio::select! {
             biased;
             () = inner.stop.cancelled() => break,
-            Some(r) = running.next(), if !running.is_empty() => record(r),
+            Some(r) = running.next(), if !running.is_empty() => {
+                record(r);
+                continue;
+            }
             m = stream.next() => match m {
-                Some(message) => {
-                    inner.stats.received.fetch_add(1, Ordering::Relaxed);
-                    running.push(crate::handler::call_once(&handler, message));
-                }
+                Some(message) => message,
                 None => break,
             },
+        };
+        inner.stats.received.fetch_add(1, Ordering::Relaxed);
+        // A panic, in `call` or in the future, is a failed call.
+        let call = match handler.ready().await {
+            Ok(svc) => match std::panic::catch_unwind(AssertUnwindSafe(|| svc.call(message))) {
+                Ok(fut) => AssertUnwindSafe(fut).catch_unwind(),
+                Err(p) => {
+                    record(Err(p));
+                    continue;
+                }
+            },
+            Err(e) => {
+                record(Ok(Err(e)));
+                continue;
+            }
+        };
+        // Most handlers finish at once: poll inline, keep the others running concurrently.
+        let mut call = call;
+        match (&mut call).now_or_never() {
+            Some(r) => record(r),
+            None => running.push(call),
         }
     }
     drop(stream);

@@ -131,6 +131,9 @@ impl Topic {
 impl Memory {
     fn topic(&self, name: &str) -> Arc<Topic> {
         let mut topics = self.broker.domain.topics.lock();
+        if let Some(t) = topics.get(name) {
+            return t.clone();
+        }
         topics
             .entry(name.to_owned())
             .or_insert_with(|| Arc::new(Topic::new(name, self.broker.config.partitions)))

@@ -118,30 +118,35 @@ impl SimpleTransport for Memory {
             &message.headers,
             message.payload.len(),
         )?;
-        let targets: Vec<async_channel::Sender<Message>> = {
+        // Fast path under the lock: try_send to every subscriber and group. Only the ones
+        // whose buffer is full are awaited, after the lock is released.
+        let mut waiting: Vec<(async_channel::Sender<Message>, Message)> = Vec::new();
+        {
             let topics = self.broker.simple.topics.lock();
-            match topics.get(&message.topic) {
-                None => return Ok(()),
-                Some(s) => s
-                    .plain
-                    .values()
-                    .chain(s.groups.values().map(|g| &g.tx))
-                    .cloned()
-                    .collect(),
-            }
-        };
-        let last = targets.len().saturating_sub(1);
-        let mut message = Some(message);
-        for (i, tx) in targets.iter().enumerate() {
-            let m = if i == last {
-                message.take()
-            } else {
-                message.clone()
+            let Some(s) = topics.get(&message.topic) else {
+                return Ok(());
             };
-            if let Some(m) = m {
+            let mut targets = s
+                .plain
+                .values()
+                .chain(s.groups.values().map(|g| &g.tx))
+                .peekable();
+            let mut message = Some(message);
+            while let Some(tx) = targets.next() {
+                let m = if targets.peek().is_none() {
+                    message.take()
+                } else {
+                    message.clone()
+                };
+                let Some(m) = m else { break };
+                if let Err(async_channel::TrySendError::Full(m)) = tx.try_send(m) {
+                    waiting.push((tx.clone(), m));
+                }
                 // A closed channel is a subscriber that just left: nothing to deliver.
-                let _ = tx.send(m).await;
             }
+        }
+        for (tx, m) in waiting {
+            let _ = tx.send(m).await;
         }
         Ok(())
     }

@@ -49,6 +49,13 @@ impl Run {
     }
 }
 
+/// The run with the median throughput.
+fn median(mut runs: Vec<Run>) -> Run {
+    runs.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+    let mid = runs.len() / 2;
+    runs.swap_remove(mid)
+}
+
 fn report(bus: &Run, raw: &Run) {
     for r in [bus, raw] {
         println!(
@@ -351,6 +358,9 @@ fn skewed(n: usize) -> Vec<Envelope> {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    // `--only=simple|domain|skew` runs one part (for profiling).
+    let only = std::env::args().find_map(|a| a.strip_prefix("--only=").map(str::to_owned));
+    let run = |part: &str| only.as_deref().is_none_or(|o| o == part);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -360,22 +370,37 @@ fn main() {
     } else {
         (500_000, 200_000, 20_000)
     };
+    // Each comparison runs this many rounds, alternating, and reports the median of each side.
+    let rounds = if quick { 3 } else { 5 };
     println!(
-        "dualbus benchmarks ({} worker threads, {})",
+        "dualbus benchmarks ({} worker threads, {}, median of {rounds} rounds)",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         if quick { "quick" } else { "full" }
     );
     rt.block_on(async {
-        println!("\n1. simple bus vs raw mpsc, {n_simple} messages of 8 bytes");
-        let raw = simple_raw(n_simple).await;
-        let bus = simple_bus(n_simple).await;
-        report(&bus, &raw);
+        if run("simple") {
+            println!("\n1. simple bus vs raw mpsc, {n_simple} messages of 8 bytes");
+            let (mut raws, mut buses) = (Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                raws.push(simple_raw(n_simple).await);
+                buses.push(simple_bus(n_simple).await);
+            }
+            report(&median(buses), &median(raws));
+        }
 
-        println!("\n2. domain bus end to end vs hash-to-N workers, {n_domain} envelopes over 10,000 aggregates");
-        let evs = envelopes(n_domain, 10_000);
-        let raw = domain_raw(&evs, 64, Load::Plain, false).await;
-        let bus = domain_bus(&evs, Load::Plain, false).await;
-        report(&bus, &raw);
+        if run("domain") {
+            println!("\n2. domain bus end to end vs hash-to-N workers, {n_domain} envelopes over 10,000 aggregates");
+            let evs = envelopes(n_domain, 10_000);
+            let (mut raws, mut buses) = (Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                raws.push(domain_raw(&evs, 64, Load::Plain, false).await);
+                buses.push(domain_bus(&evs, Load::Plain, false).await);
+            }
+            report(&median(buses), &median(raws));
+        }
+        if !run("skew") {
+            return;
+        }
 
         println!("\n3. skew: {n_skew} events, agg-0 gets 1% and sleeps 10 ms per event; throughput of the others");
         let evs = skewed(n_skew);

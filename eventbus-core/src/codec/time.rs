@@ -22,12 +22,13 @@ pub(crate) fn format_rfc3339_nano(t: &DateTime<Utc>) -> String {
     // chrono folds leap seconds into nanoseconds >= 1e9; clamp them like Go does not have them.
     let nanos = t.nanosecond().min(999_999_999);
     if nanos != 0 {
-        let mut frac = format!("{nanos:09}");
-        while frac.ends_with('0') {
-            frac.pop();
+        let mut digits = 9;
+        let mut n = nanos;
+        while n % 10 == 0 {
+            n /= 10;
+            digits -= 1;
         }
-        s.push('.');
-        s.push_str(&frac);
+        let _ = write!(s, ".{n:0digits$}");
     }
     s.push('Z');
     s

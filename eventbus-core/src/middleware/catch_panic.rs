@@ -13,7 +13,8 @@ use crate::error::{Disposition, Failure, HandleError};
 ///
 /// A panic is *permanent* by default (a bug does not heal on retry: the message goes to the
 /// dead letter at once); [`CatchPanicLayer::retryable`] changes that. The domain and simple
-/// buses always put this layer outermost.
+/// buses catch panics around every handler call themselves (as permanent failures); this
+/// layer is for handler stacks used elsewhere, or to make panics retryable.
 #[derive(Debug, Clone, Copy)]
 pub struct CatchPanicLayer {
     disposition: Disposition,
@@ -100,7 +101,7 @@ where
     }
 }
 
-fn panicked(payload: &(dyn Any + Send), disposition: Disposition) -> HandleError {
+pub(crate) fn panicked(payload: &(dyn Any + Send), disposition: Disposition) -> HandleError {
     HandleError::retryable(Failure(format!(
         "handler panicked: {}",
         panic_message(payload)

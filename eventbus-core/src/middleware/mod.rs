@@ -11,6 +11,7 @@ mod hook;
 mod retry;
 mod timeout;
 
+pub(crate) use catch_panic::panicked;
 pub use catch_panic::{CatchPanic, CatchPanicLayer};
 pub use hook::{
     BusKind, HandleInfo, HandleScope, Hook, HookLayer, HookService, HookedRequest, PublishInfo,
