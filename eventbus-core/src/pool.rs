@@ -24,7 +24,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 
 use futures::{FutureExt as _, StreamExt as _};
 use parking_lot::Mutex;
@@ -319,6 +321,17 @@ struct Item {
     _permit: OwnedSemaphorePermit,
 }
 
+/// An event the dispatcher started inline whose handler did not finish at once.
+type Started = Pin<Box<dyn Future<Output = Item> + Send>>;
+
+/// What the ready queue carries.
+enum Work {
+    /// Run the key's queued events.
+    Key(Key),
+    /// Finish an event started inline, then run the key's queue.
+    Continue(Key, Started),
+}
+
 struct KeyQueue {
     items: VecDeque<Item>,
     over_cap: bool,
@@ -354,8 +367,8 @@ struct Shared {
     p: PoolParams,
     control: Option<Arc<dyn PartitionControl>>,
     state: Mutex<State>,
-    ready_tx: async_channel::Sender<Key>,
-    ready_rx: async_channel::Receiver<Key>,
+    ready_tx: async_channel::Sender<Work>,
+    ready_rx: async_channel::Receiver<Work>,
     permits: Arc<Semaphore>,
     counters: Counters,
     space: Notify,
@@ -546,6 +559,8 @@ async fn dispatch(
     sh: Arc<Shared>,
     mut deliveries: futures::stream::BoxStream<'static, crate::Result<Delivery>>,
 ) {
+    let mut handler = sh.p.handler.clone();
+    let mut inline = InlineBudget::default();
     loop {
         let permit = tokio::select! {
             biased;
@@ -586,15 +601,15 @@ async fn dispatch(
             let _ = delivery.nack(Duration::ZERO).await;
             break;
         }
-        enqueue(
-            &sh,
-            Item {
-                delivery,
-                decoded,
-                key,
-                _permit: permit,
-            },
-        );
+        let item = Item {
+            delivery,
+            decoded,
+            key,
+            _permit: permit,
+        };
+        if let Some(item) = enqueue(&sh, item, inline.allowed()) {
+            run_inline(&sh, &mut handler, &mut inline, item).await;
+        }
     }
     // Dropping the stream ends the subscription on the broker side.
     drop(deliveries);
@@ -623,7 +638,10 @@ async fn wait_for_space(sh: &Shared, key: &Key) -> bool {
     }
 }
 
-fn enqueue(sh: &Shared, item: Item) {
+/// Adds a delivery to its key's queue. When `inline` is allowed and the key has no queued
+/// or running work, the key is marked scheduled and the item is returned for the dispatcher
+/// to start at once.
+fn enqueue(sh: &Shared, item: Item, inline: bool) -> Option<Item> {
     let position = item.delivery.position();
     let partition = position.partition;
     let mut st = sh.state.lock();
@@ -633,8 +651,9 @@ fn enqueue(sh: &Shared, item: Item) {
         if let Some(o) = &sh.p.observer {
             o.on_event(&PoolEvent::DuplicateDropped { position });
         }
-        return;
+        return None;
     }
+    let inline = inline && item.decoded.is_ok();
     st.held.insert(
         position,
         Held {
@@ -644,6 +663,20 @@ fn enqueue(sh: &Shared, item: Item) {
             parked: false,
         },
     );
+    if inline && !st.keys.contains_key(&item.key) {
+        st.keys.insert(
+            item.key.clone(),
+            KeyQueue {
+                items: VecDeque::new(),
+                over_cap: false,
+            },
+        );
+        if let Some(h) = st.held.get_mut(&position) {
+            h.started = true;
+        }
+        st.peak = st.peak.max(st.held.len());
+        return Some(item);
+    }
     st.peak = st.peak.max(st.held.len());
     let cap = sh.p.config.max_per_key;
     let mut pause = false;
@@ -682,8 +715,9 @@ fn enqueue(sh: &Shared, item: Item) {
     drop(st);
     if let Some(key) = schedule {
         // Unbounded and only closed at shutdown, when nothing is scheduled any more.
-        let _ = sh.ready_tx.try_send(key);
+        let _ = sh.ready_tx.try_send(Work::Key(key));
     }
+    None
 }
 
 /// Takes the next item of `key`, or unschedules the key when its queue is empty.
@@ -742,7 +776,7 @@ fn finish(sh: &Shared, item: Item, budget_left: bool) -> bool {
     }
     if more && !budget_left {
         // Fairness: let other scheduled keys run before this one continues.
-        let _ = sh.ready_tx.try_send(key);
+        let _ = sh.ready_tx.try_send(Work::Key(key));
         return false;
     }
     more
@@ -754,15 +788,31 @@ const KEY_BUDGET: u32 = 32;
 async fn worker(sh: Arc<Shared>) {
     let mut handler = sh.p.handler.clone();
     loop {
-        let key = tokio::select! {
+        let work = tokio::select! {
             biased;
             () = sh.hard_stop.cancelled() => return,
-            k = sh.ready_rx.recv() => match k {
-                Ok(k) => k,
+            w = sh.ready_rx.recv() => match w {
+                Ok(w) => w,
                 Err(_) => return,
             },
         };
         let mut budget = KEY_BUDGET;
+        let key = match work {
+            Work::Key(key) => key,
+            Work::Continue(key, started) => {
+                let item = tokio::select! {
+                    biased;
+                    // Cut off at the shutdown deadline: shutdown returns it unacknowledged.
+                    () = sh.hard_stop.cancelled() => return,
+                    item = started => item,
+                };
+                budget -= 1;
+                if !finish(&sh, item, true) {
+                    continue;
+                }
+                key
+            }
+        };
         loop {
             let Some(item) = next_item(&sh, &key) else {
                 break;
@@ -770,7 +820,7 @@ async fn worker(sh: Arc<Shared>) {
             let done = tokio::select! {
                 biased;
                 () = sh.hard_stop.cancelled() => false,
-                () = process(&sh, &mut handler, &item) => true,
+                () = process(&sh, &mut handler, &item, None) => true,
             };
             if !done {
                 // Cut off at the shutdown deadline: shutdown returns it unacknowledged.
@@ -784,8 +834,130 @@ async fn worker(sh: Arc<Shared>) {
     }
 }
 
-async fn process(sh: &Shared, handler: &mut BoxEventHandler, item: &Item) {
-    let delivery = &item.delivery;
+/// Whether the dispatcher may start handlers itself. Starting inline saves a hand-off to a
+/// worker for handlers that finish at once; handlers that keep the CPU busy would serialize
+/// on the dispatcher, so inline starts stop while their average cost is high, with a probe
+/// every 256 deliveries.
+#[derive(Default)]
+struct InlineBudget {
+    /// Exponential moving average of an inline start, in nanoseconds.
+    avg_ns: u64,
+    skipped: u32,
+}
+
+/// Inline starts costing more than this on average go to the workers instead.
+const INLINE_LIMIT_NS: u64 = 20_000;
+
+impl InlineBudget {
+    fn allowed(&mut self) -> bool {
+        if self.avg_ns <= INLINE_LIMIT_NS {
+            return true;
+        }
+        self.skipped += 1;
+        if self.skipped >= 256 {
+            self.skipped = 0;
+            return true;
+        }
+        false
+    }
+
+    fn record(&mut self, took: Duration) {
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.avg_ns = self.avg_ns - self.avg_ns / 8 + ns / 8;
+    }
+}
+
+/// Starts `item` on the dispatcher: the first attempt is polled once; if it is not done, the
+/// rest goes to a worker (the key stays scheduled, so its order holds).
+async fn run_inline(
+    sh: &Arc<Shared>,
+    handler: &mut BoxEventHandler,
+    budget: &mut InlineBudget,
+    item: Item,
+) {
+    let t0 = Instant::now();
+    let key = item.key.clone();
+    let first = match &item.decoded {
+        Ok(envelope) => Some(start_attempt(handler, event(sh, &item, envelope, 1)).await),
+        Err(_) => None,
+    };
+    let owner = sh.clone();
+    let mut started: Started = Box::pin(async move {
+        let mut slot = None;
+        process_with(&owner, &mut slot, &item, first).await;
+        item
+    });
+    match (&mut started).now_or_never() {
+        Some(item) => {
+            finish(sh, item, false);
+        }
+        None => {
+            let _ = sh.ready_tx.try_send(Work::Continue(key, started));
+        }
+    }
+    budget.record(t0.elapsed());
+}
+
+fn event(sh: &Shared, item: &Item, envelope: &Arc<Envelope>, attempt: u32) -> Event {
+    Event {
+        envelope: envelope.clone(),
+        topic: sh.p.topic.clone(),
+        attempt,
+        delivery_count: item.delivery.delivery_count,
+        position: item.delivery.position(),
+    }
+}
+
+type AttemptFuture = futures::future::BoxFuture<'static, Result<(), HandleError>>;
+
+/// Calls the handler for one attempt; a panic in `call` becomes a failed attempt.
+async fn start_attempt(handler: &mut BoxEventHandler, event: Event) -> AttemptFuture {
+    match handler.ready().await {
+        Ok(svc) => match std::panic::catch_unwind(AssertUnwindSafe(|| svc.call(event))) {
+            Ok(fut) => fut,
+            Err(p) => {
+                let e = panicked(&*p, Disposition::Permanent);
+                Box::pin(async move { Err(e) })
+            }
+        },
+        Err(e) => Box::pin(async move { Err(e) }),
+    }
+}
+
+async fn process(
+    sh: &Shared,
+    handler: &mut BoxEventHandler,
+    item: &Item,
+    first: Option<AttemptFuture>,
+) {
+    let mut slot = None;
+    process_in(sh, HandlerRef::Borrowed(handler), &mut slot, item, first).await;
+}
+
+async fn process_with(
+    sh: &Shared,
+    slot: &mut Option<BoxEventHandler>,
+    item: &Item,
+    first: Option<AttemptFuture>,
+) {
+    process_in(sh, HandlerRef::Lazy, slot, item, first).await;
+}
+
+/// The handler of one item's attempts: a worker's own, or one cloned from the pool's only
+/// if a retry needs it.
+enum HandlerRef<'a> {
+    Borrowed(&'a mut BoxEventHandler),
+    Lazy,
+}
+
+/// Runs an item to its end: attempts with in-place retry, then ack or dead letter.
+async fn process_in(
+    sh: &Shared,
+    mut handler: HandlerRef<'_>,
+    slot: &mut Option<BoxEventHandler>,
+    item: &Item,
+    mut first: Option<AttemptFuture>,
+) {
     let envelope = match &item.decoded {
         Err(e) => {
             bump(&sh.counters.malformed);
@@ -796,24 +968,24 @@ async fn process(sh: &Shared, handler: &mut BoxEventHandler, item: &Item) {
     };
     let mut attempt = 1;
     loop {
-        let event = Event {
-            envelope: envelope.clone(),
-            topic: sh.p.topic.clone(),
-            attempt,
-            delivery_count: delivery.delivery_count,
-            position: delivery.position(),
+        let fut = match first.take() {
+            Some(f) => f,
+            None => {
+                let event = event(sh, item, &envelope, attempt);
+                match &mut handler {
+                    HandlerRef::Borrowed(h) => start_attempt(h, event).await,
+                    HandlerRef::Lazy => {
+                        let h = slot.get_or_insert_with(|| sh.p.handler.clone());
+                        start_attempt(h, event).await
+                    }
+                }
+            }
         };
-        let result = match handler.ready().await {
-            // A panic, in `call` or in the future, is a permanent failure of this attempt.
-            Ok(svc) => match std::panic::catch_unwind(AssertUnwindSafe(|| svc.call(event))) {
-                Ok(fut) => AssertUnwindSafe(fut)
-                    .catch_unwind()
-                    .await
-                    .unwrap_or_else(|p| Err(panicked(&*p, Disposition::Permanent))),
-                Err(p) => Err(panicked(&*p, Disposition::Permanent)),
-            },
-            Err(e) => Err(e),
-        };
+        // A panic in the handler's future is a permanent failure of this attempt.
+        let result = AssertUnwindSafe(fut)
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|p| Err(panicked(&*p, Disposition::Permanent)));
         match result {
             Ok(()) => {
                 bump(&sh.counters.handled);
