@@ -1155,3 +1155,140 @@ pub async fn single_active_consumer(backend: &dyn Backend) {
     bus.close().await.expect("close");
     other.close().await.expect("close");
 }
+
+/// Deliveries that wait longer than the backend's ack deadline (behind a slow event of
+/// their aggregate, or in a slow handler) are kept alive by progress signals: the broker
+/// redelivers none of them.
+pub async fn deadline_extension(backend: &dyn Backend) {
+    let bus = bus(backend).await;
+    let Some(deadline) = bus.capabilities().ack_deadline else {
+        return;
+    };
+    let topic = unique_topic("domain-extend");
+    let checker = OrderChecker::new();
+    let sub = bus
+        .subscribe(&topic)
+        .observer(checker.observer(0))
+        .start(checker.wrap(
+            0,
+            handler_fn(move |e: Event| async move {
+                assert_eq!(
+                    e.delivery_count, 1,
+                    "{} v{} was redelivered while held",
+                    e.aggregate_id, e.event_version
+                );
+                if e.aggregate_id == "slow" && e.event_version == 1 {
+                    tokio::time::sleep(deadline * 3).await;
+                }
+                Ok::<_, HandleError>(())
+            }),
+        ))
+        .await
+        .expect("subscribe");
+    publish_interleaved(
+        &bus,
+        &topic,
+        &checker,
+        &["slow".to_owned(), "other".to_owned()],
+        4,
+    )
+    .await;
+    wait_for(|| checker.distinct_ends() == 8).await;
+    let s = finish(backend, &bus, &topic, SOURCE, &checker).await;
+    assert_eq!(s.duplicates, 0);
+    assert_eq!(
+        sub.stats().duplicates_dropped,
+        0,
+        "the broker redelivered held deliveries"
+    );
+    drop(sub);
+    bus.close().await.expect("close");
+}
+
+/// A key whose backlog reaches `max_per_key` pauses its partition: the pool stops pulling
+/// it while the other partitions keep flowing (when the backend can pause partitions).
+pub async fn per_key_cap(backend: &dyn Backend) {
+    const CAP: usize = 4;
+    let bus = bus_with(backend, |b| {
+        b.pool(PoolConfig {
+            max_per_key: CAP,
+            max_in_flight: 1000,
+            ..PoolConfig::default()
+        })
+    })
+    .await;
+    if !bus.capabilities().pause_partitions {
+        return;
+    }
+    let topic = unique_topic("domain-perkey");
+    let checker = OrderChecker::new();
+    let open = Arc::new(AtomicBool::new(false));
+    let gate = Arc::new(Notify::new());
+    let partitions: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let (o, g, parts) = (open.clone(), gate.clone(), partitions.clone());
+    let sub = bus
+        .subscribe(&topic)
+        .observer(checker.observer(0))
+        .start(checker.wrap(
+            0,
+            handler_fn(move |e: Event| {
+                let (o, g, parts) = (o.clone(), g.clone(), parts.clone());
+                async move {
+                    parts
+                        .lock()
+                        .insert(e.aggregate_id.clone(), e.position.partition);
+                    if e.aggregate_id == "hot" {
+                        while !o.load(Ordering::SeqCst) {
+                            let n = g.notified();
+                            if o.load(Ordering::SeqCst) {
+                                break;
+                            }
+                            n.await;
+                        }
+                    }
+                    Ok::<_, HandleError>(())
+                }
+            }),
+        ))
+        .await
+        .expect("subscribe");
+    let others = aggregates("cool", 30);
+    for v in 1..=40u64 {
+        bus.publish(&topic, &event("hot", v))
+            .await
+            .expect("publish");
+        checker.published("hot", v);
+    }
+    publish_interleaved(&bus, &topic, &checker, &others, 3).await;
+    // Every aggregate outside the hot partition completes while "hot" is blocked...
+    wait_for(|| {
+        let parts = partitions.lock();
+        let Some(hot) = parts.get("hot").copied() else {
+            return false;
+        };
+        let ends = checker.records();
+        others.iter().all(|a| match parts.get(a) {
+            Some(p) if *p == hot => true,
+            Some(_) => {
+                ends.iter()
+                    .filter(|r| matches!(r, super::Record::End { a: x, .. } if x == a))
+                    .count()
+                    == 3
+            }
+            None => false,
+        })
+    })
+    .await;
+    // ...and the hot partition stopped at the cap instead of buffering all 40 events.
+    let held = sub.stats().in_flight as usize;
+    assert!(
+        held <= CAP + 1,
+        "{held} deliveries held: the hot partition was not paused at {CAP}"
+    );
+    open.store(true, Ordering::SeqCst);
+    gate.notify_waiters();
+    wait_for(|| checker.distinct_ends() == 40 + 90).await;
+    finish(backend, &bus, &topic, SOURCE, &checker).await;
+    drop(sub);
+    bus.close().await.expect("close");
+}

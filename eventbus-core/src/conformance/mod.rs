@@ -131,6 +131,8 @@ macro_rules! conformance_tests {
             domain_replay => domain::replay,
             domain_publish_batch_order => domain::publish_batch_order,
             domain_single_active_consumer => domain::single_active_consumer,
+            domain_deadline_extension => domain::deadline_extension,
+            domain_per_key_cap => domain::per_key_cap,
         );
     };
     (@each $attr:meta; $make:expr; $($name:ident => $m:ident :: $f:ident),* $(,)?) => {

@@ -1,0 +1,249 @@
+//! Layers and hooks on real buses: timeout, publish retry, hooks on both buses, panics.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // Test code.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dualbus_core::middleware::{
+    HandleInfo, HandleScope, Hook, PublishInfo, PublishRetryLayer, PublishScope, TimeoutLayer,
+};
+use dualbus_core::{
+    Backoff, Capabilities, DomainBus, DomainSubscription, DomainTransport, Envelope, Error,
+    ErrorKind, Event, HandleError, Headers, Message, OutboundMessage, Receipt, Result, SimpleBus,
+    SubscriptionSpec, handler_fn,
+};
+use dualbus_memory::Memory;
+use parking_lot::Mutex;
+
+async fn wait_for(mut cond: impl FnMut() -> bool) {
+    while !cond() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeout_cuts_off_an_attempt_and_the_pool_retries() {
+    let bus = DomainBus::builder(Memory::new())
+        .handler_timeout(Duration::from_secs(1))
+        .retry(Backoff::new(
+            3,
+            Duration::from_millis(10),
+            Duration::from_millis(10),
+        ))
+        .build()
+        .unwrap();
+    let attempts = Arc::new(AtomicU32::new(0));
+    let a = attempts.clone();
+    let sub = bus
+        .subscribe("t")
+        .start(handler_fn(move |e: Event| {
+            let a = a.clone();
+            async move {
+                a.fetch_add(1, Ordering::SeqCst);
+                if e.attempt == 1 {
+                    // Longer than the timeout: cut off, retried.
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+                Ok::<_, HandleError>(())
+            }
+        }))
+        .await
+        .unwrap();
+    bus.publish("t", &Envelope::new("a", "T", 1, "{}").unwrap())
+        .await
+        .unwrap();
+    wait_for(|| sub.stats().acked == 1).await;
+    let s = sub.stats();
+    assert_eq!((s.handled, s.retried, s.dead_lettered), (1, 1, 0));
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
+}
+
+/// A domain transport whose first publishes fail with a retryable error.
+struct Flaky {
+    inner: Memory,
+    failures: AtomicU32,
+}
+
+#[async_trait]
+impl DomainTransport for Flaky {
+    fn capabilities(&self) -> &Capabilities {
+        DomainTransport::capabilities(&self.inner)
+    }
+    async fn publish(&self, topic: &str, message: OutboundMessage) -> Result<Receipt> {
+        if self.failures.load(Ordering::SeqCst) > 0 {
+            self.failures.fetch_sub(1, Ordering::SeqCst);
+            return Err(Error::Unavailable {
+                backend: "flaky",
+                source: "connection reset".into(),
+            });
+        }
+        DomainTransport::publish(&self.inner, topic, message).await
+    }
+    async fn subscribe(&self, spec: SubscriptionSpec) -> Result<DomainSubscription> {
+        DomainTransport::subscribe(&self.inner, spec).await
+    }
+    async fn close(&self) -> Result<()> {
+        DomainTransport::close(&self.inner).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn publish_retry_layer_retries_retryable_errors_only() {
+    let memory = Memory::new();
+    let flaky = Flaky {
+        inner: memory.clone(),
+        failures: AtomicU32::new(2),
+    };
+    let backoff = Backoff::new(3, Duration::from_millis(10), Duration::from_millis(50));
+    let bus = DomainBus::builder(flaky)
+        .publish_layer(PublishRetryLayer::new(backoff.clone()))
+        .build()
+        .unwrap();
+    bus.publish("t", &Envelope::new("a", "T", 1, "{}").unwrap())
+        .await
+        .expect("third try succeeds");
+    assert_eq!(
+        DomainTransport::pending(&memory, "t", "x").await.unwrap(),
+        Some(1)
+    );
+
+    let flaky = Flaky {
+        inner: Memory::new(),
+        failures: AtomicU32::new(5),
+    };
+    let bus = DomainBus::builder(flaky)
+        .publish_layer(PublishRetryLayer::new(backoff))
+        .build()
+        .unwrap();
+    let e = bus
+        .publish("t", &Envelope::new("a", "T", 1, "{}").unwrap())
+        .await
+        .expect_err("3 attempts");
+    assert_eq!(e.kind(), ErrorKind::Unavailable);
+
+    // A permanent error is not retried.
+    let plain = DomainBus::builder(Memory::new())
+        .publish_layer(TimeoutLayer::new(Duration::from_secs(1)))
+        .build()
+        .unwrap();
+    let e = plain
+        .publish("bad topic", &Envelope::new("a", "T", 1, "{}").unwrap())
+        .await
+        .expect_err("invalid");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+}
+
+#[derive(Default)]
+struct Recorder {
+    published: Mutex<Vec<(String, bool)>>,
+    handled: Mutex<Vec<(String, Option<String>, bool)>>,
+    wrapped: AtomicUsize,
+}
+
+struct PubScope(Arc<Recorder>, String);
+impl PublishScope for PubScope {
+    fn finish(self: Box<Self>, result: std::result::Result<&Receipt, &Error>) {
+        self.0.published.lock().push((self.1, result.is_ok()));
+    }
+}
+
+struct HandScope(Arc<Recorder>, String, Option<String>);
+impl HandleScope for HandScope {
+    fn wrap(
+        &self,
+        attempt: futures::future::BoxFuture<'static, std::result::Result<(), HandleError>>,
+    ) -> futures::future::BoxFuture<'static, std::result::Result<(), HandleError>> {
+        self.0.wrapped.fetch_add(1, Ordering::SeqCst);
+        attempt
+    }
+    fn finish(self: Box<Self>, result: std::result::Result<(), &HandleError>) {
+        self.0.handled.lock().push((self.1, self.2, result.is_ok()));
+    }
+}
+
+struct TraceHook(Arc<Recorder>);
+impl Hook for TraceHook {
+    fn on_publish(
+        &self,
+        info: &PublishInfo<'_>,
+        headers: &mut Headers,
+    ) -> Option<Box<dyn PublishScope>> {
+        headers.insert(
+            "traceparent",
+            format!("00-{:032x}-{:016x}-01", info.payload_len, 7),
+        );
+        Some(Box::new(PubScope(self.0.clone(), info.topic.to_owned())))
+    }
+    fn on_handle(&self, info: &HandleInfo<'_>, headers: &Headers) -> Option<Box<dyn HandleScope>> {
+        Some(Box::new(HandScope(
+            self.0.clone(),
+            info.topic.to_owned(),
+            headers.get("traceparent").map(str::to_owned),
+        )))
+    }
+}
+
+#[tokio::test]
+async fn hooks_write_and_read_headers_on_both_buses() {
+    let rec = Arc::new(Recorder::default());
+    let memory = Memory::new();
+    let domain = DomainBus::builder(memory.clone())
+        .hook(Arc::new(TraceHook(rec.clone())))
+        .build()
+        .unwrap();
+    let simple = SimpleBus::builder(memory)
+        .hook(Arc::new(TraceHook(rec.clone())))
+        .build()
+        .unwrap();
+    let d = domain
+        .subscribe("orders")
+        .start(handler_fn(|e: Event| async move {
+            if e.event_version == 2 {
+                return Err(HandleError::permanent(dualbus_core::Failure("no".into())));
+            }
+            Ok::<_, HandleError>(())
+        }))
+        .await
+        .unwrap();
+    let s = simple
+        .subscribe("notes")
+        .start(handler_fn(|_m: Message| async { Ok::<_, HandleError>(()) }))
+        .await
+        .unwrap();
+    domain
+        .publish("orders", &Envelope::new("a", "T", 1, "{}").unwrap())
+        .await
+        .unwrap();
+    domain
+        .publish("orders", &Envelope::new("a", "T", 2, "{}").unwrap())
+        .await
+        .unwrap();
+    // The simple subscriber may need a moment; publish until it saw one.
+    while s.stats().handled == 0 {
+        simple.publish("notes", "hi").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    wait_for(|| d.stats().acked == 2).await;
+    let handled = rec.handled.lock().clone();
+    let orders: Vec<_> = handled.iter().filter(|h| h.0 == "orders").collect();
+    assert_eq!(orders.len(), 2);
+    assert!(
+        orders
+            .iter()
+            .all(|h| h.1.as_deref().is_some_and(|t| t.starts_with("00-"))),
+        "trace context did not travel: {orders:?}"
+    );
+    assert_eq!(
+        orders.iter().filter(|h| !h.2).count(),
+        1,
+        "the failed attempt is reported"
+    );
+    assert!(handled.iter().any(|h| h.0 == "notes" && h.1.is_some()));
+    assert!(rec.wrapped.load(Ordering::SeqCst) >= 3);
+    let published = rec.published.lock().clone();
+    assert!(published.iter().filter(|p| p.0 == "orders").all(|p| p.1));
+    assert!(published.iter().any(|p| p.0 == "notes"));
+}
