@@ -1,4 +1,6 @@
-//! jxt-core's JSON envelope, byte-compatible with Go's `encoding/json` output.
+//! jxt-core's JSON envelope, byte-compatible with what jxt-core writes (jsoniter's
+//! `ConfigCompatibleWithStandardLibrary`: struct field order, `omitempty`, HTML-safe string
+//! escaping, a `RawMessage` payload written verbatim).
 
 use std::borrow::Cow;
 
@@ -41,8 +43,8 @@ pub fn jxt_compatible_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b":_./-".contains(&b))
 }
 
-/// Writes `s` as a JSON string the way Go's `encoding/json` does (HTML-safe escaping of
-/// `<`, `>`, `&`, and of U+2028 / U+2029).
+/// Writes `s` as a JSON string the way Go's `encoding/json` and jsoniter's standard-library
+/// configuration do (HTML-safe escaping of `<`, `>`, `&`, and of U+2028 / U+2029).
 fn write_go_string(out: &mut String, s: &str) {
     out.push('"');
     for c in s.chars() {
@@ -64,47 +66,6 @@ fn write_go_string(out: &mut String, s: &str) {
         }
     }
     out.push('"');
-}
-
-/// Compacts valid JSON like Go's `json.Compact` with HTML escaping, as `encoding/json`
-/// does for a `json.RawMessage` field.
-fn write_go_compact(out: &mut String, json: &str) {
-    let mut in_string = false;
-    let mut escaped = false;
-    for c in json.chars() {
-        if in_string {
-            if escaped {
-                escaped = false;
-                out.push(c);
-                continue;
-            }
-            match c {
-                '\\' => {
-                    escaped = true;
-                    out.push(c);
-                }
-                '"' => {
-                    in_string = false;
-                    out.push(c);
-                }
-                '<' => out.push_str("\\u003c"),
-                '>' => out.push_str("\\u003e"),
-                '&' => out.push_str("\\u0026"),
-                '\u{2028}' => out.push_str("\\u2028"),
-                '\u{2029}' => out.push_str("\\u2029"),
-                c => out.push(c),
-            }
-        } else {
-            match c {
-                ' ' | '\t' | '\n' | '\r' => {}
-                '"' => {
-                    in_string = true;
-                    out.push(c);
-                }
-                c => out.push(c),
-            }
-        }
-    }
 }
 
 pub(super) fn encode(
@@ -143,8 +104,10 @@ pub(super) fn encode(
         body.push_str(",\"tenant_id\":");
         write_go_string(&mut body, t);
     }
+    // jxt-core marshals with jsoniter (ConfigCompatibleWithStandardLibrary), which writes a
+    // RawMessage verbatim: no compaction, no escaping.
     body.push_str(",\"payload\":");
-    write_go_compact(&mut body, payload);
+    body.push_str(payload);
     body.push('}');
 
     let mut h = Headers::with_capacity(6 + e.headers.len());
