@@ -357,6 +357,9 @@ impl DomainBus {
     /// One result per envelope. If one fails, later events of the same aggregate in the
     /// batch may still have been stored: republish an aggregate's events from its first
     /// failure (backends with [`Capabilities::dedup`] drop the copies).
+    ///
+    /// Hooks run for every envelope; publish layers wrap single publishes only (the batch
+    /// goes to the transport's pipelined batch publish as a whole).
     pub async fn publish_batch(
         &self,
         topic: &str,

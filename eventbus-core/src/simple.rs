@@ -194,6 +194,18 @@ impl SimpleBus {
         }
     }
 
+    fn check_request_reply(&self) -> Result<()> {
+        let caps = self.capabilities();
+        if caps.request_reply {
+            Ok(())
+        } else {
+            Err(Error::NotSupported {
+                operation: "request-reply",
+                backend: caps.backend,
+            })
+        }
+    }
+
     /// Answers requests on `topic` with `handler`'s reply payload. Members of one queue
     /// group share the requests.
     pub async fn serve<H>(
@@ -206,6 +218,7 @@ impl SimpleBus {
         H: Service<Message, Response = Bytes, Error = HandleError> + Clone + Send + Sync + 'static,
         H::Future: Send + 'static,
     {
+        self.check_request_reply()?;
         let handler = BoxRequestHandler::new(handler);
         let bus = self.clone();
         let reply = tower::service_fn(move |request: Message| {
