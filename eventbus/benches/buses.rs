@@ -404,10 +404,14 @@ fn main() {
 
         println!("\n3. skew: {n_skew} events, agg-0 gets 1% and sleeps 10 ms per event; throughput of the others");
         let evs = skewed(n_skew);
-        let pool_fast = domain_bus(&evs, Load::Plain, true).await;
-        let pool_slow = domain_bus(&evs, Load::SlowFirst, true).await;
-        let raw_fast = domain_raw(&evs, 64, Load::Plain, true).await;
-        let raw_slow = domain_raw(&evs, 64, Load::SlowFirst, true).await;
+        let mut runs: [Vec<Run>; 4] = Default::default();
+        for _ in 0..rounds {
+            runs[0].push(domain_bus(&evs, Load::Plain, true).await);
+            runs[1].push(domain_bus(&evs, Load::SlowFirst, true).await);
+            runs[2].push(domain_raw(&evs, 64, Load::Plain, true).await);
+            runs[3].push(domain_raw(&evs, 64, Load::SlowFirst, true).await);
+        }
+        let [pool_fast, pool_slow, raw_fast, raw_slow] = runs.map(median);
         for (name, fast, slow) in [("keyed pool", &pool_fast, &pool_slow), ("hash-to-64 baseline", &raw_fast, &raw_slow)] {
             println!(
                 "  {:<22} others without slow {:>9.0} msg/s, with slow {:>9.0} msg/s: {:>5.1}% kept (p99 {:.1?} -> {:.1?})",
