@@ -50,6 +50,7 @@ pub mod config;
 mod domain;
 mod envelope;
 mod error;
+pub mod group;
 mod handler;
 mod headers;
 mod message;
