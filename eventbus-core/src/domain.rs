@@ -606,6 +606,22 @@ impl Subscription {
         self.pool.stats()
     }
 
+    /// Consumer groups: the partitions this member knows of, with their state and ownership
+    /// epoch (empty without groups).
+    pub fn partitions(&self) -> Vec<(u32, crate::pool::PartitionState, u64)> {
+        self.pool.partitions()
+    }
+
+    /// The partitions this member owns and consumes now.
+    pub fn active_partitions(&self) -> Vec<u32> {
+        self.pool
+            .partitions()
+            .into_iter()
+            .filter(|(_, s, _)| *s == crate::pool::PartitionState::Active)
+            .map(|(p, _, _)| p)
+            .collect()
+    }
+
     /// Whether the transport ended the stream and all held work finished.
     pub fn is_finished(&self) -> bool {
         self.pool.is_finished()

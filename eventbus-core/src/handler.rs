@@ -33,6 +33,10 @@ pub struct Event {
     pub delivery_count: u32,
     /// The message's place in the broker.
     pub position: Position,
+    /// The ownership epoch of the message's partition in a consumer group (0 without
+    /// groups). It grows with every change of owner: a handler that writes elsewhere can
+    /// make its writes conditional on it to fence off a paused former owner.
+    pub epoch: u64,
 }
 
 impl Event {
@@ -44,6 +48,7 @@ impl Event {
             attempt: 1,
             delivery_count: 1,
             position,
+            epoch: 0,
         }
     }
 

@@ -81,8 +81,8 @@ pub use headers::{
 };
 pub use message::{InboundMessage, Message, OutboundMessage, Position, Receipt};
 pub use pool::{
-    DeadLetterKind, DeadLetterPolicy, PoolConfig, PoolEvent, PoolObserver, PoolStats,
-    ShutdownReport,
+    DeadLetterKind, DeadLetterPolicy, PartitionState, PoolConfig, PoolEvent, PoolObserver,
+    PoolStats, ShutdownReport,
 };
 pub use retry::Backoff;
 pub use simple::{
@@ -91,8 +91,8 @@ pub use simple::{
 pub use topic::{DEFAULT_DEAD_LETTER_SUFFIX, MAX_TOPIC_LEN, dead_letter_topic, validate_topic};
 pub use transport::{
     Acker, Capabilities, Delivery, DomainSubscription, DomainTransport, DynDomainTransport,
-    DynSimpleTransport, PartitionControl, SimpleTransport, StartPosition, SubscriptionSpec,
-    request_via_inbox,
+    DynSimpleTransport, GroupControl, GroupEvent, GroupMembership, PartitionControl,
+    SimpleTransport, StartPosition, SubscriptionSpec, request_via_inbox,
 };
 
 /// Traits to import with `use dualbus_core::prelude::*`.

@@ -45,7 +45,10 @@ use crate::headers::{Headers, validate_header};
 use crate::message::{OutboundMessage, Position};
 use crate::middleware::panicked;
 use crate::retry::Backoff;
-use crate::transport::{Acker, Delivery, DomainSubscription, DynDomainTransport, PartitionControl};
+use crate::transport::{
+    Acker, Delivery, DomainSubscription, DynDomainTransport, GroupControl, GroupEvent,
+    PartitionControl,
+};
 
 /// Limits of the keyed pool.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -200,6 +203,34 @@ pub enum PoolEvent<'a> {
         /// Where it was.
         position: Position,
     },
+    /// A partition of a consumer group changed state.
+    Partition {
+        /// The partition.
+        partition: u32,
+        /// Its ownership epoch.
+        epoch: u64,
+        /// The new state.
+        state: PartitionState,
+    },
+}
+
+/// The life of a partition in a consumer-group member (DESIGN.md section 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PartitionState {
+    /// Ownership granted; nothing pulled yet.
+    Assigned,
+    /// The transport moves the partition back to its first unacknowledged message.
+    Rewinding,
+    /// Pulled and handled.
+    Active,
+    /// Revoked: not pulled; buffered deliveries dropped unacknowledged; started handlers
+    /// finish within the drain deadline, then the partition is released.
+    Draining,
+    /// Released to the group.
+    Revoked,
+    /// Ownership gone without a drain: no acknowledgements, no new handlers.
+    Lost,
 }
 
 /// Receives [`PoolEvent`]s. Called inline on the pool's tasks: keep it cheap.
@@ -236,6 +267,10 @@ pub struct PoolStats {
     pub peak_in_flight: u64,
     /// Transport errors reported by the delivery stream.
     pub transport_errors: u64,
+    /// Deliveries of partitions this member did not own (any more), dropped unhandled.
+    pub stale_dropped: u64,
+    /// Acknowledgements skipped because the partition's ownership had moved on.
+    pub stale_acks: u64,
 }
 
 /// What a shutdown did.
@@ -271,6 +306,8 @@ struct Counters {
     dead_letter_failures: AtomicU64,
     finished: AtomicU64,
     transport_errors: AtomicU64,
+    stale_dropped: AtomicU64,
+    stale_acks: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -344,12 +381,58 @@ struct Held {
     parked: bool,
 }
 
+#[derive(Debug, Clone, Copy)]
+struct Part {
+    state: PartitionState,
+    epoch: u64,
+}
+
 #[derive(Default)]
 struct State {
     keys: HashMap<Key, KeyQueue>,
     held: HashMap<Position, Held>,
     paused: HashMap<u32, usize>,
     peak: usize,
+    /// Consumer groups only: the partitions this member knows of. Without a group every
+    /// partition is owned.
+    grouped: bool,
+    parts: HashMap<u32, Part>,
+}
+
+impl State {
+    /// Whether a new delivery of `partition` under `epoch` may be handled.
+    fn accepts(&self, partition: u32, epoch: u64) -> bool {
+        !self.grouped || self.part_is(partition, epoch, PartitionState::Active)
+    }
+
+    /// Whether a started delivery may run another attempt or be acknowledged.
+    fn owns(&self, partition: u32, epoch: u64) -> bool {
+        !self.grouped
+            || self.parts.get(&partition).is_some_and(|p| {
+                p.epoch == epoch
+                    && matches!(p.state, PartitionState::Active | PartitionState::Draining)
+            })
+    }
+
+    fn part_is(&self, partition: u32, epoch: u64, state: PartitionState) -> bool {
+        self.parts
+            .get(&partition)
+            .is_some_and(|p| p.epoch == epoch && p.state == state)
+    }
+
+    fn part_epoch_is(&self, partition: u32, epoch: u64) -> bool {
+        self.parts.get(&partition).is_some_and(|p| p.epoch == epoch)
+    }
+
+    fn holds_partition(&self, partition: u32) -> bool {
+        self.held.keys().any(|pos| pos.partition == partition)
+    }
+
+    fn draining(&self) -> bool {
+        self.parts
+            .values()
+            .any(|p| p.state == PartitionState::Draining)
+    }
 }
 
 /// Everything the pool's tasks share.
@@ -366,6 +449,7 @@ pub(crate) struct PoolParams {
 struct Shared {
     p: PoolParams,
     control: Option<Arc<dyn PartitionControl>>,
+    group: Option<Arc<dyn GroupControl>>,
     state: Mutex<State>,
     ready_tx: async_channel::Sender<Work>,
     ready_rx: async_channel::Receiver<Work>,
@@ -384,8 +468,20 @@ pub(crate) struct Pool {
     report: tokio::sync::OnceCell<ShutdownReport>,
 }
 
+/// Pauses through a group's control.
+struct GroupPause(Arc<dyn GroupControl>);
+
+impl PartitionControl for GroupPause {
+    fn pause(&self, partition: u32) {
+        self.0.pause(partition);
+    }
+    fn resume(&self, partition: u32) {
+        self.0.resume(partition);
+    }
+}
+
 struct PoolTasks {
-    dispatcher: JoinHandle<()>,
+    dispatcher: JoinHandle<Streams>,
     workers: Vec<JoinHandle<()>>,
     ticker: Option<JoinHandle<()>>,
 }
@@ -411,11 +507,24 @@ impl Pool {
             .config
             .progress_interval
             .or_else(|| ack_deadline.map(|d| (d / 3).max(Duration::from_millis(1))));
+        let (events, group) = match subscription.group {
+            Some(g) => (Some(g.events), Some(g.control)),
+            None => (None, None),
+        };
+        // A group's control also pauses partitions.
+        let control: Option<Arc<dyn PartitionControl>> = match (&group, subscription.control) {
+            (Some(g), _) => Some(Arc::new(GroupPause(g.clone()))),
+            (None, c) => c,
+        };
         let shared = Arc::new(Shared {
             permits: Arc::new(Semaphore::new(params.config.max_in_flight)),
-            control: subscription.control,
+            control,
+            state: Mutex::new(State {
+                grouped: group.is_some(),
+                ..State::default()
+            }),
+            group,
             p: params,
-            state: Mutex::new(State::default()),
             ready_tx,
             ready_rx,
             counters: Counters::default(),
@@ -424,7 +533,7 @@ impl Pool {
             stop_pulling: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
         });
-        let dispatcher = tokio::spawn(dispatch(shared.clone(), subscription.deliveries));
+        let dispatcher = tokio::spawn(dispatch(shared.clone(), subscription.deliveries, events));
         let workers = (0..shared.p.config.max_concurrency)
             .map(|_| tokio::spawn(worker(shared.clone())))
             .collect();
@@ -460,7 +569,21 @@ impl Pool {
             in_flight,
             peak_in_flight: peak,
             transport_errors: c.transport_errors.load(Ordering::Relaxed),
+            stale_dropped: c.stale_dropped.load(Ordering::Relaxed),
+            stale_acks: c.stale_acks.load(Ordering::Relaxed),
         }
+    }
+
+    /// The partitions this member knows of in its consumer group, sorted.
+    pub(crate) fn partitions(&self) -> Vec<(u32, PartitionState, u64)> {
+        let st = self.shared.state.lock();
+        let mut v: Vec<_> = st
+            .parts
+            .iter()
+            .map(|(p, s)| (*p, s.state, s.epoch))
+            .collect();
+        v.sort_unstable_by_key(|x| x.0);
+        v
     }
 
     /// Whether the delivery stream ended (transport closed) and all held work finished.
@@ -485,7 +608,8 @@ impl Pool {
         let Some(tasks) = self.tasks.lock().take() else {
             return ShutdownReport::default();
         };
-        let _ = tasks.dispatcher.await;
+        // The streams stay open (a group member stays a member) until the end of the drain.
+        let streams = tasks.dispatcher.await.ok();
         // Drain: wait until nothing is held, or the deadline.
         let drained_in_time = tokio::time::timeout(deadline, async {
             loop {
@@ -539,6 +663,7 @@ impl Pool {
             }
         }
         drop(queued);
+        drop(streams);
         report.drained = sh.counters.finished.load(Ordering::Relaxed) - finished_before;
         report.elapsed = started.elapsed();
         report.stats = self.stats();
@@ -548,23 +673,75 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        // Dropped without shutdown: stop at once; unacknowledged work is redelivered.
+        // Dropped without shutdown (a crash): stop at once; unacknowledged work is
+        // redelivered. The subscription's streams are dropped only after every handler
+        // stopped, so that a group reassigns partitions only when nothing of this member
+        // can run any more.
         self.shared.stop_pulling.cancel();
         self.shared.hard_stop.cancel();
         self.shared.ready_tx.close();
+        let Some(tasks) = self.tasks.lock().take() else {
+            return;
+        };
+        for w in &tasks.workers {
+            w.abort();
+        }
+        if let Some(t) = &tasks.ticker {
+            t.abort();
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    let streams = tasks.dispatcher.await.ok();
+                    for w in tasks.workers {
+                        let _ = w.await;
+                    }
+                    drop(streams);
+                });
+            }
+            Err(_) => tasks.dispatcher.abort(),
+        }
     }
+}
+
+/// The streams a subscription holds; dropped only after every task of the pool ended, so
+/// that a group member leaves only when none of its handlers can still run.
+pub(crate) struct Streams {
+    _deliveries: futures::stream::BoxStream<'static, crate::Result<Delivery>>,
+    _events: Option<futures::stream::BoxStream<'static, GroupEvent>>,
 }
 
 async fn dispatch(
     sh: Arc<Shared>,
     mut deliveries: futures::stream::BoxStream<'static, crate::Result<Delivery>>,
-) {
+    mut events: Option<futures::stream::BoxStream<'static, GroupEvent>>,
+) -> Streams {
     let mut handler = sh.p.handler.clone();
     let mut inline = InlineBudget::default();
     loop {
+        // Ownership changes first: they decide what may be pulled and handled.
+        if let Some(ev) = events.as_mut() {
+            match ev.next().now_or_never() {
+                Some(Some(event)) => {
+                    on_group_event(&sh, event).await;
+                    continue;
+                }
+                Some(None) => {
+                    // The group ended (transport closed): no partition is owned any more.
+                    lose_all(&sh);
+                    events = None;
+                    continue;
+                }
+                None => {}
+            }
+        }
         let permit = tokio::select! {
             biased;
             () = sh.stop_pulling.cancelled() => break,
+            Some(event) = next_event(&mut events) => {
+                on_group_event(&sh, event).await;
+                continue;
+            }
             p = sh.permits.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => break,
@@ -573,6 +750,11 @@ async fn dispatch(
         let next = tokio::select! {
             biased;
             () = sh.stop_pulling.cancelled() => break,
+            Some(event) = next_event(&mut events) => {
+                drop(permit);
+                on_group_event(&sh, event).await;
+                continue;
+            }
             n = deliveries.next() => n,
         };
         let delivery = match next {
@@ -585,6 +767,15 @@ async fn dispatch(
             Some(Ok(d)) => d,
         };
         bump(&sh.counters.received);
+        if !sh
+            .state
+            .lock()
+            .accepts(delivery.position().partition, delivery.epoch)
+        {
+            // A partition this member does not own (any more): not ours to handle or ack.
+            bump(&sh.counters.stale_dropped);
+            continue;
+        }
         let decoded = Codec::decode(&delivery.message).map(Arc::new);
         let key = match &decoded {
             Ok(e) => Key::Envelope(e.clone()),
@@ -611,9 +802,157 @@ async fn dispatch(
             run_inline(&sh, &mut handler, &mut inline, item).await;
         }
     }
-    // Dropping the stream ends the subscription on the broker side.
-    drop(deliveries);
     sh.stop_pulling.cancel();
+    Streams {
+        _deliveries: deliveries,
+        _events: events,
+    }
+}
+
+/// The next group event, or never (so that `select!` skips this branch) without a group.
+async fn next_event(
+    events: &mut Option<futures::stream::BoxStream<'static, GroupEvent>>,
+) -> Option<GroupEvent> {
+    match events {
+        Some(ev) => ev.next().await,
+        None => futures::future::pending().await,
+    }
+}
+
+/// Applies one ownership change (DESIGN.md section 5: assigned -> rewinding -> active ->
+/// draining -> revoked, plus lost).
+async fn on_group_event(sh: &Arc<Shared>, event: GroupEvent) {
+    match event {
+        GroupEvent::Assigned { partition, epoch } => {
+            set_state(sh, partition, epoch, PartitionState::Assigned);
+            set_state(sh, partition, epoch, PartitionState::Rewinding);
+            let rewound = match &sh.group {
+                Some(g) => g.rewind(partition, epoch).await,
+                None => Ok(()),
+            };
+            match rewound {
+                Ok(()) => {
+                    if sh
+                        .state
+                        .lock()
+                        .part_is(partition, epoch, PartitionState::Rewinding)
+                    {
+                        set_state(sh, partition, epoch, PartitionState::Active);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(topic = %sh.p.topic, partition, epoch, %error, "rewind failed; the partition is not consumed");
+                    set_state(sh, partition, epoch, PartitionState::Lost);
+                }
+            }
+        }
+        GroupEvent::Revoked { partition, epoch } => {
+            if !sh.state.lock().part_epoch_is(partition, epoch) {
+                return;
+            }
+            set_state(sh, partition, epoch, PartitionState::Draining);
+            if let Some(g) = &sh.group {
+                g.pause(partition);
+            }
+            let dropped = drop_queued(sh, partition);
+            tracing::debug!(topic = %sh.p.topic, partition, epoch, dropped, "draining revoked partition");
+            let sh2 = sh.clone();
+            tokio::spawn(async move {
+                let deadline = sh2.p.config.drain_deadline;
+                let drained = tokio::time::timeout(deadline, async {
+                    loop {
+                        let idle = sh2.idle.notified();
+                        tokio::pin!(idle);
+                        idle.as_mut().enable();
+                        if !sh2.state.lock().holds_partition(partition) {
+                            return;
+                        }
+                        idle.await;
+                    }
+                });
+                tokio::select! {
+                    () = sh2.hard_stop.cancelled() => return,
+                    r = drained => if r.is_err() {
+                        tracing::warn!(topic = %sh2.p.topic, partition, epoch, "drain deadline passed; handlers still running are abandoned");
+                    }
+                }
+                set_state(&sh2, partition, epoch, PartitionState::Revoked);
+                if let Some(g) = &sh2.group {
+                    if let Err(error) = g.release(partition, epoch).await {
+                        tracing::warn!(topic = %sh2.p.topic, partition, epoch, %error, "release failed");
+                    }
+                }
+            });
+        }
+        GroupEvent::Lost { partition, epoch } => {
+            if !sh.state.lock().part_epoch_is(partition, epoch) {
+                return;
+            }
+            set_state(sh, partition, epoch, PartitionState::Lost);
+            drop_queued(sh, partition);
+        }
+    }
+}
+
+/// Every owned partition is lost (the group stream ended).
+fn lose_all(sh: &Shared) {
+    let owned: Vec<(u32, u64)> = sh
+        .state
+        .lock()
+        .parts
+        .iter()
+        .map(|(p, s)| (*p, s.epoch))
+        .collect();
+    for (p, e) in owned {
+        set_state(sh, p, e, PartitionState::Lost);
+        drop_queued(sh, p);
+    }
+}
+
+fn set_state(sh: &Shared, partition: u32, epoch: u64, state: PartitionState) {
+    sh.state
+        .lock()
+        .parts
+        .insert(partition, Part { state, epoch });
+    if let Some(o) = &sh.p.observer {
+        o.on_event(&PoolEvent::Partition {
+            partition,
+            epoch,
+            state,
+        });
+    }
+}
+
+/// Drops the buffered, never-started deliveries of `partition`, unacknowledged (the next
+/// owner rewinds to them). Returns how many.
+fn drop_queued(sh: &Shared, partition: u32) -> usize {
+    let mut dropped = Vec::new();
+    {
+        let mut st = sh.state.lock();
+        let st = &mut *st;
+        for q in st.keys.values_mut() {
+            let mut i = 0;
+            while i < q.items.len() {
+                if q.items[i].delivery.position().partition == partition {
+                    if let Some(item) = q.items.remove(i) {
+                        dropped.push(item);
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        for item in &dropped {
+            st.held.remove(&item.delivery.position());
+        }
+        if st.held.is_empty() {
+            sh.idle.notify_waiters();
+        }
+    }
+    if sh.control.is_none() {
+        sh.space.notify_waiters();
+    }
+    dropped.len()
 }
 
 /// Without partition control, backpressure per key stops the whole dispatcher.
@@ -759,7 +1098,8 @@ fn finish(sh: &Shared, item: Item, budget_left: bool) -> bool {
     let position = item.delivery.position();
     let mut st = sh.state.lock();
     st.held.remove(&position);
-    let idle = st.held.is_empty();
+    // Shutdown waits for an empty pool; a drain waits for one partition's handlers.
+    let idle = st.held.is_empty() || (st.grouped && st.draining());
     let more = match st.keys.get(&key) {
         Some(q) if q.items.is_empty() => {
             st.keys.remove(&key);
@@ -905,6 +1245,7 @@ fn event(sh: &Shared, item: &Item, envelope: &Arc<Envelope>, attempt: u32) -> Ev
         attempt,
         delivery_count: item.delivery.delivery_count,
         position: item.delivery.position(),
+        epoch: item.delivery.epoch,
     }
 }
 
@@ -966,8 +1307,15 @@ async fn process_in(
         }
         Ok(e) => e.clone(),
     };
+    let partition = item.delivery.position().partition;
+    let epoch = item.delivery.epoch;
     let mut attempt = 1;
     loop {
+        if !sh.state.lock().owns(partition, epoch) {
+            // The partition moved on (lost, or drained past its deadline): no new attempt,
+            // no acknowledgement; the next owner handles the message.
+            return;
+        }
         let fut = match first.take() {
             Some(f) => f,
             None => {
@@ -1027,6 +1375,15 @@ async fn process_in(
 
 async fn ack(sh: &Shared, item: &Item, envelope: Option<&Envelope>) {
     let position = item.delivery.position();
+    if !sh
+        .state
+        .lock()
+        .owns(position.partition, item.delivery.epoch)
+    {
+        // A stale acknowledgement of an earlier ownership epoch is not sent.
+        bump(&sh.counters.stale_acks);
+        return;
+    }
     match item.delivery.ack().await {
         Ok(()) => {
             bump(&sh.counters.acked);
@@ -1094,8 +1451,16 @@ fn dead_letter_message(
 }
 
 async fn dead_letter(sh: &Shared, item: &Item, kind: DeadLetterKind, reason: &str, attempts: u32) {
-    let message = dead_letter_message(sh, item, kind, reason, attempts);
     let position = item.delivery.position();
+    if !sh
+        .state
+        .lock()
+        .owns(position.partition, item.delivery.epoch)
+    {
+        bump(&sh.counters.stale_acks);
+        return;
+    }
+    let message = dead_letter_message(sh, item, kind, reason, attempts);
     let mut failures = 0u32;
     loop {
         match sh

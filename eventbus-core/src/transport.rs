@@ -88,6 +88,9 @@ pub struct Delivery {
     pub message: InboundMessage,
     /// How many times the broker delivered this message, from 1.
     pub delivery_count: u32,
+    /// The ownership epoch of the message's partition when it was delivered (consumer
+    /// groups; 0 otherwise). The pool drops deliveries of an epoch it no longer owns.
+    pub epoch: u64,
     acker: Arc<dyn Acker>,
 }
 
@@ -97,8 +100,16 @@ impl Delivery {
         Self {
             message,
             delivery_count,
+            epoch: 0,
             acker,
         }
+    }
+
+    /// Same delivery, delivered under ownership `epoch` of its partition.
+    #[must_use]
+    pub fn with_epoch(mut self, epoch: u64) -> Self {
+        self.epoch = epoch;
+        self
     }
 
     /// The acknowledgement handle (shared: the pool extends deadlines from another task).
@@ -137,6 +148,7 @@ impl fmt::Debug for Delivery {
         f.debug_struct("Delivery")
             .field("message", &self.message)
             .field("delivery_count", &self.delivery_count)
+            .field("epoch", &self.epoch)
             .finish_non_exhaustive()
     }
 }
@@ -193,22 +205,108 @@ pub trait PartitionControl: Send + Sync + 'static {
     fn resume(&self, partition: u32);
 }
 
-/// A live domain subscription: the deliveries, and control over partitions if offered.
+/// A change of partition ownership in a consumer group, for this member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum GroupEvent {
+    /// This member owns `partition` under `epoch` from now on. Nothing of the partition is
+    /// delivered before the pool asked for the rewind ([`GroupControl::rewind`]).
+    Assigned {
+        /// The partition.
+        partition: u32,
+        /// The new ownership epoch (grows with every change of owner).
+        epoch: u64,
+    },
+    /// The group moves `partition` elsewhere: stop pulling it, drain it, then
+    /// [`GroupControl::release`] it.
+    Revoked {
+        /// The partition.
+        partition: u32,
+        /// The epoch being revoked.
+        epoch: u64,
+    },
+    /// Ownership is already gone (crash detected, lease or pin lost, Kafka
+    /// `assignment_lost`): no more acknowledgements and no new handlers for it.
+    Lost {
+        /// The partition.
+        partition: u32,
+        /// The epoch that was lost.
+        epoch: u64,
+    },
+}
+
+/// What a consumer-group member asks of its transport beyond [`PartitionControl`].
+#[async_trait]
+pub trait GroupControl: PartitionControl {
+    /// Deliver `partition` from its first unacknowledged message (the ack floor) under
+    /// ownership `epoch`: the mandatory rewind at every takeover. Resolves when later
+    /// deliveries of the partition start there.
+    async fn rewind(&self, partition: u32, epoch: u64) -> Result<()>;
+    /// The member drained `partition` (revoked under `epoch`): give up ownership.
+    async fn release(&self, partition: u32, epoch: u64) -> Result<()>;
+}
+
+/// The group side of a subscription: ownership events and their control.
+pub struct GroupMembership {
+    /// Assignments, revocations and losses, in the order they happened.
+    pub events: BoxStream<'static, GroupEvent>,
+    /// Rewind and release.
+    pub control: Arc<dyn GroupControl>,
+}
+
+impl fmt::Debug for GroupMembership {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GroupMembership").finish_non_exhaustive()
+    }
+}
+
+/// A live domain subscription: the deliveries, control over partitions if offered, and the
+/// group membership if the backend has consumer groups.
 ///
-/// Dropping the stream ends the subscription on the broker side; unacknowledged messages
-/// are redelivered later (to this durable consumer).
+/// Dropping it ends the subscription on the broker side (for groups: the member leaves);
+/// unacknowledged messages are redelivered later (to this durable consumer or group).
+#[non_exhaustive]
 pub struct DomainSubscription {
     /// Deliveries in broker order per partition. An `Err` item is a transient problem
     /// (logged; the stream goes on); the stream ends when the subscription is closed.
     pub deliveries: BoxStream<'static, Result<Delivery>>,
     /// Per-partition pause and resume, when [`Capabilities::pause_partitions`] is set.
     pub control: Option<Arc<dyn PartitionControl>>,
+    /// Group membership, when [`Capabilities::consumer_groups`] is set. Without it every
+    /// partition counts as owned for the subscription's lifetime.
+    pub group: Option<GroupMembership>,
+}
+
+impl DomainSubscription {
+    /// A subscription with only a delivery stream.
+    pub fn new(deliveries: BoxStream<'static, Result<Delivery>>) -> Self {
+        Self {
+            deliveries,
+            control: None,
+            group: None,
+        }
+    }
+
+    /// Same subscription with partition pause and resume.
+    #[must_use]
+    pub fn with_control(mut self, control: Arc<dyn PartitionControl>) -> Self {
+        self.control = Some(control);
+        self
+    }
+
+    /// Same subscription with group membership.
+    #[must_use]
+    pub fn with_group(mut self, group: GroupMembership) -> Self {
+        self.group = Some(group);
+        self
+    }
 }
 
 impl fmt::Debug for DomainSubscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DomainSubscription")
             .field("control", &self.control.is_some())
+            .field("group", &self.group.is_some())
             .finish_non_exhaustive()
     }
 }

@@ -278,10 +278,7 @@ impl DomainTransport for Memory {
             Some((Ok(d), (reader, guard)))
         })
         .take_until(closed.cancelled_owned());
-        Ok(DomainSubscription {
-            deliveries: stream.boxed(),
-            control: Some(Arc::new(Control(consumer))),
-        })
+        Ok(DomainSubscription::new(stream.boxed()).with_control(Arc::new(Control(consumer))))
     }
 
     async fn replay(&self, topic: &str, key: &str) -> Result<Vec<InboundMessage>> {
