@@ -1,5 +1,6 @@
-//! The durable-like domain transport: partitioned logs, durable consumers with ack
-//! deadlines, redelivery and an ack floor per partition.
+//! The domain transport: partitioned logs, durable consumer groups with members,
+//! rendezvous assignment, ack deadlines, redelivery, an ack floor per partition and the
+//! rewind at takeover.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -9,9 +10,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use dualbus_core::partition::partition_for;
 use dualbus_core::{
-    Acker, Capabilities, Delivery, DomainSubscription, DomainTransport, Error, Headers,
-    InboundMessage, OutboundMessage, PartitionControl, Position, Receipt, Result, StartPosition,
-    SubscriptionSpec, validate_topic,
+    Acker, Capabilities, Delivery, DomainSubscription, DomainTransport, Error, GroupControl,
+    GroupEvent, GroupMembership, Headers, InboundMessage, OutboundMessage, PartitionControl,
+    Position, Receipt, Result, StartPosition, SubscriptionSpec, validate_topic,
 };
 use futures::StreamExt as _;
 use parking_lot::Mutex;
@@ -37,7 +38,7 @@ struct Topic {
     name: String,
     /// One append-only log per partition.
     logs: Mutex<Vec<Vec<Arc<Stored>>>>,
-    consumers: Mutex<HashMap<String, Arc<Consumer>>>,
+    groups: Mutex<HashMap<String, Arc<Group>>>,
 }
 
 #[derive(Debug)]
@@ -48,7 +49,7 @@ struct Pending {
 
 #[derive(Debug, Default)]
 struct Cursor {
-    /// Next offset never delivered.
+    /// Next offset to look at for a first delivery.
     next: u64,
     /// Delivered and not acknowledged.
     pending: BTreeMap<u64, Pending>,
@@ -71,17 +72,40 @@ impl Cursor {
     }
 }
 
+/// The current owner of a partition.
+#[derive(Debug, Clone, Copy)]
+struct Owner {
+    member: u64,
+    epoch: u64,
+    /// The owner asked for the rewind: the partition is delivered.
+    rewound: bool,
+    /// Revoked: waiting for the owner to drain and release it.
+    revoking: bool,
+}
+
+#[derive(Debug)]
+struct Member {
+    /// The name rendezvous hashing ranks.
+    name: String,
+    events: async_channel::Sender<GroupEvent>,
+    wake: Arc<Notify>,
+}
+
 #[derive(Debug, Default)]
-struct ConsumerState {
-    active: bool,
+struct GroupState {
     cursors: Vec<Cursor>,
     /// Redelivery deadlines: `(deadline, partition, offset)`, one per pending message.
     timers: BTreeSet<(Instant, u32, u64)>,
     /// Round-robin start for fairness between partitions.
     rr: usize,
+    members: BTreeMap<u64, Member>,
+    next_member: u64,
+    owners: Vec<Option<Owner>>,
+    /// The last epoch handed out, per partition.
+    epochs: Vec<u64>,
 }
 
-impl ConsumerState {
+impl GroupState {
     fn set_deadline(&mut self, partition: u32, offset: u64, deadline: Instant) -> bool {
         let Some(p) = self
             .cursors
@@ -104,26 +128,111 @@ impl ConsumerState {
             c.settle(offset);
         }
     }
-}
 
-#[derive(Debug, Default)]
-struct Consumer {
-    state: Mutex<ConsumerState>,
-    wake: Notify,
-}
+    /// Whether `member` owns `partition` under `epoch`.
+    fn owned_by(&self, partition: u32, member: u64, epoch: u64) -> bool {
+        self.owners
+            .get(partition as usize)
+            .copied()
+            .flatten()
+            .is_some_and(|o| o.member == member && o.epoch == epoch)
+    }
 
-impl Topic {
-    fn new(name: &str, partitions: u32) -> Self {
-        Self {
-            name: name.to_owned(),
-            logs: Mutex::new((0..partitions).map(|_| Vec::new()).collect()),
-            consumers: Mutex::new(HashMap::new()),
+    /// Whether `member` consumes `partition` now (owned, rewound, not revoked, not paused).
+    fn consumes(&self, partition: u32, member: u64) -> bool {
+        let owned = self
+            .owners
+            .get(partition as usize)
+            .copied()
+            .flatten()
+            .is_some_and(|o| o.member == member && o.rewound && !o.revoking);
+        owned && !self.cursors[partition as usize].paused
+    }
+
+    /// Moves every partition toward its rendezvous owner among the live members: a free
+    /// partition is assigned at once (new epoch); an owned one is revoked from its owner,
+    /// who drains and releases it, and only then is it assigned.
+    fn rebalance(&mut self) {
+        let names: Vec<&str> = self.members.values().map(|m| m.name.as_str()).collect();
+        let by_name: HashMap<&str, u64> = self
+            .members
+            .iter()
+            .map(|(id, m)| (m.name.as_str(), *id))
+            .collect();
+        let mut sends: Vec<(u64, GroupEvent)> = Vec::new();
+        for p in 0..self.owners.len() {
+            let partition = p as u32;
+            let desired = dualbus_core::group::owner(partition, names.iter().copied())
+                .and_then(|n| by_name.get(n).copied());
+            match self.owners[p] {
+                Some(o) if Some(o.member) == desired => {}
+                Some(mut o) if self.members.contains_key(&o.member) => {
+                    if !o.revoking {
+                        o.revoking = true;
+                        self.owners[p] = Some(o);
+                        sends.push((
+                            o.member,
+                            GroupEvent::Revoked {
+                                partition,
+                                epoch: o.epoch,
+                            },
+                        ));
+                    }
+                }
+                _ => {
+                    // Free, or its owner is gone: assign it.
+                    self.owners[p] = None;
+                    if let Some(member) = desired {
+                        self.epochs[p] += 1;
+                        let epoch = self.epochs[p];
+                        self.owners[p] = Some(Owner {
+                            member,
+                            epoch,
+                            rewound: false,
+                            revoking: false,
+                        });
+                        self.cursors[p].paused = false;
+                        sends.push((member, GroupEvent::Assigned { partition, epoch }));
+                    }
+                }
+            }
+        }
+        for (member, event) in sends {
+            if let Some(m) = self.members.get(&member) {
+                // Unbounded: the member reads its events before anything else.
+                let _ = m.events.try_send(event);
+            }
         }
     }
 
+    fn wake_members(&self) {
+        for m in self.members.values() {
+            m.wake.notify_one();
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Group {
+    state: Mutex<GroupState>,
+}
+
+impl Topic {
+    fn new(name: &str, partitions: usize) -> Self {
+        Self {
+            name: name.to_owned(),
+            logs: Mutex::new((0..partitions).map(|_| Vec::new()).collect()),
+            groups: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn partitions(&self) -> usize {
+        self.logs.lock().len()
+    }
+
     fn wake_all(&self) {
-        for c in self.consumers.lock().values() {
-            c.wake.notify_one();
+        for g in self.groups.lock().values() {
+            g.state.lock().wake_members();
         }
     }
 }
@@ -134,9 +243,10 @@ impl Memory {
         if let Some(t) = topics.get(name) {
             return t.clone();
         }
+        let partitions = self.broker.config.partitions_of(name);
         topics
             .entry(name.to_owned())
-            .or_insert_with(|| Arc::new(Topic::new(name, self.broker.config.partitions)))
+            .or_insert_with(|| Arc::new(Topic::new(name, partitions)))
             .clone()
     }
 
@@ -159,20 +269,18 @@ impl Memory {
             &message.headers,
             message.payload.len(),
         )?;
-        let partition = partition_for(&message.key, self.broker.config.partitions);
-        let offset = {
-            let mut logs = topic.logs.lock();
-            let log = &mut logs[partition as usize];
-            log.push(Arc::new(Stored {
-                key: message.key,
-                headers: message.headers,
-                payload: message.payload,
-            }));
-            log.len() as u64 - 1
-        };
+        let mut logs = topic.logs.lock();
+        // `partition_for` is below the partition count, which is the number of logs.
+        let partition = partition_for(&message.key, logs.len() as u32);
+        let log = &mut logs[partition as usize];
+        log.push(Arc::new(Stored {
+            key: message.key,
+            headers: message.headers,
+            payload: message.payload,
+        }));
         Ok(Receipt::at(Position {
             partition,
-            offset: u128::from(offset),
+            offset: u128::from(log.len() as u64 - 1),
         }))
     }
 }
@@ -219,27 +327,32 @@ impl DomainTransport for Memory {
         out
     }
 
+    /// Joins the group `spec.group` as a new member. Partitions are assigned by rendezvous
+    /// hashing over the live members; the stream of group events says which this member
+    /// owns. Dropping the subscription leaves the group.
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<DomainSubscription> {
         self.check_domain_open()?;
         validate_topic(&spec.topic)?;
         let topic = self.topic(&spec.topic);
-        let partitions = self.broker.config.partitions as usize;
-        let consumer = {
-            let mut consumers = topic.consumers.lock();
-            let created = !consumers.contains_key(&spec.group);
-            let consumer = consumers.entry(spec.group.clone()).or_default().clone();
-            let mut st = consumer.state.lock();
-            if st.active {
-                return Err(Error::Conflict(format!(
-                    "group {:?} on topic {:?} already has an active subscriber; the memory backend \
-                     has no partitioned consumer groups yet, so a second member is refused rather \
-                     than interleaving an aggregate's events",
-                    spec.group, spec.topic
-                )));
-            }
-            st.active = true;
+        let partitions = topic.partitions();
+        let (events_tx, events_rx) = async_channel::unbounded();
+        let wake = Arc::new(Notify::new());
+        let (group, member) = {
+            let mut groups = topic.groups.lock();
+            let created = !groups.contains_key(&spec.group);
+            let group = groups
+                .entry(spec.group.clone())
+                .or_insert_with(|| {
+                    Arc::new(Group {
+                        state: Mutex::new(GroupState::default()),
+                    })
+                })
+                .clone();
+            let mut st = group.state.lock();
             if created {
                 st.cursors = (0..partitions).map(|_| Cursor::default()).collect();
+                st.owners = vec![None; partitions];
+                st.epochs = vec![0; partitions];
                 if spec.start == StartPosition::Latest {
                     let logs = topic.logs.lock();
                     for (c, log) in st.cursors.iter_mut().zip(logs.iter()) {
@@ -248,45 +361,55 @@ impl DomainTransport for Memory {
                     }
                 }
             }
-            // Rewind: whatever an earlier subscriber left unacknowledged comes first, now,
-            // in partition order, instead of after its ack deadline.
-            let now = Instant::now();
-            let pending: Vec<(u32, u64)> = st
-                .cursors
-                .iter()
-                .enumerate()
-                .flat_map(|(p, c)| c.pending.keys().map(move |o| (p as u32, *o)))
-                .collect();
-            for (p, o) in pending {
-                st.set_deadline(p, o, now);
-            }
-            for c in &mut st.cursors {
-                c.paused = false;
-            }
+            let member = st.next_member;
+            st.next_member += 1;
+            st.members.insert(
+                member,
+                Member {
+                    name: format!("member-{member}"),
+                    events: events_tx,
+                    wake: wake.clone(),
+                },
+            );
+            st.rebalance();
             drop(st);
-            consumer
+            (group, member)
         };
+        let control = Arc::new(MemberControl {
+            group: group.clone(),
+            member,
+            wake: wake.clone(),
+            rewind: self.broker.config.rewind,
+        });
         let reader = Reader {
             topic,
-            consumer: consumer.clone(),
+            group: group.clone(),
+            member,
+            wake,
             ack_wait: self.broker.config.ack_wait,
         };
         let closed = self.handle.domain_closed.clone();
-        let guard = ActiveGuard(consumer.clone());
+        let guard = MemberGuard { group, member };
         let stream = futures::stream::unfold((reader, guard), |(reader, guard)| async move {
             let d = reader.next().await;
             Some((Ok(d), (reader, guard)))
         })
-        .take_until(closed.cancelled_owned());
-        Ok(DomainSubscription::new(stream.boxed()).with_control(Arc::new(Control(consumer))))
+        .take_until(closed.clone().cancelled_owned());
+        let events = events_rx.take_until(closed.cancelled_owned());
+        Ok(
+            DomainSubscription::new(stream.boxed()).with_group(GroupMembership {
+                events: events.boxed(),
+                control,
+            }),
+        )
     }
 
     async fn replay(&self, topic: &str, key: &str) -> Result<Vec<InboundMessage>> {
         self.check_domain_open()?;
         validate_topic(topic)?;
         let t = self.topic(topic);
-        let partition = partition_for(key, self.broker.config.partitions);
         let logs = t.logs.lock();
+        let partition = partition_for(key, logs.len() as u32);
         Ok(logs[partition as usize]
             .iter()
             .enumerate()
@@ -300,15 +423,15 @@ impl DomainTransport for Memory {
         let t = self.topic(topic);
         let logs = t.logs.lock();
         let total: u64 = logs.iter().map(|l| l.len() as u64).sum();
-        let Some(consumer) = t.consumers.lock().get(group).cloned() else {
+        let Some(g) = t.groups.lock().get(group).cloned() else {
             return Ok(Some(total));
         };
-        let st = consumer.state.lock();
+        let st = g.state.lock();
         let n = st
             .cursors
             .iter()
             .zip(logs.iter())
-            .map(|(c, l)| (l.len() as u64 - c.next) + c.pending.len() as u64)
+            .map(|(c, l)| l.len() as u64 - c.floor - c.acked.len() as u64)
             .sum();
         Ok(Some(n))
     }
@@ -332,56 +455,134 @@ fn inbound(topic: &str, s: &Stored, partition: u32, offset: u64) -> InboundMessa
     }
 }
 
-/// Marks the consumer inactive when the subscription's stream is dropped.
-struct ActiveGuard(Arc<Consumer>);
+/// Leaves the group when the subscription's stream is dropped; the member's partitions go
+/// to the others at once (the pool drops the stream only after its handlers stopped).
+struct MemberGuard {
+    group: Arc<Group>,
+    member: u64,
+}
 
-impl Drop for ActiveGuard {
+impl Drop for MemberGuard {
     fn drop(&mut self) {
-        self.0.state.lock().active = false;
+        let mut st = self.group.state.lock();
+        st.members.remove(&self.member);
+        for o in st.owners.iter_mut() {
+            if o.is_some_and(|o| o.member == self.member) {
+                *o = None;
+            }
+        }
+        st.rebalance();
+        st.wake_members();
     }
 }
 
-struct Control(Arc<Consumer>);
+struct MemberControl {
+    group: Arc<Group>,
+    member: u64,
+    wake: Arc<Notify>,
+    rewind: bool,
+}
 
-impl PartitionControl for Control {
+impl PartitionControl for MemberControl {
     fn pause(&self, partition: u32) {
-        if let Some(c) = self.0.state.lock().cursors.get_mut(partition as usize) {
-            c.paused = true;
+        let mut st = self.group.state.lock();
+        if st
+            .owners
+            .get(partition as usize)
+            .copied()
+            .flatten()
+            .is_some_and(|o| o.member == self.member)
+        {
+            st.cursors[partition as usize].paused = true;
         }
     }
 
     fn resume(&self, partition: u32) {
-        if let Some(c) = self.0.state.lock().cursors.get_mut(partition as usize) {
-            c.paused = false;
+        let mut st = self.group.state.lock();
+        if st
+            .owners
+            .get(partition as usize)
+            .copied()
+            .flatten()
+            .is_some_and(|o| o.member == self.member)
+        {
+            st.cursors[partition as usize].paused = false;
         }
-        self.0.wake.notify_one();
+        drop(st);
+        self.wake.notify_one();
+    }
+}
+
+#[async_trait]
+impl GroupControl for MemberControl {
+    async fn rewind(&self, partition: u32, epoch: u64) -> Result<()> {
+        let mut st = self.group.state.lock();
+        if !st.owned_by(partition, self.member, epoch) {
+            return Err(Error::Conflict(format!(
+                "partition {partition} is no longer owned under epoch {epoch}"
+            )));
+        }
+        let p = partition as usize;
+        if self.rewind {
+            // Back to the first unacknowledged message: whatever an earlier owner left
+            // unacknowledged comes first, now, instead of after its ack deadline.
+            let pending: Vec<(Instant, u64)> = st.cursors[p]
+                .pending
+                .iter()
+                .map(|(o, x)| (x.deadline, *o))
+                .collect();
+            for (deadline, offset) in pending {
+                st.timers.remove(&(deadline, partition, offset));
+            }
+            let c = &mut st.cursors[p];
+            c.pending.clear();
+            c.next = c.floor;
+        }
+        if let Some(o) = st.owners[p].as_mut() {
+            o.rewound = true;
+        }
+        drop(st);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    async fn release(&self, partition: u32, epoch: u64) -> Result<()> {
+        let mut st = self.group.state.lock();
+        if st.owned_by(partition, self.member, epoch) {
+            st.owners[partition as usize] = None;
+            st.rebalance();
+            st.wake_members();
+        }
+        Ok(())
     }
 }
 
 struct Reader {
     topic: Arc<Topic>,
-    consumer: Arc<Consumer>,
+    group: Arc<Group>,
+    member: u64,
+    wake: Arc<Notify>,
     ack_wait: Duration,
 }
 
 impl Reader {
-    /// Waits for the next delivery: a due redelivery first, then new messages round-robin
-    /// over unpaused partitions.
+    /// Waits for the next delivery of a partition this member consumes: a due redelivery
+    /// first, then new messages round-robin over partitions.
     async fn next(&self) -> Delivery {
         loop {
-            let wake = self.consumer.wake.notified();
+            let wake = self.wake.notified();
             tokio::pin!(wake);
             wake.as_mut().enable();
             let now = Instant::now();
             let next_deadline = {
                 let logs = self.topic.logs.lock();
-                let mut st = self.consumer.state.lock();
+                let mut st = self.group.state.lock();
                 if let Some(d) = self.take(&logs, &mut st, now) {
                     return d;
                 }
                 st.timers
                     .iter()
-                    .find(|(_, p, _)| !st.cursors[*p as usize].paused)
+                    .find(|(_, p, _)| st.consumes(*p, self.member))
                     .map(|(d, _, _)| *d)
             };
             match next_deadline {
@@ -399,7 +600,7 @@ impl Reader {
     fn take(
         &self,
         logs: &[Vec<Arc<Stored>>],
-        st: &mut ConsumerState,
+        st: &mut GroupState,
         now: Instant,
     ) -> Option<Delivery> {
         // Due redeliveries, earliest deadline first.
@@ -407,21 +608,31 @@ impl Reader {
             .timers
             .iter()
             .take_while(|(d, _, _)| *d <= now)
-            .find(|(_, p, _)| !st.cursors[*p as usize].paused)
+            .find(|(_, p, _)| st.consumes(*p, self.member))
             .copied();
         if let Some((_, partition, offset)) = due {
             st.set_deadline(partition, offset, now + self.ack_wait);
+            let epoch = st.owners[partition as usize]?.epoch;
             let p = st.cursors[partition as usize].pending.get_mut(&offset)?;
             p.deliveries += 1;
             let count = p.deliveries;
             let stored = logs[partition as usize].get(offset as usize)?;
-            return Some(self.delivery(stored, partition, offset, count));
+            return Some(self.delivery(stored, partition, offset, count, epoch));
         }
         let n = st.cursors.len();
         for i in 0..n {
             let partition = (st.rr + i) % n;
+            if !st.consumes(partition as u32, self.member) {
+                continue;
+            }
             let c = &mut st.cursors[partition];
-            if c.paused || c.next >= logs[partition].len() as u64 {
+            // Skip what was acknowledged (after a rewind) or is already out for delivery.
+            while c.next < logs[partition].len() as u64
+                && (c.acked.contains(&c.next) || c.pending.contains_key(&c.next))
+            {
+                c.next += 1;
+            }
+            if c.next >= logs[partition].len() as u64 {
                 continue;
             }
             let offset = c.next;
@@ -436,51 +647,69 @@ impl Reader {
             );
             st.timers.insert((deadline, partition as u32, offset));
             st.rr = (partition + 1) % n;
+            let epoch = st.owners[partition]?.epoch;
             let stored = &logs[partition][offset as usize];
-            return Some(self.delivery(stored, partition as u32, offset, 1));
+            return Some(self.delivery(stored, partition as u32, offset, 1, epoch));
         }
         None
     }
 
-    fn delivery(&self, stored: &Stored, partition: u32, offset: u64, count: u32) -> Delivery {
+    fn delivery(
+        &self,
+        stored: &Stored,
+        partition: u32,
+        offset: u64,
+        count: u32,
+        epoch: u64,
+    ) -> Delivery {
         Delivery::new(
             inbound(&self.topic.name, stored, partition, offset),
             count,
             Arc::new(MemoryAcker {
-                consumer: self.consumer.clone(),
+                group: self.group.clone(),
+                member: self.member,
                 partition,
                 offset,
+                epoch,
                 ack_wait: self.ack_wait,
             }),
         )
+        .with_epoch(epoch)
     }
 }
 
 struct MemoryAcker {
-    consumer: Arc<Consumer>,
+    group: Arc<Group>,
+    member: u64,
     partition: u32,
     offset: u64,
+    epoch: u64,
     ack_wait: Duration,
+}
+
+impl MemoryAcker {
+    /// A stale acknowledgement (of an ownership epoch that ended) is ignored, like a Kafka
+    /// commit from a revoked member.
+    fn current(&self, st: &GroupState) -> bool {
+        st.owned_by(self.partition, self.member, self.epoch)
+    }
 }
 
 #[async_trait]
 impl Acker for MemoryAcker {
     async fn ack(&self) -> Result<()> {
-        self.consumer
-            .state
-            .lock()
-            .settle(self.partition, self.offset);
+        let mut st = self.group.state.lock();
+        if self.current(&st) {
+            st.settle(self.partition, self.offset);
+        }
         Ok(())
     }
 
     async fn nack(&self, delay: Duration) -> Result<()> {
-        let found = self.consumer.state.lock().set_deadline(
-            self.partition,
-            self.offset,
-            Instant::now() + delay,
-        );
-        if found {
-            self.consumer.wake.notify_one();
+        let mut st = self.group.state.lock();
+        if self.current(&st) && st.set_deadline(self.partition, self.offset, Instant::now() + delay)
+        {
+            st.wake_members();
         }
         Ok(())
     }
@@ -490,11 +719,10 @@ impl Acker for MemoryAcker {
     }
 
     async fn in_progress(&self) -> Result<()> {
-        self.consumer.state.lock().set_deadline(
-            self.partition,
-            self.offset,
-            Instant::now() + self.ack_wait,
-        );
+        let mut st = self.group.state.lock();
+        if self.current(&st) {
+            st.set_deadline(self.partition, self.offset, Instant::now() + self.ack_wait);
+        }
         Ok(())
     }
 }

@@ -6,9 +6,13 @@
 //! of the facade.
 //!
 //! It fails the way a broker does: domain deliveries have an ack deadline and come back when
-//! it passes, after a `nack`, or to the next subscriber of the same durable group; each
-//! partition keeps an ack floor. It is **not durable**: everything lives as long as the
-//! [`Memory`] broker value (and its clones) lives.
+//! it passes or after a `nack`; each partition keeps an ack floor. Consumer groups are
+//! in-process: a subscription joins its group as a member, partitions are assigned by
+//! rendezvous hashing over the live members, a revoked partition is drained and released
+//! before its next owner gets it, a member that is dropped (a crash) loses its partitions
+//! at once, and every new owner rewinds a partition to its ack floor. It is **not
+//! durable**: everything lives as long as the [`Memory`] broker value (and its clones)
+//! lives.
 //!
 //! ```
 //! use dualbus_memory::Memory;
@@ -39,6 +43,7 @@
 mod domain;
 mod simple;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,6 +62,11 @@ pub struct MemoryConfig {
     pub max_payload: usize,
     /// Buffered simple messages per subscriber before publishers wait. Default 1,024.
     pub simple_buffer: usize,
+    /// Partitions of particular topics, overriding `partitions`.
+    pub topic_partitions: BTreeMap<String, u32>,
+    /// Whether a new owner rewinds a partition to its ack floor (always, except in the
+    /// conformance suite's mutant check).
+    pub(crate) rewind: bool,
 }
 
 impl Default for MemoryConfig {
@@ -66,6 +76,8 @@ impl Default for MemoryConfig {
             ack_wait: Duration::from_secs(30),
             max_payload: 1024 * 1024,
             simple_buffer: 1024,
+            topic_partitions: BTreeMap::new(),
+            rewind: true,
         }
     }
 }
@@ -99,8 +111,33 @@ impl MemoryConfig {
         self
     }
 
+    /// Same settings with `partitions` for `topic`.
+    #[must_use]
+    pub fn with_topic_partitions(mut self, topic: impl Into<String>, partitions: u32) -> Self {
+        self.topic_partitions.insert(topic.into(), partitions);
+        self
+    }
+
+    /// **Test only**: a new owner does *not* rewind a partition at takeover, so the old
+    /// owner's unacknowledged messages come back only after their ack deadline. This is the
+    /// naive handover the conformance suite's order checker must catch.
+    #[cfg(feature = "conformance")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
+    #[must_use]
+    pub fn without_rewind(mut self) -> Self {
+        self.rewind = false;
+        self
+    }
+
+    pub(crate) fn partitions_of(&self, topic: &str) -> usize {
+        self.topic_partitions
+            .get(topic)
+            .copied()
+            .unwrap_or(self.partitions) as usize
+    }
+
     fn validate(&self) -> Result<(), Error> {
-        if self.partitions == 0 {
+        if self.partitions == 0 || self.topic_partitions.values().any(|p| *p == 0) {
             return Err(Error::config("memory.partitions", "must be at least 1"));
         }
         if self.ack_wait.is_zero() {
@@ -163,6 +200,7 @@ impl Memory {
         let mut domain_caps = Capabilities::new("memory");
         domain_caps.durable = false;
         domain_caps.ordered_per_key = true;
+        domain_caps.consumer_groups = true;
         domain_caps.replay = true;
         domain_caps.max_payload = config.max_payload;
         domain_caps.header_style = HeaderStyle::Nats;

@@ -130,7 +130,7 @@ async fn read_raw(transport: &DynDomainTransport, topic: &str, n: usize) -> Vec<
         .expect("subscribe raw");
     let mut out = Vec::new();
     while out.len() < n {
-        match sub.deliveries.next().await {
+        match super::next_raw(&mut sub).await {
             Some(Ok(d)) => {
                 d.ack().await.expect("ack raw");
                 out.push(d.message);
@@ -396,7 +396,10 @@ pub async fn nack_and_deadline_redelivery(backend: &dyn Backend) {
         .subscribe(SubscriptionSpec::new(&topic, "nack"))
         .await
         .expect("subscribe");
-    let first = sub.deliveries.next().await.expect("delivery").expect("ok");
+    let first = super::next_raw(&mut sub)
+        .await
+        .expect("delivery")
+        .expect("ok");
     assert_eq!(first.delivery_count, 1);
     first.nack(Duration::ZERO).await.expect("nack");
     let second = sub
@@ -418,7 +421,7 @@ pub async fn nack_and_deadline_redelivery(backend: &dyn Backend) {
         assert_eq!(third.position(), first.position());
         assert_eq!(third.delivery_count, 3);
         third.ack().await.expect("ack");
-        let more = tokio::time::timeout(deadline * 2, sub.deliveries.next()).await;
+        let more = tokio::time::timeout(deadline * 2, super::next_raw(&mut sub)).await;
         assert!(more.is_err(), "an acknowledged message came back: {more:?}");
     } else {
         second.ack().await.expect("ack");

@@ -91,6 +91,34 @@ pub async fn wait_for(mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// The next delivery of a subscription used without the pool (raw), taking part in the
+/// group protocol on the side: an assigned partition is rewound, a revoked one released.
+pub async fn next_raw(sub: &mut crate::DomainSubscription) -> Option<Result<crate::Delivery>> {
+    use futures::StreamExt as _;
+    loop {
+        let Some(group) = sub.group.as_mut() else {
+            return sub.deliveries.next().await;
+        };
+        let event = tokio::select! {
+            biased;
+            Some(event) = group.events.next() => event,
+            d = sub.deliveries.next() => return d,
+        };
+        let r = match event {
+            crate::GroupEvent::Assigned { partition, epoch } => {
+                group.control.rewind(partition, epoch).await
+            }
+            crate::GroupEvent::Revoked { partition, epoch } => {
+                group.control.release(partition, epoch).await
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = r {
+            eprintln!("raw consumer: group operation failed: {e}");
+        }
+    }
+}
+
 /// Expands to one `#[tokio::test]` per conformance test, each calling the suite function
 /// with the backend built by `$make` (an expression evaluated per test).
 ///
