@@ -9,6 +9,11 @@
 //!   starting at 1: `4,5,6,5,6,7` is a replay and allowed; `4,6` and `4,5,6,5,7` are gaps.
 //! - **C3** a repeated `E(a,v)` follows a redelivery (delivery count above 1, or a crash or
 //!   restart in between); no `K(a,v)` before its first `S`.
+//! - **C4** (groups) per aggregate, the handler runs of all members are disjoint (a run lasts
+//!   from `S` to its `E` or failure `F`, or to the member's crash `X`); nothing from a
+//!   member after its `X`.
+//! - **C5** (groups) duplicates stay within the in-flight window of the handovers:
+//!   [`Summary::duplicates`] is reported for the test to bound.
 //! - **C6** after the run is marked quiescent, no new `E`.
 
 use std::collections::{BTreeMap, HashMap};
@@ -64,6 +69,17 @@ pub enum Record {
         m: u32,
         /// How it ended.
         kind: EndKind,
+    },
+    /// Handler attempt failed (it may be retried or dead-lettered).
+    Fail {
+        /// Clock tick.
+        t: u64,
+        /// Aggregate.
+        a: String,
+        /// Version.
+        v: u64,
+        /// Member.
+        m: u32,
     },
     /// Ack confirmed.
     Ack {
@@ -260,6 +276,7 @@ impl OrderChecker {
                     }
                 }
                 Record::Crash { t, .. } => crashes.push(*t),
+                Record::Fail { .. } => {}
             }
             if let (Some(q), Record::End { t, a, v, .. }) = (inner.quiescent_at, r) {
                 if *t > q {
@@ -269,6 +286,44 @@ impl OrderChecker {
                         detail: format!("v{v} was handled again after the run was quiescent"),
                     });
                 }
+            }
+        }
+        // C4
+        let mut running: HashMap<&str, u32> = HashMap::new();
+        let mut crashed: HashMap<u32, u64> = HashMap::new();
+        for r in &inner.records {
+            let (t, a, m, start, v) = match r {
+                Record::Start { t, a, m, v, .. } => (*t, a.as_str(), *m, true, *v),
+                Record::End { t, a, m, v, .. } | Record::Fail { t, a, m, v } => {
+                    (*t, a.as_str(), *m, false, *v)
+                }
+                Record::Crash { t, m } => {
+                    crashed.insert(*m, *t);
+                    running.retain(|_, r| r != m);
+                    continue;
+                }
+                Record::Ack { .. } => continue,
+            };
+            if let Some(x) = crashed.get(&m) {
+                return Err(Violation {
+                    check: "C4",
+                    aggregate: a.to_owned(),
+                    detail: format!("member {m} handled v{v} at t{t}, after it crashed at t{x}"),
+                });
+            }
+            if start {
+                if let Some(other) = running.get(a).filter(|o| **o != m) {
+                    return Err(Violation {
+                        check: "C4",
+                        aggregate: a.to_owned(),
+                        detail: format!(
+                            "member {m} started v{v} while member {other} was still handling this aggregate"
+                        ),
+                    });
+                }
+                running.insert(a, m);
+            } else if running.get(a) == Some(&m) {
+                running.remove(a);
             }
         }
         // C1
@@ -435,6 +490,8 @@ where
                     m,
                     kind: EndKind::Ok,
                 });
+            } else {
+                checker.push(|t| Record::Fail { t, a, v, m });
             }
             r
         })
@@ -446,12 +503,16 @@ mod tests {
     use super::*;
 
     fn end(c: &OrderChecker, a: &str, v: u64, dc: u32) {
+        end_by(c, a, v, dc, 0);
+    }
+
+    fn end_by(c: &OrderChecker, a: &str, v: u64, dc: u32, m: u32) {
         let a2 = a.to_owned();
         c.push(|t| Record::Start {
             t,
             a: a2,
             v,
-            m: 0,
+            m,
             delivery_count: dc,
             attempt: 1,
         });
@@ -460,7 +521,7 @@ mod tests {
             t,
             a,
             v,
-            m: 0,
+            m,
             kind: EndKind::Ok,
         });
     }
@@ -496,6 +557,49 @@ mod tests {
     }
 
     #[test]
+    fn overlapping_members() {
+        let start = |c: &OrderChecker, m: u32, v: u64| {
+            c.push(|t| Record::Start {
+                t,
+                a: "a".into(),
+                v,
+                m,
+                delivery_count: 1,
+                attempt: 1,
+            })
+        };
+        let end = |c: &OrderChecker, m: u32, v: u64| {
+            c.push(|t| Record::End {
+                t,
+                a: "a".into(),
+                v,
+                m,
+                kind: EndKind::Ok,
+            })
+        };
+        // Member 1 starts while member 0 still runs the aggregate.
+        let c = OrderChecker::new();
+        start(&c, 0, 1);
+        start(&c, 1, 1);
+        end(&c, 1, 1);
+        let e = c.check().unwrap_err();
+        assert_eq!(e.check, "C4");
+        assert!(
+            e.detail.contains("member 1 started v1 while member 0"),
+            "{e}"
+        );
+        // After member 0 crashed, member 1 may take over; member 0 must stay silent.
+        let ok = OrderChecker::new();
+        start(&ok, 0, 1);
+        ok.crash(0);
+        start(&ok, 1, 1);
+        end(&ok, 1, 1);
+        assert!(ok.check().is_ok());
+        end(&ok, 0, 1);
+        assert_eq!(ok.check().unwrap_err().check, "C4");
+    }
+
+    #[test]
     fn missing_and_unexplained_duplicates() {
         let c = OrderChecker::new();
         c.published("a", 1);
@@ -511,7 +615,7 @@ mod tests {
         let r = OrderChecker::new();
         end(&r, "a", 1, 1);
         r.crash(0);
-        end(&r, "a", 1, 1);
+        end_by(&r, "a", 1, 1, 1);
         assert!(r.check().is_ok());
 
         let q = OrderChecker::new();
