@@ -626,7 +626,9 @@ impl Reader {
                 continue;
             }
             let c = &mut st.cursors[partition];
-            // Skip what was acknowledged (after a rewind) or is already out for delivery.
+            // Skip what was acknowledged (after a rewind: below the floor, or above it and
+            // acknowledged) or is already out for delivery.
+            c.next = c.next.max(c.floor);
             while c.next < logs[partition].len() as u64
                 && (c.acked.contains(&c.next) || c.pending.contains_key(&c.next))
             {

@@ -15,6 +15,7 @@
 
 mod checker;
 pub mod domain;
+pub mod groups;
 pub mod simple;
 
 use std::future::Future;
@@ -161,6 +162,12 @@ macro_rules! conformance_tests {
             domain_single_active_consumer => domain::single_active_consumer,
             domain_deadline_extension => domain::deadline_extension,
             domain_per_key_cap => domain::per_key_cap,
+            group_declared => groups::declared,
+            group_load_sharing => groups::load_sharing,
+            group_graceful_leave => groups::graceful_leave,
+            group_crash_trap => groups::crash_trap,
+            group_join_during_load => groups::join_during_load,
+            group_churn => groups::churn,
         );
     };
     (@each $attr:meta; $make:expr; $($name:ident => $m:ident :: $f:ident),* $(,)?) => {
