@@ -72,6 +72,7 @@ pub struct DomainBusBuilder {
     handler_layers: Vec<HandlerLayerFn>,
     publish_layers: Vec<PublishLayerFn>,
     handler_timeout: Option<Duration>,
+    default_group: Option<String>,
 }
 
 impl fmt::Debug for DomainBusBuilder {
@@ -105,6 +106,7 @@ impl DomainBusBuilder {
             handler_layers: Vec::new(),
             publish_layers: Vec::new(),
             handler_timeout: None,
+            default_group: None,
         }
     }
 
@@ -112,6 +114,12 @@ impl DomainBusBuilder {
     /// subscriptions.
     pub fn source(mut self, source: impl Into<String>) -> Self {
         self.source = source.into();
+        self
+    }
+
+    /// The consumer group of subscriptions that do not name one. Default: the source.
+    pub fn default_group(mut self, group: impl Into<String>) -> Self {
+        self.default_group = Some(group.into());
         self
     }
 
@@ -204,9 +212,14 @@ impl DomainBusBuilder {
             }
             publish
         });
+        let default_group = self.default_group.unwrap_or_else(|| self.source.clone());
+        if default_group.trim().is_empty() {
+            return Err(Error::config("domain.group.name", "must not be empty"));
+        }
         Ok(DomainBus {
             inner: Arc::new(Inner {
                 transport: self.transport,
+                default_group,
                 source: self.source,
                 codec: self.codec,
                 pool: self.pool,
@@ -226,6 +239,7 @@ impl DomainBusBuilder {
 struct Inner {
     transport: DynDomainTransport,
     source: String,
+    default_group: String,
     codec: Codec,
     pool: PoolConfig,
     retry: Backoff,
@@ -480,8 +494,8 @@ impl fmt::Debug for DomainSubscribeBuilder {
 }
 
 impl DomainSubscribeBuilder {
-    /// The durable consumer group; default: the bus's source (service name), so replicas of
-    /// one service share the topic.
+    /// The consumer group; default: the bus's default group (its source, the service name,
+    /// unless set), so replicas of one service share the topic's partitions.
     pub fn group(mut self, group: impl Into<String>) -> Self {
         self.group = Some(group.into());
         self
@@ -524,7 +538,9 @@ impl DomainSubscribeBuilder {
         let bus = self.bus;
         bus.check_open()?;
         validate_topic(&self.topic)?;
-        let group = self.group.unwrap_or_else(|| bus.inner.source.clone());
+        let group = self
+            .group
+            .unwrap_or_else(|| bus.inner.default_group.clone());
         if group.trim().is_empty() {
             return Err(Error::config("group", "must not be empty"));
         }

@@ -58,6 +58,7 @@ pub struct BusesBuilder {
     hooks: Vec<Arc<dyn Hook>>,
     handler_timeout: Option<Duration>,
     simple_max_concurrency: Option<usize>,
+    default_group: Option<String>,
 }
 
 impl fmt::Debug for BusesBuilder {
@@ -105,6 +106,13 @@ impl BusesBuilder {
     /// The service name: CloudEvents `source` and default consumer group. Default `dualbus`.
     pub fn source(mut self, source: impl Into<String>) -> Self {
         self.source = Some(source.into());
+        self
+    }
+
+    /// The consumer group of domain subscriptions that do not name one (default: the
+    /// source).
+    pub fn default_group(mut self, group: impl Into<String>) -> Self {
+        self.default_group = Some(group.into());
         self
     }
 
@@ -168,6 +176,9 @@ impl BusesBuilder {
         }
         if let Some(t) = self.handler_timeout {
             domain = domain.handler_timeout(t);
+        }
+        if let Some(g) = self.default_group {
+            domain = domain.default_group(g);
         }
         let mut simple = SimpleBusBuilder::from_dyn(simple_t);
         if let Some(n) = self.simple_max_concurrency {

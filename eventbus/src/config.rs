@@ -10,6 +10,8 @@
 //!   retry: { attempts: 5, initial_backoff: 100ms, max_backoff: 10s }
 //!   dead_letter: { suffix: ".dlq" }
 //!   handler_timeout: 30s
+//!   group: { name: orders-service, partitions: 16, drain_deadline: 10s, member_timeout: 5s }
+//!   topics: { payments: { partitions: 32 } }   # per-topic overrides
 //! simple:
 //!   type: memory            # memory | nats | redis
 //!   max_concurrency: 1024
@@ -98,6 +100,35 @@ impl Default for MemorySection {
     }
 }
 
+/// The `group` section: consumer groups, backend-neutral.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct GroupSection {
+    /// The group of subscriptions that do not name one. Default: the source.
+    pub name: Option<String>,
+    /// Partitions per domain topic (Kafka: the topic's own). Default: the backend's (16 in
+    /// memory).
+    pub partitions: Option<u32>,
+    /// How long a revoked partition (and a shutdown) may take to finish started handlers.
+    /// Default: `pool.drain_deadline`.
+    #[serde(with = "dualbus_core::config::duration::option")]
+    pub drain_deadline: Option<Duration>,
+    /// After how long without a sign of life a member counts as gone (NATS and Redis
+    /// registries; memory and Kafka detect departures themselves). Default 5 s.
+    #[serde(with = "dualbus_core::config::duration::option")]
+    pub member_timeout: Option<Duration>,
+}
+
+/// Per-topic settings.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TopicSection {
+    /// Partitions of this topic, overriding `group.partitions`.
+    pub partitions: Option<u32>,
+}
+
 /// Backend sections whose crates this build does not contain are kept as raw values, so
 /// that their presence can be reported with the feature to enable.
 type Raw = figment::value::Value;
@@ -122,6 +153,10 @@ pub struct DomainSection {
     pub kafka: Option<Raw>,
     /// Redis settings (feature `redis`).
     pub redis: Option<Raw>,
+    /// Consumer groups.
+    pub group: GroupSection,
+    /// Per-topic overrides, by topic name.
+    pub topics: std::collections::BTreeMap<String, TopicSection>,
     /// Keyed pool limits.
     pub pool: PoolConfig,
     /// Handler retry.
@@ -234,6 +269,27 @@ impl Config {
             }
         }
         d.pool.validate().map_err(|e| prefix("domain", e))?;
+        if let Some(n) = &d.group.name {
+            if n.trim().is_empty() {
+                return Err(Error::config("domain.group.name", "must not be empty"));
+            }
+        }
+        if d.group.partitions == Some(0) {
+            return Err(Error::config(
+                "domain.group.partitions",
+                "must be at least 1",
+            ));
+        }
+        for (topic, t) in &d.topics {
+            dualbus_core::validate_topic(topic)
+                .map_err(|e| Error::config(format!("domain.topics.{topic}"), e.to_string()))?;
+            if t.partitions == Some(0) {
+                return Err(Error::config(
+                    format!("domain.topics.{topic}.partitions"),
+                    "must be at least 1",
+                ));
+            }
+        }
         d.retry.validate().map_err(|e| prefix("domain", e))?;
         let s = &self.simple;
         if s.kind == BackendKind::Kafka {
@@ -348,12 +404,16 @@ impl crate::Buses {
     pub async fn from_config(config: &Config) -> Result<Self> {
         config.validate()?;
         let d = &config.domain;
+        let mut pool = d.pool.clone();
+        if let Some(deadline) = d.group.drain_deadline {
+            pool.drain_deadline = deadline;
+        }
         let mut b = Self::builder()
             .codec(match d.codec {
                 CodecKind::Cloudevents => Codec::CloudEvents,
                 CodecKind::Jxt => Codec::JxtJson,
             })
-            .pool(d.pool.clone())
+            .pool(pool)
             .retry(d.retry.clone())
             .dead_letter(d.dead_letter.clone())
             .simple_max_concurrency(config.simple.max_concurrency);
@@ -363,16 +423,23 @@ impl crate::Buses {
         if let Some(t) = d.handler_timeout {
             b = b.handler_timeout(t);
         }
+        if let Some(g) = &d.group.name {
+            b = b.default_group(g.clone());
+        }
         #[cfg(feature = "memory")]
         {
             let memory = |m: &MemorySection| {
-                dualbus_memory::Memory::with_config(
-                    dualbus_memory::MemoryConfig::default()
-                        .with_partitions(m.partitions)
-                        .with_ack_wait(m.ack_wait)
-                        .with_max_payload(m.max_payload)
-                        .with_simple_buffer(m.simple_buffer),
-                )
+                let mut c = dualbus_memory::MemoryConfig::default()
+                    .with_partitions(d.group.partitions.unwrap_or(m.partitions))
+                    .with_ack_wait(m.ack_wait)
+                    .with_max_payload(m.max_payload)
+                    .with_simple_buffer(m.simple_buffer);
+                for (topic, t) in &d.topics {
+                    if let Some(p) = t.partitions {
+                        c = c.with_topic_partitions(topic.clone(), p);
+                    }
+                }
+                dualbus_memory::Memory::with_config(c)
             };
             let domain_memory = memory(d.memory.as_ref().unwrap_or(&MemorySection::default()))
                 .map_err(|e| prefix("domain", e))?;

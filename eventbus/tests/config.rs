@@ -213,3 +213,93 @@ async fn buses_from_config_work() {
     buses.close().await.unwrap();
     buses.close().await.unwrap();
 }
+
+#[test]
+fn group_and_topic_settings() {
+    figment::Jail::expect_with(|jail| {
+        let c = Config::from_yaml(
+            "domain:\n  group: { name: billing, partitions: 8, drain_deadline: 3s, member_timeout: 5s }\n  topics: { payments: { partitions: 2 } }\n",
+        )
+        .unwrap();
+        assert_eq!(c.domain.group.name.as_deref(), Some("billing"));
+        assert_eq!(c.domain.group.partitions, Some(8));
+        assert_eq!(c.domain.group.drain_deadline, Some(Duration::from_secs(3)));
+        assert_eq!(c.domain.topics["payments"].partitions, Some(2));
+        let (path, _) = config_error(Config::from_yaml("domain:\n  group: { size: 3 }\n"));
+        assert_eq!(path, "domain.group.size");
+        let (path, _) = config_error(Config::from_yaml(
+            "domain:\n  topics: { payments: { partition: 3 } }\n",
+        ));
+        assert_eq!(path, "domain.topics.payments.partition");
+        let (path, _) = config_error(Config::from_yaml(
+            "domain:\n  topics: { payments: { partitions: 0 } }\n",
+        ));
+        assert_eq!(path, "domain.topics.payments.partitions");
+        let (path, _) = config_error(Config::from_yaml(
+            "domain:\n  topics: { \"bad topic\": { partitions: 1 } }\n",
+        ));
+        assert_eq!(path, "domain.topics.bad topic");
+        jail.set_env("DUALBUS__DOMAIN__GROUP__NAME", "from-env");
+        assert_eq!(
+            Config::from_yaml("{}")
+                .unwrap()
+                .domain
+                .group
+                .name
+                .as_deref(),
+            Some("from-env")
+        );
+        Ok(())
+    });
+}
+
+#[tokio::test]
+async fn configured_groups_and_partitions_are_used() {
+    let config = Config::from_yaml(
+        "domain:\n  source: shop\n  group: { name: billing, partitions: 8 }\n  topics: { payments: { partitions: 2 } }\n",
+    )
+    .unwrap();
+    let buses = Buses::from_config(&config).await.unwrap();
+    let parts = std::sync::Arc::new(max::Max::default());
+    let p = parts.clone();
+    let sub = buses
+        .domain()
+        .subscribe("payments")
+        .start(handler_fn(move |e: Event| {
+            let p = p.clone();
+            async move {
+                p.record(e.position.partition);
+                Ok::<_, HandleError>(())
+            }
+        }))
+        .await
+        .unwrap();
+    assert_eq!(sub.group(), "billing");
+    for i in 0..20 {
+        let e = dualbus::Envelope::new(format!("p-{i}"), "Paid", 1, "{}").unwrap();
+        buses.domain().publish("payments", &e).await.unwrap();
+    }
+    while sub.stats().acked < 20 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(parts.max() < 2, "payments has 2 partitions");
+    assert_eq!(sub.active_partitions(), vec![0, 1]);
+    drop(sub);
+    buses.close().await.unwrap();
+}
+
+mod max {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[derive(Default)]
+    pub struct Max(AtomicU32);
+
+    impl Max {
+        pub fn record(&self, v: u32) {
+            self.0.fetch_max(v, Ordering::SeqCst);
+        }
+        pub fn max(&self) -> u32 {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+}
