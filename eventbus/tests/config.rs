@@ -292,13 +292,13 @@ mod max {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     #[derive(Default)]
-    pub struct Max(AtomicU32);
+    pub(crate) struct Max(AtomicU32);
 
     impl Max {
-        pub fn record(&self, v: u32) {
+        pub(crate) fn record(&self, v: u32) {
             self.0.fetch_max(v, Ordering::SeqCst);
         }
-        pub fn max(&self) -> u32 {
+        pub(crate) fn max(&self) -> u32 {
             self.0.load(Ordering::SeqCst)
         }
     }
