@@ -90,10 +90,10 @@ pub use dualbus_core::middleware;
 pub use dualbus_core::{
     Backoff, BoxError, Capabilities, Codec, DeadLetterKind, DeadLetterPolicy, Disposition,
     DomainBus, DomainBusBuilder, DomainSubscribeBuilder, DomainTransport, Envelope, EnvelopeError,
-    Error, ErrorKind, Event, Failure, HandleError, HeaderStyle, Headers, Message, PoolConfig,
-    PoolEvent, PoolObserver, PoolStats, Position, Receipt, Result, ShutdownReport, SimpleBus,
-    SimpleBusBuilder, SimpleStats, SimpleSubscribeBuilder, SimpleSubscription, SimpleTransport,
-    StartPosition, Subscription, handler_fn,
+    Error, ErrorKind, Event, Failure, HandleError, HeaderStyle, Headers, Message, PartitionState,
+    PoolConfig, PoolEvent, PoolObserver, PoolStats, Position, Receipt, Result, ShutdownReport,
+    SimpleBus, SimpleBusBuilder, SimpleStats, SimpleSubscribeBuilder, SimpleSubscription,
+    SimpleTransport, StartPosition, Subscription, handler_fn,
 };
 
 /// The in-process backend.
