@@ -6,7 +6,9 @@
 //!    `Message` values;
 //! 2. domain bus end to end (encode, memory transport, decode, keyed handler, ack) over
 //!    10,000 aggregates, vs hash-to-N mpsc workers that encode and decode the same way;
-//! 3. skew: one aggregate gets 1% of the events and its handler sleeps 10 ms per event:
+//! 3. group handover on memory: time from a member crash to the first event handled on a
+//!    moved partition, and duplicates per handover;
+//! 4. skew: one aggregate gets 1% of the events and its handler sleeps 10 ms per event:
 //!    throughput of the other aggregates with and without the slow one, for the keyed pool
 //!    and for the hash-to-N baseline.
 
@@ -356,9 +358,97 @@ fn skewed(n: usize) -> Vec<Envelope> {
         .collect()
 }
 
+/// Crash one of two members under load; returns the time from the crash to the first event
+/// handled on a partition the crashed member owned, and the events handled twice.
+async fn handover() -> (Duration, usize) {
+    use std::collections::HashMap;
+    let broker =
+        Memory::with_config(dualbus::memory::MemoryConfig::default().with_partitions(16)).unwrap();
+    let seen: Arc<parking_lot::Mutex<HashMap<(String, u64), usize>>> = Arc::default();
+    let crash_at: Arc<parking_lot::Mutex<Option<(Instant, Vec<u32>)>>> = Arc::default();
+    let first_moved: Arc<parking_lot::Mutex<Option<Duration>>> = Arc::default();
+    let member = |moved_probe: bool| {
+        let (seen, crash_at, first_moved) = (seen.clone(), crash_at.clone(), first_moved.clone());
+        handler_fn(move |e: Event| {
+            let (seen, crash_at, first_moved) =
+                (seen.clone(), crash_at.clone(), first_moved.clone());
+            async move {
+                tokio::time::sleep(Duration::from_micros(200)).await;
+                *seen
+                    .lock()
+                    .entry((e.aggregate_id.clone(), e.event_version))
+                    .or_insert(0) += 1;
+                if moved_probe {
+                    if let Some((t0, parts)) = &*crash_at.lock() {
+                        let mut f = first_moved.lock();
+                        if f.is_none() && parts.contains(&e.position.partition) {
+                            *f = Some(t0.elapsed());
+                        }
+                    }
+                }
+                Ok::<_, HandleError>(())
+            }
+        })
+    };
+    let victim_bus = DomainBus::builder(broker.connect())
+        .source("bench")
+        .build()
+        .unwrap();
+    let survivor_bus = DomainBus::builder(broker.connect())
+        .source("bench")
+        .build()
+        .unwrap();
+    let victim = victim_bus
+        .subscribe("handover")
+        .start(member(false))
+        .await
+        .unwrap();
+    let survivor = survivor_bus
+        .subscribe("handover")
+        .start(member(true))
+        .await
+        .unwrap();
+    while victim.active_partitions().is_empty() || survivor.active_partitions().is_empty() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let publisher = DomainBus::builder(broker.connect())
+        .source("bench")
+        .build()
+        .unwrap();
+    let aggregates = 200;
+    for v in 1..=10u64 {
+        for a in 0..aggregates {
+            publisher
+                .publish(
+                    "handover",
+                    &Envelope::unchecked(format!("agg-{a}"), "E", v, "{}"),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    // Crash the victim while it has work in flight.
+    while seen.lock().len() < aggregates * 3 {
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let parts = victim.active_partitions();
+    *crash_at.lock() = Some((Instant::now(), parts));
+    drop(victim);
+    while seen.lock().len() < aggregates * 10 {
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let pause = first_moved.lock().unwrap_or_default();
+    let dups = seen.lock().values().map(|n| n - 1).sum();
+    drop(survivor);
+    for b in [victim_bus, survivor_bus, publisher] {
+        b.close().await.unwrap();
+    }
+    (pause, dups)
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    // `--only=simple|domain|skew` runs one part (for profiling).
+    // `--only=simple|domain|handover|skew` runs one part (for profiling).
     let only = std::env::args().find_map(|a| a.strip_prefix("--only=").map(str::to_owned));
     let run = |part: &str| only.as_deref().is_none_or(|o| o == part);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -398,11 +488,31 @@ fn main() {
             }
             report(&median(buses), &median(raws));
         }
+        if run("handover") {
+            println!("\n3. group handover on memory: 2 members, 200 aggregates x 10 events, one member crashes mid-stream");
+            let mut pauses = Vec::new();
+            let mut dups = Vec::new();
+            for _ in 0..rounds {
+                let (p, d) = handover().await;
+                pauses.push(p);
+                dups.push(d);
+            }
+            pauses.sort_unstable();
+            dups.sort_unstable();
+            println!(
+                "  crash -> first event handled on a moved partition: median {:.1?} (min {:.1?}, max {:.1?}); duplicates per handover: median {} (max {})",
+                pauses[pauses.len() / 2],
+                pauses[0],
+                pauses[pauses.len() - 1],
+                dups[dups.len() / 2],
+                dups[dups.len() - 1]
+            );
+        }
         if !run("skew") {
             return;
         }
 
-        println!("\n3. skew: {n_skew} events, agg-0 gets 1% and sleeps 10 ms per event; throughput of the others");
+        println!("\n4. skew: {n_skew} events, agg-0 gets 1% and sleeps 10 ms per event; throughput of the others");
         let evs = skewed(n_skew);
         let mut runs: [Vec<Run>; 4] = Default::default();
         for _ in 0..rounds {
