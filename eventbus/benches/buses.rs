@@ -358,6 +358,9 @@ fn skewed(n: usize) -> Vec<Envelope> {
         .collect()
 }
 
+/// When a member crashed, and the partitions it owned.
+type Crash = (Instant, Vec<u32>);
+
 /// Crash one of two members under load; returns the time from the crash to the first event
 /// handled on a partition the crashed member owned, and the events handled twice.
 async fn handover() -> (Duration, usize) {
@@ -365,7 +368,7 @@ async fn handover() -> (Duration, usize) {
     let broker =
         Memory::with_config(dualbus::memory::MemoryConfig::default().with_partitions(16)).unwrap();
     let seen: Arc<parking_lot::Mutex<HashMap<(String, u64), usize>>> = Arc::default();
-    let crash_at: Arc<parking_lot::Mutex<Option<(Instant, Vec<u32>)>>> = Arc::default();
+    let crash_at: Arc<parking_lot::Mutex<Option<Crash>>> = Arc::default();
     let first_moved: Arc<parking_lot::Mutex<Option<Duration>>> = Arc::default();
     let member = |moved_probe: bool| {
         let (seen, crash_at, first_moved) = (seen.clone(), crash_at.clone(), first_moved.clone());
