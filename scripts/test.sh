@@ -35,6 +35,11 @@ step "benchmarks build"
 cargo build --workspace --all-features --benches --examples
 
 step "cargo package"
+# cargo extracts the crates of its local overlay registry under CARGO_HOME and does not
+# refresh an extracted copy while the version number stays the same: drop earlier copies
+# of our own crates so that each crate is verified against its siblings as they are now.
+cargo_home="${CARGO_HOME:-$HOME/.cargo}"
+rm -rf "$CARGO_TARGET_DIR/package" "$cargo_home"/registry/src/*/dualbus-* "$cargo_home"/registry/cache/*/dualbus-*
 cargo package --workspace --allow-dirty
 
 echo
