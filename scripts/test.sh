@@ -35,11 +35,13 @@ step "benchmarks build"
 cargo build --workspace --all-features --benches --examples
 
 step "cargo package"
-# cargo extracts the crates of its local overlay registry under CARGO_HOME and does not
-# refresh an extracted copy while the version number stays the same: drop earlier copies
-# of our own crates so that each crate is verified against its siblings as they are now.
+# Packaging verifies each crate against its siblings through a local overlay registry.
+# cargo treats registry crates as immutable: it keeps an extracted copy under CARGO_HOME
+# and the compiled artifacts in the target directory while the version number stays the
+# same. Drop both for our own crates, so that the siblings are verified as they are now.
 cargo_home="${CARGO_HOME:-$HOME/.cargo}"
 rm -rf "$CARGO_TARGET_DIR/package" "$cargo_home"/registry/src/*/dualbus-* "$cargo_home"/registry/cache/*/dualbus-*
+cargo clean -p dualbus-core -p dualbus-memory -p dualbus
 cargo package --workspace --allow-dirty
 
 echo
