@@ -1373,15 +1373,23 @@ async fn process_in(
     }
 }
 
-async fn ack(sh: &Shared, item: &Item, envelope: Option<&Envelope>) {
-    let position = item.delivery.position();
-    if !sh
+/// Whether the item's partition is still owned under the epoch it was delivered in. If
+/// not, nothing more is sent for it (a stale acknowledgement or dead letter of an earlier
+/// ownership epoch): the next owner handles the message.
+fn still_owned(sh: &Shared, item: &Item) -> bool {
+    let owned = sh
         .state
         .lock()
-        .owns(position.partition, item.delivery.epoch)
-    {
-        // A stale acknowledgement of an earlier ownership epoch is not sent.
+        .owns(item.delivery.position().partition, item.delivery.epoch);
+    if !owned {
         bump(&sh.counters.stale_acks);
+    }
+    owned
+}
+
+async fn ack(sh: &Shared, item: &Item, envelope: Option<&Envelope>) {
+    let position = item.delivery.position();
+    if !still_owned(sh, item) {
         return;
     }
     match item.delivery.ack().await {
@@ -1452,12 +1460,7 @@ fn dead_letter_message(
 
 async fn dead_letter(sh: &Shared, item: &Item, kind: DeadLetterKind, reason: &str, attempts: u32) {
     let position = item.delivery.position();
-    if !sh
-        .state
-        .lock()
-        .owns(position.partition, item.delivery.epoch)
-    {
-        bump(&sh.counters.stale_acks);
+    if !still_owned(sh, item) {
         return;
     }
     let message = dead_letter_message(sh, item, kind, reason, attempts);

@@ -78,20 +78,7 @@ async fn finish(
     group: &str,
     checker: &OrderChecker,
 ) -> super::Summary {
-    loop {
-        match bus
-            .transport()
-            .pending(topic, group)
-            .await
-            .expect("pending")
-        {
-            None | Some(0) => break,
-            Some(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
-    checker.quiescent();
-    tokio::time::sleep(backend.settings().quiet).await;
-    match checker.check() {
+    match super::settle_and_check(backend, bus.transport(), topic, group, checker).await {
         Ok(s) => s,
         Err(v) => panic!("order checker: {v}"),
     }

@@ -194,20 +194,7 @@ async fn finish(
     group: &str,
     checker: &OrderChecker,
 ) -> Result<Summary, Violation> {
-    loop {
-        match bus
-            .transport()
-            .pending(topic, group)
-            .await
-            .expect("pending")
-        {
-            None | Some(0) => break,
-            Some(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
-    checker.quiescent();
-    tokio::time::sleep(backend.settings().quiet).await;
-    checker.check()
+    super::settle_and_check(backend, bus.transport(), topic, group, checker).await
 }
 
 fn assert_ok(

@@ -92,6 +92,26 @@ pub async fn wait_for(mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until the broker shows nothing pending for `group` (if it can tell), marks the run
+/// quiescent, watches for stray redeliveries for [`Settings::quiet`], then runs the checks.
+pub async fn settle_and_check(
+    backend: &dyn Backend,
+    transport: &crate::DynDomainTransport,
+    topic: &str,
+    group: &str,
+    checker: &OrderChecker,
+) -> std::result::Result<Summary, Violation> {
+    loop {
+        match transport.pending(topic, group).await.expect("pending") {
+            None | Some(0) => break,
+            Some(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    checker.quiescent();
+    tokio::time::sleep(backend.settings().quiet).await;
+    checker.check()
+}
+
 /// The next delivery of a subscription used without the pool (raw), taking part in the
 /// group protocol on the side: an assigned partition is rewound, a revoked one released.
 pub async fn next_raw(sub: &mut crate::DomainSubscription) -> Option<Result<crate::Delivery>> {
