@@ -11,6 +11,35 @@ fi
 mkdir -p "$CARGO_TARGET_DIR"
 
 step() { printf '\n==> %s\n' "$*"; }
+
+# Test servers, on loopback ports, stopped when this script exits.
+servers_dir="$(mktemp -d)"
+cleanup() {
+  if [ -f "$servers_dir/nats.pid" ]; then kill "$(cat "$servers_dir/nats.pid")" 2>/dev/null || true; fi
+  rm -rf "$servers_dir"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "server on port $1 did not start" >&2
+  return 1
+}
+
+step "nats-server"
+nats_server="$(./scripts/nats-server.sh)"
+"$nats_server" --version
+nats_port="$(free_port)"
+"$nats_server" -js -sd "$servers_dir/nats" -a 127.0.0.1 -p "$nats_port" > "$servers_dir/nats.log" 2>&1 &
+echo $! > "$servers_dir/nats.pid"
+wait_port "$nats_port"
+export DUALBUS_TEST_NATS_URL="nats://127.0.0.1:$nats_port"
+export DUALBUS_NATS_SERVER="$nats_server"
+echo "nats-server on $DUALBUS_TEST_NATS_URL"
 export RUSTFLAGS="${RUSTFLAGS:-} -D warnings"
 export RUSTDOCFLAGS="${RUSTDOCFLAGS:-} -D warnings"
 # Network tests fail instead of skipping when their server is missing.
@@ -41,7 +70,7 @@ step "cargo package"
 # same. Drop both for our own crates, so that the siblings are verified as they are now.
 cargo_home="${CARGO_HOME:-$HOME/.cargo}"
 rm -rf "$CARGO_TARGET_DIR/package" "$cargo_home"/registry/src/*/dualbus-* "$cargo_home"/registry/cache/*/dualbus-*
-cargo clean -p dualbus-core -p dualbus-memory -p dualbus
+cargo clean -p dualbus-core -p dualbus-memory -p dualbus-nats -p dualbus
 cargo package --workspace --allow-dirty
 
 echo

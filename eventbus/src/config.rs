@@ -129,9 +129,18 @@ pub struct TopicSection {
     pub partitions: Option<u32>,
 }
 
-/// Backend sections whose crates this build does not contain are kept as raw values, so
-/// that their presence can be reported with the feature to enable.
-type Raw = figment::value::Value;
+/// A backend section, kept raw until its backend reads it (and so that the presence of a
+/// section for a backend not in this build can be reported with the feature to enable).
+/// Its `Debug` output shows no values: sections hold credentials.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Raw(figment::value::Value);
+
+impl std::fmt::Debug for Raw {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("{ .. }")
+    }
+}
 
 /// The `domain` section.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -259,6 +268,12 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         let d = &self.domain;
         backend_available("domain", d.kind)?;
+        if d.kind == BackendKind::Nats {
+            return Err(Error::config(
+                "domain.type",
+                "the nats backend offers the simple bus only in this release (the JetStream domain bus follows)",
+            ));
+        }
         section("domain", "nats", d.nats.is_some())?;
         section("domain", "kafka", d.kafka.is_some())?;
         section("domain", "redis", d.redis.is_some())?;
@@ -300,6 +315,10 @@ impl Config {
         }
         backend_available("simple", s.kind)?;
         section("simple", "nats", s.nats.is_some())?;
+        #[cfg(feature = "nats")]
+        if let Some(raw) = &s.nats {
+            nats_config(raw)?;
+        }
         section("simple", "redis", s.redis.is_some())?;
         section("simple", "memory", s.memory.is_some())?;
         if s.max_concurrency == 0 {
@@ -326,6 +345,7 @@ fn prefix(section: &str, e: Error) -> Error {
 fn feature_enabled(name: &str) -> bool {
     match name {
         "memory" => cfg!(feature = "memory"),
+        "nats" => cfg!(feature = "nats"),
         // Backends whose crates are not part of this build.
         _ => false,
     }
@@ -398,6 +418,25 @@ fn figment_error(e: figment::Error) -> Error {
     Error::config(path, message)
 }
 
+/// The typed `nats` section.
+#[cfg(feature = "nats")]
+fn nats_config(raw: &Raw) -> Result<dualbus_nats::NatsConfig> {
+    dualbus_nats::NatsConfig::deserialize(&raw.0).map_err(|e| {
+        let mut path = String::from("simple.nats");
+        for p in &e.path {
+            path.push('.');
+            path.push_str(p);
+        }
+        if let figment::error::Kind::UnknownField(field, _) = &e.kind {
+            if e.path.last() != Some(field) {
+                path.push('.');
+                path.push_str(field);
+            }
+        }
+        Error::config(path, e.kind.to_string())
+    })
+}
+
 impl crate::Buses {
     /// Builds both buses from configuration. With only in-process backends this needs no
     /// server; network backends connect here.
@@ -448,7 +487,18 @@ impl crate::Buses {
                 Some(m) => memory(m).map_err(|e| prefix("simple", e))?,
                 None => domain_memory.clone(),
             };
-            b = b.domain(domain_memory).simple(simple_memory);
+            b = b.domain(domain_memory);
+            if config.simple.kind == BackendKind::Memory {
+                b = b.simple(simple_memory);
+            }
+        }
+        #[cfg(feature = "nats")]
+        if config.simple.kind == BackendKind::Nats {
+            let nats = match &config.simple.nats {
+                Some(raw) => nats_config(raw)?,
+                None => dualbus_nats::NatsConfig::default(),
+            };
+            b = b.simple(dualbus_nats::Nats::connect(nats).await?);
         }
         b.build()
     }

@@ -51,8 +51,16 @@
     not(feature = "memory"),
     doc = "- `memory` (feature off in this build): in-process, both buses."
 )]
-//! - NATS (JetStream + core), Kafka and Redis (Streams + pub/sub) follow as their own crates
-//!   behind the features `nats`, `kafka` and `redis`.
+#![cfg_attr(
+    feature = "nats",
+    doc = "- [`nats`]: the simple bus on core NATS (the JetStream domain bus follows)."
+)]
+#![cfg_attr(
+    not(feature = "nats"),
+    doc = "- `nats` (feature off in this build): the simple bus on core NATS."
+)]
+//! - Kafka and Redis (Streams + pub/sub) follow as their own crates behind the features
+//!   `kafka` and `redis`.
 //!
 //! ## Features
 //!
@@ -60,6 +68,7 @@
 //! |---|---|---|
 //! | `memory` | yes | the in-process backend (`dualbus-memory`) |
 //! | `config` | yes | [`Buses::from_config`] from YAML / TOML / `DUALBUS__` environment variables |
+//! | `nats` | no | the NATS backend (`dualbus-nats`): simple bus on core NATS |
 //! | `full` | no | everything |
 //!
 //! With no features at all the crate still builds: the core types and buses, with the
@@ -100,6 +109,11 @@ pub use dualbus_core::{
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub use dualbus_memory as memory;
+
+/// The NATS backend.
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub use dualbus_nats as nats;
 
 /// Traits to import with `use dualbus::prelude::*`.
 pub mod prelude {

@@ -159,7 +159,11 @@ fn sections_of_disabled_backends_name_the_feature() {
             "domain:\n  type: nats\n  nats:\n    urls: [\"nats://127.0.0.1:4222\"]\n",
         ));
         assert_eq!(path, "domain.type");
-        assert!(message.contains("cargo feature `nats`"), "{message}");
+        if cfg!(feature = "nats") {
+            assert!(message.contains("simple bus only"), "{message}");
+        } else {
+            assert!(message.contains("cargo feature `nats`"), "{message}");
+        }
         let (path, message) = config_error(Config::from_yaml("domain:\n  kafka: { brokers: x }\n"));
         assert_eq!(path, "domain.kafka");
         assert!(message.contains("cargo feature `kafka`"), "{message}");
@@ -302,4 +306,69 @@ mod max {
             self.0.load(Ordering::SeqCst)
         }
     }
+}
+
+#[cfg(feature = "nats")]
+#[test]
+fn nats_section() {
+    figment::Jail::expect_with(|_| {
+        let c = Config::from_yaml(
+            "simple:\n  type: nats\n  nats:\n    urls: [\"nats://127.0.0.1:4222\"]\n    name: shop\n    credentials: { user: app, password: s3cret }\n    connect_timeout: 2s\n",
+        )
+        .unwrap();
+        assert_eq!(c.simple.kind, BackendKind::Nats);
+        let (path, _) = config_error(Config::from_yaml(
+            "simple:\n  type: nats\n  nats: { url: x }\n",
+        ));
+        assert_eq!(path, "simple.nats.url");
+        let (path, _) = config_error(Config::from_yaml(
+            "simple:\n  nats: { credentials: { passwd: x } }\n",
+        ));
+        assert_eq!(path, "simple.nats.credentials.passwd");
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "secrets must not be printed: {c:?}"
+        );
+        Ok(())
+    });
+}
+
+#[cfg(feature = "nats")]
+#[tokio::test]
+async fn simple_bus_on_nats_from_config() {
+    let Ok(url) = std::env::var("DUALBUS_TEST_NATS_URL") else {
+        assert!(
+            std::env::var_os("DUALBUS_TEST_REQUIRE_SERVERS").is_none(),
+            "DUALBUS_TEST_NATS_URL is required"
+        );
+        eprintln!("skipped: no nats-server (DUALBUS_TEST_NATS_URL)");
+        return;
+    };
+    let config = Config::from_yaml(&format!(
+        "simple:\n  type: nats\n  nats: {{ urls: [\"{url}\"] }}\n"
+    ))
+    .unwrap();
+    let buses = Buses::from_config(&config).await.unwrap();
+    assert_eq!(buses.simple().capabilities().backend, "nats");
+    assert_eq!(buses.domain().capabilities().backend, "memory");
+    let got = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let g = got.clone();
+    let sub = buses
+        .simple()
+        .subscribe("config-nats")
+        .start(handler_fn(move |_m: dualbus::Message| {
+            let g = g.clone();
+            async move {
+                g.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok::<_, HandleError>(())
+            }
+        }))
+        .await
+        .unwrap();
+    while got.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        buses.simple().publish("config-nats", "hi").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(sub);
+    buses.close().await.unwrap();
 }

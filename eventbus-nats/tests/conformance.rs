@@ -1,0 +1,95 @@
+//! The simple-bus conformance suite on core NATS, against a real nats-server.
+//!
+//! The server's URL comes from `DUALBUS_TEST_NATS_URL` (set by `scripts/test.sh`, which
+//! starts the server). Without it the tests are skipped, unless
+//! `DUALBUS_TEST_REQUIRE_SERVERS` is set: then they fail.
+
+#![allow(clippy::expect_used, clippy::panic)] // Test code.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dualbus_core::conformance::{Backend, Settings};
+use dualbus_core::{DynDomainTransport, DynSimpleTransport, Error, Result};
+use dualbus_nats::{Nats, NatsConfig};
+
+struct NatsBackend {
+    url: Option<String>,
+}
+
+fn backend() -> NatsBackend {
+    let url = std::env::var("DUALBUS_TEST_NATS_URL").ok();
+    if url.is_none() && std::env::var_os("DUALBUS_TEST_REQUIRE_SERVERS").is_some() {
+        panic!(
+            "DUALBUS_TEST_NATS_URL is not set but DUALBUS_TEST_REQUIRE_SERVERS is: start nats-server (scripts/test.sh does)"
+        );
+    }
+    NatsBackend { url }
+}
+
+#[async_trait]
+impl Backend for NatsBackend {
+    async fn domain(&self) -> Result<DynDomainTransport> {
+        Err(Error::NotSupported {
+            operation: "domain bus (JetStream is not part of this release yet)",
+            backend: "nats",
+        })
+    }
+
+    async fn simple(&self) -> Result<DynSimpleTransport> {
+        let url = self.url.clone().expect("available() was checked");
+        Ok(Arc::new(Nats::connect(NatsConfig::new([url])).await?))
+    }
+
+    fn settings(&self) -> Settings {
+        let mut s = Settings::default();
+        s.deadline = Duration::from_secs(60);
+        s
+    }
+
+    fn available(&self) -> bool {
+        self.url.is_some()
+    }
+}
+
+dualbus_core::conformance_tests!(real, simple: backend());
+
+#[tokio::test]
+async fn unreachable_server_is_a_clear_error() {
+    // A port nobody listens on.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    drop(listener);
+    let config = NatsConfig::new([format!("nats://127.0.0.1:{port}")])
+        .with_connect_timeout(Duration::from_secs(1));
+    let e = Nats::connect(config).await.expect_err("nobody listens");
+    assert_eq!(e.kind(), dualbus_core::ErrorKind::Unavailable, "{e}");
+    assert!(e.is_retryable());
+    let bad = Nats::connect(NatsConfig::new(["not a url at all"]))
+        .await
+        .expect_err("bad url");
+    assert_eq!(bad.kind(), dualbus_core::ErrorKind::InvalidInput, "{bad}");
+    let none = Nats::connect(NatsConfig::new(Vec::<String>::new()))
+        .await
+        .expect_err("no url");
+    assert!(matches!(none, Error::Config { .. }), "{none}");
+}
+
+#[test]
+fn secrets_stay_out_of_debug_output() {
+    let creds: dualbus_nats::Credentials = serde_json_free::credentials();
+    let text = format!("{:?}", NatsConfig::default().with_credentials(creds));
+    assert!(!text.contains("s3cret"), "{text}");
+    assert!(text.contains("***"), "{text}");
+}
+
+mod serde_json_free {
+    pub(crate) fn credentials() -> dualbus_nats::Credentials {
+        let mut c = dualbus_nats::Credentials::default();
+        c.user = Some("app".into());
+        c.password = Some(dualbus_nats::Secret::new("s3cret"));
+        c.token = Some(dualbus_nats::Secret::new("s3cret-token"));
+        c
+    }
+}
