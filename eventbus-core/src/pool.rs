@@ -799,7 +799,13 @@ async fn dispatch(
             _permit: permit,
         };
         if let Some(item) = enqueue(&sh, item, inline.allowed()) {
-            run_inline(&sh, &mut handler, &mut inline, item).await;
+            // A handler whose service never becomes ready must not keep a crashed member
+            // in its group: the cut-off abandons the item (it stays unacknowledged).
+            tokio::select! {
+                biased;
+                () = sh.hard_stop.cancelled() => break,
+                () = run_inline(&sh, &mut handler, &mut inline, item) => {}
+            }
         }
     }
     sh.stop_pulling.cancel();
