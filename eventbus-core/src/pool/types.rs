@@ -1,0 +1,253 @@
+//! The pool's public vocabulary: limits, dead-letter policy, events, partition states,
+//! counters and the shutdown report.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::envelope::Envelope;
+use crate::error::{Error, HandleError};
+use crate::message::Position;
+
+/// Limits of the keyed pool.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Handlers running at once (different aggregates). Default 256.
+    pub max_concurrency: usize,
+    /// Deliveries held (queued or running) at most; beyond it the pool stops pulling.
+    /// Default 10,000.
+    pub max_in_flight: usize,
+    /// Deliveries of one aggregate held at most before its partition is paused. Default 1,000.
+    pub max_per_key: usize,
+    /// How long a graceful shutdown may take to finish buffered work. Default 10 s.
+    #[serde(with = "crate::config::duration")]
+    pub drain_deadline: Duration,
+    /// How often held deliveries get a progress signal. Default: a third of the backend's
+    /// ack deadline; none if the backend has no deadline.
+    #[serde(with = "crate::config::duration::option")]
+    pub progress_interval: Option<Duration>,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrency: 256,
+            max_in_flight: 10_000,
+            max_per_key: 1_000,
+            drain_deadline: Duration::from_secs(10),
+            progress_interval: None,
+        }
+    }
+}
+
+impl PoolConfig {
+    /// Checks the limits.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.max_concurrency == 0 {
+            return Err(Error::config("pool.max_concurrency", "must be at least 1"));
+        }
+        if self.max_in_flight == 0 {
+            return Err(Error::config("pool.max_in_flight", "must be at least 1"));
+        }
+        if self.max_per_key == 0 {
+            return Err(Error::config("pool.max_per_key", "must be at least 1"));
+        }
+        if self.progress_interval == Some(Duration::ZERO) {
+            return Err(Error::config("pool.progress_interval", "must not be zero"));
+        }
+        Ok(())
+    }
+}
+
+/// Where failed messages go.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeadLetterPolicy {
+    /// Suffix appended to the topic: `orders` -> `orders.dlq`. Default `.dlq`.
+    pub suffix: String,
+}
+
+impl Default for DeadLetterPolicy {
+    fn default() -> Self {
+        Self {
+            suffix: crate::topic::DEFAULT_DEAD_LETTER_SUFFIX.to_owned(),
+        }
+    }
+}
+
+/// Header names written on dead-lettered messages (the original headers are kept).
+pub mod dlq_headers {
+    /// Why: the handler's last error or the decode error.
+    pub const REASON: &str = "dualbus-dlq-reason";
+    /// `exhausted`, `permanent` or `malformed`.
+    pub const KIND: &str = "dualbus-dlq-kind";
+    /// Handler attempts made (0 for malformed messages).
+    pub const ATTEMPTS: &str = "dualbus-dlq-attempts";
+    /// The source topic.
+    pub const TOPIC: &str = "dualbus-dlq-topic";
+    /// The source partition.
+    pub const PARTITION: &str = "dualbus-dlq-partition";
+    /// The source offset.
+    pub const OFFSET: &str = "dualbus-dlq-offset";
+    /// The broker's delivery count of the source message.
+    pub const DELIVERY_COUNT: &str = "dualbus-dlq-delivery-count";
+}
+
+/// Why a message was dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DeadLetterKind {
+    /// Every attempt failed with a retryable error.
+    Exhausted,
+    /// The handler returned a permanent error (or panicked).
+    Permanent,
+    /// The message could not be decoded.
+    Malformed,
+}
+
+impl DeadLetterKind {
+    /// The value of the `dualbus-dlq-kind` header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Exhausted => "exhausted",
+            Self::Permanent => "permanent",
+            Self::Malformed => "malformed",
+        }
+    }
+}
+
+/// Something the pool did, for observers (metrics, tests, the order checker).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum PoolEvent<'a> {
+    /// A handler attempt failed and will be retried after `delay`.
+    Retrying {
+        /// The event.
+        envelope: &'a Envelope,
+        /// The failed attempt, from 1.
+        attempt: u32,
+        /// The error.
+        error: &'a HandleError,
+        /// The wait before the next attempt.
+        delay: Duration,
+    },
+    /// A message was published to the dead letter (it is acknowledged next).
+    DeadLettered {
+        /// The event, if it could be decoded.
+        envelope: Option<&'a Envelope>,
+        /// Why.
+        kind: DeadLetterKind,
+        /// The reason text.
+        reason: &'a str,
+        /// Where it was.
+        position: Position,
+    },
+    /// The broker confirmed an acknowledgement.
+    Acked {
+        /// The event, if it could be decoded.
+        envelope: Option<&'a Envelope>,
+        /// Where it was.
+        position: Position,
+    },
+    /// An acknowledgement failed: the message will be redelivered.
+    AckFailed {
+        /// Where it was.
+        position: Position,
+        /// The error.
+        error: &'a Error,
+    },
+    /// A redelivery of a message the pool already holds was dropped.
+    DuplicateDropped {
+        /// Where it was.
+        position: Position,
+    },
+    /// A partition of a consumer group changed state.
+    Partition {
+        /// The partition.
+        partition: u32,
+        /// Its ownership epoch.
+        epoch: u64,
+        /// The new state.
+        state: PartitionState,
+    },
+}
+
+/// The life of a partition in a consumer-group member (DESIGN.md section 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PartitionState {
+    /// Ownership granted; nothing pulled yet.
+    Assigned,
+    /// The transport moves the partition back to its first unacknowledged message.
+    Rewinding,
+    /// Pulled and handled.
+    Active,
+    /// Revoked: not pulled; buffered deliveries dropped unacknowledged; started handlers
+    /// finish within the drain deadline, then the partition is released.
+    Draining,
+    /// Released to the group.
+    Revoked,
+    /// Ownership gone without a drain: no acknowledgements, no new handlers.
+    Lost,
+}
+
+/// Receives [`PoolEvent`]s. Called inline on the pool's tasks: keep it cheap.
+pub trait PoolObserver: Send + Sync + 'static {
+    /// One event.
+    fn on_event(&self, event: &PoolEvent<'_>);
+}
+
+/// Counters of one subscription's pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolStats {
+    /// Deliveries received from the transport.
+    pub received: u64,
+    /// Events whose handler succeeded.
+    pub handled: u64,
+    /// Failed attempts that were retried.
+    pub retried: u64,
+    /// Messages published to the dead letter.
+    pub dead_lettered: u64,
+    /// Of those, messages that could not be decoded.
+    pub malformed: u64,
+    /// Acknowledgements confirmed.
+    pub acked: u64,
+    /// Acknowledgements that failed (the broker redelivers those messages).
+    pub ack_failures: u64,
+    /// Redeliveries of held messages that were dropped.
+    pub duplicates_dropped: u64,
+    /// Failed dead-letter publishes (each is retried).
+    pub dead_letter_failures: u64,
+    /// Deliveries held now (queued or running).
+    pub in_flight: u64,
+    /// The most deliveries held at once.
+    pub peak_in_flight: u64,
+    /// Transport errors reported by the delivery stream.
+    pub transport_errors: u64,
+    /// Deliveries of partitions this member did not own (any more), dropped unhandled.
+    pub stale_dropped: u64,
+    /// Acknowledgements skipped because the partition's ownership had moved on.
+    pub stale_acks: u64,
+}
+
+/// What a shutdown did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Deliveries finished (acknowledged) during the drain.
+    pub drained: u64,
+    /// Handlers cut off at the deadline; their messages stay unacknowledged.
+    pub abandoned: u64,
+    /// Buffered deliveries that never started; returned unacknowledged.
+    pub dropped: u64,
+    /// Deliveries whose dead-letter publish kept failing; unacknowledged.
+    pub parked: u64,
+    /// Whether the deadline passed before the drain finished.
+    pub timed_out: bool,
+    /// How long the shutdown took.
+    pub elapsed: Duration,
+    /// The pool's counters at the end.
+    pub stats: PoolStats,
+}
