@@ -6,7 +6,9 @@
 //!   (load sharing), native request-reply with no-responders detection. Topics map to
 //!   subjects one to one (`notifications.email` is the subject `notifications.email`);
 //!   headers travel as NATS headers.
-//! - The JetStream domain bus is not part of this release yet.
+//! - The JetStream domain bus is not part of this release yet; [`subject`] already fixes its
+//!   subject layout (`<topic>.<partition>.<encoded aggregate id>`), which services in other
+//!   languages must share.
 //!
 //! ```no_run
 //! # async fn run() -> dualbus_core::Result<()> {
@@ -22,6 +24,8 @@
 //! Secrets (token, password, nkey seed) never appear in `Debug` output or logs.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod subject;
 
 use std::fmt;
 use std::path::PathBuf;
