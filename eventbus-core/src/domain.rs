@@ -315,12 +315,16 @@ impl DomainBus {
         Ok(message)
     }
 
-    async fn send(
+    /// Encodes, runs the publish hooks and checks the size: everything before the broker.
+    fn prepare(
         &self,
         topic: &str,
         envelope: &Envelope,
-        mut message: OutboundMessage,
-    ) -> Result<Receipt> {
+    ) -> Result<(
+        OutboundMessage,
+        Vec<Box<dyn crate::middleware::PublishScope>>,
+    )> {
+        let mut message = self.encode(topic, envelope)?;
         let caps = self.capabilities();
         let info = PublishInfo {
             bus: BusKind::Domain,
@@ -341,6 +345,16 @@ impl DomainBus {
                 max: caps.max_payload,
             });
         }
+        Ok((message, scopes))
+    }
+
+    /// Publishes one event to `topic`; resolves when the broker accepted it.
+    ///
+    /// Errors: [`Error::InvalidTopic`], [`Error::InvalidEnvelope`], [`Error::PayloadTooLarge`]
+    /// and [`Error::Closed`] before anything is sent; the backend's errors after.
+    pub async fn publish(&self, topic: &str, envelope: &Envelope) -> Result<Receipt> {
+        self.check_open()?;
+        let (message, scopes) = self.prepare(topic, envelope)?;
         let result = match &self.inner.publish {
             None => self.inner.transport.publish(topic, message).await,
             Some(publish) => {
@@ -353,16 +367,6 @@ impl DomainBus {
         };
         finish_publish(scopes, result.as_ref());
         result
-    }
-
-    /// Publishes one event to `topic`; resolves when the broker accepted it.
-    ///
-    /// Errors: [`Error::InvalidTopic`], [`Error::InvalidEnvelope`], [`Error::PayloadTooLarge`]
-    /// and [`Error::Closed`] before anything is sent; the backend's errors after.
-    pub async fn publish(&self, topic: &str, envelope: &Envelope) -> Result<Receipt> {
-        self.check_open()?;
-        let message = self.encode(topic, envelope)?;
-        self.send(topic, envelope, message).await
     }
 
     /// Publishes many events, pipelined where the backend can, keeping each aggregate's
@@ -380,30 +384,10 @@ impl DomainBus {
         envelopes: &[Envelope],
     ) -> Result<Vec<Result<Receipt>>> {
         self.check_open()?;
-        let caps = self.capabilities();
         let mut messages = Vec::with_capacity(envelopes.len());
         let mut scopes = Vec::with_capacity(envelopes.len());
         for envelope in envelopes {
-            let mut message = self.encode(topic, envelope)?;
-            let info = PublishInfo {
-                bus: BusKind::Domain,
-                backend: caps.backend,
-                topic,
-                key: Some(&envelope.aggregate_id),
-                event_type: Some(&envelope.event_type),
-                payload_len: message.payload.len(),
-            };
-            let s = publish_scopes(&self.inner.hooks, &info, &mut message.headers);
-            if !s.is_empty() {
-                message.headers.validate()?;
-            }
-            let size = message.payload.len() + message.headers.encoded_len();
-            if size > caps.max_payload {
-                return Err(Error::PayloadTooLarge {
-                    size,
-                    max: caps.max_payload,
-                });
-            }
+            let (message, s) = self.prepare(topic, envelope)?;
             scopes.push(s);
             messages.push(message);
         }
@@ -412,6 +396,66 @@ impl DomainBus {
             finish_publish(s, r.as_ref());
         }
         Ok(results)
+    }
+
+    /// Appends `envelope` to its aggregate's history only if the aggregate is at
+    /// `expected_version` (0: no event yet): optimistic concurrency for event sourcing.
+    ///
+    /// The envelope must carry `expected_version + 1`. The check and the publish are atomic
+    /// on the broker: of two appends racing on one version, one succeeds and the other gets
+    /// [`Error::Conflict`] naming the aggregate and its current version. Needs
+    /// [`Capabilities::expected_version`].
+    pub async fn append(
+        &self,
+        topic: &str,
+        envelope: &Envelope,
+        expected_version: u64,
+    ) -> Result<Receipt> {
+        self.check_open()?;
+        let caps = self.capabilities();
+        if !caps.expected_version {
+            return Err(Error::NotSupported {
+                operation: "append with an expected version",
+                backend: caps.backend,
+            });
+        }
+        if envelope.event_version != expected_version + 1 {
+            return Err(crate::envelope::EnvelopeError::Header {
+                name: "event_version".to_owned(),
+                reason: "an append must carry the expected version + 1",
+            }
+            .into());
+        }
+        let (message, scopes) = self.prepare(topic, envelope)?;
+        let last = self
+            .inner
+            .transport
+            .last_for_key(topic, &envelope.aggregate_id)
+            .await?;
+        let (current, position) = match &last {
+            None => (0, None),
+            Some(m) => (Codec::decode(m)?.event_version, Some(m.position)),
+        };
+        if current != expected_version {
+            return Err(Error::Conflict(format!(
+                "aggregate {:?} is at version {current}, not {expected_version}",
+                envelope.aggregate_id
+            )));
+        }
+        let result = self
+            .inner
+            .transport
+            .publish_if_last(topic, message, position)
+            .await
+            .map_err(|e| match e {
+                Error::Conflict(_) => Error::Conflict(format!(
+                    "aggregate {:?} moved past version {expected_version} while appending",
+                    envelope.aggregate_id
+                )),
+                other => other,
+            });
+        finish_publish(scopes, result.as_ref());
+        result
     }
 
     /// Starts a subscription to `topic`; see [`DomainSubscribeBuilder`].

@@ -43,6 +43,9 @@ pub struct Capabilities {
     pub ack_deadline: Option<Duration>,
     /// [`PartitionControl`] is available on domain subscriptions.
     pub pause_partitions: bool,
+    /// [`DomainTransport::last_for_key`] and [`DomainTransport::publish_if_last`] are
+    /// available: appends checked against an aggregate's expected version.
+    pub expected_version: bool,
 }
 
 impl Capabilities {
@@ -61,6 +64,7 @@ impl Capabilities {
             header_style: HeaderStyle::Nats,
             ack_deadline: None,
             pause_partitions: false,
+            expected_version: false,
         }
     }
 }
@@ -358,6 +362,33 @@ pub trait DomainTransport: Send + Sync + 'static {
         })
     }
 
+    /// The last stored message with routing key `key` on `topic`, if any.
+    /// Available when [`Capabilities::expected_version`] is set.
+    async fn last_for_key(&self, topic: &str, key: &str) -> Result<Option<InboundMessage>> {
+        let _ = (topic, key);
+        Err(Error::NotSupported {
+            operation: "last message of a key",
+            backend: self.capabilities().backend,
+        })
+    }
+
+    /// Publishes `message` only if the last stored message with its key is still the one at
+    /// `expected` (`None`: no message with this key yet), atomically on the broker;
+    /// otherwise [`Error::Conflict`]. Available when [`Capabilities::expected_version`] is
+    /// set.
+    async fn publish_if_last(
+        &self,
+        topic: &str,
+        message: OutboundMessage,
+        expected: Option<Position>,
+    ) -> Result<Receipt> {
+        let _ = (topic, message, expected);
+        Err(Error::NotSupported {
+            operation: "conditional publish",
+            backend: self.capabilities().backend,
+        })
+    }
+
     /// How many messages of `topic` the durable consumer `group` has not yet acknowledged
     /// (unread plus delivered-unacked), if the backend can tell.
     async fn pending(&self, topic: &str, group: &str) -> Result<Option<u64>> {
@@ -450,6 +481,17 @@ macro_rules! forward_domain {
             }
             async fn pending(&self, topic: &str, group: &str) -> Result<Option<u64>> {
                 (**self).pending(topic, group).await
+            }
+            async fn last_for_key(&self, topic: &str, key: &str) -> Result<Option<InboundMessage>> {
+                (**self).last_for_key(topic, key).await
+            }
+            async fn publish_if_last(
+                &self,
+                topic: &str,
+                message: OutboundMessage,
+                expected: Option<Position>,
+            ) -> Result<Receipt> {
+                (**self).publish_if_last(topic, message, expected).await
             }
             async fn close(&self) -> Result<()> {
                 (**self).close().await

@@ -259,6 +259,14 @@ impl Memory {
     }
 
     fn append(&self, topic: &Topic, message: OutboundMessage) -> Result<Receipt> {
+        self.append_locked(topic.logs.lock(), message)
+    }
+
+    fn append_locked(
+        &self,
+        mut logs: parking_lot::MutexGuard<'_, Vec<Vec<Arc<Stored>>>>,
+        message: OutboundMessage,
+    ) -> Result<Receipt> {
         if message.key.is_empty() {
             return Err(Error::InvalidEnvelope(dualbus_core::EnvelopeError::Blank {
                 field: "aggregate_id",
@@ -269,7 +277,6 @@ impl Memory {
             &message.headers,
             message.payload.len(),
         )?;
-        let mut logs = topic.logs.lock();
         // `partition_for` is below the partition count, which is the number of logs.
         let partition = partition_for(&message.key, logs.len() as u32);
         let log = &mut logs[partition as usize];
@@ -418,6 +425,46 @@ impl DomainTransport for Memory {
             .collect())
     }
 
+    async fn last_for_key(&self, topic: &str, key: &str) -> Result<Option<InboundMessage>> {
+        self.check_domain_open()?;
+        validate_topic(topic)?;
+        let t = self.topic(topic);
+        let logs = t.logs.lock();
+        let partition = partition_for(key, logs.len() as u32);
+        Ok(last_of(&logs[partition as usize], key)
+            .map(|(offset, s)| inbound(&t.name, s, partition, offset)))
+    }
+
+    async fn publish_if_last(
+        &self,
+        topic: &str,
+        message: OutboundMessage,
+        expected: Option<Position>,
+    ) -> Result<Receipt> {
+        self.check_domain_open()?;
+        validate_topic(topic)?;
+        let t = self.topic(topic);
+        let receipt = {
+            // The check and the append under one lock: atomic.
+            let logs = t.logs.lock();
+            let partition = partition_for(&message.key, logs.len() as u32);
+            let last =
+                last_of(&logs[partition as usize], &message.key).map(|(offset, _)| Position {
+                    partition,
+                    offset: u128::from(offset),
+                });
+            if last != expected {
+                return Err(Error::Conflict(format!(
+                    "the last message of key {:?} is at {last:?}, not {expected:?}",
+                    message.key
+                )));
+            }
+            self.append_locked(logs, message)?
+        };
+        t.wake_all();
+        Ok(receipt)
+    }
+
     async fn pending(&self, topic: &str, group: &str) -> Result<Option<u64>> {
         self.check_domain_open()?;
         let t = self.topic(topic);
@@ -440,6 +487,15 @@ impl DomainTransport for Memory {
         self.handle.domain_closed.cancel();
         Ok(())
     }
+}
+
+/// The last message of `key` in a partition's log, with its offset.
+fn last_of<'a>(log: &'a [Arc<Stored>], key: &str) -> Option<(u64, &'a Stored)> {
+    log.iter()
+        .enumerate()
+        .rev()
+        .find(|(_, s)| s.key == key)
+        .map(|(offset, s)| (offset as u64, &**s))
 }
 
 fn inbound(topic: &str, s: &Stored, partition: u32, offset: u64) -> InboundMessage {

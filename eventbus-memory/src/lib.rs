@@ -201,6 +201,7 @@ impl Memory {
         domain_caps.durable = false;
         domain_caps.ordered_per_key = true;
         domain_caps.consumer_groups = true;
+        domain_caps.expected_version = true;
         domain_caps.replay = true;
         domain_caps.max_payload = config.max_payload;
         domain_caps.header_style = HeaderStyle::Nats;

@@ -208,6 +208,7 @@ macro_rules! conformance_tests {
             domain_single_active_consumer => domain::single_active_consumer,
             domain_deadline_extension => domain::deadline_extension,
             domain_per_key_cap => domain::per_key_cap,
+            domain_expected_version => domain::expected_version,
             group_declared => groups::declared,
             group_load_sharing => groups::load_sharing,
             group_graceful_leave => groups::graceful_leave,
