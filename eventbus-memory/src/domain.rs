@@ -539,32 +539,29 @@ struct MemberControl {
     rewind: bool,
 }
 
-impl PartitionControl for MemberControl {
-    fn pause(&self, partition: u32) {
+impl MemberControl {
+    /// Pauses or resumes a partition this member owns (any epoch); others are not its own.
+    fn set_paused(&self, partition: u32, paused: bool) {
         let mut st = self.group.state.lock();
-        if st
+        let own = st
             .owners
             .get(partition as usize)
             .copied()
             .flatten()
-            .is_some_and(|o| o.member == self.member)
-        {
-            st.cursors[partition as usize].paused = true;
+            .is_some_and(|o| o.member == self.member);
+        if own {
+            st.cursors[partition as usize].paused = paused;
         }
+    }
+}
+
+impl PartitionControl for MemberControl {
+    fn pause(&self, partition: u32) {
+        self.set_paused(partition, true);
     }
 
     fn resume(&self, partition: u32) {
-        let mut st = self.group.state.lock();
-        if st
-            .owners
-            .get(partition as usize)
-            .copied()
-            .flatten()
-            .is_some_and(|o| o.member == self.member)
-        {
-            st.cursors[partition as usize].paused = false;
-        }
-        drop(st);
+        self.set_paused(partition, false);
         self.wake.notify_one();
     }
 }

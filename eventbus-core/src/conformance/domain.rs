@@ -11,7 +11,7 @@ use futures::StreamExt as _;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use super::{Backend, OrderChecker, event, unique_topic, wait_for};
+use super::{Backend, OrderChecker, event, mix, unique_topic, wait_for};
 use crate::codec::{Codec, HeaderStyle};
 use crate::domain::{DomainBus, DomainBusBuilder, Subscription};
 use crate::envelope::Envelope;
@@ -259,19 +259,6 @@ pub async fn topic_isolation(backend: &dyn Backend) {
     );
     drop((sub_a, sub_b));
     bus.close().await.expect("close");
-}
-
-fn mix(seed: u64, a: &str, v: u64, attempt: u32) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
-    for b in a
-        .bytes()
-        .chain(v.to_le_bytes())
-        .chain(attempt.to_le_bytes())
-    {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
 }
 
 /// Per-aggregate order under random handler failures and delays: 12 aggregates, 30 events

@@ -7,7 +7,9 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio::sync::Notify;
 
-use super::{Backend, OrderChecker, Record, Summary, Violation, event, unique_topic, wait_for};
+use super::{
+    Backend, OrderChecker, Record, Summary, Violation, event, mix, unique_topic, wait_for,
+};
 use crate::domain::{DomainBus, DomainBusBuilder, Subscription};
 use crate::error::{ErrorKind, HandleError};
 use crate::handler::{Event, handler_fn};
@@ -43,19 +45,6 @@ async fn has_groups(backend: &dyn Backend) -> bool {
     let groups = t.capabilities().consumer_groups;
     t.close().await.expect("close");
     groups
-}
-
-fn mix(seed: u64, a: &str, v: u64, attempt: u32) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    for b in a
-        .bytes()
-        .chain(v.to_le_bytes())
-        .chain(attempt.to_le_bytes())
-    {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
 }
 
 type Handler = Arc<dyn Fn(Event) -> BoxFuture<'static, Result<(), HandleError>> + Send + Sync>;

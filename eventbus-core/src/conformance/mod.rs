@@ -83,6 +83,21 @@ pub fn event(aggregate: &str, version: u64) -> Envelope {
         .with_content_type("application/json")
 }
 
+/// A deterministic hash of a seed, an event and an attempt: decides injected failures and
+/// delays, so that a seed replays the same run.
+pub fn mix(seed: u64, aggregate: &str, version: u64, attempt: u32) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for b in aggregate
+        .bytes()
+        .chain(version.to_le_bytes())
+        .chain(attempt.to_le_bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
 /// Runs `fut` under the backend's deadline, panicking with `what` if it passes.
 pub async fn with_deadline<F: Future<Output = ()>>(backend: &dyn Backend, what: &str, fut: F) {
     let deadline = backend.settings().deadline;
