@@ -57,12 +57,16 @@ struct Cursor {
     floor: u64,
     /// Acknowledged offsets above the floor.
     acked: BTreeSet<u64>,
+    /// Deliveries so far of messages that a rewind took back from an earlier owner, so that
+    /// their delivery count goes on instead of starting again at 1.
+    delivered_before: BTreeMap<u64, u32>,
     paused: bool,
 }
 
 impl Cursor {
     fn settle(&mut self, offset: u64) {
         self.pending.remove(&offset);
+        self.delivered_before.remove(&offset);
         if offset >= self.floor {
             self.acked.insert(offset);
         }
@@ -344,6 +348,8 @@ impl DomainTransport for Memory {
         let partitions = topic.partitions();
         let (events_tx, events_rx) = async_channel::unbounded();
         let wake = Arc::new(Notify::new());
+        // Locks are taken in one order everywhere: logs, then groups, then a group's state.
+        let log_lens: Vec<u64> = topic.logs.lock().iter().map(|l| l.len() as u64).collect();
         let (group, member) = {
             let mut groups = topic.groups.lock();
             let created = !groups.contains_key(&spec.group);
@@ -361,10 +367,9 @@ impl DomainTransport for Memory {
                 st.owners = vec![None; partitions];
                 st.epochs = vec![0; partitions];
                 if spec.start == StartPosition::Latest {
-                    let logs = topic.logs.lock();
-                    for (c, log) in st.cursors.iter_mut().zip(logs.iter()) {
-                        c.next = log.len() as u64;
-                        c.floor = c.next;
+                    for (c, len) in st.cursors.iter_mut().zip(&log_lens) {
+                        c.next = *len;
+                        c.floor = *len;
                     }
                 }
             }
@@ -588,7 +593,9 @@ impl GroupControl for MemberControl {
                 st.timers.remove(&(deadline, partition, offset));
             }
             let c = &mut st.cursors[p];
-            c.pending.clear();
+            for (offset, pending) in std::mem::take(&mut c.pending) {
+                c.delivered_before.insert(offset, pending.deliveries);
+            }
             c.next = c.floor;
         }
         if let Some(o) = st.owners[p].as_mut() {
@@ -693,18 +700,19 @@ impl Reader {
             let offset = c.next;
             c.next += 1;
             let deadline = now + self.ack_wait;
+            let deliveries = c.delivered_before.remove(&offset).map_or(1, |n| n + 1);
             c.pending.insert(
                 offset,
                 Pending {
                     deadline,
-                    deliveries: 1,
+                    deliveries,
                 },
             );
             st.timers.insert((deadline, partition as u32, offset));
             st.rr = (partition + 1) % n;
             let epoch = st.owners[partition]?.epoch;
             let stored = &logs[partition][offset as usize];
-            return Some(self.delivery(stored, partition as u32, offset, 1, epoch));
+            return Some(self.delivery(stored, partition as u32, offset, deliveries, epoch));
         }
         None
     }
