@@ -484,8 +484,27 @@ async fn run_simple(
             },
         };
         inner.stats.received.fetch_add(1, Ordering::Relaxed);
-        // A panic, in `call` or in the future, is a failed call.
-        let call = match handler.ready().await {
+        // Readiness is awaited while the running calls go on: a handler service with a
+        // concurrency limit gets ready only when one of them finishes. A panic, in
+        // `poll_ready`, in `call` or in the future, is a failed call.
+        let ready = loop {
+            tokio::select! {
+                biased;
+                () = inner.stop.cancelled() => break None,
+                Some(r) = running.next(), if !running.is_empty() => record(r),
+                r = AssertUnwindSafe(handler.ready()).catch_unwind() => break Some(r),
+            }
+        };
+        let ready = match ready {
+            // Stopped: this message is not handled (at-most-once).
+            None => break,
+            Some(Err(p)) => {
+                record(Err(p));
+                continue;
+            }
+            Some(Ok(r)) => r,
+        };
+        let call = match ready {
             Ok(svc) => match std::panic::catch_unwind(AssertUnwindSafe(|| svc.call(message))) {
                 Ok(fut) => AssertUnwindSafe(fut).catch_unwind(),
                 Err(p) => {

@@ -12,20 +12,33 @@ use dualbus_memory::Memory;
 async fn delivery_count_survives_a_takeover() {
     let broker = Memory::new();
     let style = DomainTransport::capabilities(&broker).header_style;
-    let wire = Codec::CloudEvents.encode(&event("a", 1), style, "tests").expect("encode");
-    DomainTransport::publish(&broker, "t", wire).await.expect("publish");
+    let wire = Codec::CloudEvents
+        .encode(&event("a", 1), style, "tests")
+        .expect("encode");
+    DomainTransport::publish(&broker, "t", wire)
+        .await
+        .expect("publish");
 
     let first = broker.connect();
-    let mut sub = first.subscribe(SubscriptionSpec::new("t", "g")).await.expect("subscribe");
+    let mut sub = first
+        .subscribe(SubscriptionSpec::new("t", "g"))
+        .await
+        .expect("subscribe");
     let d = next_raw(&mut sub).await.expect("delivery").expect("ok");
     assert_eq!(d.delivery_count, 1);
     drop(d);
     drop(sub); // leaves without acknowledging
 
     let second = broker.connect();
-    let mut sub = second.subscribe(SubscriptionSpec::new("t", "g")).await.expect("subscribe");
+    let mut sub = second
+        .subscribe(SubscriptionSpec::new("t", "g"))
+        .await
+        .expect("subscribe");
     let d = next_raw(&mut sub).await.expect("redelivery").expect("ok");
-    assert_eq!(d.delivery_count, 2, "the takeover redelivered it: its second delivery");
+    assert_eq!(
+        d.delivery_count, 2,
+        "the takeover redelivered it: its second delivery"
+    );
     d.ack().await.expect("ack");
     assert_eq!(second.pending("t", "g").await.expect("pending"), Some(0));
 }

@@ -247,3 +247,81 @@ async fn hooks_write_and_read_headers_on_both_buses() {
     assert!(published.iter().filter(|p| p.0 == "orders").all(|p| p.1));
     assert!(published.iter().any(|p| p.0 == "notes"));
 }
+
+/// A handler behind a tower concurrency limit: readiness comes only when a running call
+/// finishes, so the subscription must keep polling its running calls while it waits.
+#[tokio::test(start_paused = true)]
+async fn simple_handler_behind_a_concurrency_limit() {
+    let bus = SimpleBus::builder(Memory::new()).build().unwrap();
+    let done = Arc::new(AtomicUsize::new(0));
+    let d = done.clone();
+    let handler = tower::ServiceBuilder::new()
+        .concurrency_limit(2)
+        .service(handler_fn(move |_m: Message| {
+            let d = d.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                d.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, HandleError>(())
+            }
+        }));
+    let sub = bus.subscribe("limited").start(handler).await.unwrap();
+    for i in 0..20 {
+        bus.publish("limited", format!("m{i}")).await.unwrap();
+    }
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        wait_for(|| done.load(Ordering::SeqCst) == 20),
+    )
+    .await
+    .expect("every message handled, two at a time");
+    assert_eq!(sub.stats().failed, 0);
+    sub.shutdown(Duration::from_secs(1)).await;
+}
+
+/// The same on the domain bus: workers and handlers started by the dispatcher share a
+/// concurrency-limited handler without a deadlock, and shutdown stays within its deadline.
+#[tokio::test(start_paused = true)]
+async fn domain_handler_behind_a_concurrency_limit() {
+    let bus = DomainBus::builder(Memory::new())
+        .handler_layer(tower::limit::ConcurrencyLimitLayer::new(1))
+        .build()
+        .unwrap();
+    let done = Arc::new(AtomicUsize::new(0));
+    let d = done.clone();
+    let sub = bus
+        .subscribe("limited")
+        .start(handler_fn(move |_e: Event| {
+            let d = d.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                d.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, HandleError>(())
+            }
+        }))
+        .await
+        .unwrap();
+    for a in 0..20 {
+        for v in 1..=3 {
+            bus.publish(
+                "limited",
+                &Envelope::new(format!("a{a}"), "T", v, "{}").unwrap(),
+            )
+            .await
+            .unwrap();
+        }
+    }
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        wait_for(|| done.load(Ordering::SeqCst) == 60),
+    )
+    .await
+    .expect("every event handled, one at a time");
+    let report = tokio::time::timeout(
+        Duration::from_secs(30),
+        sub.shutdown_within(Duration::from_secs(5)),
+    )
+    .await
+    .expect("shutdown keeps its deadline");
+    assert!(!report.timed_out, "{report:?}");
+}
