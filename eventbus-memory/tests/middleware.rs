@@ -12,8 +12,8 @@ use dualbus_core::middleware::{
 };
 use dualbus_core::{
     Backoff, Capabilities, DomainBus, DomainSubscription, DomainTransport, Envelope, Error,
-    ErrorKind, Event, HandleError, Headers, Message, OutboundMessage, Receipt, Result, SimpleBus,
-    SubscriptionSpec, handler_fn,
+    ErrorKind, Event, HandleError, Headers, Message, OutboundMessage, PoolConfig, PoolEvent,
+    PoolObserver, Receipt, Result, SimpleBus, SubscriptionSpec, handler_fn,
 };
 use dualbus_memory::Memory;
 use parking_lot::Mutex;
@@ -323,5 +323,152 @@ async fn domain_handler_behind_a_concurrency_limit() {
     )
     .await
     .expect("shutdown keeps its deadline");
+    assert!(!report.timed_out, "{report:?}");
+}
+
+/// Handlers that yield before they finish, behind a concurrency limit of one, with one or two
+/// workers: an event the dispatcher started must make progress while workers wait for the
+/// limit, and each aggregate's events still run in order.
+#[tokio::test(start_paused = true)]
+async fn yielding_handlers_behind_a_limit_of_one() {
+    for workers in [1, 2] {
+        let bus = DomainBus::builder(Memory::new())
+            .handler_layer(tower::limit::ConcurrencyLimitLayer::new(1))
+            .pool(PoolConfig {
+                max_concurrency: workers,
+                ..PoolConfig::default()
+            })
+            .build()
+            .unwrap();
+        let seen: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+        let s = seen.clone();
+        let sub = bus
+            .subscribe("limited")
+            .start(handler_fn(move |e: Event| {
+                let s = s.clone();
+                async move {
+                    tokio::task::yield_now().await;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    s.lock()
+                        .push((e.envelope.aggregate_id.clone(), e.envelope.event_version));
+                    Ok::<_, HandleError>(())
+                }
+            }))
+            .await
+            .unwrap();
+        // Round robin over the aggregates: most deliveries find their key idle.
+        for v in 1..=4 {
+            for a in 0..25 {
+                bus.publish(
+                    "limited",
+                    &Envelope::new(format!("a{a}"), "T", v, "{}").unwrap(),
+                )
+                .await
+                .unwrap();
+            }
+        }
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            wait_for(|| seen.lock().len() == 100),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{workers} worker(s): {} of 100 handled; the pool stalled",
+                seen.lock().len()
+            )
+        });
+        let mut last: std::collections::HashMap<String, u64> = Default::default();
+        for (a, v) in seen.lock().iter() {
+            let prev = last.insert(a.clone(), *v).unwrap_or(0);
+            assert_eq!(*v, prev + 1, "{a}: v{v} after v{prev}");
+        }
+        let report = sub.shutdown_within(Duration::from_secs(5)).await;
+        assert!(!report.timed_out, "{report:?}");
+    }
+}
+
+/// A handler service that never gets ready.
+#[derive(Clone)]
+struct NeverReady;
+
+impl tower::Service<Event> for NeverReady {
+    type Response = ();
+    type Error = HandleError;
+    type Future = std::future::Ready<std::result::Result<(), HandleError>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::result::Result<(), HandleError>> {
+        std::task::Poll::Pending
+    }
+
+    fn call(&mut self, _event: Event) -> Self::Future {
+        std::future::ready(Ok(()))
+    }
+}
+
+/// Shutdown keeps its deadline even when the handler never gets ready: the work is handed
+/// back unacknowledged and the broker still holds it.
+#[tokio::test(start_paused = true)]
+async fn shutdown_keeps_its_deadline_when_the_handler_never_gets_ready() {
+    let broker = Memory::new();
+    let bus = DomainBus::builder(broker.clone()).build().unwrap();
+    let sub = bus.subscribe("stuck").start(NeverReady).await.unwrap();
+    for v in 1..=3 {
+        bus.publish("stuck", &Envelope::new("a", "T", v, "{}").unwrap())
+            .await
+            .unwrap();
+    }
+    wait_for(|| sub.stats().received == 3).await;
+    let group = sub.group().to_owned();
+    let report = tokio::time::timeout(
+        Duration::from_secs(60),
+        sub.shutdown_within(Duration::from_secs(1)),
+    )
+    .await
+    .expect("shutdown returns within its deadline");
+    assert!(report.timed_out, "{report:?}");
+    assert_eq!(report.stats.acked, 0, "{report:?}");
+    assert_eq!(
+        broker.pending("stuck", &group).await.unwrap(),
+        Some(3),
+        "nothing acknowledged: all three stay with the broker"
+    );
+}
+
+/// An observer that panics loses its event and nothing else.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_observer_does_not_stop_the_pool() {
+    struct Panics;
+    impl PoolObserver for Panics {
+        fn on_event(&self, _event: &PoolEvent<'_>) {
+            panic!("observer bug");
+        }
+    }
+    let bus = DomainBus::builder(Memory::new()).build().unwrap();
+    let done = Arc::new(AtomicUsize::new(0));
+    let d = done.clone();
+    let sub = bus
+        .subscribe("observed")
+        .observer(Arc::new(Panics))
+        .start(handler_fn(move |_e: Event| {
+            let d = d.clone();
+            async move {
+                d.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, HandleError>(())
+            }
+        }))
+        .await
+        .unwrap();
+    for v in 1..=5 {
+        bus.publish("observed", &Envelope::new("a", "T", v, "{}").unwrap())
+            .await
+            .unwrap();
+    }
+    wait_for(|| sub.stats().acked == 5).await;
+    assert_eq!(done.load(Ordering::SeqCst), 5);
+    let report = sub.shutdown_within(Duration::from_secs(5)).await;
     assert!(!report.timed_out, "{report:?}");
 }

@@ -9,9 +9,9 @@
 //!   starting at 1: `4,5,6,5,6,7` is a replay and allowed; `4,6` and `4,5,6,5,7` are gaps.
 //! - **C3** a repeated `E(a,v)` follows a redelivery (delivery count above 1, or a crash or
 //!   restart in between); no `K(a,v)` before its first `S`.
-//! - **C4** (groups) per aggregate, the handler runs of all members are disjoint (a run lasts
-//!   from `S` to its `E` or failure `F`, or to the member's crash `X`); nothing from a
-//!   member after its `X`.
+//! - **C4** per aggregate, handler runs are disjoint, within a member and across the members
+//!   of a group (a run lasts from `S` to its `E` or failure `F`, or to the member's crash
+//!   `X`); nothing from a member after its `X`.
 //! - **C5** (groups) duplicates stay within the in-flight window of the handovers:
 //!   [`Summary::duplicates`] is reported for the test to bound.
 //! - **C6** after the run is marked quiescent, no new `E`.
@@ -289,7 +289,8 @@ impl OrderChecker {
             }
         }
         // C4
-        let mut running: HashMap<&str, u32> = HashMap::new();
+        // Per aggregate: the member running it and the version.
+        let mut running: HashMap<&str, (u32, u64)> = HashMap::new();
         let mut crashed: HashMap<u32, u64> = HashMap::new();
         for r in &inner.records {
             let (t, a, m, start, v) = match r {
@@ -299,7 +300,7 @@ impl OrderChecker {
                 }
                 Record::Crash { t, m } => {
                     crashed.insert(*m, *t);
-                    running.retain(|_, r| r != m);
+                    running.retain(|_, (r, _)| r != m);
                     continue;
                 }
                 Record::Ack { .. } => continue,
@@ -312,17 +313,29 @@ impl OrderChecker {
                 });
             }
             if start {
-                if let Some(other) = running.get(a).filter(|o| **o != m) {
-                    return Err(Violation {
-                        check: "C4",
-                        aggregate: a.to_owned(),
-                        detail: format!(
-                            "member {m} started v{v} while member {other} was still handling this aggregate"
-                        ),
-                    });
+                match running.get(a) {
+                    Some((other, w)) if *other != m => {
+                        return Err(Violation {
+                            check: "C4",
+                            aggregate: a.to_owned(),
+                            detail: format!(
+                                "member {m} started v{v} while member {other} was still handling v{w}"
+                            ),
+                        });
+                    }
+                    Some((_, w)) => {
+                        return Err(Violation {
+                            check: "C4",
+                            aggregate: a.to_owned(),
+                            detail: format!(
+                                "member {m} started v{v} while it was still handling v{w}"
+                            ),
+                        });
+                    }
+                    None => {}
                 }
-                running.insert(a, m);
-            } else if running.get(a) == Some(&m) {
+                running.insert(a, (m, v));
+            } else if running.get(a).is_some_and(|(r, _)| *r == m) {
                 running.remove(a);
             }
         }
@@ -597,6 +610,22 @@ mod tests {
         assert!(ok.check().is_ok());
         end(&ok, 0, 1);
         assert_eq!(ok.check().unwrap_err().check, "C4");
+        // One member running two versions of an aggregate at once.
+        let own = OrderChecker::new();
+        start(&own, 0, 1);
+        start(&own, 0, 2);
+        end(&own, 0, 2);
+        end(&own, 0, 1);
+        let e = own.check().unwrap_err();
+        assert_eq!(e.check, "C4");
+        assert!(e.detail.contains("while it was still handling v1"), "{e}");
+        // One after the other is fine.
+        let seq = OrderChecker::new();
+        for v in 1..=2 {
+            start(&seq, 0, v);
+            end(&seq, 0, v);
+        }
+        assert!(seq.check().is_ok());
     }
 
     #[test]

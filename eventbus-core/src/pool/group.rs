@@ -77,6 +77,15 @@ pub(super) async fn on_group_event(sh: &Arc<Shared>, event: GroupEvent) {
                         tracing::warn!(topic = %sh2.p.topic, partition, epoch, "drain deadline passed; handlers still running are abandoned");
                     }
                 }
+                // Only the drain of this ownership ends it: a partition lost, or assigned
+                // again, in the meantime is not released.
+                if !sh2
+                    .state
+                    .lock()
+                    .part_is(partition, epoch, PartitionState::Draining)
+                {
+                    return;
+                }
                 set_state(&sh2, partition, epoch, PartitionState::Revoked);
                 if let Some(g) = &sh2.group {
                     if let Err(error) = g.release(partition, epoch).await {
@@ -115,23 +124,26 @@ pub(super) fn set_state(sh: &Shared, partition: u32, epoch: u64, state: Partitio
         .lock()
         .parts
         .insert(partition, Part { state, epoch });
-    if let Some(o) = &sh.p.observer {
-        o.on_event(&PoolEvent::Partition {
+    super::observe(
+        sh,
+        &PoolEvent::Partition {
             partition,
             epoch,
             state,
-        });
-    }
+        },
+    );
 }
 
 /// Drops the buffered, never-started deliveries of `partition`, unacknowledged (the next
-/// owner rewinds to them). Returns how many.
+/// owner rewinds to them), and forgets the partition's pauses for backpressure (a new
+/// assignment starts unpaused). Returns how many.
 pub(super) fn drop_queued(sh: &Shared, partition: u32) -> usize {
     let mut dropped = Vec::new();
     {
         let mut st = sh.state.lock();
         let st = &mut *st;
         for q in st.keys.values_mut() {
+            let before = dropped.len();
             let mut i = 0;
             while i < q.items.len() {
                 if q.items[i].delivery.position().partition == partition {
@@ -142,9 +154,13 @@ pub(super) fn drop_queued(sh: &Shared, partition: u32) -> usize {
                     i += 1;
                 }
             }
+            if dropped.len() > before {
+                q.over_cap = false;
+            }
         }
+        st.paused.remove(&partition);
         for item in &dropped {
-            st.held.remove(&item.delivery.position());
+            st.held.remove(&item.id());
         }
         if st.held.is_empty() {
             sh.idle.notify_waiters();

@@ -39,6 +39,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::{Service, ServiceExt as _};
 
 use self::group::{lose_all, next_event, on_group_event};
@@ -120,16 +121,18 @@ struct Item {
     _permit: OwnedSemaphorePermit,
 }
 
+/// A held delivery: its position under the ownership epoch it was delivered in. A
+/// redelivery of the same position under a new epoch is a new delivery, not a duplicate.
+type HeldId = (Position, u64);
+
+impl Item {
+    fn id(&self) -> HeldId {
+        (self.delivery.position(), self.delivery.epoch)
+    }
+}
+
 /// An event the dispatcher started inline whose handler did not finish at once.
 type Started = Pin<Box<dyn Future<Output = Item> + Send>>;
-
-/// What the ready queue carries.
-enum Work {
-    /// Run the key's queued events.
-    Key(Key),
-    /// Finish an event started inline, then run the key's queue.
-    Continue(Key, Started),
-}
 
 struct KeyQueue {
     items: VecDeque<Item>,
@@ -152,7 +155,7 @@ struct Part {
 #[derive(Default)]
 struct State {
     keys: HashMap<Key, KeyQueue>,
-    held: HashMap<Position, Held>,
+    held: HashMap<HeldId, Held>,
     paused: HashMap<u32, usize>,
     peak: usize,
     /// Consumer groups only: the partitions this member knows of. Without a group every
@@ -187,7 +190,7 @@ impl State {
     }
 
     fn holds_partition(&self, partition: u32) -> bool {
-        self.held.keys().any(|pos| pos.partition == partition)
+        self.held.keys().any(|(pos, _)| pos.partition == partition)
     }
 
     fn draining(&self) -> bool {
@@ -213,9 +216,14 @@ struct Shared {
     control: Option<Arc<dyn PartitionControl>>,
     group: Option<Arc<dyn GroupControl>>,
     state: Mutex<State>,
-    ready_tx: async_channel::Sender<Work>,
-    ready_rx: async_channel::Receiver<Work>,
+    ready_tx: async_channel::Sender<Key>,
+    ready_rx: async_channel::Receiver<Key>,
     permits: Arc<Semaphore>,
+    /// One per running handler (at most `max_concurrency`): a worker holds one while it
+    /// runs a key, an event started inline holds one until it ends.
+    running: Arc<Semaphore>,
+    /// Events started inline whose handlers did not finish at once.
+    continuations: TaskTracker,
     counters: Counters,
     space: Notify,
     idle: Notify,
@@ -280,6 +288,8 @@ impl Pool {
         };
         let shared = Arc::new(Shared {
             permits: Arc::new(Semaphore::new(params.config.max_in_flight)),
+            running: Arc::new(Semaphore::new(params.config.max_concurrency)),
+            continuations: TaskTracker::new(),
             control,
             state: Mutex::new(State {
                 grouped: group.is_some(),
@@ -396,6 +406,8 @@ impl Pool {
         for w in tasks.workers {
             let _ = w.await;
         }
+        sh.continuations.close();
+        sh.continuations.wait().await;
         if let Some(t) = tasks.ticker {
             t.abort();
             let _ = t.await;
@@ -451,6 +463,8 @@ impl Drop for Pool {
         if let Some(t) = &tasks.ticker {
             t.abort();
         }
+        let continuations = self.shared.continuations.clone();
+        continuations.close();
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
@@ -458,6 +472,7 @@ impl Drop for Pool {
                     for w in tasks.workers {
                         let _ = w.await;
                     }
+                    continuations.wait().await;
                     drop(streams);
                 });
             }
@@ -560,14 +575,14 @@ async fn dispatch(
             key,
             _permit: permit,
         };
-        if let Some(item) = enqueue(&sh, item, inline.allowed()) {
-            // A handler whose service never becomes ready must not keep a crashed member
-            // in its group: the cut-off abandons the item (it stays unacknowledged).
-            tokio::select! {
-                biased;
-                () = sh.hard_stop.cancelled() => break,
-                () = run_inline(&sh, &mut handler, &mut inline, item) => {}
-            }
+        // An inline start needs a free running slot: the dispatcher never waits for one.
+        let slot = if inline.allowed() {
+            sh.running.clone().try_acquire_owned().ok()
+        } else {
+            None
+        };
+        if let Some((item, slot)) = enqueue(&sh, item, slot) {
+            run_inline(&sh, &mut handler, &mut inline, item, slot);
         }
     }
     sh.stop_pulling.cancel();
@@ -599,24 +614,27 @@ async fn wait_for_space(sh: &Shared, key: &Key) -> bool {
     }
 }
 
-/// Adds a delivery to its key's queue. When `inline` is allowed and the key has no queued
-/// or running work, the key is marked scheduled and the item is returned for the dispatcher
-/// to start at once.
-fn enqueue(sh: &Shared, item: Item, inline: bool) -> Option<Item> {
-    let position = item.delivery.position();
+/// Adds a delivery to its key's queue. Given a running `slot`, when the key has no queued
+/// or running work, the key is marked scheduled and the item is returned with the slot for
+/// the dispatcher to start at once.
+fn enqueue(
+    sh: &Shared,
+    item: Item,
+    slot: Option<OwnedSemaphorePermit>,
+) -> Option<(Item, OwnedSemaphorePermit)> {
+    let id = item.id();
+    let position = id.0;
     let partition = position.partition;
     let mut st = sh.state.lock();
-    if st.held.contains_key(&position) {
+    if st.held.contains_key(&id) {
         drop(st);
         bump(&sh.counters.duplicates_dropped);
-        if let Some(o) = &sh.p.observer {
-            o.on_event(&PoolEvent::DuplicateDropped { position });
-        }
+        observe(sh, &PoolEvent::DuplicateDropped { position });
         return None;
     }
-    let inline = inline && item.decoded.is_ok();
+    let slot = slot.filter(|_| item.decoded.is_ok());
     st.held.insert(
-        position,
+        id,
         Held {
             acker: item.delivery.acker().clone(),
             since: Instant::now(),
@@ -624,7 +642,7 @@ fn enqueue(sh: &Shared, item: Item, inline: bool) -> Option<Item> {
             parked: false,
         },
     );
-    if inline && !st.keys.contains_key(&item.key) {
+    if let Some(slot) = slot.filter(|_| !st.keys.contains_key(&item.key)) {
         st.keys.insert(
             item.key.clone(),
             KeyQueue {
@@ -632,11 +650,11 @@ fn enqueue(sh: &Shared, item: Item, inline: bool) -> Option<Item> {
                 over_cap: false,
             },
         );
-        if let Some(h) = st.held.get_mut(&position) {
+        if let Some(h) = st.held.get_mut(&id) {
             h.started = true;
         }
         st.peak = st.peak.max(st.held.len());
-        return Some(item);
+        return Some((item, slot));
     }
     st.peak = st.peak.max(st.held.len());
     let cap = sh.p.config.max_per_key;
@@ -676,9 +694,36 @@ fn enqueue(sh: &Shared, item: Item, inline: bool) -> Option<Item> {
     drop(st);
     if let Some(key) = schedule {
         // Unbounded and only closed at shutdown, when nothing is scheduled any more.
-        let _ = sh.ready_tx.try_send(Work::Key(key));
+        let _ = sh.ready_tx.try_send(key);
     }
     None
+}
+
+/// Gives an item the dispatcher meant to start inline to the workers: its key is scheduled
+/// already (by [`enqueue`]), so the item goes first in the key's queue.
+fn hand_to_workers(sh: &Shared, item: Item) {
+    let key = item.key.clone();
+    {
+        let mut st = sh.state.lock();
+        if let Some(h) = st.held.get_mut(&item.id()) {
+            h.started = false;
+        }
+        match st.keys.get_mut(&key) {
+            Some(q) => q.items.push_front(item),
+            None => {
+                let mut items = VecDeque::with_capacity(1);
+                items.push_back(item);
+                st.keys.insert(
+                    key.clone(),
+                    KeyQueue {
+                        items,
+                        over_cap: false,
+                    },
+                );
+            }
+        }
+    }
+    let _ = sh.ready_tx.try_send(key);
 }
 
 /// Takes the next item of `key`, or unschedules the key when its queue is empty.
@@ -705,7 +750,7 @@ fn next_item(sh: &Shared, key: &Key) -> Option<Item> {
         }
     }
     let was_full = q.items.len() + 1 >= cap;
-    if let Some(h) = st.held.get_mut(&item.delivery.position()) {
+    if let Some(h) = st.held.get_mut(&item.id()) {
         h.started = true;
     }
     if was_full && sh.control.is_none() {
@@ -717,9 +762,8 @@ fn next_item(sh: &Shared, key: &Key) -> Option<Item> {
 /// After an item finished: forget it, and reschedule or unschedule its key.
 fn finish(sh: &Shared, item: Item, budget_left: bool) -> bool {
     let key = item.key.clone();
-    let position = item.delivery.position();
     let mut st = sh.state.lock();
-    st.held.remove(&position);
+    st.held.remove(&item.id());
     // Shutdown waits for an empty pool; a drain waits for one partition's handlers.
     let idle = st.held.is_empty() || (st.grouped && st.draining());
     let more = match st.keys.get(&key) {
@@ -738,7 +782,7 @@ fn finish(sh: &Shared, item: Item, budget_left: bool) -> bool {
     }
     if more && !budget_left {
         // Fairness: let other scheduled keys run before this one continues.
-        let _ = sh.ready_tx.try_send(Work::Key(key));
+        let _ = sh.ready_tx.try_send(key);
         return false;
     }
     more
@@ -750,31 +794,25 @@ const KEY_BUDGET: u32 = 32;
 async fn worker(sh: Arc<Shared>) {
     let mut handler = sh.p.handler.clone();
     loop {
-        let work = tokio::select! {
+        // A worker takes a key only with a running slot (events started inline hold slots
+        // too), so that at most `max_concurrency` handlers run.
+        let slot = tokio::select! {
             biased;
             () = sh.hard_stop.cancelled() => return,
-            w = sh.ready_rx.recv() => match w {
-                Ok(w) => w,
+            s = sh.running.acquire() => match s {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+        };
+        let key = tokio::select! {
+            biased;
+            () = sh.hard_stop.cancelled() => return,
+            k = sh.ready_rx.recv() => match k {
+                Ok(k) => k,
                 Err(_) => return,
             },
         };
         let mut budget = KEY_BUDGET;
-        let key = match work {
-            Work::Key(key) => key,
-            Work::Continue(key, started) => {
-                let item = tokio::select! {
-                    biased;
-                    // Cut off at the shutdown deadline: shutdown returns it unacknowledged.
-                    () = sh.hard_stop.cancelled() => return,
-                    item = started => item,
-                };
-                budget -= 1;
-                if !finish(&sh, item, true) {
-                    continue;
-                }
-                key
-            }
-        };
         loop {
             let Some(item) = next_item(&sh, &key) else {
                 break;
@@ -793,6 +831,7 @@ async fn worker(sh: Arc<Shared>) {
                 break;
             }
         }
+        drop(slot);
     }
 }
 
@@ -830,34 +869,82 @@ impl InlineBudget {
 }
 
 /// Starts `item` on the dispatcher: the first attempt is polled once; if it is not done, the
-/// rest goes to a worker (the key stays scheduled, so its order holds).
-async fn run_inline(
+/// rest runs as a task of its own holding `slot` (the key stays scheduled, so its order
+/// holds). The dispatcher never waits for the handler: a service that is not ready at once
+/// gets the item through a worker.
+fn run_inline(
     sh: &Arc<Shared>,
     handler: &mut BoxEventHandler,
     budget: &mut InlineBudget,
     item: Item,
+    slot: OwnedSemaphorePermit,
 ) {
     let t0 = Instant::now();
-    let key = item.key.clone();
     let first = match &item.decoded {
-        Ok(envelope) => Some(start_attempt(handler, event(sh, &item, envelope, 1)).await),
+        Ok(envelope) => {
+            let Some(first) = try_start(sh, handler, event(sh, &item, envelope, 1)) else {
+                drop(slot);
+                hand_to_workers(sh, item);
+                budget.record(t0.elapsed());
+                return;
+            };
+            Some(first)
+        }
         Err(_) => None,
     };
     let owner = sh.clone();
     let mut started: Started = Box::pin(async move {
-        let mut slot = None;
-        process_with(&owner, &mut slot, &item, first).await;
+        let mut lazy = None;
+        process_with(&owner, &mut lazy, &item, first).await;
         item
     });
     match (&mut started).now_or_never() {
         Some(item) => {
             finish(sh, item, false);
+            drop(slot);
         }
         None => {
-            let _ = sh.ready_tx.try_send(Work::Continue(key, started));
+            let owner = sh.clone();
+            sh.continuations.spawn(async move {
+                tokio::select! {
+                    biased;
+                    // Cut off at the shutdown deadline: shutdown returns it unacknowledged.
+                    () = owner.hard_stop.cancelled() => {}
+                    item = started => {
+                        finish(&owner, item, false);
+                    }
+                }
+                drop(slot);
+            });
         }
     }
     budget.record(t0.elapsed());
+}
+
+/// Calls the handler for one attempt if its service is ready at once; `None` if it is not.
+/// A service left waiting for readiness (a concurrency limit's permit, say) is replaced by
+/// a fresh clone, so that the dispatcher does not sit on capacity it will not use.
+fn try_start(sh: &Shared, handler: &mut BoxEventHandler, event: Event) -> Option<AttemptFuture> {
+    let ready = AssertUnwindSafe(handler.ready())
+        .catch_unwind()
+        .now_or_never();
+    let outcome = match ready {
+        None => None,
+        Some(Ok(Ok(svc))) => Some(Ok(call_guarded(svc, event))),
+        Some(Ok(Err(e))) => Some(Ok(failed(e))),
+        Some(Err(p)) => Some(Err(failed(panicked(&*p, Disposition::Permanent)))),
+    };
+    match outcome {
+        Some(Ok(fut)) => Some(fut),
+        Some(Err(fut)) => {
+            *handler = sh.p.handler.clone();
+            Some(fut)
+        }
+        None => {
+            *handler = sh.p.handler.clone();
+            None
+        }
+    }
 }
 
 fn event(sh: &Shared, item: &Item, envelope: &Arc<Envelope>, attempt: u32) -> Event {
@@ -873,17 +960,41 @@ fn event(sh: &Shared, item: &Item, envelope: &Arc<Envelope>, attempt: u32) -> Ev
 
 type AttemptFuture = futures::future::BoxFuture<'static, Result<(), HandleError>>;
 
-/// Calls the handler for one attempt; a panic in `call` becomes a failed attempt.
-async fn start_attempt(handler: &mut BoxEventHandler, event: Event) -> AttemptFuture {
-    match handler.ready().await {
-        Ok(svc) => match std::panic::catch_unwind(AssertUnwindSafe(|| svc.call(event))) {
-            Ok(fut) => fut,
-            Err(p) => {
-                let e = panicked(&*p, Disposition::Permanent);
-                Box::pin(async move { Err(e) })
-            }
-        },
-        Err(e) => Box::pin(async move { Err(e) }),
+/// Calls the handler for one attempt. A panic in `poll_ready` or in `call` becomes a failed
+/// attempt (and a service that panicked is replaced by a fresh clone).
+async fn start_attempt(
+    fresh: &BoxEventHandler,
+    handler: &mut BoxEventHandler,
+    event: Event,
+) -> AttemptFuture {
+    match AssertUnwindSafe(handler.ready()).catch_unwind().await {
+        Ok(Ok(svc)) => call_guarded(svc, event),
+        Ok(Err(e)) => failed(e),
+        Err(p) => {
+            *handler = fresh.clone();
+            failed(panicked(&*p, Disposition::Permanent))
+        }
+    }
+}
+
+/// Calls a ready service; a panic in `call` becomes a failed attempt.
+fn call_guarded(svc: &mut BoxEventHandler, event: Event) -> AttemptFuture {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| svc.call(event))) {
+        Ok(fut) => fut,
+        Err(p) => failed(panicked(&*p, Disposition::Permanent)),
+    }
+}
+
+fn failed(e: HandleError) -> AttemptFuture {
+    Box::pin(async move { Err(e) })
+}
+
+/// Tells the observer, if any. An observer that panics loses that event and nothing else.
+fn observe(sh: &Shared, event: &PoolEvent<'_>) {
+    if let Some(o) = &sh.p.observer {
+        if std::panic::catch_unwind(AssertUnwindSafe(|| o.on_event(event))).is_err() {
+            tracing::error!(topic = %sh.p.topic, "the pool observer panicked; the event is ignored");
+        }
     }
 }
 
@@ -943,10 +1054,10 @@ async fn process_in(
             None => {
                 let event = event(sh, item, &envelope, attempt);
                 match &mut handler {
-                    HandlerRef::Borrowed(h) => start_attempt(h, event).await,
+                    HandlerRef::Borrowed(h) => start_attempt(&sh.p.handler, h, event).await,
                     HandlerRef::Lazy => {
                         let h = slot.get_or_insert_with(|| sh.p.handler.clone());
-                        start_attempt(h, event).await
+                        start_attempt(&sh.p.handler, h, event).await
                     }
                 }
             }
@@ -975,14 +1086,15 @@ async fn process_in(
                 }
                 let delay = sh.p.retry.delay(attempt);
                 bump(&sh.counters.retried);
-                if let Some(o) = &sh.p.observer {
-                    o.on_event(&PoolEvent::Retrying {
+                observe(
+                    sh,
+                    &PoolEvent::Retrying {
                         envelope: &envelope,
                         attempt,
                         error: &error,
                         delay,
-                    });
-                }
+                    },
+                );
                 tracing::debug!(
                     topic = %sh.p.topic, aggregate_id = %envelope.aggregate_id,
                     version = envelope.event_version, attempt, ?delay, error = %error,
@@ -1017,19 +1129,18 @@ async fn ack(sh: &Shared, item: &Item, envelope: Option<&Envelope>) {
     match item.delivery.ack().await {
         Ok(()) => {
             bump(&sh.counters.acked);
-            if let Some(o) = &sh.p.observer {
-                o.on_event(&PoolEvent::Acked { envelope, position });
-            }
+            observe(sh, &PoolEvent::Acked { envelope, position });
         }
         Err(error) => {
             bump(&sh.counters.ack_failures);
             tracing::warn!(topic = %sh.p.topic, ?position, %error, "ack failed; the broker will redeliver");
-            if let Some(o) = &sh.p.observer {
-                o.on_event(&PoolEvent::AckFailed {
+            observe(
+                sh,
+                &PoolEvent::AckFailed {
                     position,
                     error: &error,
-                });
-            }
+                },
+            );
         }
     }
 }
@@ -1099,7 +1210,7 @@ async fn dead_letter(sh: &Shared, item: &Item, kind: DeadLetterKind, reason: &st
                 failures += 1;
                 bump(&sh.counters.dead_letter_failures);
                 if failures == 1 {
-                    if let Some(h) = sh.state.lock().held.get_mut(&position) {
+                    if let Some(h) = sh.state.lock().held.get_mut(&item.id()) {
                         h.parked = true;
                     }
                 }
@@ -1116,21 +1227,22 @@ async fn dead_letter(sh: &Shared, item: &Item, kind: DeadLetterKind, reason: &st
         }
     }
     if failures > 0 {
-        if let Some(h) = sh.state.lock().held.get_mut(&position) {
+        if let Some(h) = sh.state.lock().held.get_mut(&item.id()) {
             h.parked = false;
         }
     }
     bump(&sh.counters.dead_lettered);
     let envelope = item.decoded.as_ref().ok().map(|e| &**e);
     tracing::info!(topic = %sh.p.topic, ?position, kind = kind.as_str(), reason, "message dead-lettered");
-    if let Some(o) = &sh.p.observer {
-        o.on_event(&PoolEvent::DeadLettered {
+    observe(
+        sh,
+        &PoolEvent::DeadLettered {
             envelope,
             kind,
             reason,
             position,
-        });
-    }
+        },
+    );
     ack(sh, item, envelope).await;
 }
 
