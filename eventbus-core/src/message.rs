@@ -46,6 +46,11 @@ pub struct OutboundMessage {
     pub headers: Headers,
     /// Encoded body.
     pub payload: Bytes,
+    /// A unique id of this message for publish deduplication (the event id; for a dead
+    /// letter, derived from the original's position), or `None`. Backends with
+    /// [`Capabilities::dedup`](crate::Capabilities::dedup) store a message with an id they
+    /// saw within their window only once (JetStream: `Nats-Msg-Id`).
+    pub id: Option<String>,
 }
 
 /// Where a message sits in the broker: a partition and an offset within it (a JetStream

@@ -25,7 +25,10 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod jetstream;
 pub mod subject;
+
+pub use jetstream::{JetStream, JetStreamConfig};
 
 use std::fmt;
 use std::path::PathBuf;
@@ -41,7 +44,7 @@ use futures::StreamExt as _;
 use futures::stream::BoxStream;
 use serde::Deserialize;
 
-const BACKEND: &str = "nats";
+pub(crate) const BACKEND: &str = "nats";
 
 /// A secret string: kept out of `Debug` output and logs.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
@@ -99,6 +102,8 @@ pub struct NatsConfig {
     /// How long the first connection may take. Default 5 s.
     #[serde(with = "dualbus_core::config::duration")]
     pub connect_timeout: Duration,
+    /// JetStream settings of the domain bus.
+    pub jetstream: JetStreamConfig,
 }
 
 impl Default for NatsConfig {
@@ -109,6 +114,7 @@ impl Default for NatsConfig {
             credentials: Credentials::default(),
             tls: false,
             connect_timeout: Duration::from_secs(5),
+            jetstream: JetStreamConfig::default(),
         }
     }
 }
@@ -133,6 +139,13 @@ impl NatsConfig {
     #[must_use]
     pub fn with_credentials(mut self, credentials: Credentials) -> Self {
         self.credentials = credentials;
+        self
+    }
+
+    /// Same settings with other JetStream settings.
+    #[must_use]
+    pub fn with_jetstream(mut self, jetstream: JetStreamConfig) -> Self {
+        self.jetstream = jetstream;
         self
     }
 
@@ -200,7 +213,28 @@ impl fmt::Debug for Nats {
     }
 }
 
-fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+/// Connects a client with the connection part of `config`.
+pub(crate) async fn connect_client(config: &NatsConfig) -> Result<async_nats::Client> {
+    if config.urls.is_empty() {
+        return Err(Error::config("nats.urls", "give at least one server URL"));
+    }
+    let urls: Vec<async_nats::ServerAddr> = config
+        .urls
+        .iter()
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| Error::config("nats.urls", format!("{u:?}: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    config
+        .options()
+        .await?
+        .connect(urls)
+        .await
+        .map_err(unavailable)
+}
+
+pub(crate) fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::Unavailable {
         backend: BACKEND,
         source: Box::new(e),
@@ -211,23 +245,7 @@ impl Nats {
     /// Connects to the servers. An unreachable server is [`Error::Unavailable`] after the
     /// connect timeout.
     pub async fn connect(config: NatsConfig) -> Result<Self> {
-        if config.urls.is_empty() {
-            return Err(Error::config("nats.urls", "give at least one server URL"));
-        }
-        let urls: Vec<async_nats::ServerAddr> = config
-            .urls
-            .iter()
-            .map(|u| {
-                u.parse::<async_nats::ServerAddr>()
-                    .map_err(|e| Error::config("nats.urls", format!("{u:?}: {e}")))
-            })
-            .collect::<Result<_>>()?;
-        let client = config
-            .options()
-            .await?
-            .connect(urls)
-            .await
-            .map_err(unavailable)?;
+        let client = connect_client(&config).await?;
         let mut caps = Capabilities::new(BACKEND);
         caps.queue_groups = true;
         caps.request_reply = true;
@@ -254,7 +272,7 @@ impl Nats {
 }
 
 /// Our headers as NATS headers; checked first, so that no client call can panic on them.
-fn to_nats_headers(headers: &Headers) -> Result<async_nats::HeaderMap> {
+pub(crate) fn to_nats_headers(headers: &Headers) -> Result<async_nats::HeaderMap> {
     headers.validate()?;
     let mut map = async_nats::HeaderMap::new();
     for (name, value) in headers.iter() {

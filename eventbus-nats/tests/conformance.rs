@@ -12,7 +12,16 @@ use std::time::Duration;
 use async_trait::async_trait;
 use dualbus_core::conformance::{Backend, Settings};
 use dualbus_core::{DynDomainTransport, DynSimpleTransport, Error, Result};
-use dualbus_nats::{Nats, NatsConfig};
+use dualbus_nats::{JetStream, JetStreamConfig, Nats, NatsConfig};
+
+/// Broker timeouts of a few seconds, so that redelivery tests finish quickly.
+fn test_config(url: String) -> NatsConfig {
+    let mut js = JetStreamConfig::default();
+    js.consumer.ack_wait = Duration::from_secs(2);
+    js.consumer.lease_ttl = Duration::from_secs(2);
+    js.request_timeout = Duration::from_secs(5);
+    NatsConfig::new([url]).with_jetstream(js)
+}
 
 struct NatsBackend {
     url: Option<String>,
@@ -31,10 +40,8 @@ fn backend() -> NatsBackend {
 #[async_trait]
 impl Backend for NatsBackend {
     async fn domain(&self) -> Result<DynDomainTransport> {
-        Err(Error::NotSupported {
-            operation: "domain bus (JetStream is not part of this release yet)",
-            backend: "nats",
-        })
+        let url = self.url.clone().expect("available() was checked");
+        Ok(Arc::new(JetStream::connect(test_config(url)).await?))
     }
 
     async fn simple(&self) -> Result<DynSimpleTransport> {
@@ -53,7 +60,7 @@ impl Backend for NatsBackend {
     }
 }
 
-dualbus_core::conformance_tests!(real, simple: backend());
+dualbus_core::conformance_tests!(backend());
 
 #[tokio::test]
 async fn unreachable_server_is_a_clear_error() {

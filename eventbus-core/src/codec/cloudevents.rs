@@ -164,6 +164,7 @@ pub(super) fn encode(
         key: e.aggregate_id.clone(),
         headers: h,
         payload: e.payload.clone(),
+        id: Some(e.event_id.clone()),
     })
 }
 

@@ -142,6 +142,7 @@ pub(super) fn encode(
         key: e.aggregate_id.clone(),
         headers: h,
         payload: Bytes::from(body),
+        id: Some(e.event_id.clone()),
     })
 }
 

@@ -579,6 +579,7 @@ pub async fn malformed_input(backend: &dyn Backend) {
                     key,
                     headers,
                     payload,
+                    id: None,
                 },
             )
             .await
@@ -592,6 +593,7 @@ pub async fn malformed_input(backend: &dyn Backend) {
                 key: format!("bad-{name}").replace(' ', "-"),
                 headers,
                 payload,
+                id: None,
             },
         )
         .await

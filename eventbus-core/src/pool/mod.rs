@@ -1188,6 +1188,11 @@ fn dead_letter_message(
         key: item.key.to_string(),
         headers,
         payload: m.payload.clone(),
+        // One dead letter per source position: a retried dead-letter publish is stored once.
+        id: Some(format!(
+            "dlq:{}:{}:{}",
+            sh.p.topic, m.position.partition, m.position.offset
+        )),
     }
 }
 

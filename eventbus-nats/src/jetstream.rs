@@ -1,0 +1,1302 @@
+//! The domain-event transport on JetStream.
+//!
+//! - One stream per domain topic, named `<prefix><encoded topic>` (default prefix
+//!   `DUALBUS_`), taking the subjects `<topic>.*.*`; an event is stored on
+//!   `<topic>.<partition>.<encoded aggregate id>` (see [`crate::subject`]). Streams are
+//!   created at first use; an existing stream whose settings differ is a configuration error
+//!   unless [`StreamSettings::update_existing`] is set.
+//! - Publishing waits for the server's acknowledgement; `Nats-Msg-Id` carries the event id,
+//!   so a retried publish within the stream's duplicate window is stored once.
+//! - A domain subscription is a durable pull consumer named after the group, with explicit
+//!   acks, unlimited server-side deliveries (attempts are counted by the keyed pool, which
+//!   dead-letters itself) and an ack wait the pool keeps extending for what it holds.
+//! - One active subscriber per durable consumer: a subscriber holds a lease (a key in the
+//!   KV bucket `<prefix>LEASES`, expiring after [`ConsumerSettings::lease_ttl`] unless
+//!   renewed). A second subscriber gets [`Error::Conflict`]. Every subscriber, before its
+//!   first pull, resets the consumer to its ack floor: whatever an earlier holder left
+//!   unacknowledged is delivered again, first and in order.
+
+use std::collections::HashMap;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::message::AckKind;
+use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
+use async_nats::jetstream::{self, kv};
+use async_trait::async_trait;
+use bytes::Bytes;
+use dualbus_core::{
+    Acker, Capabilities, Delivery, DomainSubscription, DomainTransport, Error, HeaderStyle,
+    Headers, InboundMessage, OutboundMessage, Position, Receipt, Result, StartPosition,
+    SubscriptionSpec, validate_topic,
+};
+use futures::StreamExt as _;
+use parking_lot::Mutex;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::subject::{encode_key, event_subject, parse_subject, stream_subjects};
+use crate::{BACKEND, NatsConfig, to_nats_headers, unavailable};
+
+/// `Nats-Msg-Id`: the publish deduplication id.
+const MSG_ID: &str = "Nats-Msg-Id";
+/// `Nats-Expected-Last-Subject-Sequence`: the conditional publish.
+const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
+
+/// Where a stream keeps its messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Storage {
+    /// On disk: messages survive a server restart. The default.
+    #[default]
+    File,
+    /// In memory: lost when the server stops.
+    Memory,
+}
+
+/// When a stream forgets a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Retention {
+    /// By the limits (age, bytes, count) only. The default: replay needs it.
+    #[default]
+    Limits,
+    /// Once every consumer acknowledged it.
+    Interest,
+    /// Once one consumer acknowledged it (one consumer per subject set).
+    WorkQueue,
+}
+
+/// Settings of the streams the transport creates, one per domain topic.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct StreamSettings {
+    /// Prefix of stream names (and of the lease bucket). Default `DUALBUS_`.
+    pub prefix: String,
+    /// File (default) or memory storage.
+    pub storage: Storage,
+    /// Replicas in a cluster. Default 1.
+    pub replicas: usize,
+    /// Retention policy. Default limits.
+    pub retention: Retention,
+    /// Oldest message kept; zero keeps them forever (the default).
+    #[serde(with = "dualbus_core::config::duration")]
+    pub max_age: Duration,
+    /// Largest stream size in bytes; -1 (the default) for no limit.
+    pub max_bytes: i64,
+    /// Most messages kept; -1 (the default) for no limit.
+    pub max_msgs: i64,
+    /// How long the server remembers `Nats-Msg-Id`s for deduplication. Default 2 minutes.
+    #[serde(with = "dualbus_core::config::duration")]
+    pub duplicate_window: Duration,
+    /// Update an existing stream whose settings differ, instead of refusing to start.
+    pub update_existing: bool,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            prefix: "DUALBUS_".to_owned(),
+            storage: Storage::File,
+            replicas: 1,
+            retention: Retention::Limits,
+            max_age: Duration::ZERO,
+            max_bytes: -1,
+            max_msgs: -1,
+            duplicate_window: Duration::from_secs(120),
+            update_existing: false,
+        }
+    }
+}
+
+/// Settings of the durable consumers behind domain subscriptions.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ConsumerSettings {
+    /// After how long without an ack or progress signal the server redelivers. The keyed
+    /// pool signals progress for everything it holds at a third of it. Default 30 s.
+    #[serde(with = "dualbus_core::config::duration")]
+    pub ack_wait: Duration,
+    /// Most deliveries the server hands out unacknowledged. Default 10,000.
+    pub max_ack_pending: i64,
+    /// Messages asked for per pull request. Default 256.
+    pub batch: usize,
+    /// The single-active-subscriber lease: a crashed subscriber's group is free again after
+    /// this long. Default 10 s. The lease bucket keeps the value it was created with.
+    #[serde(with = "dualbus_core::config::duration")]
+    pub lease_ttl: Duration,
+    /// Update an existing consumer whose settings differ, instead of refusing to start.
+    pub update_existing: bool,
+}
+
+impl Default for ConsumerSettings {
+    fn default() -> Self {
+        Self {
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 10_000,
+            batch: 256,
+            lease_ttl: Duration::from_secs(10),
+            update_existing: false,
+        }
+    }
+}
+
+/// JetStream settings of the domain transport.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct JetStreamConfig {
+    /// The streams.
+    pub stream: StreamSettings,
+    /// The durable consumers.
+    pub consumer: ConsumerSettings,
+    /// How long a publish waits for the server's acknowledgement, and the timeout of
+    /// JetStream API calls. Default 5 s.
+    #[serde(with = "dualbus_core::config::duration")]
+    pub request_timeout: Duration,
+    /// Publishes of one batch awaiting their acknowledgement at once. Default 512.
+    pub publish_window: usize,
+}
+
+impl Default for JetStreamConfig {
+    fn default() -> Self {
+        Self {
+            stream: StreamSettings::default(),
+            consumer: ConsumerSettings::default(),
+            request_timeout: Duration::from_secs(5),
+            publish_window: 512,
+        }
+    }
+}
+
+/// The stream name of a topic: the prefix and the topic's subject-token encoding (dots
+/// become `%2E`), so that distinct topics never share a stream.
+pub fn stream_name(prefix: &str, topic: &str) -> String {
+    format!("{prefix}{}", encode_key(topic))
+}
+
+/// The durable consumer name of a group (its subject-token encoding).
+pub fn consumer_name(group: &str) -> String {
+    encode_key(group)
+}
+
+/// The lease key of a durable consumer (KV keys take no `%`: it becomes `=`).
+fn lease_key(stream: &str, consumer: &str) -> String {
+    format!("{stream}.{consumer}").replace('%', "=")
+}
+
+fn api_error(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::backend(BACKEND, true, e)
+}
+
+fn timeout(operation: &'static str, after: Duration) -> Error {
+    Error::Timeout { operation, after }
+}
+
+/// The JetStream domain transport.
+///
+/// Clones share the connection; `close` closes it for every clone.
+#[derive(Clone)]
+pub struct JetStream {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    config: JetStreamConfig,
+    caps: Capabilities,
+    closed: AtomicBool,
+    /// Streams known to exist with our settings, by topic.
+    streams: tokio::sync::Mutex<HashMap<String, stream::Stream>>,
+    /// The lease bucket, once opened.
+    leases: tokio::sync::OnceCell<(kv::Store, Duration)>,
+    /// Leases held by live subscriptions: key -> cancellation of its holder.
+    held: Mutex<HashMap<String, CancellationToken>>,
+}
+
+impl std::fmt::Debug for JetStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStream")
+            .field("state", &self.inner.client.connection_state())
+            .field("config", &self.inner.config)
+            .finish()
+    }
+}
+
+impl JetStream {
+    /// Connects to the servers with `config.jetstream` as the JetStream settings.
+    pub async fn connect(config: NatsConfig) -> Result<Self> {
+        let js_config = config.jetstream.clone();
+        validate(&js_config)?;
+        let client = crate::connect_client(&config).await?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(js_config.request_timeout)
+            .ack_timeout(js_config.request_timeout)
+            .max_ack_inflight(65_536)
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+        // JetStream must be enabled on the server: a clear error now, not at first publish.
+        match tokio::time::timeout(js_config.request_timeout, js.query_account()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(Error::config(
+                    "nats.urls",
+                    format!("JetStream is not available on the server ({e}); start it with -js"),
+                ));
+            }
+            Err(_) => return Err(timeout("JetStream account info", js_config.request_timeout)),
+        }
+        let mut caps = Capabilities::new(BACKEND);
+        caps.durable = js_config.stream.storage == Storage::File;
+        caps.ordered_per_key = true;
+        caps.replay = true;
+        caps.dedup = true;
+        caps.expected_version = true;
+        caps.max_payload = client.server_info().max_payload;
+        caps.header_style = HeaderStyle::Nats;
+        caps.ack_deadline = Some(js_config.consumer.ack_wait);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                js,
+                config: js_config,
+                caps,
+                closed: AtomicBool::new(false),
+                streams: tokio::sync::Mutex::new(HashMap::new()),
+                leases: tokio::sync::OnceCell::new(),
+                held: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The underlying `async-nats` client.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.inner.client
+    }
+
+    /// The JetStream context (for what the bus does not cover).
+    pub fn context(&self) -> &jetstream::Context {
+        &self.inner.js
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            Err(Error::closed("nats connection"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn stream_config(&self, topic: &str) -> stream::Config {
+        let s = &self.inner.config.stream;
+        stream::Config {
+            name: stream_name(&s.prefix, topic),
+            subjects: vec![stream_subjects(topic)],
+            storage: match s.storage {
+                Storage::File => StorageType::File,
+                Storage::Memory => StorageType::Memory,
+            },
+            retention: match s.retention {
+                Retention::Limits => RetentionPolicy::Limits,
+                Retention::Interest => RetentionPolicy::Interest,
+                Retention::WorkQueue => RetentionPolicy::WorkQueue,
+            },
+            num_replicas: s.replicas,
+            max_age: s.max_age,
+            max_bytes: s.max_bytes,
+            max_messages: s.max_msgs,
+            duplicate_window: s.duplicate_window,
+            description: Some(format!("dualbus domain topic {topic}")),
+            ..stream::Config::default()
+        }
+    }
+
+    /// The stream of `topic`, created if missing, checked against our settings if not.
+    async fn stream(&self, topic: &str) -> Result<stream::Stream> {
+        let mut streams = self.inner.streams.lock().await;
+        if let Some(s) = streams.get(topic) {
+            return Ok(s.clone());
+        }
+        let want = self.stream_config(topic);
+        let s = match self.inner.js.get_stream(&want.name).await {
+            Ok(existing) => {
+                let have = &existing.cached_info().config;
+                let diff = stream_differences(have, &want);
+                if diff.is_empty() {
+                    existing
+                } else if self.inner.config.stream.update_existing {
+                    self.inner
+                        .js
+                        .update_stream(want.clone())
+                        .await
+                        .map_err(|e| {
+                            Error::config(
+                                "nats.jetstream.stream",
+                                format!("updating stream {}: {e}", want.name),
+                            )
+                        })?;
+                    self.inner
+                        .js
+                        .get_stream(&want.name)
+                        .await
+                        .map_err(api_error)?
+                } else {
+                    return Err(Error::config(
+                        "nats.jetstream.stream",
+                        format!(
+                            "stream {} exists with other settings ({}); set update_existing to update it",
+                            want.name,
+                            diff.join(", ")
+                        ),
+                    ));
+                }
+            }
+            Err(e) if is_not_found(&e) => {
+                self.inner
+                    .js
+                    .create_stream(want.clone())
+                    .await
+                    .map_err(|e| {
+                        Error::config(
+                            "nats.jetstream.stream",
+                            format!("creating stream {}: {e}", want.name),
+                        )
+                    })?
+            }
+            Err(e) => return Err(connection_or_api(e)),
+        };
+        streams.insert(topic.to_owned(), s.clone());
+        Ok(s)
+    }
+
+    /// The stream of `topic` if it exists (read paths do not create it).
+    async fn existing_stream(&self, topic: &str) -> Result<Option<stream::Stream>> {
+        if let Some(s) = self.inner.streams.lock().await.get(topic) {
+            return Ok(Some(s.clone()));
+        }
+        let name = stream_name(&self.inner.config.stream.prefix, topic);
+        match self.inner.js.get_stream(&name).await {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(connection_or_api(e)),
+        }
+    }
+
+    fn check_message(
+        &self,
+        topic: &str,
+        message: &OutboundMessage,
+    ) -> Result<async_nats::HeaderMap> {
+        validate_topic(topic)?;
+        if message.key.is_empty() {
+            return Err(dualbus_core::EnvelopeError::Blank {
+                field: "aggregate_id",
+            }
+            .into());
+        }
+        let mut headers = to_nats_headers(&message.headers)?;
+        let mut size = message.payload.len() + message.headers.encoded_len();
+        if let Some(id) = &message.id {
+            dualbus_core::validate_header(MSG_ID, id)?;
+            headers.insert(MSG_ID, id.as_str());
+            size += MSG_ID.len() + id.len() + 4;
+        }
+        if size > self.inner.caps.max_payload {
+            return Err(Error::PayloadTooLarge {
+                size,
+                max: self.inner.caps.max_payload,
+            });
+        }
+        Ok(headers)
+    }
+
+    async fn send(
+        &self,
+        topic: &str,
+        message: OutboundMessage,
+        mut headers: async_nats::HeaderMap,
+        expected: Option<Option<Position>>,
+    ) -> Result<PublishAckFuture> {
+        if let Some(expected) = expected {
+            let seq = expected.map_or(0, |p| p.offset);
+            headers.insert(EXPECTED_LAST_SUBJECT_SEQUENCE, seq.to_string().as_str());
+        }
+        let subject = event_subject(topic, 0, &message.key);
+        self.inner
+            .js
+            .publish_with_headers(subject, headers, message.payload)
+            .await
+            .map_err(|e| publish_error(e, self.inner.config.request_timeout, &message.key))
+    }
+
+    async fn publish_inner(
+        &self,
+        topic: &str,
+        message: OutboundMessage,
+        expected: Option<Option<Position>>,
+    ) -> Result<Receipt> {
+        self.check_open()?;
+        let headers = self.check_message(topic, &message)?;
+        self.stream(topic).await?;
+        let key = message.key.clone();
+        let ack = self.send(topic, message, headers, expected).await?;
+        receipt(ack.await, self.inner.config.request_timeout, &key)
+    }
+
+    fn lease_ttl_wanted(&self) -> Duration {
+        self.inner.config.consumer.lease_ttl
+    }
+
+    async fn lease_bucket(&self) -> Result<(kv::Store, Duration)> {
+        let r = self
+            .inner
+            .leases
+            .get_or_try_init(|| async {
+                let bucket = format!("{}LEASES", self.inner.config.stream.prefix);
+                let store = match self.inner.js.get_key_value(&bucket).await {
+                    Ok(s) => s,
+                    Err(_) => self
+                        .inner
+                        .js
+                        .create_key_value(kv::Config {
+                            bucket: bucket.clone(),
+                            description: "dualbus single-active-subscriber leases".into(),
+                            history: 1,
+                            max_age: self.lease_ttl_wanted(),
+                            storage: match self.inner.config.stream.storage {
+                                Storage::File => StorageType::File,
+                                Storage::Memory => StorageType::Memory,
+                            },
+                            num_replicas: self.inner.config.stream.replicas,
+                            ..kv::Config::default()
+                        })
+                        .await
+                        .map_err(api_error)?,
+                };
+                let s = store.clone();
+                let ttl = match s.status().await {
+                    Ok(status) => status.max_age(),
+                    Err(e) => return Err(api_error(e)),
+                };
+                if ttl != self.lease_ttl_wanted() {
+                    tracing::warn!(
+                        bucket,
+                        ?ttl,
+                        wanted = ?self.lease_ttl_wanted(),
+                        "the lease bucket exists with another TTL; using it"
+                    );
+                }
+                if ttl.is_zero() {
+                    return Err(Error::config(
+                        "nats.jetstream.consumer.lease_ttl",
+                        format!(
+                            "the lease bucket {bucket} has no max age: leases would never expire"
+                        ),
+                    ));
+                }
+                Ok::<_, Error>((store, ttl))
+            })
+            .await?;
+        Ok(r.clone())
+    }
+
+    /// The durable consumer of `spec`, created if missing, checked if not.
+    async fn consumer(
+        &self,
+        stream: &stream::Stream,
+        spec: &SubscriptionSpec,
+    ) -> Result<PullConsumer> {
+        let c = &self.inner.config.consumer;
+        let name = consumer_name(&spec.group);
+        let want = pull::Config {
+            durable_name: Some(name.clone()),
+            description: Some(format!("dualbus group {} on {}", spec.group, spec.topic)),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: c.ack_wait,
+            // Attempts are counted by the pool, which dead-letters: a server-side limit
+            // would silently move the ack floor past a message.
+            max_deliver: -1,
+            max_ack_pending: c.max_ack_pending,
+            deliver_policy: match spec.start {
+                StartPosition::Latest => DeliverPolicy::New,
+                _ => DeliverPolicy::All,
+            },
+            ..pull::Config::default()
+        };
+        match stream.consumer_info(&name).await {
+            Ok(info) => {
+                let have = &info.config;
+                let mut diff = Vec::new();
+                if have.ack_wait != want.ack_wait {
+                    diff.push(format!(
+                        "ack_wait {:?} (want {:?})",
+                        have.ack_wait, want.ack_wait
+                    ));
+                }
+                if have.max_ack_pending != want.max_ack_pending {
+                    diff.push(format!(
+                        "max_ack_pending {} (want {})",
+                        have.max_ack_pending, want.max_ack_pending
+                    ));
+                }
+                if have.max_deliver > 0 {
+                    diff.push(format!("max_deliver {} (want unlimited)", have.max_deliver));
+                }
+                if have.ack_policy != AckPolicy::Explicit {
+                    diff.push("ack_policy (want explicit)".to_owned());
+                }
+                if diff.is_empty() {
+                    stream
+                        .get_consumer(&name)
+                        .await
+                        .map_err(|e| Error::backend(BACKEND, true, e))
+                } else if c.update_existing {
+                    let mut update = want;
+                    // The start of an existing consumer cannot change.
+                    update.deliver_policy = have.deliver_policy;
+                    stream.update_consumer(update).await.map_err(|e| {
+                        Error::config(
+                            "nats.jetstream.consumer",
+                            format!("updating consumer {name}: {e}"),
+                        )
+                    })
+                } else {
+                    Err(Error::config(
+                        "nats.jetstream.consumer",
+                        format!(
+                            "consumer {name} exists with other settings ({}); set update_existing to update it",
+                            diff.join(", ")
+                        ),
+                    ))
+                }
+            }
+            Err(e) if is_consumer_not_found(&e) => {
+                stream.create_consumer(want).await.map_err(|e| {
+                    Error::config(
+                        "nats.jetstream.consumer",
+                        format!("creating consumer {name}: {e}"),
+                    )
+                })
+            }
+            Err(e) => Err(api_error(e)),
+        }
+    }
+
+    /// Takes the single-active-subscriber lease of a durable consumer.
+    async fn acquire_lease(
+        &self,
+        stream: &str,
+        consumer: &str,
+        spec: &SubscriptionSpec,
+    ) -> Result<Lease> {
+        let (store, ttl) = self.lease_bucket().await?;
+        let key = lease_key(stream, consumer);
+        let token = uuid::Uuid::now_v7().to_string();
+        match store.create(&key, Bytes::from(token)).await {
+            Ok(revision) => {
+                let cancel = CancellationToken::new();
+                self.inner.held.lock().insert(key.clone(), cancel.clone());
+                Ok(Lease {
+                    store,
+                    key,
+                    revision,
+                    ttl,
+                    cancel,
+                    transport: Arc::downgrade(&self.inner),
+                })
+            }
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                Err(Error::Conflict(format!(
+                    "another subscriber of group {:?} on topic {:?} is active (JetStream allows one per durable consumer until consumer groups); its lease ends when it closes or {ttl:?} after it stopped",
+                    spec.group, spec.topic
+                )))
+            }
+            Err(e) => Err(api_error(e)),
+        }
+    }
+}
+
+fn validate(c: &JetStreamConfig) -> Result<()> {
+    if c.consumer.ack_wait < Duration::from_millis(100) {
+        return Err(Error::config(
+            "nats.jetstream.consumer.ack_wait",
+            "must be at least 100ms",
+        ));
+    }
+    if c.consumer.lease_ttl < Duration::from_millis(300) {
+        return Err(Error::config(
+            "nats.jetstream.consumer.lease_ttl",
+            "must be at least 300ms",
+        ));
+    }
+    if c.consumer.batch == 0 {
+        return Err(Error::config(
+            "nats.jetstream.consumer.batch",
+            "must be at least 1",
+        ));
+    }
+    if c.consumer.max_ack_pending == 0 {
+        return Err(Error::config(
+            "nats.jetstream.consumer.max_ack_pending",
+            "must be positive (or -1 for no limit)",
+        ));
+    }
+    if c.publish_window == 0 {
+        return Err(Error::config(
+            "nats.jetstream.publish_window",
+            "must be at least 1",
+        ));
+    }
+    if c.stream.replicas == 0 {
+        return Err(Error::config(
+            "nats.jetstream.stream.replicas",
+            "must be at least 1",
+        ));
+    }
+    if c.stream.prefix.is_empty()
+        || !c
+            .stream
+            .prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(Error::config(
+            "nats.jetstream.stream.prefix",
+            "must be non-empty and of [A-Za-z0-9_-]",
+        ));
+    }
+    if c.request_timeout.is_zero() {
+        return Err(Error::config(
+            "nats.jetstream.request_timeout",
+            "must be positive",
+        ));
+    }
+    Ok(())
+}
+
+fn stream_differences(have: &stream::Config, want: &stream::Config) -> Vec<String> {
+    let mut d = Vec::new();
+    if have.subjects != want.subjects {
+        d.push(format!(
+            "subjects {:?} (want {:?})",
+            have.subjects, want.subjects
+        ));
+    }
+    if have.storage != want.storage {
+        d.push(format!(
+            "storage {:?} (want {:?})",
+            have.storage, want.storage
+        ));
+    }
+    if have.retention != want.retention {
+        d.push(format!(
+            "retention {:?} (want {:?})",
+            have.retention, want.retention
+        ));
+    }
+    if have.num_replicas.max(1) != want.num_replicas {
+        d.push(format!(
+            "replicas {} (want {})",
+            have.num_replicas, want.num_replicas
+        ));
+    }
+    if have.max_age != want.max_age {
+        d.push(format!(
+            "max_age {:?} (want {:?})",
+            have.max_age, want.max_age
+        ));
+    }
+    if have.max_bytes != want.max_bytes {
+        d.push(format!(
+            "max_bytes {} (want {})",
+            have.max_bytes, want.max_bytes
+        ));
+    }
+    if have.max_messages != want.max_messages {
+        d.push(format!(
+            "max_msgs {} (want {})",
+            have.max_messages, want.max_messages
+        ));
+    }
+    if have.duplicate_window != want.duplicate_window {
+        d.push(format!(
+            "duplicate_window {:?} (want {:?})",
+            have.duplicate_window, want.duplicate_window
+        ));
+    }
+    d
+}
+
+fn is_not_found(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        e.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(j)
+            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
+fn is_consumer_not_found(e: &jetstream::context::ConsumerInfoError) -> bool {
+    match e.kind() {
+        jetstream::context::ConsumerInfoErrorKind::NotFound => true,
+        jetstream::context::ConsumerInfoErrorKind::JetStream(j) => {
+            j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
+        }
+        _ => false,
+    }
+}
+
+fn connection_or_api(e: jetstream::context::GetStreamError) -> Error {
+    match e.kind() {
+        jetstream::context::GetStreamErrorKind::Request => unavailable(e),
+        _ => api_error(e),
+    }
+}
+
+fn publish_error(e: jetstream::context::PublishError, after: Duration, key: &str) -> Error {
+    match e.kind() {
+        PublishErrorKind::TimedOut => {
+            timeout("publish (the message may or may not be stored)", after)
+        }
+        PublishErrorKind::BrokenPipe => unavailable(e),
+        PublishErrorKind::WrongLastSequence => Error::Conflict(format!(
+            "aggregate {key:?} has a newer event than the expected one"
+        )),
+        PublishErrorKind::MaxPayloadExceeded => Error::backend(BACKEND, false, e),
+        PublishErrorKind::StreamNotFound => Error::backend(BACKEND, true, e),
+        _ => Error::backend(BACKEND, true, e),
+    }
+}
+
+fn receipt(
+    ack: std::result::Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
+    after: Duration,
+    key: &str,
+) -> Result<Receipt> {
+    let ack = ack.map_err(|e| publish_error(e, after, key))?;
+    let r = Receipt::at(Position {
+        partition: 0,
+        offset: u128::from(ack.sequence),
+    });
+    Ok(if ack.duplicate { r.as_duplicate() } else { r })
+}
+
+/// A held single-active-subscriber lease, renewed until dropped or lost.
+struct Lease {
+    store: kv::Store,
+    key: String,
+    revision: u64,
+    ttl: Duration,
+    cancel: CancellationToken,
+    transport: std::sync::Weak<Inner>,
+}
+
+impl Lease {
+    /// Renews the lease at a third of its TTL until `cancel`; cancels `lost` if it could not
+    /// be renewed within the TTL or another holder took it.
+    fn keep(self, lost: CancellationToken) -> LeaseGuard {
+        let guard = LeaseGuard {
+            cancel: self.cancel.clone(),
+        };
+        tokio::spawn(async move {
+            let mut revision = self.revision;
+            let mut renewed = Instant::now();
+            let period = self.ttl / 3;
+            loop {
+                tokio::select! {
+                    () = self.cancel.cancelled() => break,
+                    () = tokio::time::sleep(period) => {}
+                }
+                match tokio::time::timeout(
+                    period,
+                    self.store
+                        .update(&self.key, Bytes::from_static(b"held"), revision),
+                )
+                .await
+                {
+                    Ok(Ok(r)) => {
+                        revision = r;
+                        renewed = Instant::now();
+                    }
+                    Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                        tracing::error!(key = %self.key, "single-active-subscriber lease lost to another subscriber; stopping");
+                        lost.cancel();
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(key = %self.key, error = %e, "lease renewal failed; retrying")
+                    }
+                    Err(_) => tracing::warn!(key = %self.key, "lease renewal timed out; retrying"),
+                }
+                if renewed.elapsed() >= self.ttl {
+                    tracing::error!(key = %self.key, "single-active-subscriber lease expired (server unreachable); stopping");
+                    lost.cancel();
+                    return;
+                }
+            }
+            // Released: free the group for the next subscriber at once.
+            if let Some(inner) = self.transport.upgrade() {
+                inner.held.lock().remove(&self.key);
+            }
+            let _ = tokio::time::timeout(
+                self.ttl,
+                self.store.delete_expect_revision(&self.key, Some(revision)),
+            )
+            .await;
+        });
+        guard
+    }
+}
+
+/// Releases the lease when the subscription is dropped.
+struct LeaseGuard {
+    cancel: CancellationToken,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Acknowledgements of one JetStream delivery.
+struct JsAcker(jetstream::message::Acker);
+
+impl JsAcker {
+    async fn send(&self, kind: AckKind) -> Result<()> {
+        self.0.ack_with(kind).await.map_err(|e| Error::Unavailable {
+            backend: BACKEND,
+            source: e,
+        })
+    }
+}
+
+#[async_trait]
+impl Acker for JsAcker {
+    async fn ack(&self) -> Result<()> {
+        self.send(AckKind::Ack).await
+    }
+
+    async fn nack(&self, delay: Duration) -> Result<()> {
+        self.send(AckKind::Nak((!delay.is_zero()).then_some(delay)))
+            .await
+    }
+
+    async fn term(&self) -> Result<()> {
+        self.send(AckKind::Term).await
+    }
+
+    async fn in_progress(&self) -> Result<()> {
+        self.send(AckKind::Progress).await
+    }
+}
+
+fn headers_of(map: Option<&async_nats::HeaderMap>) -> Headers {
+    let mut headers = Headers::new();
+    if let Some(h) = map {
+        for (name, values) in h.iter() {
+            if let Some(v) = values.last() {
+                headers.insert(name.to_string(), v.as_str());
+            }
+        }
+    }
+    headers
+}
+
+fn inbound(
+    topic: &str,
+    subject: &str,
+    headers: Option<&async_nats::HeaderMap>,
+    payload: Bytes,
+    seq: u64,
+) -> InboundMessage {
+    let (partition, key) = match parse_subject(topic, subject) {
+        Some((p, k)) => (p, Some(k)),
+        None => (0, None),
+    };
+    InboundMessage {
+        topic: topic.to_owned(),
+        key,
+        headers: headers_of(headers),
+        payload,
+        position: Position {
+            partition,
+            offset: u128::from(seq),
+        },
+    }
+}
+
+fn delivery(topic: &str, m: jetstream::Message) -> Result<Delivery> {
+    let (seq, delivered) = match m.info() {
+        Ok(i) => (i.stream_sequence, i.delivered),
+        Err(e) => {
+            return Err(Error::backend(BACKEND, true, e));
+        }
+    };
+    let (m, acker) = m.split();
+    let message = inbound(
+        topic,
+        m.subject.as_str(),
+        m.headers.as_ref(),
+        m.payload,
+        seq,
+    );
+    Ok(Delivery::new(
+        message,
+        u32::try_from(delivered).unwrap_or(u32::MAX).max(1),
+        Arc::new(JsAcker(acker)),
+    ))
+}
+
+/// State of a subscription's delivery stream.
+struct Pulling {
+    topic: String,
+    consumer: PullConsumer,
+    batch: usize,
+    ack_wait: Duration,
+    messages: Option<pull::Stream>,
+    lost: CancellationToken,
+    closed: std::sync::Weak<Inner>,
+    _lease: LeaseGuard,
+}
+
+impl Pulling {
+    fn is_closed(&self) -> bool {
+        self.closed
+            .upgrade()
+            .is_none_or(|i| i.closed.load(Ordering::Acquire))
+    }
+
+    async fn open(&self) -> Result<pull::Stream> {
+        self.consumer
+            .stream()
+            .max_messages_per_batch(self.batch)
+            .expires(
+                self.ack_wait
+                    .clamp(Duration::from_secs(1), Duration::from_secs(30)),
+            )
+            .heartbeat(
+                self.ack_wait
+                    .clamp(Duration::from_millis(500), Duration::from_secs(5))
+                    / 2,
+            )
+            .messages()
+            .await
+            .map_err(unavailable)
+    }
+
+    /// The next delivery, an error to report, or `None` at the end.
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        loop {
+            if self.lost.is_cancelled() || self.is_closed() {
+                return None;
+            }
+            let Some(messages) = self.messages.as_mut() else {
+                match self.open().await {
+                    Ok(m) => {
+                        self.messages = Some(m);
+                        continue;
+                    }
+                    Err(e) => {
+                        tokio::select! {
+                            () = self.lost.cancelled() => return None,
+                            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                        }
+                        return Some(Err(e));
+                    }
+                }
+            };
+            let next = tokio::select! {
+                () = self.lost.cancelled() => return None,
+                n = messages.next() => n,
+            };
+            match next {
+                Some(Ok(m)) => return Some(delivery(&self.topic, m)),
+                Some(Err(e)) => {
+                    use pull::MessagesErrorKind as K;
+                    let reopen = !matches!(e.kind(), K::MissingHeartbeat);
+                    if reopen {
+                        self.messages = None;
+                    }
+                    if self.is_closed() {
+                        return None;
+                    }
+                    return Some(Err(unavailable(e)));
+                }
+                None => self.messages = None,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl DomainTransport for JetStream {
+    fn capabilities(&self) -> &Capabilities {
+        &self.inner.caps
+    }
+
+    async fn publish(&self, topic: &str, message: OutboundMessage) -> Result<Receipt> {
+        self.publish_inner(topic, message, None).await
+    }
+
+    async fn publish_batch(
+        &self,
+        topic: &str,
+        messages: Vec<OutboundMessage>,
+    ) -> Vec<Result<Receipt>> {
+        let n = messages.len();
+        let mut out: Vec<Option<Result<Receipt>>> = (0..n).map(|_| None).collect();
+        let prepared = match self.check_open() {
+            Ok(()) => self.stream(topic).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = prepared {
+            return (0..n).map(|_| Err(clone_error(&e))).collect();
+        }
+        let timeout = self.inner.config.request_timeout;
+        let window = self.inner.config.publish_window;
+        // Keys with a failed event: their later events in this batch are not sent, so an
+        // aggregate's stored events never skip one.
+        let mut failed_keys: HashMap<String, usize> = HashMap::new();
+        let mut pending: VecDeque<(usize, String, PublishAckFuture)> = VecDeque::new();
+        for (i, message) in messages.into_iter().enumerate() {
+            if pending.len() >= window
+                && let Some((j, key, ack)) = pending.pop_front()
+            {
+                let r = receipt(ack.await, timeout, &key);
+                if r.is_err() {
+                    failed_keys.entry(key).or_insert(j);
+                }
+                out[j] = Some(r);
+            }
+            if let Some(first) = failed_keys.get(&message.key) {
+                out[i] = Some(Err(Error::backend(
+                    BACKEND,
+                    true,
+                    format!(
+                        "not sent: event {first} of this batch for aggregate {:?} failed",
+                        message.key
+                    ),
+                )));
+                continue;
+            }
+            let key = message.key.clone();
+            let sent = match self.check_message(topic, &message) {
+                Ok(h) => self.send(topic, message, h, None).await,
+                Err(e) => Err(e),
+            };
+            match sent {
+                Ok(ack) => pending.push_back((i, key, ack)),
+                Err(e) => {
+                    failed_keys.entry(key).or_insert(i);
+                    out[i] = Some(Err(e));
+                }
+            }
+        }
+        for (j, key, ack) in pending {
+            out[j] = Some(receipt(ack.await, timeout, &key));
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::backend(BACKEND, true, "not sent"))))
+            .collect()
+    }
+
+    async fn subscribe(&self, spec: SubscriptionSpec) -> Result<DomainSubscription> {
+        self.check_open()?;
+        validate_topic(&spec.topic)?;
+        if spec.group.is_empty() {
+            return Err(Error::config("domain.group.name", "must not be empty"));
+        }
+        let stream = self.stream(&spec.topic).await?;
+        let mut consumer = self.consumer(&stream, &spec).await?;
+        let stream_name = stream.cached_info().config.name.clone();
+        let lease = self
+            .acquire_lease(&stream_name, &consumer_name(&spec.group), &spec)
+            .await?;
+        // The takeover rewind: whatever an earlier subscriber left unacknowledged comes
+        // first, in stream order, before anything new.
+        if let Err(e) = consumer.reset(None).await {
+            lease.cancel.cancel();
+            return Err(Error::backend(
+                BACKEND,
+                true,
+                format!(
+                    "resetting consumer {} to its ack floor (nats-server 2.14 or later is needed): {e}",
+                    consumer_name(&spec.group)
+                ),
+            ));
+        }
+        let lost = CancellationToken::new();
+        let guard = lease.keep(lost.clone());
+        let c = &self.inner.config.consumer;
+        let state = Pulling {
+            topic: spec.topic.clone(),
+            consumer,
+            batch: c.batch,
+            ack_wait: c.ack_wait,
+            messages: None,
+            lost,
+            closed: Arc::downgrade(&self.inner),
+            _lease: guard,
+        };
+        let deliveries = futures::stream::unfold(state, |mut s| async move {
+            let item = s.next().await?;
+            Some((item, s))
+        })
+        .boxed();
+        Ok(DomainSubscription::new(deliveries))
+    }
+
+    async fn replay(&self, topic: &str, key: &str) -> Result<Vec<InboundMessage>> {
+        self.check_open()?;
+        validate_topic(topic)?;
+        let Some(stream) = self.existing_stream(topic).await? else {
+            return Ok(Vec::new());
+        };
+        let subject = event_subject(topic, 0, key);
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: subject,
+                deliver_policy: DeliverPolicy::All,
+                ..pull::OrderedConfig::default()
+            })
+            .await
+            .map_err(api_error)?;
+        let total = consumer.cached_info().num_pending;
+        let mut out = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+        if total == 0 {
+            return Ok(out);
+        }
+        let mut messages = consumer.messages().await.map_err(unavailable)?;
+        let after = self.inner.config.request_timeout;
+        while (out.len() as u64) < total {
+            match tokio::time::timeout(after, messages.next()).await {
+                Ok(Some(Ok(m))) => {
+                    let seq = m
+                        .info()
+                        .map_err(|e| Error::backend(BACKEND, true, e))?
+                        .stream_sequence;
+                    out.push(inbound(
+                        topic,
+                        m.subject.as_str(),
+                        m.headers.as_ref(),
+                        m.payload.clone(),
+                        seq,
+                    ));
+                }
+                Ok(Some(Err(e))) => return Err(unavailable(e)),
+                Ok(None) => return Err(Error::closed("nats connection")),
+                Err(_) => return Err(timeout("replay", after)),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn last_for_key(&self, topic: &str, key: &str) -> Result<Option<InboundMessage>> {
+        self.check_open()?;
+        validate_topic(topic)?;
+        let Some(stream) = self.existing_stream(topic).await? else {
+            return Ok(None);
+        };
+        let subject = event_subject(topic, 0, key);
+        match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => Ok(Some(inbound(
+                topic,
+                m.subject.as_str(),
+                Some(&m.headers),
+                m.payload,
+                m.sequence,
+            ))),
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(None)
+            }
+            Err(e) => Err(api_error(e)),
+        }
+    }
+
+    async fn publish_if_last(
+        &self,
+        topic: &str,
+        message: OutboundMessage,
+        expected: Option<Position>,
+    ) -> Result<Receipt> {
+        self.publish_inner(topic, message, Some(expected)).await
+    }
+
+    async fn pending(&self, topic: &str, group: &str) -> Result<Option<u64>> {
+        self.check_open()?;
+        let Some(stream) = self.existing_stream(topic).await? else {
+            return Ok(None);
+        };
+        match stream.consumer_info(consumer_name(group)).await {
+            Ok(info) => Ok(Some(info.num_pending + info.num_ack_pending as u64)),
+            Err(e) if is_consumer_not_found(&e) => Ok(None),
+            Err(e) => Err(api_error(e)),
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        // Free the groups of our subscriptions before the connection goes.
+        let held: Vec<(String, CancellationToken)> = self.inner.held.lock().drain().collect();
+        if let Some((store, _)) = self.inner.leases.get() {
+            for (key, cancel) in held {
+                cancel.cancel();
+                let _ = tokio::time::timeout(self.inner.config.request_timeout, store.delete(&key))
+                    .await;
+            }
+        }
+        self.inner.client.drain().await.map_err(unavailable)
+    }
+}
+
+/// The same failure for every message of a batch that could not start.
+fn clone_error(e: &Error) -> Error {
+    match e.kind() {
+        dualbus_core::ErrorKind::Closed => Error::closed("nats connection"),
+        _ => Error::backend(BACKEND, e.is_retryable(), e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_distinct_and_valid() {
+        assert_eq!(stream_name("DUALBUS_", "orders"), "DUALBUS_orders");
+        assert_eq!(stream_name("DUALBUS_", "orders.v1"), "DUALBUS_orders%2Ev1");
+        assert_ne!(stream_name("P_", "a.b"), stream_name("P_", "a_b"));
+        assert_eq!(consumer_name("billing.v2"), "billing%2Ev2");
+        let k = lease_key("DUALBUS_orders%2Ev1", "billing");
+        assert!(
+            k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-/_=.".contains(&b)),
+            "{k}"
+        );
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let mut c = JetStreamConfig::default();
+        assert!(validate(&c).is_ok());
+        c.consumer.batch = 0;
+        assert!(matches!(validate(&c), Err(Error::Config { .. })));
+        let mut c = JetStreamConfig::default();
+        c.stream.prefix = "a.b".into();
+        assert!(matches!(validate(&c), Err(Error::Config { .. })));
+        let mut c = JetStreamConfig::default();
+        c.consumer.lease_ttl = Duration::from_millis(1);
+        assert!(matches!(validate(&c), Err(Error::Config { .. })));
+    }
+}
