@@ -934,12 +934,20 @@ fn inbound(
     }
 }
 
-fn delivery(topic: &str, m: jetstream::Message) -> Result<Delivery> {
+/// A delivery; `redelivered` marks a message delivered before (a rewind does not count as a
+/// redelivery on the server, so that the pool and handlers still see it as one).
+fn delivery(topic: &str, m: jetstream::Message, high_water: &mut u64) -> Result<Delivery> {
     let (seq, delivered) = match m.info() {
         Ok(i) => (i.stream_sequence, i.delivered),
         Err(e) => {
             return Err(Error::backend(BACKEND, true, e));
         }
+    };
+    let delivered = if seq <= *high_water {
+        delivered.max(2)
+    } else {
+        *high_water = seq;
+        delivered
     };
     let (m, acker) = m.split();
     let message = inbound(
@@ -963,6 +971,13 @@ struct Pulling {
     batch: usize,
     ack_wait: Duration,
     messages: Option<pull::Stream>,
+    /// Connections of the client when `messages` was opened.
+    opened_at: u64,
+    /// Rewind the consumer to its ack floor before the next pull.
+    rewind: bool,
+    /// The highest stream sequence delivered before: anything at or below it comes again.
+    high_water: u64,
+    stats: Arc<async_nats::Statistics>,
     lost: CancellationToken,
     closed: std::sync::Weak<Inner>,
     _lease: LeaseGuard,
@@ -973,6 +988,10 @@ impl Pulling {
         self.closed
             .upgrade()
             .is_none_or(|i| i.closed.load(Ordering::Acquire))
+    }
+
+    fn connects(&self) -> u64 {
+        self.stats.connects.load(Ordering::Acquire)
     }
 
     async fn open(&self) -> Result<pull::Stream> {
@@ -993,45 +1012,87 @@ impl Pulling {
             .map_err(unavailable)
     }
 
+    /// Waits a little after a failure, unless the subscription ends meanwhile.
+    async fn pause(&self) -> bool {
+        tokio::select! {
+            () = self.lost.cancelled() => false,
+            () = tokio::time::sleep(Duration::from_millis(250)) => true,
+        }
+    }
+
+    /// (Re)opens the pull, first rewinding the consumer if asked.
+    async fn reopen(&mut self) -> Result<()> {
+        if self.rewind {
+            // After a reconnect the server may have lost acks (ours in flight, or its own
+            // state after a crash) and will redeliver what it lost only after the ack wait,
+            // while new messages flow at once: the takeover trap. Rewinding to the ack floor
+            // delivers everything unacknowledged again, in order, before anything new.
+            if let Ok(info) = self.consumer.info().await {
+                self.high_water = self.high_water.max(info.delivered.stream_sequence);
+            }
+            self.consumer.reset(None).await.map_err(|e| {
+                Error::backend(
+                    BACKEND,
+                    true,
+                    format!("rewinding the consumer to its ack floor: {e}"),
+                )
+            })?;
+            self.rewind = false;
+        }
+        let connects = self.connects();
+        self.messages = Some(self.open().await?);
+        self.opened_at = connects;
+        Ok(())
+    }
+
     /// The next delivery, an error to report, or `None` at the end.
     async fn next(&mut self) -> Option<Result<Delivery>> {
         loop {
             if self.lost.is_cancelled() || self.is_closed() {
                 return None;
             }
-            let Some(messages) = self.messages.as_mut() else {
-                match self.open().await {
-                    Ok(m) => {
-                        self.messages = Some(m);
-                        continue;
+            if self.messages.is_some() && self.connects() != self.opened_at {
+                self.messages = None;
+                self.rewind = true;
+            }
+            if self.messages.is_none() {
+                if let Err(e) = self.reopen().await {
+                    if !self.pause().await {
+                        return None;
                     }
-                    Err(e) => {
-                        tokio::select! {
-                            () = self.lost.cancelled() => return None,
-                            () = tokio::time::sleep(Duration::from_millis(250)) => {}
-                        }
-                        return Some(Err(e));
-                    }
+                    return Some(Err(e));
                 }
+                continue;
+            }
+            let Some(messages) = self.messages.as_mut() else {
+                continue;
             };
             let next = tokio::select! {
                 () = self.lost.cancelled() => return None,
                 n = messages.next() => n,
             };
             match next {
-                Some(Ok(m)) => return Some(delivery(&self.topic, m)),
+                Some(Ok(m)) => {
+                    if self.connects() != self.opened_at {
+                        // Read across a reconnect: the rewind delivers it again, in order.
+                        continue;
+                    }
+                    return Some(delivery(&self.topic, m, &mut self.high_water));
+                }
                 Some(Err(e)) => {
-                    use pull::MessagesErrorKind as K;
-                    let reopen = !matches!(e.kind(), K::MissingHeartbeat);
-                    if reopen {
+                    if !matches!(e.kind(), pull::MessagesErrorKind::MissingHeartbeat) {
                         self.messages = None;
+                        self.rewind = true;
                     }
                     if self.is_closed() {
                         return None;
                     }
                     return Some(Err(unavailable(e)));
                 }
-                None => self.messages = None,
+                None => {
+                    self.messages = None;
+                    self.rewind = true;
+                }
             }
         }
     }
@@ -1123,6 +1184,13 @@ impl DomainTransport for JetStream {
             .await?;
         // The takeover rewind: whatever an earlier subscriber left unacknowledged comes
         // first, in stream order, before anything new.
+        let high_water = match consumer.info().await {
+            Ok(info) => info.delivered.stream_sequence,
+            Err(e) => {
+                lease.cancel.cancel();
+                return Err(api_error(e));
+            }
+        };
         if let Err(e) = consumer.reset(None).await {
             lease.cancel.cancel();
             return Err(Error::backend(
@@ -1143,6 +1211,10 @@ impl DomainTransport for JetStream {
             batch: c.batch,
             ack_wait: c.ack_wait,
             messages: None,
+            opened_at: 0,
+            rewind: false,
+            high_water,
+            stats: self.inner.client.statistics(),
             lost,
             closed: Arc::downgrade(&self.inner),
             _lease: guard,
