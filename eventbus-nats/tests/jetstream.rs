@@ -1,0 +1,409 @@
+//! JetStream specifics beyond the conformance suite: the subject layout seen by plain
+//! clients, malformed messages from plain clients, stream settings, the single-active
+//! subscriber lease and its takeover, and outages.
+
+#![allow(clippy::expect_used, clippy::panic)] // Test code.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use dualbus_core::conformance::{event, unique_topic, wait_for};
+use dualbus_core::{
+    DomainBus, DomainTransport, ErrorKind, Event, HandleError, SubscriptionSpec, handler_fn,
+};
+use dualbus_nats::subject::{encode_key, event_subject};
+use dualbus_nats::{JetStream, JetStreamConfig, NatsConfig};
+use futures::StreamExt as _;
+use parking_lot::Mutex;
+use support::{Server, fast_config, server_binary, shared_url};
+
+async fn transport(url: &str) -> JetStream {
+    JetStream::connect(fast_config(url.to_owned()))
+        .await
+        .expect("connect")
+}
+
+fn bus(t: JetStream) -> DomainBus {
+    DomainBus::builder(t)
+        .source("js-tests")
+        .build()
+        .expect("build")
+}
+
+async fn plain(url: &str) -> jetstream::Context {
+    jetstream::new(async_nats::connect(url).await.expect("plain connect"))
+}
+
+/// Aggregate ids with characters special in subjects are stored on their encoded subject,
+/// where a plain client finds them, and replay reads each aggregate's history back in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn special_aggregate_ids_are_encoded_and_replayed() {
+    let Some(url) = shared_url() else { return };
+    let t = transport(&url).await;
+    let bus = bus(t.clone());
+    let topic = unique_topic("js-keys");
+    let ids = [
+        "a.b",
+        "a*b",
+        "a>b",
+        "with space",
+        "ümlaut",
+        "100%",
+        "plain-id_1",
+    ];
+    for v in 1..=3 {
+        for id in ids {
+            bus.publish(&topic, &event(id, v)).await.expect("publish");
+        }
+    }
+    let js = plain(&url).await;
+    let stream = js
+        .get_stream(dualbus_nats::jetstream::stream_name("DUALBUS_", &topic))
+        .await
+        .expect("stream");
+    for id in ids {
+        let subject = event_subject(&topic, 0, id);
+        assert_eq!(subject, format!("{topic}.0.{}", encode_key(id)));
+        let last = stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+            .unwrap_or_else(|e| panic!("{id:?} not on {subject}: {e}"));
+        assert!(last.headers.get("ce-subject").is_some(), "{id:?}");
+        let history = t.replay(&topic, id).await.expect("replay");
+        let versions: Vec<String> = history
+            .iter()
+            .map(|m| {
+                assert_eq!(m.key.as_deref(), Some(id));
+                let envelope = dualbus_core::Codec::decode(m).expect("decode");
+                assert_eq!(envelope.aggregate_id, id);
+                m.headers
+                    .get("ce-aggregateversion")
+                    .expect("version header")
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(versions, ["1", "2", "3"], "{id:?}");
+    }
+    assert!(
+        t.replay(&topic, "never-seen")
+            .await
+            .expect("replay")
+            .is_empty()
+    );
+    assert!(
+        t.replay(&unique_topic("js-none"), "x")
+            .await
+            .expect("replay of a topic without stream")
+            .is_empty()
+    );
+    bus.close().await.expect("close");
+}
+
+/// Messages written by a plain client that the bus cannot read (no codec, broken
+/// envelopes, subjects outside the layout) go to the dead letter with a reason; the good
+/// ones around them are handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_from_a_plain_client_are_dead_lettered() {
+    let Some(url) = shared_url() else { return };
+    let t = transport(&url).await;
+    let bus = bus(t.clone());
+    let topic = unique_topic("js-plain-bad");
+    // The bus creates the stream; the plain client writes into it.
+    bus.publish(&topic, &event("good", 1))
+        .await
+        .expect("publish");
+    let js = plain(&url).await;
+    let mut ce = async_nats::HeaderMap::new();
+    ce.insert("ce-specversion", "1.0");
+    ce.insert("ce-type", "T");
+    ce.insert("ce-source", "plain");
+    ce.insert("ce-subject", "bad-ce");
+    ce.insert("ce-aggregateversion", "1");
+    // ce-id missing.
+    let cases: Vec<(String, Option<async_nats::HeaderMap>, &'static [u8])> = vec![
+        (format!("{topic}.0.bad-none"), None, b"not an envelope"),
+        (format!("{topic}.0.bad-ce"), Some(ce), b"{}"),
+        (
+            format!("{topic}.0.bad-jxt"),
+            None,
+            br#"{"event_id":"e","event_type":"T","event_version":1,"timestamp":"2026-01-01T00:00:00Z","payload":{}}"#,
+        ),
+        (format!("{topic}.0.bad%zz"), None, b"{}"),
+        (format!("{topic}.x.bad-partition"), None, b"{}"),
+    ];
+    let n_bad = cases.len();
+    for (subject, headers, body) in cases {
+        let ack = match headers {
+            Some(h) => js
+                .publish_with_headers(subject.clone(), h, Bytes::from_static(body))
+                .await
+                .expect("plain publish"),
+            None => js
+                .publish(subject.clone(), Bytes::from_static(body))
+                .await
+                .expect("plain publish"),
+        };
+        ack.await.unwrap_or_else(|e| panic!("{subject}: {e}"));
+    }
+    bus.publish(&topic, &event("good", 2))
+        .await
+        .expect("publish");
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let h = handled.clone();
+    let sub = bus
+        .subscribe(&topic)
+        .start(handler_fn(move |e: Event| {
+            let h = h.clone();
+            async move {
+                h.lock().push((e.aggregate_id.clone(), e.event_version));
+                Ok::<_, HandleError>(())
+            }
+        }))
+        .await
+        .expect("subscribe");
+    let mut dlq = t
+        .subscribe(SubscriptionSpec::new(format!("{topic}.dlq"), "inspect"))
+        .await
+        .expect("dlq subscribe");
+    let mut reasons = Vec::new();
+    while reasons.len() < n_bad {
+        let d = tokio::time::timeout(Duration::from_secs(30), dlq.deliveries.next())
+            .await
+            .expect("dead letters within 30 s")
+            .expect("dlq stream open")
+            .expect("dlq delivery");
+        let h = &d.message.headers;
+        assert_eq!(h.get("dualbus-dlq-kind"), Some("malformed"), "{h:?}");
+        let reason = h.get("dualbus-dlq-reason").expect("reason").to_owned();
+        assert!(!reason.is_empty());
+        reasons.push(reason);
+        d.ack().await.expect("ack");
+    }
+    eprintln!("dead-letter reasons: {reasons:#?}");
+    wait_for(|| handled.lock().len() == 2).await;
+    assert_eq!(
+        *handled.lock(),
+        [("good".to_owned(), 1), ("good".to_owned(), 2)]
+    );
+    drop(sub);
+    drop(dlq);
+    bus.close().await.expect("close");
+}
+
+/// An existing stream with other settings is a configuration error naming the difference,
+/// unless updating is asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_with_other_settings_is_refused_unless_update_is_asked() {
+    let Some(url) = shared_url() else { return };
+    let topic = unique_topic("js-settings");
+    let js = plain(&url).await;
+    js.create_stream(jetstream::stream::Config {
+        name: dualbus_nats::jetstream::stream_name("DUALBUS_", &topic),
+        subjects: vec![format!("{topic}.*.*")],
+        max_age: Duration::from_secs(3600),
+        ..Default::default()
+    })
+    .await
+    .expect("create stream");
+    let t = transport(&url).await;
+    let e = t
+        .publish(&topic, outbound("k"))
+        .await
+        .expect_err("other settings");
+    assert!(matches!(e, dualbus_core::Error::Config { .. }), "{e}");
+    assert!(e.to_string().contains("max_age"), "{e}");
+    let mut config = fast_config(url.clone());
+    config.jetstream.stream.update_existing = true;
+    let t2 = JetStream::connect(config).await.expect("connect");
+    t2.publish(&topic, outbound("k")).await.expect("updated");
+    t.close().await.expect("close");
+    t2.close().await.expect("close");
+}
+
+fn outbound(key: &str) -> dualbus_core::OutboundMessage {
+    dualbus_core::Codec::CloudEvents
+        .encode(&event(key, 1), dualbus_core::HeaderStyle::Nats, "js-tests")
+        .expect("encode")
+}
+
+/// Bad settings and a server without JetStream are clear errors at connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_settings_and_missing_jetstream_are_clear_errors() {
+    let Some(url) = shared_url() else { return };
+    let mut js = JetStreamConfig::default();
+    js.consumer.batch = 0;
+    let e = JetStream::connect(NatsConfig::new([url]).with_jetstream(js))
+        .await
+        .expect_err("batch 0");
+    assert!(matches!(e, dualbus_core::Error::Config { .. }), "{e}");
+    let Some(bin) = server_binary() else { return };
+    // A server without -js.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut child = std::process::Command::new(bin)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start nats-server");
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let e = JetStream::connect(fast_config(format!("nats://127.0.0.1:{port}")))
+        .await
+        .expect_err("no JetStream");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(matches!(e, dualbus_core::Error::Config { .. }), "{e}");
+    assert!(e.to_string().contains("-js"), "{e}");
+}
+
+/// A subscriber that dies without closing keeps its group until its lease expires; then
+/// the next subscriber takes over and first gets, in order, what the dead one left
+/// unacknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_after_a_crash_rewinds_to_the_ack_floor() {
+    let Some(url) = shared_url() else { return };
+    let topic = unique_topic("js-takeover");
+    let first = transport(&url).await;
+    let b1 = bus(first.clone());
+    for v in 1..=5 {
+        b1.publish(&topic, &event("agg", v)).await.expect("publish");
+    }
+    // The first subscriber handles v1 and v2, then hangs in v3.
+    let seen1 = Arc::new(Mutex::new(Vec::new()));
+    let s1 = seen1.clone();
+    let sub1 = b1
+        .subscribe(&topic)
+        .start(handler_fn(move |e: Event| {
+            let s1 = s1.clone();
+            async move {
+                s1.lock().push(e.event_version);
+                if e.event_version == 3 {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, HandleError>(())
+            }
+        }))
+        .await
+        .expect("subscribe");
+    wait_for(|| seen1.lock().len() == 3).await;
+    // The process dies: its connection drops without a goodbye.
+    first.client().drain().await.expect("drain");
+    std::mem::forget(sub1);
+
+    let second = transport(&url).await;
+    let b2 = bus(second);
+    let seen2 = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen2.clone();
+    let handler = handler_fn(move |e: Event| {
+        let s2 = s2.clone();
+        async move {
+            s2.lock().push((e.event_version, e.delivery_count));
+            Ok::<_, HandleError>(())
+        }
+    });
+    let started = Instant::now();
+    let mut conflicts = 0;
+    let sub2 = loop {
+        match b2.subscribe(&topic).start(handler.clone()).await {
+            Ok(s) => break s,
+            Err(e) if e.kind() == ErrorKind::Conflict => {
+                conflicts += 1;
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "the lease did not expire: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("subscribe: {e}"),
+        }
+    };
+    assert!(
+        conflicts > 0,
+        "the dead subscriber's lease was free at once"
+    );
+    eprintln!("took over after {:?}", started.elapsed());
+    wait_for(|| seen2.lock().len() >= 3).await;
+    let seen = seen2.lock().clone();
+    let versions: Vec<u64> = seen.iter().map(|(v, _)| *v).collect();
+    assert_eq!(versions, [3, 4, 5], "{seen:?}");
+    assert!(seen[0].1 >= 2, "v3 was delivered before: {seen:?}");
+    drop(sub2);
+    b2.close().await.expect("close");
+}
+
+/// While the server is down a publish fails within the request timeout with a retryable
+/// error (never a success); after the restart the same transport publishes again, and a
+/// simple-bus subscription receives again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_publishes_fail_clearly_and_clients_reconnect() {
+    let Some(bin) = server_binary() else { return };
+    let mut server = Server::start(bin);
+    let url = server.url();
+    let t = transport(&url).await;
+    let topic = unique_topic("js-outage");
+    t.publish(&topic, outbound("k")).await.expect("publish");
+    let simple = dualbus_nats::Nats::connect(NatsConfig::new([url.clone()]))
+        .await
+        .expect("connect simple");
+    let mut notes = dualbus_core::SimpleTransport::subscribe(&simple, "notes", None)
+        .await
+        .expect("subscribe");
+
+    server.kill();
+    let started = Instant::now();
+    let e = t
+        .publish(&topic, outbound("k"))
+        .await
+        .expect_err("no server");
+    assert!(e.is_retryable(), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    eprintln!("publish during the outage: {e}");
+
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match t.publish(&topic, outbound("k")).await {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("after restart: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("no publish after the restart: {e}"),
+        }
+    }
+    let got = async {
+        loop {
+            dualbus_core::SimpleTransport::publish(
+                &simple,
+                dualbus_core::Message::new("notes", "after restart"),
+            )
+            .await
+            .expect("simple publish");
+            if let Ok(Some(m)) =
+                tokio::time::timeout(Duration::from_millis(300), notes.next()).await
+            {
+                return m;
+            }
+        }
+    };
+    let m = tokio::time::timeout(Duration::from_secs(30), got)
+        .await
+        .expect("the subscription resumed");
+    assert_eq!(&m.payload[..], b"after restart");
+    t.close().await.expect("close");
+}
