@@ -12,6 +12,13 @@
 //!   handler_timeout: 30s
 //!   group: { name: orders-service, partitions: 16, drain_deadline: 10s, member_timeout: 5s }
 //!   topics: { payments: { partitions: 32 } }   # per-topic overrides
+//!   # type: nats, with (see dualbus_nats::NatsConfig):
+//!   # nats:
+//!   #   urls: ["nats://127.0.0.1:4222"]
+//!   #   credentials: { token: ... }     # or user + password, nkey, creds_file
+//!   #   jetstream:
+//!   #     stream: { storage: file, replicas: 1, retention: limits, max_age: 30d, duplicate_window: 2m }
+//!   #     consumer: { ack_wait: 30s, max_ack_pending: 10000, batch: 256, lease_ttl: 10s }
 //! simple:
 //!   type: memory            # memory | nats | redis
 //!   max_concurrency: 1024
@@ -271,13 +278,32 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         let d = &self.domain;
         backend_available("domain", d.kind)?;
-        if d.kind == BackendKind::Nats {
-            return Err(Error::config(
-                "domain.type",
-                "the nats backend offers the simple bus only in this release (the JetStream domain bus follows)",
-            ));
-        }
         section("domain", "nats", d.nats.is_some())?;
+        #[cfg(feature = "nats")]
+        if let Some(raw) = &d.nats {
+            nats_config(raw, "domain")?;
+        }
+        if d.kind == BackendKind::Nats {
+            // Partitioned consumer groups on JetStream are not offered yet: one active
+            // subscriber per group and topic.
+            if d.group.partitions.is_some() {
+                return Err(Error::config(
+                    "domain.group.partitions",
+                    "the nats backend has no partitioned consumer groups yet (one active subscriber per group)",
+                ));
+            }
+            if let Some(topic) = d
+                .topics
+                .iter()
+                .find(|(_, t)| t.partitions.is_some())
+                .map(|(t, _)| t)
+            {
+                return Err(Error::config(
+                    format!("domain.topics.{topic}.partitions"),
+                    "the nats backend has no partitioned consumer groups yet (one active subscriber per group)",
+                ));
+            }
+        }
         section("domain", "kafka", d.kafka.is_some())?;
         section("domain", "redis", d.redis.is_some())?;
         section("domain", "memory", d.memory.is_some())?;
@@ -320,7 +346,7 @@ impl Config {
         section("simple", "nats", s.nats.is_some())?;
         #[cfg(feature = "nats")]
         if let Some(raw) = &s.nats {
-            nats_config(raw)?;
+            nats_config(raw, "simple")?;
         }
         section("simple", "redis", s.redis.is_some())?;
         section("simple", "memory", s.memory.is_some())?;
@@ -423,9 +449,9 @@ fn figment_error(e: figment::Error) -> Error {
 
 /// The typed `nats` section.
 #[cfg(feature = "nats")]
-fn nats_config(raw: &Raw) -> Result<dualbus_nats::NatsConfig> {
+fn nats_config(raw: &Raw, parent: &str) -> Result<dualbus_nats::NatsConfig> {
     dualbus_nats::NatsConfig::deserialize(&raw.0).map_err(|e| {
-        let mut path = String::from("simple.nats");
+        let mut path = format!("{parent}.nats");
         for p in &e.path {
             path.push('.');
             path.push_str(p);
@@ -496,9 +522,17 @@ impl crate::Buses {
             }
         }
         #[cfg(feature = "nats")]
+        if d.kind == BackendKind::Nats {
+            let nats = match &d.nats {
+                Some(raw) => nats_config(raw, "domain")?,
+                None => dualbus_nats::NatsConfig::default(),
+            };
+            b = b.domain(dualbus_nats::JetStream::connect(nats).await?);
+        }
+        #[cfg(feature = "nats")]
         if config.simple.kind == BackendKind::Nats {
             let nats = match &config.simple.nats {
-                Some(raw) => nats_config(raw)?,
+                Some(raw) => nats_config(raw, "simple")?,
                 None => dualbus_nats::NatsConfig::default(),
             };
             b = b.simple(dualbus_nats::Nats::connect(nats).await?);

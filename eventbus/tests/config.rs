@@ -156,12 +156,16 @@ fn bad_values_name_their_path() {
 fn sections_of_disabled_backends_name_the_feature() {
     figment::Jail::expect_with(|_| {
         let (path, message) = config_error(Config::from_yaml(
-            "domain:\n  type: nats\n  nats:\n    urls: [\"nats://127.0.0.1:4222\"]\n",
+            "domain:\n  type: nats\n  group: { partitions: 4 }\n  nats:\n    urls: [\"nats://127.0.0.1:4222\"]\n",
         ));
-        assert_eq!(path, "domain.type");
         if cfg!(feature = "nats") {
-            assert!(message.contains("simple bus only"), "{message}");
+            assert_eq!(path, "domain.group.partitions");
+            assert!(
+                message.contains("no partitioned consumer groups"),
+                "{message}"
+            );
         } else {
+            assert_eq!(path, "domain.type");
             assert!(message.contains("cargo feature `nats`"), "{message}");
         }
         let (path, message) = config_error(Config::from_yaml("domain:\n  kafka: { brokers: x }\n"));
@@ -369,6 +373,81 @@ async fn simple_bus_on_nats_from_config() {
         buses.simple().publish("config-nats", "hi").await.unwrap();
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    drop(sub);
+    buses.close().await.unwrap();
+}
+
+#[cfg(feature = "nats")]
+#[test]
+fn nats_domain_section() {
+    figment::Jail::expect_with(|_| {
+        let c = Config::from_yaml(
+            "domain:\n  type: nats\n  nats:\n    urls: [\"nats://127.0.0.1:4222\"]\n    jetstream:\n      stream: { storage: memory, max_age: 7d, duplicate_window: 1m }\n      consumer: { ack_wait: 10s, lease_ttl: 3s }\n",
+        )
+        .unwrap();
+        assert_eq!(c.domain.kind, BackendKind::Nats);
+        let (path, _) = config_error(Config::from_yaml(
+            "domain:\n  type: nats\n  nats: { jetstream: { stream: { max_agee: 1d } } }\n",
+        ));
+        assert_eq!(path, "domain.nats.jetstream.stream.max_agee");
+        let (path, _) = config_error(Config::from_yaml(
+            "domain:\n  type: nats\n  nats: { jetstream: { stream: { storage: tape } } }\n",
+        ));
+        assert_eq!(path, "domain.nats.jetstream.stream.storage");
+        Ok(())
+    });
+}
+
+#[cfg(feature = "nats")]
+#[tokio::test]
+async fn domain_bus_on_jetstream_from_config() {
+    let Ok(url) = std::env::var("DUALBUS_TEST_NATS_URL") else {
+        assert!(
+            std::env::var_os("DUALBUS_TEST_REQUIRE_SERVERS").is_none(),
+            "DUALBUS_TEST_NATS_URL is required"
+        );
+        eprintln!("skipped: no nats-server (DUALBUS_TEST_NATS_URL)");
+        return;
+    };
+    let config = Config::from_yaml(&format!(
+        "domain:\n  type: nats\n  source: config-test\n  nats: {{ urls: [\"{url}\"], jetstream: {{ consumer: {{ ack_wait: 2s, lease_ttl: 2s }} }} }}\nsimple:\n  type: nats\n  nats: {{ urls: [\"{url}\"] }}\n"
+    ))
+    .unwrap();
+    let buses = Buses::from_config(&config).await.unwrap();
+    assert_eq!(buses.domain().capabilities().backend, "nats");
+    assert!(buses.domain().capabilities().durable);
+    let topic = format!(
+        "config-js-{}",
+        std::process::id() as u128 * 1_000_000
+            + u128::from(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .subsec_nanos()
+            )
+    );
+    let got = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let g = got.clone();
+    let sub = buses
+        .domain()
+        .subscribe(&topic)
+        .start(handler_fn(move |e: dualbus::Event| {
+            let g = g.clone();
+            async move {
+                g.lock().push(e.event_version);
+                Ok::<_, HandleError>(())
+            }
+        }))
+        .await
+        .unwrap();
+    for v in 1..=3 {
+        let e = dualbus::Envelope::new("order-1", "OrderPlaced", v, "{}").unwrap();
+        buses.domain().publish(&topic, &e).await.unwrap();
+    }
+    while got.lock().len() < 3 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(*got.lock(), [1, 2, 3]);
     drop(sub);
     buses.close().await.unwrap();
 }
