@@ -60,6 +60,9 @@ cargo doc --workspace --all-features --no-deps
 step "tests"
 cargo test --workspace --all-features --no-fail-fast
 
+step "example on NATS"
+NATS_URL="$DUALBUS_TEST_NATS_URL" cargo run -q -p dualbus --features nats --example nats_domain_events
+
 step "benchmarks build"
 cargo build --workspace --all-features --benches --examples
 
