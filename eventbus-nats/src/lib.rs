@@ -6,18 +6,29 @@
 //!   (load sharing), native request-reply with no-responders detection. Topics map to
 //!   subjects one to one (`notifications.email` is the subject `notifications.email`);
 //!   headers travel as NATS headers.
-//! - The JetStream domain bus is not part of this release yet; [`subject`] already fixes its
-//!   subject layout (`<topic>.<partition>.<encoded aggregate id>`), which services in other
-//!   languages must share.
+//! - [`JetStream`]: the **domain-event bus on NATS JetStream**: one stream per topic,
+//!   acknowledged and deduplicated publishes (`Nats-Msg-Id` = event id), pipelined batches
+//!   that keep each aggregate's order, appends checked against the aggregate's version
+//!   (`Nats-Expected-Last-Subject-Sequence`), replay by aggregate, and durable pull
+//!   consumers under the keyed pool with one active subscriber per group (a lease) and a
+//!   rewind to the ack floor at every takeover and reconnect. See [`jetstream`].
+//! - [`subject`] fixes the subject layout (`<topic>.<partition>.<encoded aggregate id>`),
+//!   which services in other languages must share.
 //!
 //! ```no_run
 //! # async fn run() -> dualbus_core::Result<()> {
-//! use dualbus_core::SimpleBus;
-//! use dualbus_nats::{Nats, NatsConfig};
+//! use dualbus_core::{DomainBus, Envelope, SimpleBus};
+//! use dualbus_nats::{JetStream, Nats, NatsConfig};
 //!
-//! let nats = Nats::connect(NatsConfig::new(["nats://127.0.0.1:4222"])).await?;
-//! let bus = SimpleBus::builder(nats).build()?;
-//! bus.publish("notifications", "hello").await?;
+//! let config = NatsConfig::new(["nats://127.0.0.1:4222"]);
+//! let domain = DomainBus::builder(JetStream::connect(config.clone()).await?)
+//!     .source("orders-service")
+//!     .build()?;
+//! domain
+//!     .publish("orders", &Envelope::new("order-1", "OrderPlaced", 1, "{}")?)
+//!     .await?;
+//! let simple = SimpleBus::builder(Nats::connect(config).await?).build()?;
+//! simple.publish("notifications", "hello").await?;
 //! # Ok(()) }
 //! ```
 //!

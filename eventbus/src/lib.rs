@@ -53,11 +53,11 @@
 )]
 #![cfg_attr(
     feature = "nats",
-    doc = "- [`nats`]: the simple bus on core NATS (the JetStream domain bus follows)."
+    doc = "- [`nats`]: the domain bus on NATS JetStream and the simple bus on core NATS."
 )]
 #![cfg_attr(
     not(feature = "nats"),
-    doc = "- `nats` (feature off in this build): the simple bus on core NATS."
+    doc = "- `nats` (feature off in this build): the domain bus on NATS JetStream and the simple bus on core NATS."
 )]
 //! - Kafka and Redis (Streams + pub/sub) follow as their own crates behind the features
 //!   `kafka` and `redis`.
@@ -68,7 +68,7 @@
 //! |---|---|---|
 //! | `memory` | yes | the in-process backend (`dualbus-memory`) |
 //! | `config` | yes | [`Buses::from_config`] from YAML / TOML / `DUALBUS__` environment variables |
-//! | `nats` | no | the NATS backend (`dualbus-nats`): simple bus on core NATS |
+//! | `nats` | no | the NATS backend (`dualbus-nats`): domain bus on JetStream, simple bus on core NATS |
 //! | `full` | no | everything |
 //!
 //! With no features at all the crate still builds: the core types and buses, with the
