@@ -16,8 +16,8 @@
 //!   first pull, resets the consumer to its ack floor: whatever an earlier holder left
 //!   unacknowledged is delivered again, first and in order.
 
-use std::collections::HashMap;
 use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -149,6 +149,36 @@ impl Default for ConsumerSettings {
     }
 }
 
+/// How a topic's events map to subjects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Layout {
+    /// `<topic>.<partition>.<encoded aggregate id>` (see [`crate::subject`]): replay and
+    /// appends per aggregate on the server. The default.
+    #[default]
+    Partitioned,
+    /// The subject is the topic itself and the aggregate id travels only in the body, as
+    /// jxt-core publishes: for sharing a topic with services that use that layout. Replay
+    /// reads the whole topic; appends with an expected version are not available.
+    Subject,
+}
+
+/// Settings of one topic (or of every topic inside its stream's subjects).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TopicSettings {
+    /// The subject layout.
+    pub layout: Layout,
+    /// An existing stream to use instead of the transport's own (e.g. jxt-core's
+    /// `BUSINESS_STREAM`). It is not checked against the stream settings, only for covering
+    /// the topic's subjects; if missing it is created with `stream_subjects`.
+    pub stream: Option<String>,
+    /// The subjects of `stream` when it has to be created. Default: the topic's own.
+    pub stream_subjects: Vec<String>,
+}
+
 /// JetStream settings of the domain transport.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -164,6 +194,10 @@ pub struct JetStreamConfig {
     pub request_timeout: Duration,
     /// Publishes of one batch awaiting their acknowledgement at once. Default 512.
     pub publish_window: usize,
+    /// Per-topic settings. A topic without an entry that falls inside the subjects of a
+    /// configured topic's `stream` uses that topic's layout and stream (so its dead-letter
+    /// topic lands beside it); any other topic is partitioned on its own stream.
+    pub topics: BTreeMap<String, TopicSettings>,
 }
 
 impl Default for JetStreamConfig {
@@ -173,8 +207,109 @@ impl Default for JetStreamConfig {
             consumer: ConsumerSettings::default(),
             request_timeout: Duration::from_secs(5),
             publish_window: 512,
+            topics: BTreeMap::new(),
         }
     }
+}
+
+/// Where a topic lives: its layout, stream and subjects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Plan {
+    layout: Layout,
+    stream: String,
+    /// The stream is configured by name (shared with others): not checked against our
+    /// stream settings.
+    shared: bool,
+    /// Subjects of the stream when we create it.
+    subjects: Vec<String>,
+}
+
+impl Plan {
+    fn of(config: &JetStreamConfig, topic: &str) -> Self {
+        let own = |layout: Layout| Self {
+            layout,
+            stream: stream_name(&config.stream.prefix, topic),
+            shared: false,
+            subjects: vec![match layout {
+                Layout::Partitioned => stream_subjects(topic),
+                Layout::Subject => topic.to_owned(),
+            }],
+        };
+        let shared = |t: &str, s: &TopicSettings, name: &String| Self {
+            layout: s.layout,
+            stream: name.clone(),
+            shared: true,
+            subjects: if s.stream_subjects.is_empty() {
+                vec![match s.layout {
+                    Layout::Partitioned => stream_subjects(t),
+                    Layout::Subject => t.to_owned(),
+                }]
+            } else {
+                s.stream_subjects.clone()
+            },
+        };
+        if let Some(s) = config.topics.get(topic) {
+            return match &s.stream {
+                Some(name) => shared(topic, s, name),
+                None => own(s.layout),
+            };
+        }
+        for (t, s) in &config.topics {
+            if let Some(name) = &s.stream {
+                let p = shared(t, s, name);
+                if p.subjects
+                    .iter()
+                    .any(|pattern| subject_matches(pattern, topic))
+                {
+                    return Self {
+                        layout: s.layout,
+                        ..p
+                    };
+                }
+            }
+        }
+        own(Layout::Partitioned)
+    }
+
+    /// The subject an event of `key` is published on.
+    fn subject(&self, topic: &str, key: &str) -> String {
+        match self.layout {
+            Layout::Partitioned => event_subject(topic, 0, key),
+            Layout::Subject => topic.to_owned(),
+        }
+    }
+
+    /// The subjects of `topic` within its stream.
+    fn filter(&self, topic: &str) -> String {
+        match self.layout {
+            Layout::Partitioned => stream_subjects(topic),
+            Layout::Subject => topic.to_owned(),
+        }
+    }
+
+    /// The durable consumer of `group` for `topic`: on a shared stream the topic is part of
+    /// the name, as several topics share the stream.
+    fn consumer(&self, topic: &str, group: &str) -> String {
+        if self.shared {
+            format!("{}_{}", consumer_name(group), encode_key(topic))
+        } else {
+            consumer_name(group)
+        }
+    }
+}
+
+/// Whether the subject `pattern` (with `*` and `>` wildcards) matches the literal `subject`.
+fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut s = subject.split('.');
+    for p in pattern.split('.') {
+        match (p, s.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (p, Some(t)) if p == t => {}
+            _ => return false,
+        }
+    }
+    s.next().is_none()
 }
 
 /// The stream name of a topic: the prefix and the topic's subject-token encoding (dots
@@ -296,11 +431,15 @@ impl JetStream {
         }
     }
 
-    fn stream_config(&self, topic: &str) -> stream::Config {
+    fn plan(&self, topic: &str) -> Plan {
+        Plan::of(&self.inner.config, topic)
+    }
+
+    fn stream_config(&self, topic: &str, plan: &Plan) -> stream::Config {
         let s = &self.inner.config.stream;
         stream::Config {
-            name: stream_name(&s.prefix, topic),
-            subjects: vec![stream_subjects(topic)],
+            name: plan.stream.clone(),
+            subjects: plan.subjects.clone(),
             storage: match s.storage {
                 Storage::File => StorageType::File,
                 Storage::Memory => StorageType::Memory,
@@ -326,8 +465,23 @@ impl JetStream {
         if let Some(s) = streams.get(topic) {
             return Ok(s.clone());
         }
-        let want = self.stream_config(topic);
+        let plan = self.plan(topic);
+        let want = self.stream_config(topic, &plan);
         let s = match self.inner.js.get_stream(&want.name).await {
+            Ok(existing) if plan.shared => {
+                let have = &existing.cached_info().config.subjects;
+                let probe = plan.subject(topic, "probe");
+                if !have.iter().any(|p| subject_matches(p, &probe)) {
+                    return Err(Error::config(
+                        format!("nats.jetstream.topics.{topic}.stream"),
+                        format!(
+                            "stream {} (subjects {have:?}) does not take the subject {probe} of topic {topic}",
+                            want.name
+                        ),
+                    ));
+                }
+                existing
+            }
             Ok(existing) => {
                 let have = &existing.cached_info().config;
                 let diff = stream_differences(have, &want);
@@ -383,7 +537,7 @@ impl JetStream {
         if let Some(s) = self.inner.streams.lock().await.get(topic) {
             return Ok(Some(s.clone()));
         }
-        let name = stream_name(&self.inner.config.stream.prefix, topic);
+        let name = self.plan(topic).stream;
         match self.inner.js.get_stream(&name).await {
             Ok(s) => Ok(Some(s)),
             Err(e) if is_not_found(&e) => Ok(None),
@@ -430,7 +584,7 @@ impl JetStream {
             let seq = expected.map_or(0, |p| p.offset);
             headers.insert(EXPECTED_LAST_SUBJECT_SEQUENCE, seq.to_string().as_str());
         }
-        let subject = event_subject(topic, 0, &message.key);
+        let subject = self.plan(topic).subject(topic, &message.key);
         self.inner
             .js
             .publish_with_headers(subject, headers, message.payload)
@@ -516,9 +670,11 @@ impl JetStream {
         spec: &SubscriptionSpec,
     ) -> Result<PullConsumer> {
         let c = &self.inner.config.consumer;
-        let name = consumer_name(&spec.group);
+        let plan = self.plan(&spec.topic);
+        let name = plan.consumer(&spec.topic, &spec.group);
         let want = pull::Config {
             durable_name: Some(name.clone()),
+            filter_subject: plan.filter(&spec.topic),
             description: Some(format!("dualbus group {} on {}", spec.group, spec.topic)),
             ack_policy: AckPolicy::Explicit,
             ack_wait: c.ack_wait,
@@ -546,6 +702,12 @@ impl JetStream {
                     diff.push(format!(
                         "max_ack_pending {} (want {})",
                         have.max_ack_pending, want.max_ack_pending
+                    ));
+                }
+                if have.filter_subject != want.filter_subject {
+                    diff.push(format!(
+                        "filter_subject {:?} (want {:?})",
+                        have.filter_subject, want.filter_subject
                     ));
                 }
                 if have.max_deliver > 0 {
@@ -1176,11 +1338,16 @@ impl DomainTransport for JetStream {
         if spec.group.is_empty() {
             return Err(Error::config("domain.group.name", "must not be empty"));
         }
+        let plan = self.plan(&spec.topic);
         let stream = self.stream(&spec.topic).await?;
         let mut consumer = self.consumer(&stream, &spec).await?;
         let stream_name = stream.cached_info().config.name.clone();
         let lease = self
-            .acquire_lease(&stream_name, &consumer_name(&spec.group), &spec)
+            .acquire_lease(
+                &stream_name,
+                &plan.consumer(&spec.topic, &spec.group),
+                &spec,
+            )
             .await?;
         // The takeover rewind: whatever an earlier subscriber left unacknowledged comes
         // first, in stream order, before anything new.
@@ -1198,7 +1365,7 @@ impl DomainTransport for JetStream {
                 true,
                 format!(
                     "resetting consumer {} to its ack floor (nats-server 2.14 or later is needed): {e}",
-                    consumer_name(&spec.group)
+                    plan.consumer(&spec.topic, &spec.group)
                 ),
             ));
         }
@@ -1233,10 +1400,11 @@ impl DomainTransport for JetStream {
         let Some(stream) = self.existing_stream(topic).await? else {
             return Ok(Vec::new());
         };
-        let subject = event_subject(topic, 0, key);
+        let plan = self.plan(topic);
         let consumer = stream
             .create_consumer(pull::OrderedConfig {
-                filter_subject: subject,
+                // Subject layout: the whole topic, filtered by the body's aggregate id below.
+                filter_subject: plan.subject(topic, key),
                 deliver_policy: DeliverPolicy::All,
                 ..pull::OrderedConfig::default()
             })
@@ -1249,20 +1417,39 @@ impl DomainTransport for JetStream {
         }
         let mut messages = consumer.messages().await.map_err(unavailable)?;
         let after = self.inner.config.request_timeout;
-        while (out.len() as u64) < total {
+        let mut seen = 0u64;
+        while (if plan.layout == Layout::Subject {
+            seen
+        } else {
+            out.len() as u64
+        }) < total
+        {
             match tokio::time::timeout(after, messages.next()).await {
                 Ok(Some(Ok(m))) => {
                     let seq = m
                         .info()
                         .map_err(|e| Error::backend(BACKEND, true, e))?
                         .stream_sequence;
-                    out.push(inbound(
+                    let mut message = inbound(
                         topic,
                         m.subject.as_str(),
                         m.headers.as_ref(),
                         m.payload.clone(),
                         seq,
-                    ));
+                    );
+                    match plan.layout {
+                        Layout::Partitioned => out.push(message),
+                        Layout::Subject => {
+                            // Counted as read whatever it holds; kept if it is the aggregate's.
+                            seen += 1;
+                            if dualbus_core::Codec::decode(&message)
+                                .is_ok_and(|e| e.aggregate_id == key)
+                            {
+                                message.key = Some(key.to_owned());
+                                out.push(message);
+                            }
+                        }
+                    }
                 }
                 Ok(Some(Err(e))) => return Err(unavailable(e)),
                 Ok(None) => return Err(Error::closed("nats connection")),
@@ -1275,10 +1462,14 @@ impl DomainTransport for JetStream {
     async fn last_for_key(&self, topic: &str, key: &str) -> Result<Option<InboundMessage>> {
         self.check_open()?;
         validate_topic(topic)?;
+        let plan = self.plan(topic);
+        if plan.layout == Layout::Subject {
+            return Err(not_per_aggregate());
+        }
         let Some(stream) = self.existing_stream(topic).await? else {
             return Ok(None);
         };
-        let subject = event_subject(topic, 0, key);
+        let subject = plan.subject(topic, key);
         match stream.get_last_raw_message_by_subject(&subject).await {
             Ok(m) => Ok(Some(inbound(
                 topic,
@@ -1300,6 +1491,9 @@ impl DomainTransport for JetStream {
         message: OutboundMessage,
         expected: Option<Position>,
     ) -> Result<Receipt> {
+        if self.plan(topic).layout == Layout::Subject {
+            return Err(not_per_aggregate());
+        }
         self.publish_inner(topic, message, Some(expected)).await
     }
 
@@ -1308,7 +1502,10 @@ impl DomainTransport for JetStream {
         let Some(stream) = self.existing_stream(topic).await? else {
             return Ok(None);
         };
-        match stream.consumer_info(consumer_name(group)).await {
+        match stream
+            .consumer_info(self.plan(topic).consumer(topic, group))
+            .await
+        {
             Ok(info) => Ok(Some(info.num_pending + info.num_ack_pending as u64)),
             Err(e) if is_consumer_not_found(&e) => Ok(None),
             Err(e) => Err(api_error(e)),
@@ -1329,6 +1526,13 @@ impl DomainTransport for JetStream {
             }
         }
         self.inner.client.drain().await.map_err(unavailable)
+    }
+}
+
+fn not_per_aggregate() -> Error {
+    Error::NotSupported {
+        operation: "append with an expected version on a topic of the subject layout (the aggregate id is only in the body)",
+        backend: BACKEND,
     }
 }
 
@@ -1356,6 +1560,49 @@ mod tests {
                 .all(|b| b.is_ascii_alphanumeric() || b"-/_=.".contains(&b)),
             "{k}"
         );
+    }
+
+    #[test]
+    fn subject_patterns() {
+        assert!(subject_matches("business.>", "business.orders"));
+        assert!(subject_matches("business.>", "business.orders.dlq"));
+        assert!(!subject_matches("business.>", "business"));
+        assert!(subject_matches("orders.*.*", "orders.0.k"));
+        assert!(!subject_matches("orders.*.*", "orders.dlq.0.k"));
+        assert!(!subject_matches("orders.*.*", "orders.0"));
+        assert!(subject_matches("orders", "orders"));
+        assert!(!subject_matches("orders", "orders.x"));
+    }
+
+    #[test]
+    fn plans_follow_the_topic_settings() {
+        let mut c = JetStreamConfig::default();
+        let own = Plan::of(&c, "orders");
+        assert_eq!(own.layout, Layout::Partitioned);
+        assert_eq!(own.stream, "DUALBUS_orders");
+        assert_eq!(own.subjects, ["orders.*.*"]);
+        assert_eq!(own.subject("orders", "a.b"), "orders.0.a%2Eb");
+        assert_eq!(own.consumer("orders", "billing"), "billing");
+        let mut jxt = TopicSettings::default();
+        jxt.layout = Layout::Subject;
+        jxt.stream = Some("BUSINESS_STREAM".into());
+        jxt.stream_subjects = vec!["business.>".into()];
+        c.topics.insert("business.orders".into(), jxt);
+        let p = Plan::of(&c, "business.orders");
+        assert_eq!(p.layout, Layout::Subject);
+        assert_eq!(p.stream, "BUSINESS_STREAM");
+        assert_eq!(p.subject("business.orders", "order-1"), "business.orders");
+        assert_eq!(p.filter("business.orders"), "business.orders");
+        assert_eq!(
+            p.consumer("business.orders", "billing"),
+            "billing_business%2Eorders"
+        );
+        // Its dead-letter topic falls inside the shared stream: same layout and stream.
+        let dlq = Plan::of(&c, "business.orders.dlq");
+        assert_eq!(dlq.layout, Layout::Subject);
+        assert_eq!(dlq.stream, "BUSINESS_STREAM");
+        // Other topics keep their own streams.
+        assert_eq!(Plan::of(&c, "orders"), own);
     }
 
     #[test]
