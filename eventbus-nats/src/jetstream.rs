@@ -1583,10 +1583,11 @@ mod tests {
         assert_eq!(own.subjects, ["orders.*.*"]);
         assert_eq!(own.subject("orders", "a.b"), "orders.0.a%2Eb");
         assert_eq!(own.consumer("orders", "billing"), "billing");
-        let mut jxt = TopicSettings::default();
-        jxt.layout = Layout::Subject;
-        jxt.stream = Some("BUSINESS_STREAM".into());
-        jxt.stream_subjects = vec!["business.>".into()];
+        let jxt = TopicSettings {
+            layout: Layout::Subject,
+            stream: Some("BUSINESS_STREAM".into()),
+            stream_subjects: vec!["business.>".into()],
+        };
         c.topics.insert("business.orders".into(), jxt);
         let p = Plan::of(&c, "business.orders");
         assert_eq!(p.layout, Layout::Subject);
