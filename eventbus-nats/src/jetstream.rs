@@ -352,6 +352,8 @@ struct Inner {
     closed: AtomicBool,
     /// Streams known to exist with our settings, by topic.
     streams: tokio::sync::Mutex<HashMap<String, stream::Stream>>,
+    /// Topics whose stream is known to be in place, with their plan: the publish fast path.
+    ready: parking_lot::RwLock<HashMap<String, Arc<Plan>>>,
     /// The lease bucket, once opened.
     leases: tokio::sync::OnceCell<(kv::Store, Duration)>,
     /// Leases held by live subscriptions: key -> cancellation of its holder.
@@ -407,6 +409,7 @@ impl JetStream {
                 caps,
                 closed: AtomicBool::new(false),
                 streams: tokio::sync::Mutex::new(HashMap::new()),
+                ready: parking_lot::RwLock::new(HashMap::new()),
                 leases: tokio::sync::OnceCell::new(),
                 held: Mutex::new(HashMap::new()),
             }),
@@ -573,9 +576,24 @@ impl JetStream {
         Ok(headers)
     }
 
+    /// The plan of `topic` once its stream is in place (created or checked on first use).
+    async fn ready(&self, topic: &str) -> Result<Arc<Plan>> {
+        if let Some(p) = self.inner.ready.read().get(topic) {
+            return Ok(p.clone());
+        }
+        self.stream(topic).await?;
+        let plan = Arc::new(self.plan(topic));
+        self.inner
+            .ready
+            .write()
+            .insert(topic.to_owned(), plan.clone());
+        Ok(plan)
+    }
+
     async fn send(
         &self,
         topic: &str,
+        plan: &Plan,
         message: OutboundMessage,
         mut headers: async_nats::HeaderMap,
         expected: Option<Option<Position>>,
@@ -584,7 +602,7 @@ impl JetStream {
             let seq = expected.map_or(0, |p| p.offset);
             headers.insert(EXPECTED_LAST_SUBJECT_SEQUENCE, seq.to_string().as_str());
         }
-        let subject = self.plan(topic).subject(topic, &message.key);
+        let subject = plan.subject(topic, &message.key);
         self.inner
             .js
             .publish_with_headers(subject, headers, message.payload)
@@ -600,10 +618,20 @@ impl JetStream {
     ) -> Result<Receipt> {
         self.check_open()?;
         let headers = self.check_message(topic, &message)?;
-        self.stream(topic).await?;
+        let plan = self.ready(topic).await?;
         let key = message.key.clone();
-        let ack = self.send(topic, message, headers, expected).await?;
-        receipt(ack.await, self.inner.config.request_timeout, &key)
+        let ack = self
+            .send(topic, &plan, message, headers, expected)
+            .await?
+            .await;
+        if let Err(e) = &ack
+            && matches!(e.kind(), PublishErrorKind::StreamNotFound)
+        {
+            // Deleted behind our back: the next publish creates it again.
+            self.inner.ready.write().remove(topic);
+            self.inner.streams.lock().await.remove(topic);
+        }
+        receipt(ack, self.inner.config.request_timeout, &key)
     }
 
     fn lease_ttl_wanted(&self) -> Duration {
@@ -1278,12 +1306,13 @@ impl DomainTransport for JetStream {
         let n = messages.len();
         let mut out: Vec<Option<Result<Receipt>>> = (0..n).map(|_| None).collect();
         let prepared = match self.check_open() {
-            Ok(()) => self.stream(topic).await.map(|_| ()),
+            Ok(()) => self.ready(topic).await,
             Err(e) => Err(e),
         };
-        if let Err(e) = prepared {
-            return (0..n).map(|_| Err(clone_error(&e))).collect();
-        }
+        let plan = match prepared {
+            Ok(p) => p,
+            Err(e) => return (0..n).map(|_| Err(clone_error(&e))).collect(),
+        };
         let timeout = self.inner.config.request_timeout;
         let window = self.inner.config.publish_window;
         // Keys with a failed event: their later events in this batch are not sent, so an
@@ -1313,7 +1342,7 @@ impl DomainTransport for JetStream {
             }
             let key = message.key.clone();
             let sent = match self.check_message(topic, &message) {
-                Ok(h) => self.send(topic, message, h, None).await,
+                Ok(h) => self.send(topic, &plan, message, h, None).await,
                 Err(e) => Err(e),
             };
             match sent {

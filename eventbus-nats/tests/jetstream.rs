@@ -407,3 +407,26 @@ async fn outage_publishes_fail_clearly_and_clients_reconnect() {
     assert_eq!(&m.payload[..], b"after restart");
     t.close().await.expect("close");
 }
+
+/// A stream deleted behind the transport's back: the next publish fails clearly, the one
+/// after it creates the stream again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_stream_is_created_again() {
+    let Some(url) = shared_url() else { return };
+    let t = transport(&url).await;
+    let topic = unique_topic("js-deleted");
+    t.publish(&topic, outbound("k")).await.expect("publish");
+    plain(&url)
+        .await
+        .delete_stream(dualbus_nats::jetstream::stream_name("DUALBUS_", &topic))
+        .await
+        .expect("delete");
+    let e = t
+        .publish(&topic, outbound("k"))
+        .await
+        .expect_err("no stream");
+    assert!(e.is_retryable(), "{e}");
+    let r = t.publish(&topic, outbound("k")).await.expect("recreated");
+    assert_eq!(r.position.map(|p| p.offset), Some(1));
+    t.close().await.expect("close");
+}
