@@ -159,7 +159,13 @@ pub async fn publish_subscribe(backend: &dyn Backend) {
         .with_causation_id("cmd-7")
         .with_tenant_id("tenant 9")
         .with_content_type("application/json")
-        .with_header("x-custom", "value with space, ü and %");
+        .with_header("x-custom", "value with space, ü and %")
+        // Trace context as OpenTelemetry's W3C propagator writes it.
+        .with_header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .with_header("tracestate", "vendor=a,other=b c");
         if codec == Codec::JxtJson {
             sent = sent.with_trace_id("4bf92f3577b34da6a3ce929d0e0e4736");
         }
@@ -193,6 +199,16 @@ pub async fn publish_subscribe(backend: &dyn Backend) {
         assert_eq!(
             r.headers.get("x-custom"),
             Some("value with space, ü and %"),
+            "{codec:?}"
+        );
+        assert_eq!(
+            r.headers.get("traceparent"),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            "{codec:?}"
+        );
+        assert_eq!(
+            r.headers.get("tracestate"),
+            Some("vendor=a,other=b c"),
             "{codec:?}"
         );
         assert_eq!(e.topic.as_ref(), topic);
