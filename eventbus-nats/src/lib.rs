@@ -110,6 +110,13 @@ pub struct NatsConfig {
     pub credentials: Credentials,
     /// Require TLS.
     pub tls: bool,
+    /// PEM file of the certificate authorities that sign the server's certificate (beside
+    /// the system's roots).
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM file of the client certificate (mutual TLS; with `tls_key_file`).
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM file of the client certificate's private key.
+    pub tls_key_file: Option<PathBuf>,
     /// How long the first connection may take. Default 5 s.
     #[serde(with = "dualbus_core::config::duration")]
     pub connect_timeout: Duration,
@@ -124,6 +131,9 @@ impl Default for NatsConfig {
             name: "dualbus".to_owned(),
             credentials: Credentials::default(),
             tls: false,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             connect_timeout: Duration::from_secs(5),
             jetstream: JetStreamConfig::default(),
         }
@@ -157,6 +167,23 @@ impl NatsConfig {
     #[must_use]
     pub fn with_jetstream(mut self, jetstream: JetStreamConfig) -> Self {
         self.jetstream = jetstream;
+        self
+    }
+
+    /// Same settings requiring TLS, with a certificate authority to trust (`None`: the
+    /// system's roots only).
+    #[must_use]
+    pub fn with_tls(mut self, ca_file: Option<PathBuf>) -> Self {
+        self.tls = true;
+        self.tls_ca_file = ca_file;
+        self
+    }
+
+    /// Same settings with a client certificate and key (mutual TLS).
+    #[must_use]
+    pub fn with_client_certificate(mut self, cert: PathBuf, key: PathBuf) -> Self {
+        self.tls_cert_file = Some(cert);
+        self.tls_key_file = Some(key);
         self
     }
 
@@ -199,6 +226,33 @@ impl NatsConfig {
         };
         if self.tls {
             o = o.require_tls(true);
+        }
+        for (key, file) in [
+            ("nats.tls_ca_file", &self.tls_ca_file),
+            ("nats.tls_cert_file", &self.tls_cert_file),
+            ("nats.tls_key_file", &self.tls_key_file),
+        ] {
+            if let Some(f) = file
+                && !f.is_file()
+            {
+                return Err(Error::config(
+                    key,
+                    format!("{} is not a readable file", f.display()),
+                ));
+            }
+        }
+        if let Some(ca) = &self.tls_ca_file {
+            o = o.add_root_certificates(ca.clone());
+        }
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => o = o.add_client_certificate(cert.clone(), key.clone()),
+            (None, None) => {}
+            _ => {
+                return Err(Error::config(
+                    "nats.tls_cert_file",
+                    "give both tls_cert_file and tls_key_file, or neither",
+                ));
+            }
         }
         Ok(o.name(self.name.clone())
             .connection_timeout(self.connect_timeout))

@@ -52,6 +52,7 @@ pub(crate) struct Server {
     bin: PathBuf,
     dir: PathBuf,
     port: u16,
+    args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -63,16 +64,27 @@ fn free_port() -> u16 {
 impl Server {
     /// Starts a server.
     pub(crate) fn start(bin: PathBuf) -> Self {
+        Self::start_with(bin, Vec::new())
+    }
+
+    /// Starts a server with extra command-line arguments.
+    pub(crate) fn start_with(bin: PathBuf, args: Vec<String>) -> Self {
         let dir =
             std::env::temp_dir().join(format!("dualbus-nats-{}", uuid::Uuid::now_v7().simple()));
         let mut s = Self {
             bin,
             dir,
             port: free_port(),
+            args,
             child: None,
         };
         s.spawn();
         s
+    }
+
+    /// The storage and scratch directory of this server.
+    pub(crate) fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     /// The client URL.
@@ -86,6 +98,7 @@ impl Server {
             .arg("-sd")
             .arg(&self.dir)
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
