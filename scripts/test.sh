@@ -30,6 +30,19 @@ wait_port() {
   return 1
 }
 
+step "tools"
+# openssl makes the certificates of the TLS tests.
+if ! command -v openssl > /dev/null; then
+  if command -v apt-get > /dev/null; then
+    sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+    $sudo_cmd apt-get update -q && $sudo_cmd apt-get install -y -q openssl
+  else
+    echo "openssl is needed by the TLS tests; install it" >&2
+    exit 1
+  fi
+fi
+openssl version
+
 step "nats-server"
 nats_server="$(./scripts/nats-server.sh)"
 "$nats_server" --version
