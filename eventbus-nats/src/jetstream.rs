@@ -1090,12 +1090,13 @@ impl Acker for JsAcker {
 }
 
 fn headers_of(map: Option<&async_nats::HeaderMap>) -> Headers {
-    let mut headers = Headers::new();
-    if let Some(h) = map {
-        for (name, values) in h.iter() {
-            if let Some(v) = values.last() {
-                headers.insert(name.to_string(), v.as_str());
-            }
+    let Some(h) = map else {
+        return Headers::new();
+    };
+    let mut headers = Headers::with_capacity(h.len());
+    for (name, values) in h.iter() {
+        if let Some(v) = values.last() {
+            headers.insert(name.to_string(), v.as_str());
         }
     }
     headers
@@ -1329,7 +1330,10 @@ impl DomainTransport for JetStream {
                 }
                 out[j] = Some(r);
             }
-            if let Some(first) = failed_keys.get(&message.key) {
+            if let Some(first) = (!failed_keys.is_empty())
+                .then(|| failed_keys.get(&message.key))
+                .flatten()
+            {
                 out[i] = Some(Err(Error::backend(
                     BACKEND,
                     true,
