@@ -696,4 +696,13 @@ impl Subscription {
     pub async fn shutdown_within(self, deadline: Duration) -> ShutdownReport {
         self.pool.shutdown(deadline).await
     }
+
+    /// Stops at once, as dropping the subscription does (nothing is drained, nothing more
+    /// is acknowledged; the broker redelivers what was not), and resolves once none of its
+    /// handlers can run any more. A handler in the middle of a poll on another thread
+    /// finishes that poll first: this is the point after which the subscription has
+    /// certainly stopped.
+    pub async fn abort(self) {
+        self.pool.abort().await;
+    }
 }

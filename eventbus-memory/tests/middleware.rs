@@ -472,3 +472,80 @@ async fn a_panicking_observer_does_not_stop_the_pool() {
     let report = sub.shutdown_within(Duration::from_secs(5)).await;
     assert!(!report.timed_out, "{report:?}");
 }
+
+/// `Subscription::abort` resolves only when no handler of the subscription runs or starts
+/// any more, on a multi-threaded runtime with handlers finishing all the time; what was not
+/// acknowledged comes to the next subscriber.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_resolves_after_the_last_handler() {
+    let bus = DomainBus::builder(Memory::new()).build().unwrap();
+    let running = Arc::new(AtomicUsize::new(0));
+    let after_abort = Arc::new(AtomicUsize::new(0));
+    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (r, a, s) = (running.clone(), after_abort.clone(), stopped.clone());
+    let sub = bus
+        .subscribe("aborted")
+        .pool(PoolConfig {
+            max_concurrency: 8,
+            ..PoolConfig::default()
+        })
+        .start(handler_fn(move |_e: Event| {
+            let (r, a, s) = (r.clone(), a.clone(), s.clone());
+            async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_micros(200)).await;
+                if s.load(Ordering::SeqCst) {
+                    a.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok::<_, HandleError>(())
+            }
+        }))
+        .await
+        .unwrap();
+    for v in 1..=200u64 {
+        for agg in 0..8 {
+            bus.publish(
+                "aborted",
+                &Envelope::new(format!("a{agg}"), "T", v, "{}").unwrap(),
+            )
+            .await
+            .unwrap();
+        }
+    }
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        wait_for(|| running.load(Ordering::SeqCst) > 100),
+    )
+    .await
+    .expect("handlers run");
+    sub.abort().await;
+    stopped.store(true, Ordering::SeqCst);
+    let started = running.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        running.load(Ordering::SeqCst),
+        started,
+        "a handler started after abort"
+    );
+    assert_eq!(
+        after_abort.load(Ordering::SeqCst),
+        0,
+        "a handler finished after abort"
+    );
+    // The rest is delivered to the next subscriber.
+    let handled = Arc::new(AtomicUsize::new(0));
+    let h = handled.clone();
+    let next = bus
+        .subscribe("aborted")
+        .start(handler_fn(move |_e: Event| {
+            h.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, HandleError>(()) }
+        }))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), wait_for(|| next.stats().acked > 0))
+        .await
+        .expect("the rest goes to the next subscriber");
+    drop(next);
+    bus.close().await.unwrap();
+}

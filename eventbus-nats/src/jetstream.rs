@@ -990,6 +990,20 @@ struct Lease {
 }
 
 impl Lease {
+    /// Gives the lease up at once (a subscription that could not start).
+    async fn release(self) {
+        self.cancel.cancel();
+        if let Some(inner) = self.transport.upgrade() {
+            inner.held.lock().remove(&self.key);
+        }
+        let _ = tokio::time::timeout(
+            self.ttl,
+            self.store
+                .delete_expect_revision(&self.key, Some(self.revision)),
+        )
+        .await;
+    }
+
     /// Renews the lease at a third of its TTL until `cancel`; cancels `lost` if it could not
     /// be renewed within the TTL or another holder took it.
     fn keep(self, lost: CancellationToken) -> LeaseGuard {
@@ -1387,12 +1401,12 @@ impl DomainTransport for JetStream {
         let high_water = match consumer.info().await {
             Ok(info) => info.delivered.stream_sequence,
             Err(e) => {
-                lease.cancel.cancel();
+                lease.release().await;
                 return Err(api_error(e));
             }
         };
         if let Err(e) = consumer.reset(None).await {
-            lease.cancel.cancel();
+            lease.release().await;
             return Err(Error::backend(
                 BACKEND,
                 true,

@@ -679,7 +679,7 @@ pub async fn resubscribe(backend: &dyn Backend) {
     )
     .await;
     wait_for(|| checker.distinct_ends() >= 100).await;
-    drop(second);
+    second.abort().await;
     checker.crash(1);
     let third = subscribe_when_free(
         &bus,

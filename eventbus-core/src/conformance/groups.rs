@@ -114,9 +114,9 @@ impl Member {
     }
 
     /// Crashes: handlers are cut off, nothing is drained or acknowledged.
-    fn crash(&mut self, checker: &OrderChecker) {
+    async fn crash(&mut self, checker: &OrderChecker) {
         if let Some(s) = self.sub.take() {
-            drop(s);
+            s.abort().await;
             checker.crash(self.id);
         }
     }
@@ -324,7 +324,7 @@ pub async fn crash_trap_outcome(backend: &dyn Backend, seed: u64) -> Result<Summ
         open.len()
     };
     wait_for(|| blocked(&checker) >= 4).await;
-    victim.crash(&checker);
+    victim.crash(&checker).await;
     publish_range(&survivor.bus, &topic, &checker, &aggs, 5..=8).await;
     wait_for(|| checker.distinct_ends() == 24 * 8).await;
     let r = finish(backend, &survivor.bus, &topic, &group, &checker).await;
@@ -417,7 +417,7 @@ pub async fn churn_with(
                 members.push(join(backend, &topic, &group, &checker, next_id, flaky(seed)).await);
                 next_id += 1;
             }
-            2 => members[1].crash(&checker),
+            2 => members[1].crash(&checker).await,
             4 => members[2].leave().await,
             _ => {}
         }

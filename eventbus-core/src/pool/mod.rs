@@ -445,18 +445,14 @@ impl Pool {
     }
 }
 
-impl Drop for Pool {
-    fn drop(&mut self) {
-        // Dropped without shutdown (a crash): stop at once; unacknowledged work is
-        // redelivered. The subscription's streams are dropped only after every handler
-        // stopped, so that a group reassigns partitions only when nothing of this member
-        // can run any more.
+impl Pool {
+    /// Stops at once, as a crash does: no new handler starts, running ones are cut off at
+    /// their next poll, nothing more is acknowledged. Returns the tasks to wait for.
+    fn stop_now(&self) -> Option<(PoolTasks, TaskTracker)> {
         self.shared.stop_pulling.cancel();
         self.shared.hard_stop.cancel();
         self.shared.ready_tx.close();
-        let Some(tasks) = self.tasks.lock().take() else {
-            return;
-        };
+        let tasks = self.tasks.lock().take()?;
         for w in &tasks.workers {
             w.abort();
         }
@@ -465,6 +461,34 @@ impl Drop for Pool {
         }
         let continuations = self.shared.continuations.clone();
         continuations.close();
+        Some((tasks, continuations))
+    }
+
+    /// Stops at once like a crash (see [`Pool::stop_now`]) and resolves when no handler of
+    /// this pool runs any more; the unacknowledged deliveries are left to the broker's
+    /// redelivery.
+    pub(crate) async fn abort(&self) {
+        let Some((tasks, continuations)) = self.stop_now() else {
+            return;
+        };
+        let streams = tasks.dispatcher.await.ok();
+        for w in tasks.workers {
+            let _ = w.await;
+        }
+        continuations.wait().await;
+        drop(streams);
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Dropped without shutdown (a crash): stop at once; unacknowledged work is
+        // redelivered. The subscription's streams are dropped only after every handler
+        // stopped, so that a group reassigns partitions only when nothing of this member
+        // can run any more.
+        let Some((tasks, continuations)) = self.stop_now() else {
+            return;
+        };
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
@@ -567,6 +591,11 @@ async fn dispatch(
         if sh.control.is_none() && !wait_for_space(&sh, &key).await {
             // Stopped while waiting: hand the delivery back.
             let _ = delivery.nack(Duration::ZERO).await;
+            break;
+        }
+        if sh.hard_stop.is_cancelled() {
+            // Dropped (a crash) while this delivery was on its way in: start nothing more;
+            // unacknowledged, it is redelivered.
             break;
         }
         let item = Item {
