@@ -15,7 +15,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A benchmark binary.
 
 use std::collections::VecDeque;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -29,55 +28,12 @@ use dualbus_nats::jetstream::stream_name;
 use dualbus_nats::subject::event_subject;
 use dualbus_nats::{JetStream, NatsConfig};
 use futures::StreamExt as _;
+use support::start_server;
+
+mod support;
 
 const WINDOW: usize = 512;
 const AGGREGATES: usize = 1000;
-
-struct Server(Child, std::path::PathBuf);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        let _ = std::fs::remove_dir_all(&self.1);
-    }
-}
-
-fn start_server() -> Option<(String, Option<Server>)> {
-    if let Ok(url) = std::env::var("DUALBUS_BENCH_NATS_URL") {
-        return Some((url, None));
-    }
-    let bin = std::env::var("DUALBUS_NATS_SERVER").ok().or_else(|| {
-        let out = Command::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../scripts/nats-server.sh"
-        ))
-        .stderr(Stdio::inherit())
-        .output()
-        .ok()?;
-        Some(String::from_utf8(out.stdout).ok()?.trim().to_owned())
-    })?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .ok()?
-        .local_addr()
-        .ok()?
-        .port();
-    let dir = std::env::temp_dir().join(format!("dualbus-bench-js-{port}"));
-    let child = Command::new(&bin)
-        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Some((format!("nats://127.0.0.1:{port}"), Some(Server(child, dir))))
-}
 
 fn envelopes(n: usize, size: usize, round: usize) -> Vec<Envelope> {
     let body = Bytes::from(vec![b'x'; size]);
@@ -143,13 +99,8 @@ async fn bus_batch(url: &str, topic: &str, es: &[Envelope]) -> f64 {
     rate
 }
 
-/// The same bytes through plain async-nats, pipelined with the same window.
-async fn raw_batch(url: &str, topic: &str, es: &[Envelope]) -> f64 {
-    let client = async_nats::connect(url).await.unwrap();
-    let js = jetstream::ContextBuilder::new()
-        .max_ack_inflight(65_536)
-        .backpressure_on_inflight(true)
-        .build(client);
+/// The topic's stream as the bus lays it out, made by the raw client.
+async fn raw_stream(js: &jetstream::Context, topic: &str) {
     js.get_or_create_stream(jetstream::stream::Config {
         name: stream_name("DUALBUS_", topic),
         subjects: vec![format!("{topic}.*.*")],
@@ -157,6 +108,16 @@ async fn raw_batch(url: &str, topic: &str, es: &[Envelope]) -> f64 {
     })
     .await
     .unwrap();
+}
+
+/// The same bytes through plain async-nats, pipelined with the same window.
+async fn raw_batch(url: &str, topic: &str, es: &[Envelope]) -> f64 {
+    let client = async_nats::connect(url).await.unwrap();
+    let js = jetstream::ContextBuilder::new()
+        .max_ack_inflight(65_536)
+        .backpressure_on_inflight(true)
+        .build(client);
+    raw_stream(&js, topic).await;
     let msgs = wire(es);
     let t = Instant::now();
     let mut pending = VecDeque::with_capacity(WINDOW);
@@ -192,13 +153,7 @@ async fn bus_single(url: &str, topic: &str, es: &[Envelope]) -> Vec<Duration> {
 
 async fn raw_single(url: &str, topic: &str, es: &[Envelope]) -> Vec<Duration> {
     let js = jetstream::new(async_nats::connect(url).await.unwrap());
-    js.get_or_create_stream(jetstream::stream::Config {
-        name: stream_name("DUALBUS_", topic),
-        subjects: vec![format!("{topic}.*.*")],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    raw_stream(&js, topic).await;
     let mut lat = Vec::with_capacity(es.len());
     for (key, h, p) in wire(es) {
         let t = Instant::now();

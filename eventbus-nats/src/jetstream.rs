@@ -720,24 +720,19 @@ impl JetStream {
             Ok(info) => {
                 let have = &info.config;
                 let mut diff = Vec::new();
-                if have.ack_wait != want.ack_wait {
-                    diff.push(format!(
-                        "ack_wait {:?} (want {:?})",
-                        have.ack_wait, want.ack_wait
-                    ));
-                }
-                if have.max_ack_pending != want.max_ack_pending {
-                    diff.push(format!(
-                        "max_ack_pending {} (want {})",
-                        have.max_ack_pending, want.max_ack_pending
-                    ));
-                }
-                if have.filter_subject != want.filter_subject {
-                    diff.push(format!(
-                        "filter_subject {:?} (want {:?})",
-                        have.filter_subject, want.filter_subject
-                    ));
-                }
+                differ(&mut diff, "ack_wait", &have.ack_wait, &want.ack_wait);
+                differ(
+                    &mut diff,
+                    "max_ack_pending",
+                    &have.max_ack_pending,
+                    &want.max_ack_pending,
+                );
+                differ(
+                    &mut diff,
+                    "filter_subject",
+                    &have.filter_subject,
+                    &want.filter_subject,
+                );
                 if have.max_deliver > 0 {
                     diff.push(format!("max_deliver {} (want unlimited)", have.max_deliver));
                 }
@@ -873,56 +868,33 @@ fn validate(c: &JetStreamConfig) -> Result<()> {
     Ok(())
 }
 
+/// Notes `name` in `diff` when the existing value differs from the wanted one.
+fn differ<T: PartialEq + std::fmt::Debug>(diff: &mut Vec<String>, name: &str, have: &T, want: &T) {
+    if have != want {
+        diff.push(format!("{name} {have:?} (want {want:?})"));
+    }
+}
+
 fn stream_differences(have: &stream::Config, want: &stream::Config) -> Vec<String> {
     let mut d = Vec::new();
-    if have.subjects != want.subjects {
-        d.push(format!(
-            "subjects {:?} (want {:?})",
-            have.subjects, want.subjects
-        ));
-    }
-    if have.storage != want.storage {
-        d.push(format!(
-            "storage {:?} (want {:?})",
-            have.storage, want.storage
-        ));
-    }
-    if have.retention != want.retention {
-        d.push(format!(
-            "retention {:?} (want {:?})",
-            have.retention, want.retention
-        ));
-    }
-    if have.num_replicas.max(1) != want.num_replicas {
-        d.push(format!(
-            "replicas {} (want {})",
-            have.num_replicas, want.num_replicas
-        ));
-    }
-    if have.max_age != want.max_age {
-        d.push(format!(
-            "max_age {:?} (want {:?})",
-            have.max_age, want.max_age
-        ));
-    }
-    if have.max_bytes != want.max_bytes {
-        d.push(format!(
-            "max_bytes {} (want {})",
-            have.max_bytes, want.max_bytes
-        ));
-    }
-    if have.max_messages != want.max_messages {
-        d.push(format!(
-            "max_msgs {} (want {})",
-            have.max_messages, want.max_messages
-        ));
-    }
-    if have.duplicate_window != want.duplicate_window {
-        d.push(format!(
-            "duplicate_window {:?} (want {:?})",
-            have.duplicate_window, want.duplicate_window
-        ));
-    }
+    differ(&mut d, "subjects", &have.subjects, &want.subjects);
+    differ(&mut d, "storage", &have.storage, &want.storage);
+    differ(&mut d, "retention", &have.retention, &want.retention);
+    differ(
+        &mut d,
+        "replicas",
+        &have.num_replicas.max(1),
+        &want.num_replicas,
+    );
+    differ(&mut d, "max_age", &have.max_age, &want.max_age);
+    differ(&mut d, "max_bytes", &have.max_bytes, &want.max_bytes);
+    differ(&mut d, "max_msgs", &have.max_messages, &want.max_messages);
+    differ(
+        &mut d,
+        "duplicate_window",
+        &have.duplicate_window,
+        &want.duplicate_window,
+    );
     d
 }
 
