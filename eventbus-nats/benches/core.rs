@@ -15,7 +15,7 @@ use bytes::Bytes;
 use dualbus_core::{HandleError, Headers, Message, SimpleBus, handler_fn};
 use dualbus_nats::{Nats, NatsConfig};
 use futures::StreamExt as _;
-use support::start_server;
+use support::setup;
 
 mod support;
 
@@ -164,16 +164,9 @@ async fn bus(url: &str, n: usize, size: usize) -> (Duration, usize, Arc<Stamps>)
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let Some((url, _server)) = start_server() else {
-        println!(
-            "no nats-server available (set DUALBUS_NATS_SERVER or DUALBUS_BENCH_NATS_URL): skipped"
-        );
+    let Some((url, _server, rt)) = setup() else {
         return;
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let n = if quick { 20_000 } else { 100_000 };
     let rounds = if quick { 1 } else { 3 };
     println!(

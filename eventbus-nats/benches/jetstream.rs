@@ -28,7 +28,7 @@ use dualbus_nats::jetstream::stream_name;
 use dualbus_nats::subject::event_subject;
 use dualbus_nats::{JetStream, NatsConfig};
 use futures::StreamExt as _;
-use support::start_server;
+use support::setup;
 
 mod support;
 
@@ -228,16 +228,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let Some((url, _server)) = start_server() else {
-        println!(
-            "no nats-server available (set DUALBUS_NATS_SERVER or DUALBUS_BENCH_NATS_URL): skipped"
-        );
+    let Some((url, _server, rt)) = setup() else {
         return;
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let n = if quick { 20_000 } else { 100_000 };
     let single = if quick { 1_000 } else { 5_000 };
     let rounds = if quick { 1 } else { 3 };

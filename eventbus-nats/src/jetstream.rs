@@ -59,6 +59,15 @@ pub enum Storage {
     Memory,
 }
 
+impl From<Storage> for StorageType {
+    fn from(s: Storage) -> Self {
+        match s {
+            Storage::File => Self::File,
+            Storage::Memory => Self::Memory,
+        }
+    }
+}
+
 /// When a stream forgets a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -443,10 +452,7 @@ impl JetStream {
         stream::Config {
             name: plan.stream.clone(),
             subjects: plan.subjects.clone(),
-            storage: match s.storage {
-                Storage::File => StorageType::File,
-                Storage::Memory => StorageType::Memory,
-            },
+            storage: s.storage.into(),
             retention: match s.retention {
                 Retention::Limits => RetentionPolicy::Limits,
                 Retention::Interest => RetentionPolicy::Interest,
@@ -654,10 +660,7 @@ impl JetStream {
                             description: "dualbus single-active-subscriber leases".into(),
                             history: 1,
                             max_age: self.lease_ttl_wanted(),
-                            storage: match self.inner.config.stream.storage {
-                                Storage::File => StorageType::File,
-                                Storage::Memory => StorageType::Memory,
-                            },
+                            storage: self.inner.config.stream.storage.into(),
                             num_replicas: self.inner.config.stream.replicas,
                             ..kv::Config::default()
                         })
@@ -933,7 +936,6 @@ fn publish_error(e: jetstream::context::PublishError, after: Duration, key: &str
             "aggregate {key:?} has a newer event than the expected one"
         )),
         PublishErrorKind::MaxPayloadExceeded => Error::backend(BACKEND, false, e),
-        PublishErrorKind::StreamNotFound => Error::backend(BACKEND, true, e),
         _ => Error::backend(BACKEND, true, e),
     }
 }
@@ -978,12 +980,11 @@ impl Lease {
 
     /// Renews the lease at a third of its TTL until `cancel`; cancels `lost` if it could not
     /// be renewed within the TTL or another holder took it.
-    fn keep(self, lost: CancellationToken) -> LeaseGuard {
+    fn keep(mut self, lost: CancellationToken) -> LeaseGuard {
         let guard = LeaseGuard {
             cancel: self.cancel.clone(),
         };
         tokio::spawn(async move {
-            let mut revision = self.revision;
             let mut renewed = Instant::now();
             let period = self.ttl / 3;
             loop {
@@ -994,12 +995,12 @@ impl Lease {
                 match tokio::time::timeout(
                     period,
                     self.store
-                        .update(&self.key, Bytes::from_static(b"held"), revision),
+                        .update(&self.key, Bytes::from_static(b"held"), self.revision),
                 )
                 .await
                 {
                     Ok(Ok(r)) => {
-                        revision = r;
+                        self.revision = r;
                         renewed = Instant::now();
                     }
                     Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
@@ -1019,14 +1020,7 @@ impl Lease {
                 }
             }
             // Released: free the group for the next subscriber at once.
-            if let Some(inner) = self.transport.upgrade() {
-                inner.held.lock().remove(&self.key);
-            }
-            let _ = tokio::time::timeout(
-                self.ttl,
-                self.store.delete_expect_revision(&self.key, Some(revision)),
-            )
-            .await;
+            self.release().await;
         });
         guard
     }

@@ -1,4 +1,5 @@
-//! The simple-bus conformance suite on core NATS, against a real nats-server.
+//! The conformance suite against a real nats-server: the domain bus on JetStream, the
+//! simple bus on core NATS (the group tests check that the refusal is declared).
 //!
 //! The server's URL comes from `DUALBUS_TEST_NATS_URL` (set by `scripts/test.sh`, which
 //! starts the server). Without it the tests are skipped, unless
@@ -12,15 +13,17 @@ use std::time::Duration;
 use async_trait::async_trait;
 use dualbus_core::conformance::{Backend, Settings};
 use dualbus_core::{DynDomainTransport, DynSimpleTransport, Error, Result};
-use dualbus_nats::{JetStream, JetStreamConfig, Nats, NatsConfig};
+use dualbus_nats::{JetStream, Nats, NatsConfig};
 
-/// Broker timeouts of a few seconds, so that redelivery tests finish quickly.
+mod support;
+
+/// The fast broker timeouts of the NATS tests; a short lease (no server restarts here) and
+/// a longer request timeout for the loaded suite.
 fn test_config(url: String) -> NatsConfig {
-    let mut js = JetStreamConfig::default();
-    js.consumer.ack_wait = Duration::from_secs(2);
-    js.consumer.lease_ttl = Duration::from_secs(2);
-    js.request_timeout = Duration::from_secs(5);
-    NatsConfig::new([url]).with_jetstream(js)
+    let mut c = support::fast_config(url);
+    c.jetstream.consumer.lease_ttl = Duration::from_secs(2);
+    c.jetstream.request_timeout = Duration::from_secs(5);
+    c
 }
 
 struct NatsBackend {
@@ -28,13 +31,9 @@ struct NatsBackend {
 }
 
 fn backend() -> NatsBackend {
-    let url = std::env::var("DUALBUS_TEST_NATS_URL").ok();
-    if url.is_none() && std::env::var_os("DUALBUS_TEST_REQUIRE_SERVERS").is_some() {
-        panic!(
-            "DUALBUS_TEST_NATS_URL is not set but DUALBUS_TEST_REQUIRE_SERVERS is: start nats-server (scripts/test.sh does)"
-        );
+    NatsBackend {
+        url: support::shared_url(),
     }
-    NatsBackend { url }
 }
 
 #[async_trait]

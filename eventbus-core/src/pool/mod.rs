@@ -134,6 +134,7 @@ impl Item {
 /// An event the dispatcher started inline whose handler did not finish at once.
 type Started = Pin<Box<dyn Future<Output = Item> + Send>>;
 
+#[derive(Default)]
 struct KeyQueue {
     items: VecDeque<Item>,
     over_cap: bool,
@@ -672,13 +673,7 @@ fn enqueue(
         },
     );
     if let Some(slot) = slot.filter(|_| !st.keys.contains_key(&item.key)) {
-        st.keys.insert(
-            item.key.clone(),
-            KeyQueue {
-                items: VecDeque::new(),
-                over_cap: false,
-            },
-        );
+        st.keys.insert(item.key.clone(), KeyQueue::default());
         if let Some(h) = st.held.get_mut(&id) {
             h.started = true;
         }
@@ -699,15 +694,9 @@ fn enqueue(
         }
         None => {
             let key = item.key.clone();
-            let mut items = VecDeque::with_capacity(1);
-            items.push_back(item);
-            st.keys.insert(
-                key.clone(),
-                KeyQueue {
-                    items,
-                    over_cap: false,
-                },
-            );
+            let mut queue = KeyQueue::default();
+            queue.items.push_back(item);
+            st.keys.insert(key.clone(), queue);
             schedule = Some(key);
         }
     }
@@ -737,20 +726,11 @@ fn hand_to_workers(sh: &Shared, item: Item) {
         if let Some(h) = st.held.get_mut(&item.id()) {
             h.started = false;
         }
-        match st.keys.get_mut(&key) {
-            Some(q) => q.items.push_front(item),
-            None => {
-                let mut items = VecDeque::with_capacity(1);
-                items.push_back(item);
-                st.keys.insert(
-                    key.clone(),
-                    KeyQueue {
-                        items,
-                        over_cap: false,
-                    },
-                );
-            }
-        }
+        st.keys
+            .entry(key.clone())
+            .or_default()
+            .items
+            .push_front(item);
     }
     let _ = sh.ready_tx.try_send(key);
 }

@@ -17,7 +17,7 @@ impl Drop for Server {
 
 /// `DUALBUS_BENCH_NATS_URL` if set (no server of our own), else a server of our own: the
 /// binary from `DUALBUS_NATS_SERVER`, else the one `scripts/nats-server.sh` builds.
-pub(crate) fn start_server() -> Option<(String, Option<Server>)> {
+fn start_server() -> Option<(String, Option<Server>)> {
     if let Ok(url) = std::env::var("DUALBUS_BENCH_NATS_URL") {
         return Some((url, None));
     }
@@ -51,4 +51,20 @@ pub(crate) fn start_server() -> Option<(String, Option<Server>)> {
         std::thread::sleep(Duration::from_millis(50));
     }
     Some((format!("nats://127.0.0.1:{port}"), Some(Server(child, dir))))
+}
+
+/// The server's URL, the server if it is our own, and a multi-threaded runtime; `None`
+/// (with a message) when no nats-server is available.
+pub(crate) fn setup() -> Option<(String, Option<Server>, tokio::runtime::Runtime)> {
+    let Some((url, server)) = start_server() else {
+        println!(
+            "no nats-server available (set DUALBUS_NATS_SERVER or DUALBUS_BENCH_NATS_URL): skipped"
+        );
+        return None;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    Some((url, server, rt))
 }
