@@ -640,16 +640,13 @@ impl JetStream {
         receipt(ack, self.inner.config.request_timeout, &key)
     }
 
-    fn lease_ttl_wanted(&self) -> Duration {
-        self.inner.config.consumer.lease_ttl
-    }
-
     async fn lease_bucket(&self) -> Result<(kv::Store, Duration)> {
         let r = self
             .inner
             .leases
             .get_or_try_init(|| async {
                 let bucket = format!("{}LEASES", self.inner.config.stream.prefix);
+                let wanted = self.inner.config.consumer.lease_ttl;
                 let store = match self.inner.js.get_key_value(&bucket).await {
                     Ok(s) => s,
                     Err(_) => self
@@ -659,7 +656,7 @@ impl JetStream {
                             bucket: bucket.clone(),
                             description: "dualbus single-active-subscriber leases".into(),
                             history: 1,
-                            max_age: self.lease_ttl_wanted(),
+                            max_age: wanted,
                             storage: self.inner.config.stream.storage.into(),
                             num_replicas: self.inner.config.stream.replicas,
                             ..kv::Config::default()
@@ -667,16 +664,12 @@ impl JetStream {
                         .await
                         .map_err(api_error)?,
                 };
-                let s = store.clone();
-                let ttl = match s.status().await {
-                    Ok(status) => status.max_age(),
-                    Err(e) => return Err(api_error(e)),
-                };
-                if ttl != self.lease_ttl_wanted() {
+                let ttl = store.status().await.map_err(api_error)?.max_age();
+                if ttl != wanted {
                     tracing::warn!(
                         bucket,
                         ?ttl,
-                        wanted = ?self.lease_ttl_wanted(),
+                        ?wanted,
                         "the lease bucket exists with another TTL; using it"
                     );
                 }
@@ -719,9 +712,17 @@ impl JetStream {
             },
             ..pull::Config::default()
         };
-        match stream.consumer_info(&name).await {
-            Ok(info) => {
-                let have = &info.config;
+        let existing = match stream.get_consumer::<pull::Config>(&name).await {
+            Ok(c) => Some(c),
+            // Classify the failure: missing (create it) or anything else.
+            Err(e) => match stream.consumer_info(&name).await {
+                Err(i) if is_consumer_not_found(&i) => None,
+                _ => return Err(Error::backend(BACKEND, true, e)),
+            },
+        };
+        match existing {
+            Some(existing) => {
+                let have = &existing.cached_info().config;
                 let mut diff = Vec::new();
                 differ(&mut diff, "ack_wait", &have.ack_wait, &want.ack_wait);
                 differ(
@@ -743,10 +744,7 @@ impl JetStream {
                     diff.push("ack_policy (want explicit)".to_owned());
                 }
                 if diff.is_empty() {
-                    stream
-                        .get_consumer(&name)
-                        .await
-                        .map_err(|e| Error::backend(BACKEND, true, e))
+                    Ok(existing)
                 } else if c.update_existing {
                     let mut update = want;
                     // The start of an existing consumer cannot change.
@@ -767,15 +765,12 @@ impl JetStream {
                     ))
                 }
             }
-            Err(e) if is_consumer_not_found(&e) => {
-                stream.create_consumer(want).await.map_err(|e| {
-                    Error::config(
-                        "nats.jetstream.consumer",
-                        format!("creating consumer {name}: {e}"),
-                    )
-                })
-            }
-            Err(e) => Err(api_error(e)),
+            None => stream.create_consumer(want).await.map_err(|e| {
+                Error::config(
+                    "nats.jetstream.consumer",
+                    format!("creating consumer {name}: {e}"),
+                )
+            }),
         }
     }
 
