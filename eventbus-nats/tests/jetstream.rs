@@ -430,3 +430,51 @@ async fn a_deleted_stream_is_created_again() {
     assert_eq!(r.position.map(|p| p.offset), Some(1));
     t.close().await.expect("close");
 }
+
+/// An existing durable consumer with other settings is a configuration error naming the
+/// difference, unless updating is asked for; an unchanged one is reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_with_other_settings_is_refused_unless_update_is_asked() {
+    let Some(url) = shared_url() else { return };
+    let topic = unique_topic("js-consumer");
+    let t = transport(&url).await;
+    t.publish(&topic, outbound("k")).await.expect("publish");
+    let stream = plain(&url)
+        .await
+        .get_stream(dualbus_nats::jetstream::stream_name("DUALBUS_", &topic))
+        .await
+        .expect("stream");
+    stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("billing".into()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(60),
+            ..Default::default()
+        })
+        .await
+        .expect("create consumer");
+    let e = t
+        .subscribe(SubscriptionSpec::new(&topic, "billing"))
+        .await
+        .expect_err("other settings");
+    assert!(matches!(e, dualbus_core::Error::Config { .. }), "{e}");
+    assert!(e.to_string().contains("ack_wait"), "{e}");
+    let mut config = fast_config(url.clone());
+    config.jetstream.consumer.update_existing = true;
+    let t2 = JetStream::connect(config).await.expect("connect");
+    let mut sub = t2
+        .subscribe(SubscriptionSpec::new(&topic, "billing"))
+        .await
+        .expect("updated");
+    let d = tokio::time::timeout(Duration::from_secs(10), sub.deliveries.next())
+        .await
+        .expect("a delivery")
+        .expect("open")
+        .expect("delivery");
+    d.ack().await.expect("ack");
+    drop(sub);
+    let info = stream.consumer_info("billing").await.expect("info");
+    assert_eq!(info.config.ack_wait, Duration::from_secs(2));
+    t.close().await.expect("close");
+    t2.close().await.expect("close");
+}
