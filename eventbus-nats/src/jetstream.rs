@@ -626,18 +626,21 @@ impl JetStream {
         let headers = self.check_message(topic, &message)?;
         let plan = self.ready(topic).await?;
         let key = message.key.clone();
-        let ack = self
-            .send(topic, &plan, message, headers, expected)
-            .await?
-            .await;
+        let ack = self.send(topic, &plan, message, headers, expected).await?;
+        self.settle(topic, ack, &key).await
+    }
+
+    /// Awaits the server's ack. A stream deleted behind our back is forgotten, so that the
+    /// next publish creates it again.
+    async fn settle(&self, topic: &str, ack: PublishAckFuture, key: &str) -> Result<Receipt> {
+        let ack = ack.await;
         if let Err(e) = &ack
             && matches!(e.kind(), PublishErrorKind::StreamNotFound)
         {
-            // Deleted behind our back: the next publish creates it again.
             self.inner.ready.write().remove(topic);
             self.inner.streams.lock().await.remove(topic);
         }
-        receipt(ack, self.inner.config.request_timeout, &key)
+        receipt(ack, self.inner.config.request_timeout, key)
     }
 
     async fn lease_bucket(&self) -> Result<(kv::Store, Duration)> {
@@ -1289,7 +1292,6 @@ impl DomainTransport for JetStream {
             Ok(p) => p,
             Err(e) => return (0..n).map(|_| Err(clone_error(&e))).collect(),
         };
-        let timeout = self.inner.config.request_timeout;
         let window = self.inner.config.publish_window;
         // Keys with a failed event: their later events in this batch are not sent, so an
         // aggregate's stored events never skip one.
@@ -1299,16 +1301,13 @@ impl DomainTransport for JetStream {
             if pending.len() >= window
                 && let Some((j, key, ack)) = pending.pop_front()
             {
-                let r = receipt(ack.await, timeout, &key);
+                let r = self.settle(topic, ack, &key).await;
                 if r.is_err() {
                     failed_keys.entry(key).or_insert(j);
                 }
                 out[j] = Some(r);
             }
-            if let Some(first) = (!failed_keys.is_empty())
-                .then(|| failed_keys.get(&message.key))
-                .flatten()
-            {
+            if let Some(first) = failed_keys.get(&message.key) {
                 out[i] = Some(Err(Error::backend(
                     BACKEND,
                     true,
@@ -1333,7 +1332,7 @@ impl DomainTransport for JetStream {
             }
         }
         for (j, key, ack) in pending {
-            out[j] = Some(receipt(ack.await, timeout, &key));
+            out[j] = Some(self.settle(topic, ack, &key).await);
         }
         out.into_iter()
             .map(|r| r.unwrap_or_else(|| Err(Error::backend(BACKEND, true, "not sent"))))

@@ -428,6 +428,18 @@ async fn a_deleted_stream_is_created_again() {
     assert!(e.is_retryable(), "{e}");
     let r = t.publish(&topic, outbound("k")).await.expect("recreated");
     assert_eq!(r.position.map(|p| p.offset), Some(1));
+    // The same through batches.
+    plain(&url)
+        .await
+        .delete_stream(dualbus_nats::jetstream::stream_name("DUALBUS_", &topic))
+        .await
+        .expect("delete");
+    let failed = t.publish_batch(&topic, vec![outbound("k")]).await;
+    let e = failed[0].as_ref().expect_err("no stream");
+    assert!(e.is_retryable(), "{e}");
+    let again = t.publish_batch(&topic, vec![outbound("k")]).await;
+    let r = again[0].as_ref().expect("recreated by the batch");
+    assert_eq!(r.position.map(|p| p.offset), Some(1));
     t.close().await.expect("close");
 }
 
