@@ -359,6 +359,8 @@ struct Inner {
     config: JetStreamConfig,
     caps: Capabilities,
     closed: AtomicBool,
+    /// Cancelled by `close`: every subscription's delivery stream ends.
+    shutdown: CancellationToken,
     /// Streams known to exist with our settings, by topic.
     streams: tokio::sync::Mutex<HashMap<String, stream::Stream>>,
     /// Topics whose stream is known to be in place, with their plan: the publish fast path.
@@ -417,6 +419,7 @@ impl JetStream {
                 config: js_config,
                 caps,
                 closed: AtomicBool::new(false),
+                shutdown: CancellationToken::new(),
                 streams: tokio::sync::Mutex::new(HashMap::new()),
                 ready: parking_lot::RwLock::new(HashMap::new()),
                 leases: tokio::sync::OnceCell::new(),
@@ -1147,18 +1150,12 @@ struct Pulling {
     /// The highest stream sequence delivered before: anything at or below it comes again.
     high_water: u64,
     stats: Arc<async_nats::Statistics>,
+    /// Cancelled when the lease is lost or the transport closes: the stream ends.
     lost: CancellationToken,
-    closed: std::sync::Weak<Inner>,
     _lease: LeaseGuard,
 }
 
 impl Pulling {
-    fn is_closed(&self) -> bool {
-        self.closed
-            .upgrade()
-            .is_none_or(|i| i.closed.load(Ordering::Acquire))
-    }
-
     fn connects(&self) -> u64 {
         self.stats.connects.load(Ordering::Acquire)
     }
@@ -1217,7 +1214,7 @@ impl Pulling {
     /// The next delivery, an error to report, or `None` at the end.
     async fn next(&mut self) -> Option<Result<Delivery>> {
         loop {
-            if self.lost.is_cancelled() || self.is_closed() {
+            if self.lost.is_cancelled() {
                 return None;
             }
             if self.messages.is_some() && self.connects() != self.opened_at {
@@ -1253,7 +1250,7 @@ impl Pulling {
                         self.messages = None;
                         self.rewind = true;
                     }
-                    if self.is_closed() {
+                    if self.lost.is_cancelled() {
                         return None;
                     }
                     return Some(Err(unavailable(e)));
@@ -1376,7 +1373,7 @@ impl DomainTransport for JetStream {
                 ),
             ));
         }
-        let lost = CancellationToken::new();
+        let lost = self.inner.shutdown.child_token();
         let guard = lease.keep(lost.clone());
         let c = &self.inner.config.consumer;
         let state = Pulling {
@@ -1390,7 +1387,6 @@ impl DomainTransport for JetStream {
             high_water,
             stats: self.inner.client.statistics(),
             lost,
-            closed: Arc::downgrade(&self.inner),
             _lease: guard,
         };
         let deliveries = futures::stream::unfold(state, |mut s| async move {
@@ -1523,6 +1519,7 @@ impl DomainTransport for JetStream {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        self.inner.shutdown.cancel();
         // Free the groups of our subscriptions before the connection goes.
         let held: Vec<(String, CancellationToken)> = self.inner.held.lock().drain().collect();
         if let Some((store, _)) = self.inner.leases.get() {
