@@ -9,6 +9,7 @@
 //! Run with `cargo run --example dual_bus`.
 
 use std::collections::HashMap;
+use std::io::IsTerminal as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -33,6 +34,8 @@ async fn main() -> anyhow::Result<()> {
     // Warnings only by default (RUST_LOG overrides): the bus warns once that the in-process
     // backend is not durable.
     tracing_subscriber::fmt()
+        // Colours only on a terminal: piped or redirected output stays plain text.
+        .with_ansi(std::io::stdout().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )

@@ -58,6 +58,9 @@ export RUSTDOCFLAGS="${RUSTDOCFLAGS:-} -D warnings"
 # Network tests fail instead of skipping when their server is missing.
 export DUALBUS_TEST_REQUIRE_SERVERS=1
 
+step "MSRV: no dependency needs a newer Rust than rust-version"
+python3 scripts/check-msrv.py
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -73,8 +76,23 @@ cargo doc --workspace --all-features --no-deps
 step "tests"
 cargo test --workspace --all-features --no-fail-fast
 
-step "example on NATS"
-NATS_URL="$DUALBUS_TEST_NATS_URL" cargo run -q -p dualbus --features nats --example nats_domain_events
+# Examples run with their output piped: it must be plain text (no colour escapes).
+no_escapes() {
+  if grep -q $'\x1b' "$1"; then
+    echo "$1: terminal escape codes in piped output" >&2
+    return 1
+  fi
+}
+
+step "example on memory, output piped"
+cargo run -q -p dualbus --example dual_bus > "$servers_dir/dual_bus.out" 2>&1 || { cat "$servers_dir/dual_bus.out"; exit 1; }
+cat "$servers_dir/dual_bus.out"
+no_escapes "$servers_dir/dual_bus.out"
+
+step "example on NATS, output piped"
+NATS_URL="$DUALBUS_TEST_NATS_URL" cargo run -q -p dualbus --features nats --example nats_domain_events > "$servers_dir/nats_example.out" 2>&1 || { cat "$servers_dir/nats_example.out"; exit 1; }
+cat "$servers_dir/nats_example.out"
+no_escapes "$servers_dir/nats_example.out"
 
 step "benchmarks build"
 cargo build --workspace --all-features --benches --examples

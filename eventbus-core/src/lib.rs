@@ -41,7 +41,7 @@
 //!
 //! ## MSRV
 //!
-//! Rust 1.85. Raising it is a minor-version change, announced in the changelog.
+//! Rust 1.89. Raising it is a minor-version change, announced in the changelog.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
