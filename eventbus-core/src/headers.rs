@@ -119,14 +119,6 @@ impl Headers {
         self.entries().iter().map(|(n, v)| (n.as_ref(), v.as_str()))
     }
 
-    /// Total bytes of names and values (for size limits).
-    pub fn encoded_len(&self) -> usize {
-        self.entries()
-            .iter()
-            .map(|(n, v)| n.len() + v.len() + 4)
-            .sum()
-    }
-
     /// Checks every name and value; see the type's documentation for the rules.
     pub fn validate(&self) -> Result<()> {
         for (name, value) in self.entries() {

@@ -11,6 +11,7 @@ use futures::stream::BoxStream;
 
 use crate::codec::HeaderStyle;
 use crate::error::{Error, Result};
+use crate::headers::Headers;
 use crate::message::{InboundMessage, Message, OutboundMessage, Position, Receipt};
 
 /// What a backend can do. The buses refuse a combination a backend cannot honour.
@@ -34,8 +35,11 @@ pub struct Capabilities {
     pub dedup: bool,
     /// [`SimpleTransport::request`] is available.
     pub request_reply: bool,
-    /// Largest payload plus headers the backend accepts, in bytes.
+    /// Largest message the backend accepts, in bytes, counted as [`Capabilities::wire`]
+    /// says (payload, headers and the backend's own framing).
     pub max_payload: usize,
+    /// How the backend counts a message against `max_payload`.
+    pub wire: WireOverhead,
     /// How CloudEvents attributes are named in this backend's headers.
     pub header_style: HeaderStyle,
     /// After how long without an ack or progress signal the broker redelivers a message.
@@ -61,11 +65,142 @@ impl Capabilities {
             dedup: false,
             request_reply: false,
             max_payload: 1024 * 1024,
+            wire: WireOverhead::PLAIN,
             header_style: HeaderStyle::Nats,
             ack_deadline: None,
             pause_partitions: false,
             expected_version: false,
         }
+    }
+}
+
+impl Capabilities {
+    /// The size of `message` as the backend counts it against
+    /// [`Capabilities::max_payload`], for a write of kind `write`.
+    pub fn wire_size(&self, message: &OutboundMessage, write: Write) -> usize {
+        self.wire.size(
+            &message.headers,
+            message.payload.len(),
+            message.id.as_deref(),
+            write,
+        )
+    }
+
+    /// [`Error::PayloadTooLarge`] if `message` does not fit the backend's limit.
+    ///
+    /// The one size check of every write: the buses run it before a message reaches the
+    /// backend, and backends run the same one on their own write paths.
+    pub fn check_size(&self, message: &OutboundMessage, write: Write) -> Result<()> {
+        self.check_parts(
+            &message.headers,
+            message.payload.len(),
+            message.id.as_deref(),
+            write,
+        )
+    }
+
+    /// [`Capabilities::check_size`] for a message given by its parts.
+    pub fn check_parts(
+        &self,
+        headers: &Headers,
+        payload: usize,
+        id: Option<&str>,
+        write: Write,
+    ) -> Result<()> {
+        let size = self.wire.size(headers, payload, id, write);
+        if size > self.max_payload {
+            return Err(Error::PayloadTooLarge {
+                size,
+                max: self.max_payload,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Which write a message size is checked for: the backend may add headers to some.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Write {
+    /// A publish (single or batch; a dead letter too).
+    Publish,
+    /// A publish checked against the aggregate's last position
+    /// ([`DomainTransport::publish_if_last`]).
+    Append,
+}
+
+/// How a backend counts a message against its size limit: the framing of its header block
+/// and the headers it adds itself. Each backend states it once, in its
+/// [`Capabilities::wire`]; core checks every write against it, so a message over the
+/// limit is [`Error::PayloadTooLarge`] before it reaches the broker, never a backend error.
+///
+/// The size is `payload + Σ(name + value + per_header)` over the message's headers and
+/// the added ones, plus `header_block` when there is at least one header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WireOverhead {
+    /// Bytes a non-empty header block costs beyond its headers (NATS: `NATS/1.0\r\n` and
+    /// the closing `\r\n`, 12).
+    pub header_block: usize,
+    /// Bytes each header costs beyond its name and value (NATS: `: ` and `\r\n`, 4).
+    pub per_header: usize,
+    /// The header the backend adds carrying [`OutboundMessage::id`], if any
+    /// (JetStream: `Nats-Msg-Id`).
+    pub id_header: Option<&'static str>,
+    /// The header the backend adds on an [`Write::Append`], with the longest value it
+    /// writes there (JetStream: `Nats-Expected-Last-Subject-Sequence`, up to 20 digits).
+    pub append_header: Option<(&'static str, usize)>,
+}
+
+impl WireOverhead {
+    /// Four bytes per header, no block framing, nothing added (memory's count).
+    pub const PLAIN: Self = Self::new(0, 4);
+
+    /// Framing only; nothing added.
+    pub const fn new(header_block: usize, per_header: usize) -> Self {
+        Self {
+            header_block,
+            per_header,
+            id_header: None,
+            append_header: None,
+        }
+    }
+
+    /// Same, with the header that carries the message id.
+    #[must_use]
+    pub const fn with_id_header(mut self, name: &'static str) -> Self {
+        self.id_header = Some(name);
+        self
+    }
+
+    /// Same, with the header added on appends and its longest value.
+    #[must_use]
+    pub const fn with_append_header(mut self, name: &'static str, max_value_len: usize) -> Self {
+        self.append_header = Some((name, max_value_len));
+        self
+    }
+
+    /// The size of a message with these parts, as the backend counts it.
+    pub fn size(&self, headers: &Headers, payload: usize, id: Option<&str>, write: Write) -> usize {
+        let entry = |name: usize, value: usize| name + value + self.per_header;
+        let mut count = headers.len();
+        let mut size = payload
+            + headers
+                .iter()
+                .map(|(n, v)| entry(n.len(), v.len()))
+                .sum::<usize>();
+        if let (Some(name), Some(id)) = (self.id_header, id) {
+            size += entry(name.len(), id.len());
+            count += 1;
+        }
+        if let (Write::Append, Some((name, len))) = (write, self.append_header) {
+            size += entry(name.len(), len);
+            count += 1;
+        }
+        if count > 0 {
+            size += self.header_block;
+        }
+        size
     }
 }
 
@@ -96,6 +231,7 @@ pub struct Delivery {
     /// groups; 0 otherwise). The pool drops deliveries of an epoch it no longer owns.
     pub epoch: u64,
     acker: Arc<dyn Acker>,
+    unreadable: Option<String>,
 }
 
 impl Delivery {
@@ -106,7 +242,24 @@ impl Delivery {
             delivery_count,
             epoch: 0,
             acker,
+            unreadable: None,
         }
+    }
+
+    /// Same delivery, marked as a message the backend's client library cannot read (its
+    /// headers were decoded lossily by the backend). The pool never hands it to the
+    /// handler: it dead-letters it with kind
+    /// [`DeadLetterKind::Unreadable`](crate::DeadLetterKind::Unreadable) and `reason`, then
+    /// acknowledges it.
+    #[must_use]
+    pub fn unreadable(mut self, reason: impl Into<String>) -> Self {
+        self.unreadable = Some(reason.into());
+        self
+    }
+
+    /// Why the message is unreadable, if it was marked so.
+    pub fn unreadable_reason(&self) -> Option<&str> {
+        self.unreadable.as_deref()
     }
 
     /// Same delivery, delivered under ownership `epoch` of its partition.
@@ -153,6 +306,7 @@ impl fmt::Debug for Delivery {
             .field("message", &self.message)
             .field("delivery_count", &self.delivery_count)
             .field("epoch", &self.epoch)
+            .field("unreadable", &self.unreadable)
             .finish_non_exhaustive()
     }
 }

@@ -243,12 +243,5 @@ fn check_size(
     headers: &dualbus_core::Headers,
     payload: usize,
 ) -> Result<(), Error> {
-    let size = payload + headers.encoded_len();
-    if size > caps.max_payload {
-        return Err(Error::PayloadTooLarge {
-            size,
-            max: caps.max_payload,
-        });
-    }
-    Ok(())
+    caps.check_parts(headers, payload, None, dualbus_core::Write::Publish)
 }

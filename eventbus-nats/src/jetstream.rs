@@ -32,7 +32,7 @@ use bytes::Bytes;
 use dualbus_core::{
     Acker, Capabilities, Delivery, DomainSubscription, DomainTransport, Error, HeaderStyle,
     Headers, InboundMessage, OutboundMessage, Position, Receipt, Result, StartPosition,
-    SubscriptionSpec, validate_topic,
+    SubscriptionSpec, Write, validate_topic,
 };
 use futures::StreamExt as _;
 use parking_lot::Mutex;
@@ -410,6 +410,11 @@ impl JetStream {
         caps.dedup = true;
         caps.expected_version = true;
         caps.max_payload = client.server_info().max_payload;
+        // Every publish carries `Nats-Msg-Id`; an append also the expected subject sequence
+        // (a u64: up to 20 digits).
+        caps.wire = crate::WIRE
+            .with_id_header(MSG_ID)
+            .with_append_header(EXPECTED_LAST_SUBJECT_SEQUENCE, 20);
         caps.header_style = HeaderStyle::Nats;
         caps.ack_deadline = Some(js_config.consumer.ack_wait);
         Ok(Self {
@@ -561,6 +566,7 @@ impl JetStream {
         &self,
         topic: &str,
         message: &OutboundMessage,
+        write: Write,
     ) -> Result<async_nats::HeaderMap> {
         validate_topic(topic)?;
         if message.key.is_empty() {
@@ -569,18 +575,11 @@ impl JetStream {
             }
             .into());
         }
+        self.inner.caps.check_size(message, write)?;
         let mut headers = to_nats_headers(&message.headers)?;
-        let mut size = message.payload.len() + message.headers.encoded_len();
         if let Some(id) = &message.id {
             dualbus_core::validate_header(MSG_ID, id)?;
             headers.insert(MSG_ID, id.as_str());
-            size += MSG_ID.len() + id.len() + 4;
-        }
-        if size > self.inner.caps.max_payload {
-            return Err(Error::PayloadTooLarge {
-                size,
-                max: self.inner.caps.max_payload,
-            });
         }
         Ok(headers)
     }
@@ -626,7 +625,12 @@ impl JetStream {
         expected: Option<Option<Position>>,
     ) -> Result<Receipt> {
         self.check_open()?;
-        let headers = self.check_message(topic, &message)?;
+        let write = if expected.is_some() {
+            Write::Append
+        } else {
+            Write::Publish
+        };
+        let headers = self.check_message(topic, &message, write)?;
         let plan = self.ready(topic).await?;
         let key = message.key.clone();
         let ack = self.send(topic, &plan, message, headers, expected).await?;
@@ -1316,7 +1320,7 @@ impl DomainTransport for JetStream {
                 continue;
             }
             let key = message.key.clone();
-            let sent = match self.check_message(topic, &message) {
+            let sent = match self.check_message(topic, &message, Write::Publish) {
                 Ok(h) => self.send(topic, &plan, message, h, None).await,
                 Err(e) => Err(e),
             };

@@ -15,7 +15,9 @@
 
 mod checker;
 pub mod domain;
+pub mod group_names;
 pub mod groups;
+pub mod limits;
 pub mod simple;
 
 use std::future::Future;
@@ -195,6 +197,8 @@ macro_rules! conformance_tests {
             simple_publish_subscribe => simple::publish_subscribe,
             simple_fan_out => simple::fan_out,
             simple_queue_groups => simple::queue_groups,
+            simple_queue_group_load_sharing => simple::queue_group_load_sharing,
+            simple_bad_queue_group_names => group_names::bad_queue_group_names,
             simple_topic_isolation => simple::topic_isolation,
             simple_request_reply => simple::request_reply,
             simple_handler_failures => simple::handler_failures,
@@ -218,12 +222,15 @@ macro_rules! conformance_tests {
             domain_backpressure => domain::backpressure,
             domain_slow_key_does_not_stall_others => domain::slow_key_does_not_stall_others,
             domain_bad_input => domain::bad_input,
+            domain_bad_group_names => group_names::bad_group_names,
             domain_replay => domain::replay,
             domain_publish_batch_order => domain::publish_batch_order,
             domain_single_active_consumer => domain::single_active_consumer,
             domain_deadline_extension => domain::deadline_extension,
             domain_per_key_cap => domain::per_key_cap,
             domain_expected_version => domain::expected_version,
+            domain_size_limits => limits::size_limits,
+            domain_dead_letter_at_limit => limits::dead_letter_at_limit,
             group_declared => groups::declared,
             group_load_sharing => groups::load_sharing,
             group_graceful_leave => groups::graceful_leave,

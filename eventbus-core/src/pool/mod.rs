@@ -33,6 +33,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 
+use bytes::Bytes;
 use futures::{FutureExt as _, StreamExt as _};
 use parking_lot::Mutex;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -53,7 +54,7 @@ use crate::middleware::panicked;
 use crate::retry::Backoff;
 use crate::transport::{
     Acker, Delivery, DomainSubscription, DynDomainTransport, GroupControl, GroupEvent,
-    PartitionControl,
+    PartitionControl, Write,
 };
 
 #[derive(Default)]
@@ -63,6 +64,9 @@ struct Counters {
     retried: AtomicU64,
     dead_lettered: AtomicU64,
     malformed: AtomicU64,
+    unreadable: AtomicU64,
+    dead_letters_reduced: AtomicU64,
+    dead_letters_refused: AtomicU64,
     acked: AtomicU64,
     ack_failures: AtomicU64,
     duplicates_dropped: AtomicU64,
@@ -335,6 +339,9 @@ impl Pool {
             retried: c.retried.load(Ordering::Relaxed),
             dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
             malformed: c.malformed.load(Ordering::Relaxed),
+            unreadable: c.unreadable.load(Ordering::Relaxed),
+            dead_letters_reduced: c.dead_letters_reduced.load(Ordering::Relaxed),
+            dead_letters_refused: c.dead_letters_refused.load(Ordering::Relaxed),
             acked: c.acked.load(Ordering::Relaxed),
             ack_failures: c.ack_failures.load(Ordering::Relaxed),
             duplicates_dropped: c.duplicates_dropped.load(Ordering::Relaxed),
@@ -1041,6 +1048,11 @@ async fn process_in(
     item: &Item,
     mut first: Option<AttemptFuture>,
 ) {
+    if let Some(reason) = item.delivery.unreadable_reason() {
+        bump(&sh.counters.unreadable);
+        dead_letter(sh, item, DeadLetterKind::Unreadable, reason, 0).await;
+        return;
+    }
     let envelope = match &item.decoded {
         Err(e) => {
             bump(&sh.counters.malformed);
@@ -1167,42 +1179,81 @@ fn clip(text: &str, max: usize) -> String {
     out
 }
 
+/// The dead-letter record of `item`: a full copy (original headers and body) with the
+/// `dualbus-dlq-*` headers, or, when that is over the broker's size limit, the first
+/// reduced record that fits: without the original headers, then without the body (its
+/// length in a header), then without both. Returns whether it was reduced.
 fn dead_letter_message(
     sh: &Shared,
     item: &Item,
     kind: DeadLetterKind,
     reason: &str,
     attempts: u32,
-) -> OutboundMessage {
+) -> (OutboundMessage, bool) {
     let m = &item.delivery.message;
-    let mut headers = Headers::with_capacity(m.headers.len() + 7);
-    // Keep the original headers that every backend can carry (a malformed message may have
-    // others: they are dropped rather than blocking the dead letter).
-    for (n, v) in m.headers.iter() {
-        if validate_header(n, v).is_ok() && !n.starts_with("dualbus-dlq-") {
-            headers.insert(n.to_owned(), v);
-        }
-    }
-    headers.insert(dlq_headers::REASON, clip(reason, 1024));
-    headers.insert(dlq_headers::KIND, kind.as_str());
-    headers.insert(dlq_headers::ATTEMPTS, attempts.to_string());
-    headers.insert(dlq_headers::TOPIC, sh.p.topic.to_string());
-    headers.insert(dlq_headers::PARTITION, m.position.partition.to_string());
-    headers.insert(dlq_headers::OFFSET, m.position.offset.to_string());
-    headers.insert(
+    let mut dlq = Headers::with_capacity(9);
+    dlq.insert(dlq_headers::REASON, clip(reason, 1024));
+    dlq.insert(dlq_headers::KIND, kind.as_str());
+    dlq.insert(dlq_headers::ATTEMPTS, attempts.to_string());
+    dlq.insert(dlq_headers::TOPIC, sh.p.topic.to_string());
+    dlq.insert(dlq_headers::PARTITION, m.position.partition.to_string());
+    dlq.insert(dlq_headers::OFFSET, m.position.offset.to_string());
+    dlq.insert(
         dlq_headers::DELIVERY_COUNT,
         item.delivery.delivery_count.to_string(),
     );
-    OutboundMessage {
-        key: item.key.to_string(),
-        headers,
-        payload: m.payload.clone(),
-        // One dead letter per source position: a retried dead-letter publish is stored once.
-        id: Some(format!(
-            "dlq:{}:{}:{}",
-            sh.p.topic, m.position.partition, m.position.offset
-        )),
+    // One dead letter per source position: a retried dead-letter publish is stored once.
+    let id = format!(
+        "dlq:{}:{}:{}",
+        sh.p.topic, m.position.partition, m.position.offset
+    );
+    let build = |keep_headers: bool, keep_body: bool| {
+        let mut headers = Headers::with_capacity(m.headers.len() + dlq.len() + 2);
+        if keep_headers {
+            // The original headers that every backend can carry (a malformed message may
+            // have others: they are dropped rather than blocking the dead letter).
+            for (n, v) in m.headers.iter() {
+                if validate_header(n, v).is_ok() && !n.starts_with("dualbus-dlq-") {
+                    headers.insert(n.to_owned(), v);
+                }
+            }
+        }
+        for (n, v) in dlq.iter() {
+            headers.insert(n.to_owned(), v);
+        }
+        match (keep_headers, keep_body) {
+            (true, true) => {}
+            (false, true) => headers.insert(dlq_headers::REDUCED, "headers"),
+            (true, false) => headers.insert(dlq_headers::REDUCED, "body"),
+            (false, false) => headers.insert(dlq_headers::REDUCED, "headers,body"),
+        }
+        if !keep_body {
+            headers.insert(dlq_headers::ORIGINAL_LENGTH, m.payload.len().to_string());
+        }
+        OutboundMessage {
+            key: item.key.to_string(),
+            headers,
+            payload: if keep_body {
+                m.payload.clone()
+            } else {
+                Bytes::new()
+            },
+            id: Some(id.clone()),
+        }
+    };
+    let caps = sh.p.transport.capabilities();
+    let fits = |message: &OutboundMessage| caps.check_size(message, Write::Publish).is_ok();
+    let full = build(true, true);
+    if fits(&full) {
+        return (full, false);
     }
+    for (keep_headers, keep_body) in [(false, true), (true, false)] {
+        let reduced = build(keep_headers, keep_body);
+        if fits(&reduced) {
+            return (reduced, true);
+        }
+    }
+    (build(false, false), true)
 }
 
 async fn dead_letter(sh: &Shared, item: &Item, kind: DeadLetterKind, reason: &str, attempts: u32) {
@@ -1210,7 +1261,7 @@ async fn dead_letter(sh: &Shared, item: &Item, kind: DeadLetterKind, reason: &st
     if !still_owned(sh, item) {
         return;
     }
-    let message = dead_letter_message(sh, item, kind, reason, attempts);
+    let (message, reduced) = dead_letter_message(sh, item, kind, reason, attempts);
     let mut failures = 0u32;
     loop {
         match sh
@@ -1227,6 +1278,19 @@ async fn dead_letter(sh: &Shared, item: &Item, kind: DeadLetterKind, reason: &st
                     if let Some(h) = sh.state.lock().held.get_mut(&item.id()) {
                         h.parked = true;
                     }
+                }
+                if !error.is_retryable() {
+                    // Refused for good (even the reduced record): retrying cannot help.
+                    // Nothing is acknowledged; the aggregate waits until the subscription
+                    // stops or the partition moves on.
+                    bump(&sh.counters.dead_letters_refused);
+                    tracing::error!(
+                        topic = %sh.p.topic, dead_letter_topic = %sh.p.dead_letter_topic,
+                        ?position, %error, size = sh.p.transport.capabilities().wire_size(&message, Write::Publish),
+                        "the dead letter was refused by the broker; the aggregate stays parked until the subscription stops"
+                    );
+                    sh.hard_stop.cancelled().await;
+                    return;
                 }
                 let delay =
                     sh.p.retry
@@ -1246,8 +1310,11 @@ async fn dead_letter(sh: &Shared, item: &Item, kind: DeadLetterKind, reason: &st
         }
     }
     bump(&sh.counters.dead_lettered);
+    if reduced {
+        bump(&sh.counters.dead_letters_reduced);
+    }
     let envelope = item.decoded.as_ref().ok().map(|e| &**e);
-    tracing::info!(topic = %sh.p.topic, ?position, kind = kind.as_str(), reason, "message dead-lettered");
+    tracing::info!(topic = %sh.p.topic, ?position, kind = kind.as_str(), reason, reduced, "message dead-lettered");
     observe(
         sh,
         &PoolEvent::DeadLettered {

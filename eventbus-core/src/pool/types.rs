@@ -80,7 +80,7 @@ impl Default for DeadLetterPolicy {
 pub mod dlq_headers {
     /// Why: the handler's last error or the decode error.
     pub const REASON: &str = "dualbus-dlq-reason";
-    /// `exhausted`, `permanent` or `malformed`.
+    /// `exhausted`, `permanent`, `malformed` or `unreadable`.
     pub const KIND: &str = "dualbus-dlq-kind";
     /// Handler attempts made (0 for malformed messages).
     pub const ATTEMPTS: &str = "dualbus-dlq-attempts";
@@ -92,6 +92,36 @@ pub mod dlq_headers {
     pub const OFFSET: &str = "dualbus-dlq-offset";
     /// The broker's delivery count of the source message.
     pub const DELIVERY_COUNT: &str = "dualbus-dlq-delivery-count";
+    /// Present when the record is reduced because the full copy was over the broker's size
+    /// limit: `headers` (the original headers were dropped), `body` (the body was dropped)
+    /// or `headers,body`.
+    pub const REDUCED: &str = "dualbus-dlq-reduced";
+    /// The original body's length in bytes, when the body was dropped.
+    pub const ORIGINAL_LENGTH: &str = "dualbus-dlq-original-length";
+
+    /// The most bytes the `dualbus-dlq-*` headers of one record take, names and values
+    /// (the reason is clipped to 1,024 characters, up to 4 KiB in UTF-8; the topic to
+    /// [`MAX_TOPIC_LEN`](crate::MAX_TOPIC_LEN)), before the backend's per-header framing.
+    /// A message up to the broker's limit minus this budget (and that framing) is always
+    /// dead-lettered as a full copy.
+    pub const BUDGET: usize = REASON.len()
+        + 4 * 1024
+        + KIND.len()
+        + 16
+        + ATTEMPTS.len()
+        + 10
+        + TOPIC.len()
+        + crate::topic::MAX_TOPIC_LEN
+        + PARTITION.len()
+        + 10
+        + OFFSET.len()
+        + 39
+        + DELIVERY_COUNT.len()
+        + 10
+        + REDUCED.len()
+        + 12
+        + ORIGINAL_LENGTH.len()
+        + 20;
 }
 
 /// Why a message was dead-lettered.
@@ -104,6 +134,9 @@ pub enum DeadLetterKind {
     Permanent,
     /// The message could not be decoded.
     Malformed,
+    /// The backend's client library could not read the message (e.g. a header block that
+    /// is not UTF-8): the transport handed it over with its headers decoded lossily.
+    Unreadable,
 }
 
 impl DeadLetterKind {
@@ -113,6 +146,7 @@ impl DeadLetterKind {
             Self::Exhausted => "exhausted",
             Self::Permanent => "permanent",
             Self::Malformed => "malformed",
+            Self::Unreadable => "unreadable",
         }
     }
 }
@@ -212,6 +246,13 @@ pub struct PoolStats {
     pub dead_lettered: u64,
     /// Of those, messages that could not be decoded.
     pub malformed: u64,
+    /// Of those, messages the backend's client could not read (marked by the transport).
+    pub unreadable: u64,
+    /// Dead letters stored as a reduced record (the full copy was over the size limit).
+    pub dead_letters_reduced: u64,
+    /// Dead letters the broker refused for good (even reduced): their aggregates stay
+    /// parked until the subscription stops, nothing of them is acknowledged.
+    pub dead_letters_refused: u64,
     /// Acknowledgements confirmed.
     pub acked: u64,
     /// Acknowledgements that failed (the broker redelivers those messages).
