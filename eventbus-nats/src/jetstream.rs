@@ -367,8 +367,8 @@ struct Inner {
     ready: parking_lot::RwLock<HashMap<String, Arc<Plan>>>,
     /// The lease bucket, once opened.
     leases: tokio::sync::OnceCell<(kv::Store, Duration)>,
-    /// Leases held by live subscriptions: key -> cancellation of its holder.
-    held: Mutex<HashMap<String, CancellationToken>>,
+    /// Leases held by this client's subscriptions, by key.
+    held: Mutex<HashMap<String, HeldLease>>,
 }
 
 impl std::fmt::Debug for JetStream {
@@ -794,18 +794,34 @@ impl JetStream {
         let (store, ttl) = self.lease_bucket().await?;
         let key = lease_key(stream, consumer);
         let token = uuid::Uuid::now_v7().to_string();
-        match store.create(&key, Bytes::from(token)).await {
+        // A subscription of this client on the same consumer holds the lease until it has
+        // stopped (after its last handler): one that was just dropped releases it in the
+        // background. Wait for that, up to the request timeout, instead of reporting a
+        // conflict with ourselves; a subscription still live gets the conflict after it.
+        let ours = self.inner.held.lock().get(&key).map(|h| h.released.clone());
+        if let Some(released) = ours {
+            let _ =
+                tokio::time::timeout(self.inner.config.request_timeout, released.cancelled()).await;
+        }
+        match store.create(&key, Bytes::from(token.clone())).await {
             Ok(revision) => {
-                let cancel = CancellationToken::new();
-                self.inner.held.lock().insert(key.clone(), cancel.clone());
-                Ok(Lease {
+                let held = HeldLease {
+                    token,
+                    cancel: CancellationToken::new(),
+                    released: CancellationToken::new(),
+                };
+                let lease = Lease {
                     store,
-                    key,
+                    key: key.clone(),
+                    token: held.token.clone(),
                     revision,
                     ttl,
-                    cancel,
+                    cancel: held.cancel.clone(),
+                    released: held.released.clone(),
                     transport: Arc::downgrade(&self.inner),
-                })
+                };
+                self.inner.held.lock().insert(key, held);
+                Ok(lease)
             }
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                 Err(Error::Conflict(format!(
@@ -958,29 +974,50 @@ fn receipt(
     Ok(if ack.duplicate { r.as_duplicate() } else { r })
 }
 
+/// A lease of this client, as the transport tracks it.
+struct HeldLease {
+    /// Which acquisition (a new subscription takes a new token).
+    token: String,
+    /// Cancelled when its subscription ends: the lease is being released.
+    cancel: CancellationToken,
+    /// Cancelled once the lease is released on the server.
+    released: CancellationToken,
+}
+
 /// A held single-active-subscriber lease, renewed until dropped or lost.
 struct Lease {
     store: kv::Store,
     key: String,
+    token: String,
     revision: u64,
     ttl: Duration,
     cancel: CancellationToken,
+    released: CancellationToken,
     transport: std::sync::Weak<Inner>,
 }
 
 impl Lease {
-    /// Gives the lease up at once (a subscription that could not start).
+    /// Gives the lease up at once (a subscription that ended, or could not start).
     async fn release(self) {
         self.cancel.cancel();
-        if let Some(inner) = self.transport.upgrade() {
-            inner.held.lock().remove(&self.key);
-        }
         let _ = tokio::time::timeout(
             self.ttl,
             self.store
                 .delete_expect_revision(&self.key, Some(self.revision)),
         )
         .await;
+        self.forget();
+    }
+
+    /// Stops tracking the lease as this client's (released, or lost to another holder).
+    fn forget(&self) {
+        if let Some(inner) = self.transport.upgrade() {
+            let mut held = inner.held.lock();
+            if held.get(&self.key).is_some_and(|h| h.token == self.token) {
+                held.remove(&self.key);
+            }
+        }
+        self.released.cancel();
     }
 
     /// Renews the lease at a third of its TTL until `cancel`; cancels `lost` if it could not
@@ -1011,6 +1048,7 @@ impl Lease {
                     Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                         tracing::error!(key = %self.key, "single-active-subscriber lease lost to another subscriber; stopping");
                         lost.cancel();
+                        self.forget();
                         return;
                     }
                     Ok(Err(e)) => {
@@ -1021,6 +1059,7 @@ impl Lease {
                 if renewed.elapsed() >= self.ttl {
                     tracing::error!(key = %self.key, "single-active-subscriber lease expired (server unreachable); stopping");
                     lost.cancel();
+                    self.forget();
                     return;
                 }
             }
@@ -1525,12 +1564,13 @@ impl DomainTransport for JetStream {
         }
         self.inner.shutdown.cancel();
         // Free the groups of our subscriptions before the connection goes.
-        let held: Vec<(String, CancellationToken)> = self.inner.held.lock().drain().collect();
+        let held: Vec<(String, HeldLease)> = self.inner.held.lock().drain().collect();
         if let Some((store, _)) = self.inner.leases.get() {
-            for (key, cancel) in held {
-                cancel.cancel();
+            for (key, lease) in held {
+                lease.cancel.cancel();
                 let _ = tokio::time::timeout(self.inner.config.request_timeout, store.delete(&key))
                     .await;
+                lease.released.cancel();
             }
         }
         self.inner.client.drain().await.map_err(unavailable)

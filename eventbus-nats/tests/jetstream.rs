@@ -490,3 +490,37 @@ async fn a_consumer_with_other_settings_is_refused_unless_update_is_asked() {
     t.close().await.expect("close");
     t2.close().await.expect("close");
 }
+
+/// Dropping a subscription and subscribing again at once, in the same process, succeeds:
+/// the new subscription waits for the old one's lease release instead of reporting a
+/// conflict with itself. Repeated, so that the release is still on its way each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resubscribing_right_after_a_drop_succeeds() {
+    let Some(url) = shared_url() else { return };
+    let mine = bus(transport(&url).await);
+    let topic = unique_topic("js-resub");
+    for round in 0..5 {
+        let sub = mine
+            .subscribe(&topic)
+            .start(handler_fn(|_e: Event| async { Ok::<_, HandleError>(()) }))
+            .await
+            .unwrap_or_else(|e| panic!("subscribe, round {round}: {e}"));
+        drop(sub);
+    }
+    // Another client still sees the group taken while a subscription is live.
+    let live = mine
+        .subscribe(&topic)
+        .start(handler_fn(|_e: Event| async { Ok::<_, HandleError>(()) }))
+        .await
+        .expect("subscribe");
+    let other = bus(transport(&url).await);
+    let e = other
+        .subscribe(&topic)
+        .start(handler_fn(|_e: Event| async { Ok::<_, HandleError>(()) }))
+        .await
+        .expect_err("the group is held");
+    assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+    drop(live);
+    mine.close().await.expect("close");
+    other.close().await.expect("close");
+}
