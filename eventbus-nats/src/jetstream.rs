@@ -40,7 +40,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::subject::{encode_key, event_subject, parse_subject, stream_subjects};
-use crate::{BACKEND, NatsConfig, to_nats_headers, unavailable};
+use crate::{BACKEND, NatsConfig, to_nats_headers, unavailable, unreadable};
 
 /// `Nats-Msg-Id`: the publish deduplication id.
 const MSG_ID: &str = "Nats-Msg-Id";
@@ -1149,6 +1149,14 @@ fn inbound(
     }
 }
 
+/// A message read through the message-get API, its headers decoded lossily.
+fn stored_inbound(topic: &str, m: &unreadable::Stored) -> InboundMessage {
+    InboundMessage {
+        headers: m.headers(),
+        ..inbound(topic, &m.subject, None, m.payload.clone(), m.seq)
+    }
+}
+
 /// A delivery; `redelivered` marks a message delivered before (a rewind does not count as a
 /// redelivery on the server, so that the pool and handlers still see it as one).
 fn delivery(topic: &str, m: jetstream::Message, high_water: &mut u64) -> Result<Delivery> {
@@ -1182,6 +1190,7 @@ fn delivery(topic: &str, m: jetstream::Message, high_water: &mut u64) -> Result<
 /// State of a subscription's delivery stream.
 struct Pulling {
     topic: String,
+    js: jetstream::Context,
     consumer: PullConsumer,
     batch: usize,
     ack_wait: Duration,
@@ -1192,10 +1201,86 @@ struct Pulling {
     rewind: bool,
     /// The highest stream sequence delivered before: anything at or below it comes again.
     high_water: u64,
+    /// The highest stream sequence the client read since the last rewind: a message the
+    /// client cannot read is after it.
+    last_read: u64,
+    /// An unreadable message found after a reconnect, until the consumer is past it.
+    poison: Option<Poison>,
+    /// Deliveries read ahead (the bounded pulls before an unreadable message).
+    ready: VecDeque<Result<Delivery>>,
+    /// Ticks while waiting for messages, to look at the connection count.
+    watch: tokio::time::Interval,
     stats: Arc<async_nats::Statistics>,
     /// Cancelled when the lease is lost or the transport closes: the stream ends.
     lost: CancellationToken,
     _lease: LeaseGuard,
+}
+
+/// How the consumer gets past an unreadable message `S` (see [`crate::unreadable`]).
+///
+/// Only an acknowledgement can move a JetStream consumer past a message without delivering
+/// it, and only while the message is pending (a rewind forgets pending acks) and every
+/// message before it is acknowledged (else the next rewind brings it back). So:
+/// - ack floor `S - 1` and `S` pending: hand the pool a delivery for it (marked unreadable),
+///   wait until the pool dead-lettered it, acknowledge it with a hand-built ack subject, and
+///   only then rewind (the floor is now past it);
+/// - messages before it still unacknowledged: rewind, deliver exactly the messages before
+///   it (bounded pulls), wait until they are acknowledged, then pull normally: the client
+///   reads `S` once more (its connection drops again), which makes it pending with the
+///   floor at `S - 1`: the first case.
+///
+/// Nothing is ever deleted from the stream: other groups and other languages' readers
+/// share it.
+struct Poison {
+    stored: unreadable::Stored,
+    why: &'static str,
+    phase: Phase,
+}
+
+enum Phase {
+    /// Hand the pool its delivery next.
+    Hand,
+    /// Wait until the pool settled it, then acknowledge it and rewind.
+    Settling(CancellationToken),
+    /// Deliver these messages before it (stream sequences still to come).
+    Before(std::collections::BTreeSet<u64>),
+    /// Wait until everything before it is acknowledged.
+    Floor,
+}
+
+/// What to do next while getting past an unreadable message.
+enum Step {
+    /// Return this delivery.
+    Deliver(Delivery),
+    /// Look again (read-ahead deliveries, a rewind, or a wait).
+    Again,
+    /// Pull as usual.
+    Pull,
+}
+
+/// The acknowledgement of an unreadable message: tells the stream that the pool settled it
+/// (dead-lettered it). The stream acknowledges it on the server itself.
+struct SettledAcker(CancellationToken);
+
+#[async_trait]
+impl Acker for SettledAcker {
+    async fn ack(&self) -> Result<()> {
+        self.0.cancel();
+        Ok(())
+    }
+
+    async fn nack(&self, _delay: Duration) -> Result<()> {
+        Ok(())
+    }
+
+    async fn term(&self) -> Result<()> {
+        self.0.cancel();
+        Ok(())
+    }
+
+    async fn in_progress(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl Pulling {
@@ -1203,14 +1288,15 @@ impl Pulling {
         self.stats.connects.load(Ordering::Acquire)
     }
 
+    fn stream_name(&self) -> &str {
+        &self.consumer.cached_info().stream_name
+    }
+
     async fn open(&self) -> Result<pull::Stream> {
         self.consumer
             .stream()
             .max_messages_per_batch(self.batch)
-            .expires(
-                self.ack_wait
-                    .clamp(Duration::from_secs(1), Duration::from_secs(30)),
-            )
+            .expires(self.expires())
             .heartbeat(
                 self.ack_wait
                     .clamp(Duration::from_millis(500), Duration::from_secs(5))
@@ -1221,6 +1307,11 @@ impl Pulling {
             .map_err(unavailable)
     }
 
+    fn expires(&self) -> Duration {
+        self.ack_wait
+            .clamp(Duration::from_secs(1), Duration::from_secs(30))
+    }
+
     /// Waits a little after a failure, unless the subscription ends meanwhile.
     async fn pause(&self) -> bool {
         tokio::select! {
@@ -1229,29 +1320,233 @@ impl Pulling {
         }
     }
 
-    /// (Re)opens the pull, first rewinding the consumer if asked.
-    async fn reopen(&mut self) -> Result<()> {
-        if self.rewind {
-            // After a reconnect the server may have lost acks (ours in flight, or its own
-            // state after a crash) and will redeliver what it lost only after the ack wait,
-            // while new messages flow at once: the takeover trap. Rewinding to the ack floor
-            // delivers everything unacknowledged again, in order, before anything new.
-            if let Ok(info) = self.consumer.info().await {
-                self.high_water = self.high_water.max(info.delivered.stream_sequence);
-            }
-            self.consumer.reset(None).await.map_err(|e| {
-                Error::backend(
-                    BACKEND,
-                    true,
-                    format!("rewinding the consumer to its ack floor: {e}"),
-                )
-            })?;
-            self.rewind = false;
+    /// The consumer's ack floor and last delivered stream sequence.
+    async fn floor_and_delivered(&mut self) -> Result<(u64, u64)> {
+        let info = self.consumer.info().await.map_err(|e| {
+            Error::backend(BACKEND, true, format!("reading the consumer's state: {e}"))
+        })?;
+        Ok((
+            info.ack_floor.stream_sequence,
+            info.delivered.stream_sequence,
+        ))
+    }
+
+    /// Whether a stored message is one this consumer delivers.
+    fn filtered(&self, subject: &str) -> bool {
+        let c = &self.consumer.cached_info().config;
+        if c.filter_subject.is_empty() && c.filter_subjects.is_empty() {
+            return true;
         }
-        let connects = self.connects();
-        self.messages = Some(self.open().await?);
-        self.opened_at = connects;
+        subject_matches(&c.filter_subject, subject)
+            || c.filter_subjects
+                .iter()
+                .any(|f| subject_matches(f, subject))
+    }
+
+    /// The first message in `from..=to` this consumer delivers that the client cannot read,
+    /// and the sequences of those it delivers before it.
+    async fn scan(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> Result<(Option<(unreadable::Stored, &'static str)>, Vec<u64>)> {
+        let stream = self.stream_name().to_owned();
+        let js = &self.js;
+        let mut gets = futures::stream::iter(from..=to)
+            .map(|seq| {
+                let stream = stream.clone();
+                async move { unreadable::get(js, &stream, unreadable::Which::Seq(seq)).await }
+            })
+            .buffered(32);
+        let mut readable = Vec::new();
+        while let Some(m) = gets.next().await {
+            let Some(m) = m? else { continue };
+            if !self.filtered(&m.subject) {
+                continue;
+            }
+            if let Some(why) = m.problem() {
+                return Ok((Some((m, why)), readable));
+            }
+            readable.push(m.seq);
+        }
+        Ok((None, readable))
+    }
+
+    /// After a reconnect: finds a message the client cannot read among those the server
+    /// delivered after the last one read.
+    async fn detect(&mut self) -> Result<()> {
+        if self.poison.is_some() {
+            return Ok(());
+        }
+        let (floor, delivered) = self.floor_and_delivered().await?;
+        let from = self.last_read.max(floor) + 1;
+        // Bounded: what the server can have sent beyond the last message read.
+        let to = (delivered + 1).min(from.saturating_add(2 * self.batch as u64));
+        if let (Some((stored, why)), _) = self.scan(from, to).await? {
+            tracing::warn!(
+                topic = %self.topic, stream = self.stream_name(), seq = stored.seq,
+                subject = %stored.subject, why,
+                "a stored message the client cannot read (it drops the connection); it goes to the dead letter"
+            );
+            self.poison = Some(Poison {
+                stored,
+                why,
+                phase: Phase::Floor,
+            });
+        }
         Ok(())
+    }
+
+    /// The rewind after a reconnect, with an unreadable message in the way or not.
+    async fn rewind(&mut self) -> Result<()> {
+        self.detect().await?;
+        let (floor, delivered) = self.floor_and_delivered().await?;
+        self.high_water = self.high_water.max(delivered);
+        if let Some(seq) = self.poison.as_ref().map(|p| p.stored.seq) {
+            if floor >= seq {
+                // Acknowledged already: nothing in the way any more.
+                self.poison = None;
+            } else if floor + 1 == seq && delivered >= seq {
+                // Pending, with everything before it acknowledged: settle it and ack it;
+                // the rewind comes after that.
+                if let Some(p) = &mut self.poison {
+                    if !matches!(p.phase, Phase::Settling(_)) {
+                        p.phase = Phase::Hand;
+                    }
+                }
+                self.rewind = false;
+                return Ok(());
+            } else {
+                // Deliver exactly the messages before it first.
+                let (earlier, before) = self.scan(floor + 1, seq - 1).await?;
+                if let Some(p) = &mut self.poison {
+                    match earlier {
+                        // An earlier one (read in an earlier pass, then rewound): that first.
+                        Some((stored, why)) => {
+                            p.stored = stored;
+                            p.why = why;
+                            return Box::pin(self.rewind()).await;
+                        }
+                        None => p.phase = Phase::Before(before.into_iter().collect()),
+                    }
+                }
+            }
+        }
+        // After a reconnect the server may have lost acks (ours in flight, or its own
+        // state after a crash) and will redeliver what it lost only after the ack wait,
+        // while new messages flow at once: the takeover trap. Rewinding to the ack floor
+        // delivers everything unacknowledged again, in order, before anything new.
+        self.consumer.reset(None).await.map_err(|e| {
+            Error::backend(
+                BACKEND,
+                true,
+                format!("rewinding the consumer to its ack floor: {e}"),
+            )
+        })?;
+        self.last_read = floor;
+        self.rewind = false;
+        Ok(())
+    }
+
+    /// One step of getting past an unreadable message, if one is in the way.
+    async fn poison_step(&mut self) -> Result<Step> {
+        let Some(p) = &mut self.poison else {
+            return Ok(Step::Pull);
+        };
+        match &mut p.phase {
+            Phase::Hand => {
+                let settled = CancellationToken::new();
+                let message = stored_inbound(&self.topic, &p.stored);
+                let delivery =
+                    Delivery::new(message, 1, Arc::new(SettledAcker(settled.clone()))).unreadable(
+                        format!("the NATS client cannot read this message: {}", p.why),
+                    );
+                p.phase = Phase::Settling(settled);
+                Ok(Step::Deliver(delivery))
+            }
+            Phase::Settling(settled) => {
+                let settled = settled.clone();
+                let seq = p.stored.seq;
+                tokio::select! {
+                    () = self.lost.cancelled() => return Err(Error::closed("subscription")),
+                    () = settled.cancelled() => {}
+                }
+                // Dead-lettered: acknowledge it while it is still pending (a hand-built
+                // ack subject: there is no delivery to ack through), then rewind.
+                let subject = format!(
+                    "$JS.ACK.{}.{}.1.{seq}.0.0.0",
+                    self.stream_name(),
+                    self.consumer.cached_info().name
+                );
+                let client = self.js.client();
+                client
+                    .publish(subject, Bytes::new())
+                    .await
+                    .map_err(unavailable)?;
+                client.flush().await.map_err(unavailable)?;
+                self.poison = None;
+                self.messages = None;
+                self.rewind = true;
+                Ok(Step::Again)
+            }
+            Phase::Before(remaining) => {
+                if remaining.is_empty() {
+                    p.phase = Phase::Floor;
+                    return Ok(Step::Again);
+                }
+                let n = remaining.len().min(self.batch);
+                let mut batch = self
+                    .consumer
+                    .batch()
+                    .max_messages(n)
+                    .expires(self.expires())
+                    .messages()
+                    .await
+                    .map_err(unavailable)?;
+                let connects = self.connects();
+                let mut got = 0;
+                while let Some(m) = batch.next().await {
+                    let m = m.map_err(|e| Error::backend(BACKEND, true, e))?;
+                    if self.connects() != connects {
+                        self.rewind = true;
+                        return Ok(Step::Again);
+                    }
+                    let d = delivery(&self.topic, m, &mut self.high_water)?;
+                    let seq = u64::try_from(d.position().offset).unwrap_or(u64::MAX);
+                    self.last_read = self.last_read.max(seq);
+                    got += 1;
+                    if let Some(Poison {
+                        phase: Phase::Before(remaining),
+                        ..
+                    }) = &mut self.poison
+                    {
+                        remaining.remove(&seq);
+                    }
+                    self.ready.push_back(Ok(d));
+                }
+                if got == 0 {
+                    // The rest is gone from the stream (or comes as redeliveries).
+                    if let Some(p) = &mut self.poison {
+                        p.phase = Phase::Floor;
+                    }
+                }
+                Ok(Step::Again)
+            }
+            Phase::Floor => {
+                // Pulling resumes once everything before it is acknowledged: the client
+                // then reads it once more, which makes it pending with the floor before it.
+                let seq = p.stored.seq;
+                let (floor, _) = self.floor_and_delivered().await?;
+                if floor + 1 >= seq {
+                    return Ok(Step::Pull);
+                }
+                tokio::select! {
+                    () = self.lost.cancelled() => return Err(Error::closed("subscription")),
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+                Ok(Step::Again)
+            }
+        }
     }
 
     /// The next delivery, an error to report, or `None` at the end.
@@ -1260,16 +1555,47 @@ impl Pulling {
             if self.lost.is_cancelled() {
                 return None;
             }
+            if let Some(d) = self.ready.pop_front() {
+                return Some(d);
+            }
             if self.messages.is_some() && self.connects() != self.opened_at {
                 self.messages = None;
                 self.rewind = true;
             }
-            if self.messages.is_none() {
-                if let Err(e) = self.reopen().await {
+            if self.rewind {
+                self.messages = None;
+                if let Err(e) = self.rewind().await {
                     if !self.pause().await {
                         return None;
                     }
                     return Some(Err(e));
+                }
+            }
+            match self.poison_step().await {
+                Ok(Step::Deliver(d)) => return Some(Ok(d)),
+                Ok(Step::Again) => continue,
+                Ok(Step::Pull) => {}
+                Err(e) => {
+                    if !self.pause().await {
+                        return None;
+                    }
+                    return Some(Err(e));
+                }
+            }
+            if self.messages.is_none() {
+                let connects = self.connects();
+                match self.open().await {
+                    Ok(m) => {
+                        self.messages = Some(m);
+                        self.opened_at = connects;
+                    }
+                    Err(e) => {
+                        self.rewind = true;
+                        if !self.pause().await {
+                            return None;
+                        }
+                        return Some(Err(e));
+                    }
                 }
                 continue;
             }
@@ -1277,11 +1603,19 @@ impl Pulling {
                 continue;
             };
             let next = tokio::select! {
+                biased;
                 () = self.lost.cancelled() => return None,
                 n = messages.next() => n,
+                // The client reconnects on its own and the pull goes on: notice a reconnect
+                // even while nothing arrives (a message the client cannot read drops the
+                // connection each time it is sent, and never arrives).
+                _ = self.watch.tick() => continue,
             };
             match next {
                 Some(Ok(m)) => {
+                    if let Ok(info) = m.info() {
+                        self.last_read = self.last_read.max(info.stream_sequence);
+                    }
                     if self.connects() != self.opened_at {
                         // Read across a reconnect: the rewind delivers it again, in order.
                         continue;
@@ -1398,8 +1732,11 @@ impl DomainTransport for JetStream {
             .await?;
         // The takeover rewind: whatever an earlier subscriber left unacknowledged comes
         // first, in stream order, before anything new.
-        let high_water = match consumer.info().await {
-            Ok(info) => info.delivered.stream_sequence,
+        let (high_water, floor) = match consumer.info().await {
+            Ok(info) => (
+                info.delivered.stream_sequence,
+                info.ack_floor.stream_sequence,
+            ),
             Err(e) => {
                 lease.release().await;
                 return Err(api_error(e));
@@ -1421,6 +1758,7 @@ impl DomainTransport for JetStream {
         let c = &self.inner.config.consumer;
         let state = Pulling {
             topic: spec.topic.clone(),
+            js: self.inner.js.clone(),
             consumer,
             batch: c.batch,
             ack_wait: c.ack_wait,
@@ -1428,6 +1766,14 @@ impl DomainTransport for JetStream {
             opened_at: 0,
             rewind: false,
             high_water,
+            last_read: floor,
+            poison: None,
+            ready: VecDeque::new(),
+            watch: {
+                let mut w = tokio::time::interval(Duration::from_millis(100));
+                w.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                w
+            },
             stats: self.inner.client.statistics(),
             lost,
             _lease: guard,
@@ -1447,59 +1793,31 @@ impl DomainTransport for JetStream {
             return Ok(Vec::new());
         };
         let plan = self.plan(topic);
-        let consumer = stream
-            .create_consumer(pull::OrderedConfig {
-                // Subject layout: the whole topic, filtered by the body's aggregate id below.
-                filter_subject: plan.subject(topic, key),
-                deliver_policy: DeliverPolicy::All,
-                ..pull::OrderedConfig::default()
-            })
-            .await
-            .map_err(api_error)?;
-        let total = consumer.cached_info().num_pending;
-        let mut out = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
-        if total == 0 {
-            return Ok(out);
-        }
-        let mut messages = consumer.messages().await.map_err(unavailable)?;
-        let after = self.inner.config.request_timeout;
-        let mut seen = 0u64;
-        while (if plan.layout == Layout::Subject {
-            seen
-        } else {
-            out.len() as u64
-        }) < total
+        // Message by message through the JSON message-get API, never through a consumer:
+        // a stored message the client cannot read would drop the connection (see
+        // `unreadable`); here its headers are decoded lossily instead.
+        // Subject layout: the whole topic, filtered by the body's aggregate id below.
+        let subject = plan.subject(topic, key);
+        let name = &stream.cached_info().config.name;
+        let mut out = Vec::new();
+        let mut seq = 1;
+        while let Some(m) = unreadable::get(
+            &self.inner.js,
+            name,
+            unreadable::Which::NextOn(seq, &subject),
+        )
+        .await?
         {
-            match tokio::time::timeout(after, messages.next()).await {
-                Ok(Some(Ok(m))) => {
-                    let seq = m
-                        .info()
-                        .map_err(|e| Error::backend(BACKEND, true, e))?
-                        .stream_sequence;
-                    let mut message = inbound(
-                        topic,
-                        m.subject.as_str(),
-                        m.headers.as_ref(),
-                        m.payload.clone(),
-                        seq,
-                    );
-                    match plan.layout {
-                        Layout::Partitioned => out.push(message),
-                        Layout::Subject => {
-                            // Counted as read whatever it holds; kept if it is the aggregate's.
-                            seen += 1;
-                            if dualbus_core::Codec::decode(&message)
-                                .is_ok_and(|e| e.aggregate_id == key)
-                            {
-                                message.key = Some(key.to_owned());
-                                out.push(message);
-                            }
-                        }
+            seq = m.seq + 1;
+            let mut message = stored_inbound(topic, &m);
+            match plan.layout {
+                Layout::Partitioned => out.push(message),
+                Layout::Subject => {
+                    if dualbus_core::Codec::decode(&message).is_ok_and(|e| e.aggregate_id == key) {
+                        message.key = Some(key.to_owned());
+                        out.push(message);
                     }
                 }
-                Ok(Some(Err(e))) => return Err(unavailable(e)),
-                Ok(None) => return Err(Error::closed("nats connection")),
-                Err(_) => return Err(timeout("replay", after)),
             }
         }
         Ok(out)
@@ -1516,19 +1834,12 @@ impl DomainTransport for JetStream {
             return Ok(None);
         };
         let subject = plan.subject(topic, key);
-        match stream.get_last_raw_message_by_subject(&subject).await {
-            Ok(m) => Ok(Some(inbound(
-                topic,
-                m.subject.as_str(),
-                Some(&m.headers),
-                m.payload,
-                m.sequence,
-            ))),
-            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
-                Ok(None)
-            }
-            Err(e) => Err(api_error(e)),
-        }
+        let name = &stream.cached_info().config.name;
+        Ok(
+            unreadable::get(&self.inner.js, name, unreadable::Which::LastOn(&subject))
+                .await?
+                .map(|m| stored_inbound(topic, &m)),
+        )
     }
 
     async fn publish_if_last(

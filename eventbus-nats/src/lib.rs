@@ -32,12 +32,17 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Secrets (token, password, nkey seed) never appear in `Debug` output or logs.
+//! Secrets (token, password, nkey seed) never appear in `Debug` output, errors or logs,
+//! including credentials given as user information in a server URL
+//! (`nats://user:password@host:4222`, `nats://token@host:4222`): they are taken out of the
+//! URL and passed as connect options, and shown URLs are redacted ([`redact_url`]). See
+//! [`NatsConfig::urls`].
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod jetstream;
 pub mod subject;
+mod unreadable;
 
 pub use jetstream::{JetStream, JetStreamConfig};
 
@@ -56,6 +61,11 @@ use futures::stream::BoxStream;
 use serde::Deserialize;
 
 pub(crate) const BACKEND: &str = "nats";
+
+/// How the server counts a message against its `max_payload`: the `HPUB` total, that is
+/// the header block (`NATS/1.0\r\n`, one `name: value\r\n` per header, `\r\n`) and the
+/// payload. A message without headers goes as `PUB`, with no block.
+pub(crate) const WIRE: dualbus_core::WireOverhead = dualbus_core::WireOverhead::new(12, 4);
 
 /// A secret string: kept out of `Debug` output and logs.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
@@ -98,11 +108,22 @@ pub struct Credentials {
 }
 
 /// Connection settings.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+///
+/// `Debug` output shows no secret: the user information of the URLs is redacted (see
+/// [`redact_url`]) and [`Secret`]s print as `***`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct NatsConfig {
     /// Server URLs, e.g. `nats://127.0.0.1:4222`. Default: that one.
+    ///
+    /// A URL may carry credentials as user information: `nats://user:password@host:4222`
+    /// (user and password) or `nats://token@host:4222` (a token), percent-encoded as URLs
+    /// require. They are taken out of the URL before the client sees it and sent as the
+    /// client's connect options, so that neither the client's logs nor our errors and
+    /// `Debug` output show them. All URLs that carry user information must carry the same,
+    /// and it cannot be combined with [`NatsConfig::credentials`] (a configuration error
+    /// naming both).
     pub urls: Vec<String>,
     /// The client's name in the server's monitoring. Default `dualbus`.
     pub name: String,
@@ -122,6 +143,23 @@ pub struct NatsConfig {
     pub connect_timeout: Duration,
     /// JetStream settings of the domain bus.
     pub jetstream: JetStreamConfig,
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let urls: Vec<String> = self.urls.iter().map(|u| redact_url(u)).collect();
+        f.debug_struct("NatsConfig")
+            .field("urls", &urls)
+            .field("name", &self.name)
+            .field("credentials", &self.credentials)
+            .field("tls", &self.tls)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("jetstream", &self.jetstream)
+            .finish()
+    }
 }
 
 impl Default for NatsConfig {
@@ -194,9 +232,25 @@ impl NatsConfig {
         self
     }
 
-    async fn options(&self) -> Result<async_nats::ConnectOptions> {
+    /// The client's options; `from_urls` is the user information the URLs carried.
+    async fn options(&self, from_urls: Option<UrlAuth>) -> Result<async_nats::ConnectOptions> {
         let c = &self.credentials;
-        let mut o = match (&c.token, &c.user, &c.nkey, &c.creds_file) {
+        if let Some(auth) = from_urls {
+            if *c != Credentials::default() {
+                return Err(Error::config(
+                    "nats.credentials",
+                    "credentials are given both as user information in nats.urls and in nats.credentials: give them in one place",
+                ));
+            }
+            let o = match auth {
+                UrlAuth::UserPassword(user, password) => {
+                    async_nats::ConnectOptions::with_user_and_password(user, password)
+                }
+                UrlAuth::Token(token) => async_nats::ConnectOptions::with_token(token),
+            };
+            return self.connection_options(o);
+        }
+        let o = match (&c.token, &c.user, &c.nkey, &c.creds_file) {
             (Some(t), None, None, None) => {
                 async_nats::ConnectOptions::with_token(t.expose().to_owned())
             }
@@ -224,6 +278,14 @@ impl NatsConfig {
                 ));
             }
         };
+        self.connection_options(o)
+    }
+
+    /// `o` with the TLS, name and timeout settings.
+    fn connection_options(
+        &self,
+        mut o: async_nats::ConnectOptions,
+    ) -> Result<async_nats::ConnectOptions> {
         if self.tls {
             o = o.require_tls(true);
         }
@@ -283,20 +345,112 @@ pub(crate) async fn connect_client(config: &NatsConfig) -> Result<async_nats::Cl
     if config.urls.is_empty() {
         return Err(Error::config("nats.urls", "give at least one server URL"));
     }
-    let urls: Vec<async_nats::ServerAddr> = config
-        .urls
-        .iter()
-        .map(|u| {
-            u.parse::<async_nats::ServerAddr>()
-                .map_err(|e| Error::config("nats.urls", format!("{u:?}: {e}")))
-        })
-        .collect::<Result<_>>()?;
+    let mut urls = Vec::with_capacity(config.urls.len());
+    let mut auth: Option<UrlAuth> = None;
+    for u in &config.urls {
+        let (addr, a) = server_addr(u)?;
+        urls.push(addr);
+        match (&auth, a) {
+            (_, None) => {}
+            (None, Some(a)) => auth = Some(a),
+            (Some(have), Some(a)) => {
+                if *have != a {
+                    return Err(Error::config(
+                        "nats.urls",
+                        "the URLs carry different user information; give the same in each, or credentials in nats.credentials",
+                    ));
+                }
+            }
+        }
+    }
     config
-        .options()
+        .options(auth)
         .await?
         .connect(urls)
         .await
         .map_err(unavailable)
+}
+
+/// Credentials found as user information in a server URL.
+#[derive(PartialEq, Eq)]
+enum UrlAuth {
+    /// `user:password@`.
+    UserPassword(String, String),
+    /// `token@` (a user name without password is a token, as in the other NATS clients).
+    Token(String),
+}
+
+/// The server address of `url` without its user information, and that information.
+fn server_addr(url: &str) -> Result<(async_nats::ServerAddr, Option<UrlAuth>)> {
+    let invalid =
+        |e: &dyn fmt::Display| Error::config("nats.urls", format!("{:?}: {e}", redact_url(url)));
+    let addr = url
+        .parse::<async_nats::ServerAddr>()
+        .map_err(|e| invalid(&e))?;
+    if !addr.has_user_pass() && addr.password().is_none() {
+        return Ok((addr, None));
+    }
+    let decode = |part: &str| {
+        percent_encoding::percent_decode_str(part)
+            .decode_utf8()
+            .map(|s| s.into_owned())
+            .map_err(|_| invalid(&"the user information is not valid percent-encoded UTF-8"))
+    };
+    let auth = match addr.password() {
+        Some(password) => UrlAuth::UserPassword(
+            decode(addr.username().unwrap_or_default())?,
+            decode(password)?,
+        ),
+        None => UrlAuth::Token(decode(addr.username().unwrap_or_default())?),
+    };
+    let mut bare = addr.into_inner();
+    bare.set_password(None)
+        .and_then(|()| bare.set_username(""))
+        .map_err(|()| invalid(&"cannot take the user information out of this URL"))?;
+    let addr = async_nats::ServerAddr::from_url(bare).map_err(|e| invalid(&e))?;
+    Ok((addr, Some(auth)))
+}
+
+/// `url` with the secret part of its user information replaced by `***`:
+/// `nats://user:***@host:4222` for a user and password, `nats://***@host:4222` for a token.
+/// A URL without user information is returned as it is.
+///
+/// Works on any text, valid URL or not: everything between the scheme's `://` (or the
+/// start, without a scheme) and the last `@` counts as user information, so an invalid URL
+/// is redacted too (at worst, too much of it).
+pub fn redact_url(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let Some(at) = url[start..].rfind('@').map(|i| start + i) else {
+        return url.to_owned();
+    };
+    let shown = match url[start..at].split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => "***".to_owned(),
+    };
+    format!("{}{shown}{}", &url[..start], &url[at..])
+}
+
+/// `text` with the user information of every `scheme://` URL in it redacted as by
+/// [`redact_url`]; a URL runs until the next whitespace or quote. For messages that may
+/// quote a configured URL (e.g. a deserialization error).
+pub fn redact_urls(text: &str) -> String {
+    let is_end = |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`');
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        // The URL starts at its scheme: the word before `://`.
+        let scheme_start = rest[..i]
+            .char_indices()
+            .rev()
+            .find(|(_, c)| is_end(*c))
+            .map_or(0, |(j, c)| j + c.len_utf8());
+        let end = rest[i..].find(is_end).map_or(rest.len(), |j| i + j);
+        out.push_str(&rest[..scheme_start]);
+        out.push_str(&redact_url(&rest[scheme_start..end]));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 pub(crate) fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> Error {
@@ -315,6 +469,7 @@ impl Nats {
         caps.queue_groups = true;
         caps.request_reply = true;
         caps.max_payload = client.server_info().max_payload;
+        caps.wire = WIRE;
         Ok(Self {
             client,
             caps: Arc::new(caps),
@@ -373,13 +528,12 @@ impl SimpleTransport for Nats {
         self.check_open()?;
         validate_topic(&message.topic)?;
         let headers = to_nats_headers(&message.headers)?;
-        let size = message.payload.len() + message.headers.encoded_len();
-        if size > self.caps.max_payload {
-            return Err(Error::PayloadTooLarge {
-                size,
-                max: self.caps.max_payload,
-            });
-        }
+        self.caps.check_parts(
+            &message.headers,
+            message.payload.len(),
+            None,
+            dualbus_core::Write::Publish,
+        )?;
         let result = match message.reply_to {
             Some(reply) => {
                 self.client
