@@ -42,6 +42,15 @@ pub enum EnvelopeError {
     /// The payload is empty.
     #[error("payload is empty")]
     EmptyPayload,
+    /// The chosen codec cannot carry this field's value (e.g. a non-JSON payload in jxt
+    /// JSON mode).
+    #[error("{field} cannot be encoded: {reason}")]
+    Unencodable {
+        /// The field's name.
+        field: &'static str,
+        /// Why, and what to do instead.
+        reason: &'static str,
+    },
     /// A custom header is invalid or uses a name the codec reserves.
     #[error("header {name:?}: {reason}")]
     Header {

@@ -1,7 +1,8 @@
-//! CloudEvents 1.0 binary content mode.
+//! CloudEvents 1.0 binary content mode: attributes as headers, the payload as the body.
 
 use std::borrow::Cow;
 
+use chrono::{DateTime, Utc};
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
 
 use super::time::{format_rfc3339_nano, parse_rfc3339};
@@ -24,8 +25,9 @@ pub const CE_EXTENSIONS: [&str; 5] = [
     "partitionkey",
 ];
 
-/// The payload media type header of both bindings.
-const CONTENT_TYPE: &str = "content-type";
+/// The message's media type header: `datacontenttype` in Kafka's binary mode, and what
+/// announces structured mode in every binding.
+pub(super) const CONTENT_TYPE: &str = "content-type";
 
 /// Attribute names with both prefixes, so that encoding allocates no name.
 struct Names {
@@ -35,6 +37,7 @@ struct Names {
     ty: &'static str,
     time: &'static str,
     subject: &'static str,
+    datacontenttype: &'static str,
     aggregateversion: &'static str,
     correlationid: &'static str,
     causationid: &'static str,
@@ -49,6 +52,8 @@ const NATS: Names = Names {
     ty: "ce-type",
     time: "ce-time",
     subject: "ce-subject",
+    // The NATS binding draft 1.0.3 maps it like any attribute (HTTP and Kafka do not).
+    datacontenttype: "ce-datacontenttype",
     aggregateversion: "ce-aggregateversion",
     correlationid: "ce-correlationid",
     causationid: "ce-causationid",
@@ -63,6 +68,7 @@ const KAFKA: Names = Names {
     ty: "ce_type",
     time: "ce_time",
     subject: "ce_subject",
+    datacontenttype: CONTENT_TYPE,
     aggregateversion: "ce_aggregateversion",
     correlationid: "ce_correlationid",
     causationid: "ce_causationid",
@@ -80,14 +86,55 @@ fn names(style: HeaderStyle) -> &'static Names {
 /// The NATS binding draft: percent-encode space, `"`, `%`, controls and every non-ASCII byte.
 const NATS_ENCODE: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'%');
 
-/// Which style wrote these headers, if any: by `specversion` only.
+/// Which style wrote these headers, if any: by `specversion` only (names in any case, as
+/// NATS and HTTP header names are case-insensitive).
 pub(super) fn detect(headers: &Headers) -> Option<HeaderStyle> {
-    if headers.contains(NATS.specversion) {
+    if headers.get_ignore_case(NATS.specversion).is_some() {
         Some(HeaderStyle::Nats)
-    } else if headers.contains(KAFKA.specversion) {
+    } else if headers.get_ignore_case(KAFKA.specversion).is_some() {
         Some(HeaderStyle::Kafka)
     } else {
         None
+    }
+}
+
+/// Whether `name` has a CloudEvents attribute prefix (`ce-` or `ce_`, any case).
+pub(super) fn is_ce_header(name: &str) -> bool {
+    name.get(..3)
+        .is_some_and(|p| p.eq_ignore_ascii_case("ce-") || p.eq_ignore_ascii_case("ce_"))
+}
+
+/// Undoes RFC 7230 quoting (`"..."` with backslash escapes) of a whole header value, which
+/// the NATS binding draft asks decoders to do before percent-decoding.
+fn unquote(v: &str) -> Cow<'_, str> {
+    let Some(inner) = v
+        .trim_matches([' ', '\t'])
+        .strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+    else {
+        return Cow::Borrowed(v);
+    };
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        out.push(if c == '\\' {
+            chars.next().unwrap_or(c)
+        } else {
+            c
+        });
+    }
+    Cow::Owned(out)
+}
+
+/// The text of a header value: NATS values are unquoted, then percent-decoded (and must be
+/// UTF-8); Kafka values are plain.
+fn decode_value(style: HeaderStyle, name: &str, v: &str) -> Result<String, DecodeError> {
+    match style {
+        HeaderStyle::Kafka => Ok(v.to_owned()),
+        HeaderStyle::Nats => percent_decode_str(&unquote(v))
+            .decode_utf8()
+            .map(Cow::into_owned)
+            .map_err(|_| DecodeError::invalid(name, "percent-encoding is not UTF-8")),
     }
 }
 
@@ -101,6 +148,7 @@ fn value(style: HeaderStyle, v: &str) -> String {
 fn is_reserved(n: &Names, name: &str) -> bool {
     name.eq_ignore_ascii_case(CONTENT_TYPE)
         || [
+            n.datacontenttype,
             n.specversion,
             n.id,
             n.source,
@@ -117,16 +165,35 @@ fn is_reserved(n: &Names, name: &str) -> bool {
         .any(|r| name.eq_ignore_ascii_case(r))
 }
 
+/// The envelope's source, else the bus's: CloudEvents requires one.
+pub(super) fn source<'a>(e: &'a Envelope, default: &'a str) -> Result<&'a str, EnvelopeError> {
+    let source = e.source.as_deref().unwrap_or(default);
+    if source.trim().is_empty() {
+        Err(EnvelopeError::Blank { field: "source" })
+    } else {
+        Ok(source)
+    }
+}
+
+/// `aggregateversion` from its text.
+pub(super) fn parse_version(name: &str, text: &str) -> Result<u64, DecodeError> {
+    text.parse::<u64>()
+        .map_err(|_| DecodeError::invalid(name, format!("{text:?} is not a positive integer")))
+}
+
+/// `time` from its text.
+pub(super) fn parse_time(name: &str, text: &str) -> Result<DateTime<Utc>, DecodeError> {
+    parse_rfc3339(text)
+        .ok_or_else(|| DecodeError::invalid(name, format!("{text:?} is not RFC 3339")))
+}
+
 pub(super) fn encode(
     e: &Envelope,
     style: HeaderStyle,
     default_source: &str,
 ) -> Result<OutboundMessage, crate::Error> {
     let n = names(style);
-    let source = e.source.as_deref().unwrap_or(default_source);
-    if source.trim().is_empty() {
-        return Err(EnvelopeError::Blank { field: "source" }.into());
-    }
+    let source = source(e, default_source)?;
     let mut h = Headers::with_capacity(10 + e.headers.len());
     h.push_unique(n.specversion, SPEC_VERSION);
     h.push_unique(n.id, value(style, &e.event_id));
@@ -148,7 +215,7 @@ pub(super) fn encode(
         }
     }
     if let Some(ct) = &e.content_type {
-        h.push_unique(CONTENT_TYPE, value(style, ct));
+        h.push_unique(n.datacontenttype, value(style, ct));
     }
     for (name, v) in e.headers.iter() {
         if is_reserved(n, name) {
@@ -171,16 +238,10 @@ pub(super) fn encode(
 pub(super) fn decode(m: &InboundMessage, style: HeaderStyle) -> Result<Envelope, DecodeError> {
     let n = names(style);
     let get = |name: &'static str| -> Result<Option<String>, DecodeError> {
-        match m.headers.get(name) {
-            None => Ok(None),
-            Some(v) => match style {
-                HeaderStyle::Kafka => Ok(Some(v.to_owned())),
-                HeaderStyle::Nats => percent_decode_str(v)
-                    .decode_utf8()
-                    .map(|s| Some(s.into_owned()))
-                    .map_err(|_| DecodeError::invalid(name, "percent-encoding is not UTF-8")),
-            },
-        }
+        m.headers
+            .get_ignore_case(name)
+            .map(|v| decode_value(style, name, v))
+            .transpose()
     };
     let required = |name: &'static str| -> Result<String, DecodeError> {
         get(name)?.ok_or(DecodeError::Missing(name))
@@ -190,18 +251,8 @@ pub(super) fn decode(m: &InboundMessage, style: HeaderStyle) -> Result<Envelope,
     if spec != SPEC_VERSION {
         return Err(DecodeError::SpecVersion(spec));
     }
-    let version_text = required(n.aggregateversion)?;
-    let event_version = version_text.parse::<u64>().map_err(|_| {
-        DecodeError::invalid(
-            n.aggregateversion,
-            format!("{version_text:?} is not a positive integer"),
-        )
-    })?;
-    let occurred_at = match get(n.time)? {
-        Some(t) => parse_rfc3339(&t)
-            .ok_or_else(|| DecodeError::invalid(n.time, format!("{t:?} is not RFC 3339")))?,
-        None => return Err(DecodeError::Missing(n.time)),
-    };
+    let event_version = parse_version(n.aggregateversion, &required(n.aggregateversion)?)?;
+    let occurred_at = parse_time(n.time, &required(n.time)?)?;
     let mut headers = Headers::new();
     for (name, v) in m.headers.iter() {
         if !is_reserved(n, name) {
@@ -219,17 +270,11 @@ pub(super) fn decode(m: &InboundMessage, style: HeaderStyle) -> Result<Envelope,
         causation_id: get(n.causationid)?,
         tenant_id: get(n.tenantid)?,
         trace_id: None,
-        content_type: match m.headers.get_ignore_case(CONTENT_TYPE) {
-            None => None,
-            Some(v) if style == HeaderStyle::Nats => Some(
-                percent_decode_str(v)
-                    .decode_utf8()
-                    .map_err(|_| {
-                        DecodeError::invalid(CONTENT_TYPE, "percent-encoding is not UTF-8")
-                    })?
-                    .into_owned(),
-            ),
-            Some(v) => Some(v.to_owned()),
+        // NATS names it `ce-datacontenttype`; producers following HTTP's binding (the SDKs)
+        // write `content-type` there too.
+        content_type: match get(n.datacontenttype)? {
+            Some(ct) => Some(ct),
+            None => get(CONTENT_TYPE)?,
         },
         headers,
         payload: m.payload.clone(),

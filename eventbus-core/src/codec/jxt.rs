@@ -5,11 +5,13 @@
 use std::borrow::Cow;
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::DecodeError;
+use super::json::{self, Members};
 use super::time::{format_rfc3339_nano, parse_rfc3339};
-use super::{DecodeError, HeaderStyle};
 use crate::envelope::{Envelope, EnvelopeError};
 use crate::headers::Headers;
 use crate::message::{InboundMessage, OutboundMessage};
@@ -34,6 +36,44 @@ const OWN_HEADERS: [&str; 7] = [
     X_CONTENT_TYPE,
 ];
 
+/// The body's fields, in jxt-core's struct order.
+const FIELDS: [&str; 9] = [
+    "event_id",
+    "aggregate_id",
+    "event_type",
+    "event_version",
+    "timestamp",
+    "trace_id",
+    "correlation_id",
+    "tenant_id",
+    "payload",
+];
+
+/// How `tenant_id` is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Tenant {
+    /// A JSON number (jxt-core's `int` since v1.1.36, 0 omitted).
+    Number,
+    /// A JSON string (jxt-core up to v1.1.35).
+    String,
+}
+
+const TENANT_NOT_AN_INTEGER: &str = "jxt-core reads tenant_id as an integer since v1.1.36: use \
+     the decimal form of an i64, or Codec::JxtJsonStringTenant (config \
+     `domain.jxt_tenant_id: string`) for jxt-core up to v1.1.35";
+
+/// Whether `name` is one of the body's fields, in jxt-core's manner: ASCII letters in any case
+/// (its decoder, jsoniter, folds A-Z only).
+pub(super) fn is_field(name: &str) -> bool {
+    FIELDS.iter().any(|f| f.eq_ignore_ascii_case(name))
+}
+
+/// What a body without `timestamp` decodes to: Go's zero `time.Time`,
+/// 0001-01-01T00:00:00Z, the value jxt-core itself holds (and would write) for it.
+pub(super) fn missing_timestamp() -> DateTime<Utc> {
+    DateTime::from_timestamp(-62_135_596_800, 0).unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
 /// Whether jxt-core accepts this aggregate id: `[A-Za-z0-9:_./-]`, 1 to 256 characters.
 pub fn jxt_compatible_id(id: &str) -> bool {
     !id.is_empty()
@@ -43,50 +83,33 @@ pub fn jxt_compatible_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b":_./-".contains(&b))
 }
 
-/// Writes `s` as a JSON string the way Go's `encoding/json` and jsoniter's standard-library
-/// configuration do (HTML-safe escaping of `<`, `>`, `&`, and of U+2028 / U+2029).
-fn write_go_string(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '<' => out.push_str("\\u003c"),
-            '>' => out.push_str("\\u003e"),
-            '&' => out.push_str("\\u0026"),
-            '\u{2028}' => out.push_str("\\u2028"),
-            '\u{2029}' => out.push_str("\\u2029"),
-            c if (c as u32) < 0x20 => {
-                out.push_str(&format!("\\u{:04x}", c as u32));
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-}
-
 pub(super) fn encode(
     e: &Envelope,
-    _style: HeaderStyle,
+    tenant: Tenant,
     default_source: &str,
 ) -> Result<OutboundMessage, crate::Error> {
+    let unencodable = |field, reason| EnvelopeError::Unencodable { field, reason };
     let payload = std::str::from_utf8(&e.payload)
         .ok()
         .filter(|p| serde_json::from_str::<&RawValue>(p).is_ok())
-        .ok_or(EnvelopeError::Header {
-            name: "payload".to_owned(),
-            reason: "the jxt JSON codec carries JSON payloads only",
-        })?;
+        .ok_or(unencodable(
+            "payload",
+            "the jxt JSON codec carries JSON payloads only",
+        ))?;
+    if i64::try_from(e.event_version).is_err() {
+        return Err(unencodable(
+            "event_version",
+            "jxt-core reads event_version as an int64: at most 9223372036854775807",
+        )
+        .into());
+    }
     let mut body = String::with_capacity(160 + e.payload.len());
     body.push_str("{\"event_id\":");
-    write_go_string(&mut body, &e.event_id);
+    json::write_string(&mut body, &e.event_id, true);
     body.push_str(",\"aggregate_id\":");
-    write_go_string(&mut body, &e.aggregate_id);
+    json::write_string(&mut body, &e.aggregate_id, true);
     body.push_str(",\"event_type\":");
-    write_go_string(&mut body, &e.event_type);
+    json::write_string(&mut body, &e.event_type, true);
     body.push_str(",\"event_version\":");
     body.push_str(&e.event_version.to_string());
     body.push_str(",\"timestamp\":\"");
@@ -94,15 +117,30 @@ pub(super) fn encode(
     body.push('"');
     if let Some(t) = &e.trace_id {
         body.push_str(",\"trace_id\":");
-        write_go_string(&mut body, t);
+        json::write_string(&mut body, t, true);
     }
     if let Some(c) = &e.correlation_id {
         body.push_str(",\"correlation_id\":");
-        write_go_string(&mut body, c);
+        json::write_string(&mut body, c, true);
     }
-    if let Some(t) = &e.tenant_id {
-        body.push_str(",\"tenant_id\":");
-        write_go_string(&mut body, t);
+    match (&e.tenant_id, tenant) {
+        (None, _) => {}
+        (Some(t), Tenant::String) => {
+            body.push_str(",\"tenant_id\":");
+            json::write_string(&mut body, t, true);
+        }
+        (Some(t), Tenant::Number) => {
+            let n = t
+                .parse::<i64>()
+                .ok()
+                .filter(|n| n.to_string() == *t)
+                .ok_or(unencodable("tenant_id", TENANT_NOT_AN_INTEGER))?;
+            // `omitempty` on an `int`: jxt-core writes no tenant 0 (and reads none as 0).
+            if n != 0 {
+                body.push_str(",\"tenant_id\":");
+                body.push_str(t);
+            }
+        }
     }
     // jxt-core marshals with jsoniter (ConfigCompatibleWithStandardLibrary), which writes a
     // RawMessage verbatim: no compaction, no escaping.
@@ -127,8 +165,7 @@ pub(super) fn encode(
     }
     for (name, v) in e.headers.iter() {
         if OWN_HEADERS.iter().any(|o| o.eq_ignore_ascii_case(name))
-            || name.to_ascii_lowercase().starts_with("ce_")
-            || name.to_ascii_lowercase().starts_with("ce-")
+            || super::cloudevents::is_ce_header(name)
         {
             return Err(EnvelopeError::Header {
                 name: name.to_owned(),
@@ -146,76 +183,122 @@ pub(super) fn encode(
     })
 }
 
-/// `tenant_id` has been a string in some jxt-core releases and a number in others.
+/// `tenant_id` is a number since jxt-core v1.1.36 and was a string before.
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum Tenant {
+enum WireTenant {
     Text(String),
     Number(serde_json::Number),
 }
 
-#[derive(Deserialize)]
-struct Wire<'a> {
-    event_id: Option<String>,
-    aggregate_id: Option<String>,
-    event_type: Option<String>,
-    event_version: Option<serde_json::Number>,
-    timestamp: Option<String>,
-    #[serde(default)]
-    trace_id: Option<String>,
-    #[serde(default)]
-    correlation_id: Option<String>,
-    #[serde(default)]
-    tenant_id: Option<Tenant>,
-    #[serde(borrow)]
-    payload: Option<&'a RawValue>,
+/// A member's value as `T`; `null` reads as absent, as Go leaves the field unset.
+fn field<'de, T: Deserialize<'de>>(
+    name: &'static str,
+    value: Option<&'de RawValue>,
+    expected: &str,
+) -> Result<Option<T>, DecodeError> {
+    match value {
+        None => Ok(None),
+        Some(v) => serde_json::from_str::<Option<T>>(v.get())
+            .map_err(|_| DecodeError::invalid(name, format!("{} is not {expected}", v.get()))),
+    }
 }
 
-pub(super) fn decode(m: &InboundMessage) -> Result<Envelope, DecodeError> {
-    let w: Wire<'_> = serde_json::from_slice(&m.payload).map_err(|e| {
-        DecodeError::UnknownFormat(format!(
-            "no ce-specversion header and the body is not a jxt envelope: {e}"
-        ))
-    })?;
-    let version = w
-        .event_version
-        .ok_or(DecodeError::Missing("event_version"))?;
-    let event_version = version.as_u64().ok_or_else(|| {
-        DecodeError::invalid(
-            "event_version",
-            format!("{version} is not a positive integer"),
-        )
-    })?;
-    let timestamp = w.timestamp.ok_or(DecodeError::Missing("timestamp"))?;
-    let occurred_at = parse_rfc3339(&timestamp).ok_or_else(|| {
-        DecodeError::invalid("timestamp", format!("{timestamp:?} is not RFC 3339"))
-    })?;
-    // A JSON `null` payload deserializes as absent: both are "missing".
-    let payload = w.payload.ok_or(DecodeError::Missing("payload"))?;
+/// Decodes a body that has at least one of the envelope's fields. `members` are `body`'s.
+pub(super) fn decode(
+    m: &InboundMessage,
+    body: &str,
+    members: &Members<'_>,
+) -> Result<Envelope, DecodeError> {
+    // Keys in any ASCII case, a later duplicate winning: as jxt-core's decoder reads them.
+    let mut values: [Option<&RawValue>; 9] = [None; 9];
+    for (name, value) in members {
+        if let Some(i) = FIELDS.iter().position(|f| f.eq_ignore_ascii_case(name)) {
+            values[i] = Some(value);
+        }
+    }
+    let [
+        event_id,
+        aggregate_id,
+        event_type,
+        event_version,
+        timestamp,
+        trace_id,
+        correlation_id,
+        tenant_id,
+        payload,
+    ] = values;
+    let text = |name, value| field::<String>(name, value, "a string");
+    let required = |name, value| text(name, value)?.ok_or(DecodeError::Missing(name));
+    let non_empty = |name, value| -> Result<Option<String>, DecodeError> {
+        Ok(text(name, value)?.filter(|s| !s.is_empty()))
+    };
+
+    let version: serde_json::Number = field(
+        "event_version",
+        event_version,
+        "an integer (jxt-core's int64)",
+    )?
+    .ok_or(DecodeError::Missing("event_version"))?;
+    let event_version = version
+        .as_u64()
+        .filter(|v| i64::try_from(*v).is_ok())
+        .ok_or_else(|| {
+            DecodeError::invalid(
+                "event_version",
+                format!("{version} is not an integer from 1 to 2^63-1 (jxt-core's int64)"),
+            )
+        })?;
+    let occurred_at = match text("timestamp", timestamp)? {
+        None => missing_timestamp(),
+        Some(t) => parse_rfc3339(&t)
+            .ok_or_else(|| DecodeError::invalid("timestamp", format!("{t:?} is not RFC 3339")))?,
+    };
+    let tenant_id = match field("tenant_id", tenant_id, "a string or an integer")? {
+        None => None,
+        Some(WireTenant::Text(t)) => Some(t).filter(|t| !t.is_empty()),
+        Some(WireTenant::Number(n)) => match n.as_i64() {
+            Some(0) => None,
+            Some(_) => Some(n.to_string()),
+            None => {
+                return Err(DecodeError::invalid(
+                    "tenant_id",
+                    format!("{n} is not an integer (jxt-core's int)"),
+                ));
+            }
+        },
+    };
+    // A JSON `null` payload is jxt-core's "payload is required" too.
+    let payload = payload
+        .filter(|p| p.get() != "null")
+        .ok_or(DecodeError::Missing("payload"))?;
     let mut headers = Headers::new();
     for (name, v) in m.headers.iter() {
         if !OWN_HEADERS.iter().any(|o| o.eq_ignore_ascii_case(name)) {
             headers.insert(Cow::Owned(name.to_owned()), v);
         }
     }
-    let non_empty = |s: Option<String>| s.filter(|s| !s.is_empty());
+    let header = |name| {
+        m.headers
+            .get_ignore_case(name)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
     Ok(Envelope {
-        event_id: w.event_id.ok_or(DecodeError::Missing("event_id"))?,
-        aggregate_id: w.aggregate_id.ok_or(DecodeError::Missing("aggregate_id"))?,
-        event_type: w.event_type.ok_or(DecodeError::Missing("event_type"))?,
+        event_id: required("event_id", event_id)?,
+        aggregate_id: required("aggregate_id", aggregate_id)?,
+        event_type: required("event_type", event_type)?,
         event_version,
         occurred_at,
-        source: non_empty(m.headers.get_ignore_case(X_EVENT_SOURCE).map(str::to_owned)),
-        correlation_id: non_empty(w.correlation_id),
-        causation_id: non_empty(m.headers.get_ignore_case(X_CAUSATION_ID).map(str::to_owned)),
-        tenant_id: match w.tenant_id {
-            None => None,
-            Some(Tenant::Text(t)) => non_empty(Some(t)),
-            Some(Tenant::Number(n)) => Some(n.to_string()),
-        },
-        trace_id: non_empty(w.trace_id),
+        source: header(X_EVENT_SOURCE),
+        correlation_id: non_empty("correlation_id", correlation_id)?,
+        causation_id: header(X_CAUSATION_ID),
+        tenant_id,
+        trace_id: non_empty("trace_id", trace_id)?,
         content_type: m.headers.get_ignore_case(X_CONTENT_TYPE).map(str::to_owned),
         headers,
-        payload: Bytes::copy_from_slice(payload.get().as_bytes()),
+        // The text between `"payload":` and the next `,` or `}`, whitespace included, so
+        // that encoding the envelope again writes the same bytes.
+        payload: Bytes::copy_from_slice(json::verbatim(body, payload).as_bytes()),
     })
 }

@@ -22,13 +22,9 @@ pub(crate) fn format_rfc3339_nano(t: &DateTime<Utc>) -> String {
     // chrono folds leap seconds into nanoseconds >= 1e9; clamp them like Go does not have them.
     let nanos = t.nanosecond().min(999_999_999);
     if nanos != 0 {
-        let mut digits = 9;
-        let mut n = nanos;
-        while n % 10 == 0 {
-            n /= 10;
-            digits -= 1;
-        }
-        let _ = write!(s, ".{n:0digits$}");
+        let digits = format!("{nanos:09}");
+        s.push('.');
+        s.push_str(digits.trim_end_matches('0'));
     }
     s.push('Z');
     s
