@@ -1409,10 +1409,10 @@ impl Pulling {
             } else if floor + 1 == seq && delivered >= seq {
                 // Pending, with everything before it acknowledged: settle it and ack it;
                 // the rewind comes after that.
-                if let Some(p) = &mut self.poison {
-                    if !matches!(p.phase, Phase::Settling(_)) {
-                        p.phase = Phase::Hand;
-                    }
+                if let Some(p) = &mut self.poison
+                    && !matches!(p.phase, Phase::Settling(_))
+                {
+                    p.phase = Phase::Hand;
                 }
                 self.rewind = false;
                 return Ok(());

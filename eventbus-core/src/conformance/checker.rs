@@ -278,15 +278,14 @@ impl OrderChecker {
                 Record::Crash { t, .. } => crashes.push(*t),
                 Record::Fail { .. } => {}
             }
-            if let (Some(q), Record::End { t, a, v, .. }) = (inner.quiescent_at, r) {
-                if *t > q {
+            if let (Some(q), Record::End { t, a, v, .. }) = (inner.quiescent_at, r)
+                && *t > q {
                     return Err(Violation {
                         check: "C6",
                         aggregate: a.clone(),
                         detail: format!("v{v} was handled again after the run was quiescent"),
                     });
                 }
-            }
         }
         // C4
         // Per aggregate: the member running it and the version.

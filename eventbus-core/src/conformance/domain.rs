@@ -313,12 +313,12 @@ pub async fn order_under_failures(backend: &dyn Backend) {
         let checker = OrderChecker::new();
         let handler = handler_fn(move |e: Event| async move {
             let roll = mix(seed, &e.aggregate_id, e.event_version, e.attempt);
-            if roll % 7 == 0 {
+            if roll.is_multiple_of(7) {
                 tokio::time::sleep(Duration::from_micros(roll % 2000)).await;
-            } else if roll % 5 == 0 {
+            } else if roll.is_multiple_of(5) {
                 tokio::task::yield_now().await;
             }
-            if roll % 4 == 0 {
+            if roll.is_multiple_of(4) {
                 return Err(HandleError::msg(format!("injected failure (seed {seed})")));
             }
             Ok(())

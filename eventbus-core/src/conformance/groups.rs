@@ -54,10 +54,10 @@ fn flaky(seed: u64) -> Handler {
     Arc::new(move |e: Event| {
         Box::pin(async move {
             let roll = mix(seed, &e.aggregate_id, e.event_version, e.attempt);
-            if roll % 5 == 0 {
+            if roll.is_multiple_of(5) {
                 tokio::time::sleep(Duration::from_micros(roll % 3000)).await;
             }
-            if roll % 8 == 0 {
+            if roll.is_multiple_of(8) {
                 return Err(HandleError::msg("injected failure"));
             }
             Ok(())
