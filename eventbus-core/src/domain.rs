@@ -19,9 +19,9 @@ use crate::pool::{
     DeadLetterPolicy, Pool, PoolConfig, PoolObserver, PoolParams, PoolStats, ShutdownReport,
 };
 use crate::retry::Backoff;
-use crate::topic::{dead_letter_topic, validate_topic};
+use crate::topic::{dead_letter_topic, group_from_source, validate_group, validate_topic};
 use crate::transport::{
-    Capabilities, DomainTransport, DynDomainTransport, StartPosition, SubscriptionSpec,
+    Capabilities, DomainTransport, DynDomainTransport, StartPosition, SubscriptionSpec, Write,
 };
 
 /// A request to publish one encoded message: what publish layers see.
@@ -111,13 +111,19 @@ impl DomainBusBuilder {
     }
 
     /// The service name: CloudEvents `source` of published events and the default group of
-    /// subscriptions.
+    /// subscriptions (mapped to a valid group name if it is not one, see
+    /// [`default_group`](Self::default_group)).
     pub fn source(mut self, source: impl Into<String>) -> Self {
         self.source = source.into();
         self
     }
 
-    /// The consumer group of subscriptions that do not name one. Default: the source.
+    /// The consumer group of subscriptions that do not name one. Default: the source if it
+    /// is a valid group name, else the source mapped to one by
+    /// [`group_from_source`](crate::group_from_source) (`/orders/eu` gives `_orders_eu`).
+    /// [`build`](Self::build) refuses a name that is not a valid group name (see
+    /// [`validate_group`](crate::validate_group)) with [`Error::Config`] naming
+    /// `domain.group.name`.
     pub fn default_group(mut self, group: impl Into<String>) -> Self {
         self.default_group = Some(group.into());
         self
@@ -212,10 +218,25 @@ impl DomainBusBuilder {
             }
             publish
         });
-        let default_group = self.default_group.unwrap_or_else(|| self.source.clone());
-        if default_group.trim().is_empty() {
-            return Err(Error::config("domain.group.name", "must not be empty"));
-        }
+        // The default group: as set (and then a valid group name), or the source mapped to
+        // one (see `group_from_source`).
+        let default_group = match self.default_group {
+            Some(g) => {
+                validate_group("domain.group.name", &g)?;
+                g
+            }
+            None => {
+                let g = group_from_source(&self.source);
+                if g != self.source {
+                    tracing::info!(
+                        source = %self.source,
+                        group = %g,
+                        "the source is not a valid group name: the default group is derived from it (set the group name to choose another)"
+                    );
+                }
+                g
+            }
+        };
         Ok(DomainBus {
             inner: Arc::new(Inner {
                 transport: self.transport,
@@ -304,9 +325,7 @@ impl DomainBus {
             .inner
             .codec
             .encode(envelope, caps.header_style, &self.inner.source)?;
-        if self.inner.codec == Codec::JxtJson
-            && !crate::codec::jxt_compatible_id(&envelope.aggregate_id)
-        {
+        if self.inner.codec.is_jxt() && !crate::codec::jxt_compatible_id(&envelope.aggregate_id) {
             tracing::warn!(
                 aggregate_id = %envelope.aggregate_id,
                 "aggregate id outside jxt-core's [A-Za-z0-9:_./-]{{1,256}}: jxt-core consumers will reject it"
@@ -320,6 +339,7 @@ impl DomainBus {
         &self,
         topic: &str,
         envelope: &Envelope,
+        write: Write,
     ) -> Result<(
         OutboundMessage,
         Vec<Box<dyn crate::middleware::PublishScope>>,
@@ -338,13 +358,7 @@ impl DomainBus {
         if !scopes.is_empty() {
             message.headers.validate()?;
         }
-        let size = message.payload.len() + message.headers.encoded_len();
-        if size > caps.max_payload {
-            return Err(Error::PayloadTooLarge {
-                size,
-                max: caps.max_payload,
-            });
-        }
+        caps.check_size(&message, write)?;
         Ok((message, scopes))
     }
 
@@ -354,7 +368,7 @@ impl DomainBus {
     /// and [`Error::Closed`] before anything is sent; the backend's errors after.
     pub async fn publish(&self, topic: &str, envelope: &Envelope) -> Result<Receipt> {
         self.check_open()?;
-        let (message, scopes) = self.prepare(topic, envelope)?;
+        let (message, scopes) = self.prepare(topic, envelope, Write::Publish)?;
         let result = match &self.inner.publish {
             None => self.inner.transport.publish(topic, message).await,
             Some(publish) => {
@@ -387,7 +401,7 @@ impl DomainBus {
         let mut messages = Vec::with_capacity(envelopes.len());
         let mut scopes = Vec::with_capacity(envelopes.len());
         for envelope in envelopes {
-            let (message, s) = self.prepare(topic, envelope)?;
+            let (message, s) = self.prepare(topic, envelope, Write::Publish)?;
             scopes.push(s);
             messages.push(message);
         }
@@ -426,7 +440,7 @@ impl DomainBus {
             }
             .into());
         }
-        let (message, scopes) = self.prepare(topic, envelope)?;
+        let (message, scopes) = self.prepare(topic, envelope, Write::Append)?;
         let last = self
             .inner
             .transport
@@ -540,6 +554,10 @@ impl fmt::Debug for DomainSubscribeBuilder {
 impl DomainSubscribeBuilder {
     /// The consumer group; default: the bus's default group (its source, the service name,
     /// unless set), so replicas of one service share the topic's partitions.
+    ///
+    /// A group name follows the rule of topic names (`[A-Za-z0-9_-]` tokens separated by
+    /// single dots, at most 200 bytes; see [`validate_group`](crate::validate_group)):
+    /// [`start`](Self::start) refuses any other with [`Error::Config`] naming `group`.
     pub fn group(mut self, group: impl Into<String>) -> Self {
         self.group = Some(group.into());
         self
@@ -582,12 +600,14 @@ impl DomainSubscribeBuilder {
         let bus = self.bus;
         bus.check_open()?;
         validate_topic(&self.topic)?;
-        let group = self
-            .group
-            .unwrap_or_else(|| bus.inner.default_group.clone());
-        if group.trim().is_empty() {
-            return Err(Error::config("group", "must not be empty"));
-        }
+        // Checked here, once for every backend; the default group was checked at build.
+        let group = match self.group {
+            Some(g) => {
+                validate_group("group", &g)?;
+                g
+            }
+            None => bus.inner.default_group.clone(),
+        };
         let pool = self.pool.unwrap_or_else(|| bus.inner.pool.clone());
         pool.validate()?;
         let retry = self.retry.unwrap_or_else(|| bus.inner.retry.clone());

@@ -88,11 +88,14 @@ pub use retry::Backoff;
 pub use simple::{
     SimpleBus, SimpleBusBuilder, SimpleStats, SimpleSubscribeBuilder, SimpleSubscription,
 };
-pub use topic::{DEFAULT_DEAD_LETTER_SUFFIX, MAX_TOPIC_LEN, dead_letter_topic, validate_topic};
+pub use topic::{
+    DEFAULT_DEAD_LETTER_SUFFIX, MAX_TOPIC_LEN, dead_letter_topic, group_from_source,
+    validate_group, validate_topic,
+};
 pub use transport::{
     Acker, Capabilities, Delivery, DomainSubscription, DomainTransport, DynDomainTransport,
     DynSimpleTransport, GroupControl, GroupEvent, GroupMembership, PartitionControl,
-    SimpleTransport, StartPosition, SubscriptionSpec, request_via_inbox,
+    SimpleTransport, StartPosition, SubscriptionSpec, WireOverhead, Write, request_via_inbox,
 };
 
 /// Traits to import with `use dualbus_core::prelude::*`.

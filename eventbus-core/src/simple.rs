@@ -19,7 +19,7 @@ use crate::headers::Headers;
 use crate::message::{Message, Receipt};
 use crate::middleware::{BusKind, Hook, HookLayer, PublishInfo};
 use crate::middleware::{finish_publish, publish_scopes};
-use crate::topic::validate_topic;
+use crate::topic::{validate_group, validate_topic};
 use crate::transport::{Capabilities, DynSimpleTransport, SimpleTransport};
 
 /// Builds a [`SimpleBus`].
@@ -145,13 +145,12 @@ impl SimpleBus {
         };
         let scopes = publish_scopes(&self.inner.hooks, &info, &mut message.headers);
         message.headers.validate()?;
-        let size = message.payload.len() + message.headers.encoded_len();
-        if size > caps.max_payload {
-            return Err(Error::PayloadTooLarge {
-                size,
-                max: caps.max_payload,
-            });
-        }
+        caps.check_parts(
+            &message.headers,
+            message.payload.len(),
+            None,
+            crate::transport::Write::Publish,
+        )?;
         Ok(scopes)
     }
 
@@ -294,7 +293,9 @@ impl fmt::Debug for SimpleSubscribeBuilder {
 }
 
 impl SimpleSubscribeBuilder {
-    /// Join a queue group: each message goes to one member of the group.
+    /// Join a queue group: each message goes to one member of the group. The name follows
+    /// the rule of topic names ([`validate_group`](crate::validate_group)); another is
+    /// refused by [`start`](Self::start) with [`Error::Config`] naming `queue_group`.
     pub fn queue_group(mut self, group: impl Into<String>) -> Self {
         self.queue = Some(group.into());
         self
@@ -326,8 +327,7 @@ impl SimpleSubscribeBuilder {
                     backend: bus.capabilities().backend,
                 });
             }
-            validate_topic(q)
-                .map_err(|_| Error::config("queue_group", "must match [A-Za-z0-9_.-]+"))?;
+            validate_group("queue_group", q)?;
         }
         let mut svc = BoxMessageHandler::new(handler);
         if !bus.inner.hooks.is_empty() {
@@ -376,10 +376,10 @@ impl SubInner {
     async fn stop(&self, deadline: Duration) {
         self.stop.cancel();
         let task = self.task.lock().take();
-        if let Some(mut task) = task {
-            if tokio::time::timeout(deadline, &mut task).await.is_err() {
-                task.abort();
-            }
+        if let Some(mut task) = task
+            && tokio::time::timeout(deadline, &mut task).await.is_err()
+        {
+            task.abort();
         }
     }
 }

@@ -38,6 +38,59 @@ pub fn validate_topic(topic: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks a group name (the consumer group of a domain subscription, the queue group of a
+/// simple one): the rule of topic names ([`validate_topic`]), so that every backend can use
+/// it in a consumer name, a queue group or a key. `key` names the setting in the error
+/// (`group`, `queue_group`, `domain.group.name`).
+///
+/// The error is [`Error::Config`] (kind [`InvalidInput`](crate::ErrorKind::InvalidInput))
+/// naming `key`, the refused name and the reason.
+pub fn validate_group(key: &str, group: &str) -> Result<()> {
+    match validate_topic(group) {
+        Ok(()) => Ok(()),
+        Err(Error::InvalidTopic { topic, reason }) => Err(Error::config(
+            key,
+            format!("invalid group name {topic:?}: {}", group_reason(reason)),
+        )),
+        Err(other) => Err(other),
+    }
+}
+
+fn group_reason(topic_reason: &'static str) -> &'static str {
+    match topic_reason {
+        "topic is empty" => "the name is empty",
+        "topic longer than 200 bytes" => "the name is longer than 200 bytes",
+        other => other,
+    }
+}
+
+/// The default group of a bus whose `source` is not a valid group name (CloudEvents
+/// sources are often URIs, such as `/orders` or `urn:shop:orders`): every character other
+/// than `[A-Za-z0-9_-]` (dots included) becomes `_`, and the result is cut to
+/// [`MAX_TOPIC_LEN`] bytes. A source that is a valid group name is its own default group,
+/// unchanged.
+///
+/// The mapping is deterministic, so every replica of a service gets the same group; it is
+/// not reversible: sources that differ only in such characters (`/orders` and `:orders`,
+/// or `/orders` and `_orders`) map to one group and would share it. Set the group name
+/// explicitly (`domain.group.name`) where that matters.
+pub fn group_from_source(source: &str) -> String {
+    if validate_topic(source).is_ok() {
+        return source.to_owned();
+    }
+    source
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(MAX_TOPIC_LEN)
+        .collect()
+}
+
 /// The dead-letter topic of `topic` with the given suffix (e.g. `.dlq`).
 pub fn dead_letter_topic(topic: &str, suffix: &str) -> String {
     let mut t = String::with_capacity(topic.len() + suffix.len());
@@ -70,5 +123,40 @@ mod tests {
             assert!(matches!(e, Error::InvalidTopic { .. }), "{bad}");
         }
         assert_eq!(dead_letter_topic("orders", ".dlq"), "orders.dlq");
+    }
+
+    #[test]
+    fn groups() {
+        for ok in ["orders-service", "orders.v1", "a_b"] {
+            validate_group("group", ok).unwrap();
+        }
+        for bad in ["", "a b", "*", "a\nb", "a..b", ">", "ä", &"g".repeat(201)] {
+            let e = validate_group("group", bad).unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::InvalidInput, "{bad:?}");
+            let text = e.to_string();
+            assert!(text.contains("`group`"), "{text}");
+            assert!(text.contains("invalid group name"), "{text}");
+        }
+    }
+
+    #[test]
+    fn default_group_of_a_source() {
+        assert_eq!(group_from_source("orders-service"), "orders-service");
+        assert_eq!(group_from_source("orders.v1"), "orders.v1");
+        assert_eq!(group_from_source("/orders/eu"), "_orders_eu");
+        assert_eq!(group_from_source("urn:shop:orders"), "urn_shop_orders");
+        assert_eq!(
+            group_from_source("https://example.com/orders"),
+            "https___example_com_orders"
+        );
+        assert_eq!(group_from_source("a b\nü"), "a_b__");
+        assert_eq!(group_from_source(&"/".repeat(300)).len(), MAX_TOPIC_LEN);
+        for s in ["/orders", "a b", "x.", "ü", &"y".repeat(300)] {
+            let g = group_from_source(s);
+            validate_group("group", &g).unwrap();
+            assert_eq!(group_from_source(s), g, "deterministic");
+        }
+        // Not reversible: distinct sources may share a group (documented).
+        assert_eq!(group_from_source("/orders"), group_from_source(":orders"));
     }
 }

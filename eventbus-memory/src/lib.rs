@@ -14,6 +14,13 @@
 //! durable**: everything lives as long as the [`Memory`] broker value (and its clones)
 //! lives.
 //!
+//! On the simple bus, every subscriber and every member of a queue group has a bounded
+//! buffer of its own (`simple_buffer`). A queue group's messages are dealt at publish time,
+//! round-robin over its members, skipping a member whose buffer is full: each message goes
+//! to exactly one member, equally fast members get equal shares, and a member that stops
+//! reading holds at most its buffer. A publisher waits only when every member's buffer is
+//! full. A member that leaves hands the messages left in its buffer to the others.
+//!
 //! ```
 //! use dualbus_memory::Memory;
 //! use dualbus_core::{DomainBus, Envelope, SimpleBus, handler_fn, Event, HandleError};
@@ -60,7 +67,8 @@ pub struct MemoryConfig {
     pub ack_wait: Duration,
     /// Largest payload plus headers accepted. Default 1 MiB.
     pub max_payload: usize,
-    /// Buffered simple messages per subscriber before publishers wait. Default 1,024.
+    /// Buffered simple messages per subscriber (and per queue-group member) before
+    /// publishers wait. Default 1,024.
     pub simple_buffer: usize,
     /// Partitions of particular topics, overriding `partitions`.
     pub topic_partitions: BTreeMap<String, u32>,

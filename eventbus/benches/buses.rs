@@ -381,12 +381,10 @@ async fn handover() -> (Duration, usize) {
                     .lock()
                     .entry((e.aggregate_id.clone(), e.event_version))
                     .or_insert(0) += 1;
-                if moved_probe {
-                    if let Some((t0, parts)) = &*crash_at.lock() {
-                        let mut f = first_moved.lock();
-                        if f.is_none() && parts.contains(&e.position.partition) {
-                            *f = Some(t0.elapsed());
-                        }
+                if moved_probe && let Some((t0, parts)) = &*crash_at.lock() {
+                    let mut f = first_moved.lock();
+                    if f.is_none() && parts.contains(&e.position.partition) {
+                        *f = Some(t0.elapsed());
                     }
                 }
                 Ok::<_, HandleError>(())

@@ -103,14 +103,17 @@ impl BusesBuilder {
         self
     }
 
-    /// The service name: CloudEvents `source` and default consumer group. Default `dualbus`.
+    /// The service name: CloudEvents `source` and default consumer group (mapped to a valid
+    /// group name if it is not one, see [`dualbus_core::group_from_source`]). Default
+    /// `dualbus`.
     pub fn source(mut self, source: impl Into<String>) -> Self {
         self.source = Some(source.into());
         self
     }
 
     /// The consumer group of domain subscriptions that do not name one (default: the
-    /// source).
+    /// source). Must be a valid group name ([`dualbus_core::validate_group`]): `build`
+    /// refuses another with an error naming `domain.group.name`.
     pub fn default_group(mut self, group: impl Into<String>) -> Self {
         self.default_group = Some(group.into());
         self

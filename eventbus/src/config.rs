@@ -3,19 +3,23 @@
 //! ```yaml
 //! domain:
 //!   type: memory            # memory | nats | kafka | redis
-//!   source: orders-service  # CloudEvents source; also the default group name
+//!   source: orders-service  # CloudEvents source; also the default group name (mapped to
+//!                           # a valid one if it is not: `/orders` gives `_orders`)
 //!   codec: cloudevents      # cloudevents | jxt
+//!   cloudevents_mode: binary  # binary | structured (codec cloudevents only)
+//!   # jxt_tenant_id: number   # number | string: jxt-core up to v1.1.35 (codec jxt only)
 //!   memory: { partitions: 16, ack_wait: 30s }
 //!   pool: { max_concurrency: 256, max_in_flight: 10000, max_per_key: 1000, drain_deadline: 10s }
 //!   retry: { attempts: 5, initial_backoff: 100ms, max_backoff: 10s }
 //!   dead_letter: { suffix: ".dlq" }
 //!   handler_timeout: 30s
 //!   group: { name: orders-service, partitions: 16, drain_deadline: 10s, member_timeout: 5s }
+//!   # group names: [A-Za-z0-9_-] tokens separated by single dots, at most 200 bytes
 //!   topics: { payments: { partitions: 32 } }   # per-topic overrides
 //!   # type: nats, with (see dualbus_nats::NatsConfig):
 //!   # nats:
-//!   #   urls: ["nats://127.0.0.1:4222"]
-//!   #   credentials: { token: ... }     # or user + password, nkey, creds_file
+//!   #   urls: ["nats://127.0.0.1:4222"]  # or nats://user:password@host:4222 (redacted in output)
+//!   #   credentials: { token: ... }     # or user + password, nkey, creds_file (not with URL credentials)
 //!   #   jetstream:
 //!   #     stream: { storage: file, replicas: 1, retention: limits, max_age: 30d, duplicate_window: 2m }
 //!   #     consumer: { ack_wait: 30s, max_ack_pending: 10000, batch: 256, lease_ttl: 10s }
@@ -80,6 +84,30 @@ pub enum CodecKind {
     Jxt,
 }
 
+/// How the CloudEvents codec writes (`cloudevents_mode`); both are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum CloudEventsMode {
+    /// Attributes as headers, the payload as the body.
+    #[default]
+    Binary,
+    /// The whole event as a JSON body (`application/cloudevents+json`).
+    Structured,
+}
+
+/// How the jxt codec writes `tenant_id` (`jxt_tenant_id`); both are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum JxtTenantId {
+    /// A JSON number, as jxt-core reads it since v1.1.36 (tenant ids must be integers).
+    #[default]
+    Number,
+    /// A JSON string, for jxt-core up to v1.1.35.
+    String,
+}
+
 /// The `memory` section.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -112,7 +140,10 @@ impl Default for MemorySection {
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct GroupSection {
-    /// The group of subscriptions that do not name one. Default: the source.
+    /// The group of subscriptions that do not name one: `[A-Za-z0-9_-]` tokens separated
+    /// by single dots, at most 200 bytes. Default: the source if it is such a name, else the
+    /// source with every other character replaced by `_` (see
+    /// [`dualbus_core::group_from_source`]; distinct sources may map to one name).
     pub name: Option<String>,
     /// Partitions per domain topic (Kafka: the topic's own). Default: the backend's (16 in
     /// memory).
@@ -160,10 +191,14 @@ pub struct DomainSection {
     /// The backend.
     #[serde(rename = "type")]
     pub kind: BackendKind,
-    /// The service name (CloudEvents source and default group).
+    /// The service name (CloudEvents source and default group, see [`GroupSection::name`]).
     pub source: Option<String>,
     /// The codec publishers write.
     pub codec: CodecKind,
+    /// CloudEvents content mode publishers write (codec `cloudevents` only). Default binary.
+    pub cloudevents_mode: Option<CloudEventsMode>,
+    /// How jxt JSON mode writes `tenant_id` (codec `jxt` only). Default number.
+    pub jxt_tenant_id: Option<JxtTenantId>,
     /// In-process backend settings.
     pub memory: Option<MemorySection>,
     /// NATS settings (feature `nats`).
@@ -185,6 +220,18 @@ pub struct DomainSection {
     /// Cut-off of one handler attempt.
     #[serde(with = "dualbus_core::config::duration::option")]
     pub handler_timeout: Option<Duration>,
+}
+
+impl DomainSection {
+    /// The codec publishers write, from `codec`, `cloudevents_mode` and `jxt_tenant_id`.
+    pub fn wire_codec(&self) -> Codec {
+        match (self.codec, self.cloudevents_mode, self.jxt_tenant_id) {
+            (CodecKind::Jxt, _, Some(JxtTenantId::String)) => Codec::JxtJsonStringTenant,
+            (CodecKind::Jxt, _, _) => Codec::JxtJson,
+            (_, Some(CloudEventsMode::Structured), _) => Codec::CloudEventsStructured,
+            _ => Codec::CloudEvents,
+        }
+    }
 }
 
 /// The `simple` section.
@@ -307,16 +354,26 @@ impl Config {
         section("domain", "kafka", d.kafka.is_some())?;
         section("domain", "redis", d.redis.is_some())?;
         section("domain", "memory", d.memory.is_some())?;
-        if let Some(s) = &d.source {
-            if s.trim().is_empty() {
-                return Err(Error::config("domain.source", "must not be empty"));
-            }
+        if let Some(s) = &d.source
+            && s.trim().is_empty()
+        {
+            return Err(Error::config("domain.source", "must not be empty"));
+        }
+        if d.codec != CodecKind::Cloudevents && d.cloudevents_mode.is_some() {
+            return Err(Error::config(
+                "domain.cloudevents_mode",
+                "applies to `codec: cloudevents` only",
+            ));
+        }
+        if d.codec != CodecKind::Jxt && d.jxt_tenant_id.is_some() {
+            return Err(Error::config(
+                "domain.jxt_tenant_id",
+                "applies to `codec: jxt` only",
+            ));
         }
         d.pool.validate().map_err(|e| prefix("domain", e))?;
         if let Some(n) = &d.group.name {
-            if n.trim().is_empty() {
-                return Err(Error::config("domain.group.name", "must not be empty"));
-            }
+            dualbus_core::validate_group("domain.group.name", n)?;
         }
         if d.group.partitions == Some(0) {
             return Err(Error::config(
@@ -456,14 +513,31 @@ fn nats_config(raw: &Raw, parent: &str) -> Result<dualbus_nats::NatsConfig> {
             path.push('.');
             path.push_str(p);
         }
-        if let figment::error::Kind::UnknownField(field, _) = &e.kind {
-            if e.path.last() != Some(field) {
-                path.push('.');
-                path.push_str(field);
-            }
+        if let figment::error::Kind::UnknownField(field, _) = &e.kind
+            && e.path.last() != Some(field)
+        {
+            path.push('.');
+            path.push_str(field);
         }
-        Error::config(path, e.kind.to_string())
+        Error::config(path, nats_message(&e.kind))
     })
+}
+
+/// The message of an error in a `nats` section, showing no secret: a string value (a URL
+/// with a password, a token) is not quoted, and URLs in the message are redacted.
+#[cfg(feature = "nats")]
+fn nats_message(kind: &figment::error::Kind) -> String {
+    use figment::error::{Actual, Kind};
+    let message = match kind {
+        Kind::InvalidType(Actual::Str(_), expected) => {
+            format!("invalid type: found a string, expected {expected}")
+        }
+        Kind::InvalidValue(Actual::Str(_), expected) => {
+            format!("invalid value: a string, expected {expected}")
+        }
+        other => other.to_string(),
+    };
+    dualbus_nats::redact_urls(&message)
 }
 
 impl crate::Buses {
@@ -477,10 +551,7 @@ impl crate::Buses {
             pool.drain_deadline = deadline;
         }
         let mut b = Self::builder()
-            .codec(match d.codec {
-                CodecKind::Cloudevents => Codec::CloudEvents,
-                CodecKind::Jxt => Codec::JxtJson,
-            })
+            .codec(d.wire_codec())
             .pool(pool)
             .retry(d.retry.clone())
             .dead_letter(d.dead_letter.clone())

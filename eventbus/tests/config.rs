@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use dualbus::config::{BackendKind, CodecKind};
-use dualbus::{Buses, Config, Error, Event, HandleError, handler_fn};
+use dualbus::config::{BackendKind, CodecKind, JxtTenantId};
+use dualbus::{Buses, Codec, Config, Error, Event, HandleError, handler_fn};
 
 const YAML: &str = r#"
 domain:
@@ -122,6 +122,66 @@ fn unknown_keys_name_their_path() {
         assert_eq!(path, "domain.bogus");
         Ok(())
     });
+}
+
+#[test]
+fn codec_options() {
+    figment::Jail::expect_with(|jail| {
+        let codec = |yaml: &str| Config::from_yaml(yaml).unwrap().domain.wire_codec();
+        assert_eq!(codec("{}"), Codec::CloudEvents);
+        assert_eq!(
+            codec("domain:\n  cloudevents_mode: structured\n"),
+            Codec::CloudEventsStructured
+        );
+        assert_eq!(codec("domain:\n  codec: jxt\n"), Codec::JxtJson);
+        let c = Config::from_yaml("domain:\n  codec: jxt\n  jxt_tenant_id: string\n").unwrap();
+        assert_eq!(c.domain.jxt_tenant_id, Some(JxtTenantId::String));
+        assert_eq!(c.domain.wire_codec(), Codec::JxtJsonStringTenant);
+        let c =
+            Config::from_toml("[domain]\ncodec = \"jxt\"\njxt_tenant_id = \"number\"\n").unwrap();
+        assert_eq!(c.domain.wire_codec(), Codec::JxtJson);
+        // An option of the other codec is a mistake, named by its path.
+        let (path, message) = config_error(Config::from_yaml("domain:\n  jxt_tenant_id: string\n"));
+        assert_eq!(path, "domain.jxt_tenant_id");
+        assert!(message.contains("codec: jxt"), "{message}");
+        let (path, _) = config_error(Config::from_yaml(
+            "domain:\n  codec: jxt\n  cloudevents_mode: structured\n",
+        ));
+        assert_eq!(path, "domain.cloudevents_mode");
+        let (path, message) = config_error(Config::from_yaml(
+            "domain:\n  codec: jxt\n  jxt_tenant_id: text\n",
+        ));
+        assert_eq!(path, "domain.jxt_tenant_id");
+        assert!(message.contains("`string`"), "{message}");
+        jail.set_env("DUALBUS__DOMAIN__JXT_TENANT_ID", "string");
+        assert_eq!(codec(YAML), Codec::JxtJsonStringTenant);
+        Ok(())
+    });
+}
+
+#[tokio::test]
+async fn jxt_tenant_id_option_reaches_the_publisher() {
+    let event = dualbus::Envelope::new("o-1", "Created", 1, "{}")
+        .unwrap()
+        .with_tenant_id("tenant-a");
+    for (yaml, accepted) in [
+        ("domain:\n  codec: jxt\n", false),
+        ("domain:\n  codec: jxt\n  jxt_tenant_id: string\n", true),
+    ] {
+        let buses = Buses::from_config(&Config::from_yaml(yaml).unwrap())
+            .await
+            .unwrap();
+        let result = buses.domain().publish("orders", &event).await;
+        match result {
+            Ok(_) => assert!(accepted, "{yaml}"),
+            Err(e) => {
+                assert!(!accepted, "{yaml}: {e}");
+                assert_eq!(e.kind(), dualbus::ErrorKind::InvalidInput);
+                assert!(e.to_string().contains("jxt_tenant_id"), "{e}");
+            }
+        }
+        buses.close().await.unwrap();
+    }
 }
 
 #[test]
@@ -447,4 +507,117 @@ async fn domain_bus_on_jetstream_from_config() {
     assert_eq!(*got.lock(), [1, 2, 3]);
     drop(sub);
     buses.close().await.unwrap();
+}
+
+/// Group names follow the rule of topic names: a bad `domain.group.name` is refused with
+/// its key, in the file and in the builder; a URI as the source gives a valid default group
+/// (every other character replaced by `_`); a bad group on subscribe is refused.
+#[test]
+fn group_names_are_checked() {
+    figment::Jail::expect_with(|_| {
+        for bad in ["a b", "*", "a\\nb", "a..b", "orders/eu"] {
+            let (path, message) = config_error(Config::from_yaml(&format!(
+                "domain:\n  group: {{ name: \"{bad}\" }}\n"
+            )));
+            assert_eq!(path, "domain.group.name", "{bad:?}");
+            assert!(message.contains("invalid group name"), "{message}");
+        }
+        Ok(())
+    });
+    let e = Buses::builder()
+        .default_group("a b")
+        .build()
+        .expect_err("a bad default group");
+    assert_eq!(e.kind(), dualbus::ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("domain.group.name"), "{e}");
+
+    let mut config = None;
+    figment::Jail::expect_with(|_| {
+        config = Some(
+            Config::from_yaml("domain:\n  source: \"https://shop.example/orders\"\n").unwrap(),
+        );
+        Ok(())
+    });
+    let config = config.unwrap();
+    block_on(async {
+        let buses = Buses::from_config(&config).await.unwrap();
+        let ok = handler_fn(|_e: Event| async { Ok::<_, HandleError>(()) });
+        let sub = buses.domain().subscribe("orders").start(ok).await.unwrap();
+        assert_eq!(sub.group(), "https___shop_example_orders");
+        drop(sub);
+        let e = buses
+            .domain()
+            .subscribe("orders")
+            .group("a b")
+            .start(ok)
+            .await
+            .expect_err("a bad group");
+        assert_eq!(e.kind(), dualbus::ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains("`group`"), "{e}");
+        buses.close().await.unwrap();
+    });
+}
+
+/// A password in a configured NATS URL shows nowhere: not in `Debug` of the configuration,
+/// not in the errors of a bad URL, a misspelt section or an unreachable server.
+#[cfg(feature = "nats")]
+#[test]
+fn nats_url_credentials_never_show() {
+    const PASSWORD: &str = "pw-Zq9xK7-secret";
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let yaml = |urls: &str| {
+        format!(
+            "domain:\n  type: nats\n  nats: {{ urls: {urls}, connect_timeout: 1s }}\nsimple:\n  type: nats\n  nats: {{ urls: {urls}, connect_timeout: 1s }}\n"
+        )
+    };
+    let check = |what: &str, text: String| {
+        assert!(
+            !text.contains(PASSWORD),
+            "{what} shows the password: {text}"
+        );
+    };
+    let mut configs = None;
+    figment::Jail::expect_with(|_| {
+        // A single string instead of a list: the error must not quote it.
+        let e = Config::from_yaml(&yaml(&format!("\"nats://u:{PASSWORD}@127.0.0.1:{port}\"")))
+            .expect_err("urls must be a list");
+        assert!(e.to_string().contains("domain.nats.urls"), "{e}");
+        check("a type error", format!("{e} {e:?}"));
+        let good = Config::from_yaml(&yaml(&format!(
+            "[\"nats://u:{PASSWORD}@127.0.0.1:{port}\"]"
+        )))
+        .unwrap();
+        let bad = Config::from_yaml(&yaml(&format!(
+            "[\"nats://u:{PASSWORD}@127.0.0.1:notaport\"]"
+        )))
+        .unwrap();
+        configs = Some((good, bad));
+        Ok(())
+    });
+    let (reachable_config, bad_url_config) = configs.unwrap();
+    check("Debug of Config", format!("{reachable_config:?}"));
+    check("Debug of Config", format!("{bad_url_config:?}"));
+    check(
+        "Debug of DomainSection",
+        format!("{:?}", reachable_config.domain),
+    );
+    check(
+        "Debug of SimpleSection",
+        format!("{:?}", reachable_config.simple),
+    );
+    block_on(async {
+        let e = Buses::from_config(&reachable_config)
+            .await
+            .expect_err("nobody listens");
+        assert_eq!(e.kind(), dualbus::ErrorKind::Unavailable, "{e}");
+        check("an unreachable server", format!("{e} {e:?}"));
+        let e = Buses::from_config(&bad_url_config)
+            .await
+            .expect_err("an invalid URL");
+        assert_eq!(e.kind(), dualbus::ErrorKind::InvalidInput, "{e}");
+        check("an invalid URL", format!("{e} {e:?}"));
+    });
 }

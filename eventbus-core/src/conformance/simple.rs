@@ -191,6 +191,84 @@ pub async fn queue_groups(backend: &dyn Backend) {
     bus.close().await.expect("close");
 }
 
+/// Members of a queue group share the load: with a handler that takes a millisecond, each
+/// of two members gets between 30% and 70% of 1,000 messages, and every message reaches
+/// exactly one of them. (A member that took everything while the other idled would pass
+/// the exactly-once check of [`queue_groups`] but fail this one.)
+pub async fn queue_group_load_sharing(backend: &dyn Backend) {
+    let bus = bus(backend).await;
+    if !bus.capabilities().queue_groups {
+        return;
+    }
+    let topic = unique_topic("simple-queue-share");
+    let mut members = Vec::new();
+    for _ in 0..2 {
+        let seen: Seen = Arc::default();
+        let s = seen.clone();
+        let sub = bus
+            .subscribe(&topic)
+            .queue_group("sharing")
+            .start(handler_fn(move |m: Message| {
+                let s = s.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    s.lock().push(m);
+                    Ok::<_, HandleError>(())
+                }
+            }))
+            .await
+            .expect("subscribe");
+        members.push((sub, seen));
+    }
+    // Probe until the group receives (both members are in place once subscribe returned).
+    loop {
+        let mut h = Headers::new();
+        h.insert("probe", "1");
+        bus.publish_message(Message::new(topic.as_str(), "probe").with_headers(h))
+            .await
+            .expect("probe");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if members
+            .iter()
+            .any(|(_, s)| s.lock().iter().any(|m| m.headers.contains("probe")))
+        {
+            break;
+        }
+    }
+    const N: usize = 1000;
+    for i in 0..N {
+        bus.publish(&topic, format!("s{i}")).await.expect("publish");
+    }
+    wait_for(|| {
+        members
+            .iter()
+            .map(|(_, s)| payloads(s).len())
+            .sum::<usize>()
+            >= N
+    })
+    .await;
+    tokio::time::sleep(backend.settings().quiet).await;
+    let mut count: HashMap<Bytes, usize> = HashMap::new();
+    for (_, s) in &members {
+        for p in payloads(s) {
+            *count.entry(p).or_default() += 1;
+        }
+    }
+    assert_eq!(count.len(), N, "the group missed messages");
+    assert!(
+        count.values().all(|c| *c == 1),
+        "a message reached two group members"
+    );
+    let shares: Vec<usize> = members.iter().map(|(_, s)| payloads(s).len()).collect();
+    for share in &shares {
+        assert!(
+            (N * 3 / 10..=N * 7 / 10).contains(share),
+            "the members got {shares:?} of {N} messages: the load is not shared"
+        );
+    }
+    bus.close().await.expect("close");
+}
+
 /// A subscriber of one topic sees nothing of another.
 pub async fn topic_isolation(backend: &dyn Backend) {
     let bus = bus(backend).await;
