@@ -279,13 +279,14 @@ impl OrderChecker {
                 Record::Fail { .. } => {}
             }
             if let (Some(q), Record::End { t, a, v, .. }) = (inner.quiescent_at, r)
-                && *t > q {
-                    return Err(Violation {
-                        check: "C6",
-                        aggregate: a.clone(),
-                        detail: format!("v{v} was handled again after the run was quiescent"),
-                    });
-                }
+                && *t > q
+            {
+                return Err(Violation {
+                    check: "C6",
+                    aggregate: a.clone(),
+                    detail: format!("v{v} was handled again after the run was quiescent"),
+                });
+            }
         }
         // C4
         // Per aggregate: the member running it and the version.

@@ -88,9 +88,10 @@ pub(super) async fn on_group_event(sh: &Arc<Shared>, event: GroupEvent) {
                 }
                 set_state(&sh2, partition, epoch, PartitionState::Revoked);
                 if let Some(g) = &sh2.group
-                    && let Err(error) = g.release(partition, epoch).await {
-                        tracing::warn!(topic = %sh2.p.topic, partition, epoch, %error, "release failed");
-                    }
+                    && let Err(error) = g.release(partition, epoch).await
+                {
+                    tracing::warn!(topic = %sh2.p.topic, partition, epoch, %error, "release failed");
+                }
             });
         }
         GroupEvent::Lost { partition, epoch } => {

@@ -711,9 +711,10 @@ fn enqueue(
         let n = st.paused.entry(partition).or_insert(0);
         *n += 1;
         if *n == 1
-            && let Some(c) = &sh.control {
-                c.pause(partition);
-            }
+            && let Some(c) = &sh.control
+        {
+            c.pause(partition);
+        }
     }
     drop(st);
     if let Some(key) = schedule {
@@ -1007,9 +1008,10 @@ fn failed(e: HandleError) -> AttemptFuture {
 /// Tells the observer, if any. An observer that panics loses that event and nothing else.
 fn observe(sh: &Shared, event: &PoolEvent<'_>) {
     if let Some(o) = &sh.p.observer
-        && std::panic::catch_unwind(AssertUnwindSafe(|| o.on_event(event))).is_err() {
-            tracing::error!(topic = %sh.p.topic, "the pool observer panicked; the event is ignored");
-        }
+        && std::panic::catch_unwind(AssertUnwindSafe(|| o.on_event(event))).is_err()
+    {
+        tracing::error!(topic = %sh.p.topic, "the pool observer panicked; the event is ignored");
+    }
 }
 
 async fn process(
@@ -1273,9 +1275,10 @@ async fn dead_letter(sh: &Shared, item: &Item, kind: DeadLetterKind, reason: &st
                 failures += 1;
                 bump(&sh.counters.dead_letter_failures);
                 if failures == 1
-                    && let Some(h) = sh.state.lock().held.get_mut(&item.id()) {
-                        h.parked = true;
-                    }
+                    && let Some(h) = sh.state.lock().held.get_mut(&item.id())
+                {
+                    h.parked = true;
+                }
                 if !error.is_retryable() {
                     // Refused for good (even the reduced record): retrying cannot help.
                     // Nothing is acknowledged; the aggregate waits until the subscription
@@ -1302,9 +1305,10 @@ async fn dead_letter(sh: &Shared, item: &Item, kind: DeadLetterKind, reason: &st
         }
     }
     if failures > 0
-        && let Some(h) = sh.state.lock().held.get_mut(&item.id()) {
-            h.parked = false;
-        }
+        && let Some(h) = sh.state.lock().held.get_mut(&item.id())
+    {
+        h.parked = false;
+    }
     bump(&sh.counters.dead_lettered);
     if reduced {
         bump(&sh.counters.dead_letters_reduced);
