@@ -1234,6 +1234,9 @@ struct Pulling {
 struct Poison {
     stored: unreadable::Stored,
     why: &'static str,
+    /// The last message this consumer delivers before it: once the ack floor reached it,
+    /// nothing unacknowledged is in front of it.
+    last_before: u64,
     phase: Phase,
 }
 
@@ -1344,23 +1347,33 @@ impl Pulling {
     }
 
     /// The first message in `from..=to` this consumer delivers that the client cannot read,
-    /// and the sequences of those it delivers before it.
+    /// and the sequences of those it delivers before it; at most `limit` of them are read.
+    /// Steps over the stream by the consumer's filter, so messages of other subjects in a
+    /// shared stream cost nothing.
     async fn scan(
         &self,
         from: u64,
         to: u64,
+        limit: usize,
     ) -> Result<(Option<(unreadable::Stored, &'static str)>, Vec<u64>)> {
-        let stream = self.stream_name().to_owned();
-        let js = &self.js;
-        let mut gets = futures::stream::iter(from..=to)
-            .map(|seq| {
-                let stream = stream.clone();
-                async move { unreadable::get(js, &stream, unreadable::Which::Seq(seq)).await }
-            })
-            .buffered(32);
+        let c = &self.consumer.cached_info().config;
+        let filter = if c.filter_subject.is_empty() {
+            ">"
+        } else {
+            c.filter_subject.as_str()
+        };
+        let stream = self.stream_name();
         let mut readable = Vec::new();
-        while let Some(m) = gets.next().await {
-            let Some(m) = m? else { continue };
+        let mut seq = from;
+        while seq <= to && readable.len() < limit {
+            let which = unreadable::Which::NextOn(seq, filter);
+            let Some(m) = unreadable::get(&self.js, stream, which).await? else {
+                break;
+            };
+            if m.seq > to {
+                break;
+            }
+            seq = m.seq + 1;
             if !self.filtered(&m.subject) {
                 continue;
             }
@@ -1381,8 +1394,8 @@ impl Pulling {
         let (floor, delivered) = self.floor_and_delivered().await?;
         let from = self.last_read.max(floor) + 1;
         // Bounded: what the server can have sent beyond the last message read.
-        let to = (delivered + 1).min(from.saturating_add(2 * self.batch as u64));
-        if let (Some((stored, why)), _) = self.scan(from, to).await? {
+        if let (Some((stored, why)), _) = self.scan(from, delivered + 1, 2 * self.batch + 1).await?
+        {
             tracing::warn!(
                 topic = %self.topic, stream = self.stream_name(), seq = stored.seq,
                 subject = %stored.subject, why,
@@ -1391,6 +1404,7 @@ impl Pulling {
             self.poison = Some(Poison {
                 stored,
                 why,
+                last_before: floor,
                 phase: Phase::Floor,
             });
         }
@@ -1406,30 +1420,29 @@ impl Pulling {
             if floor >= seq {
                 // Acknowledged already: nothing in the way any more.
                 self.poison = None;
-            } else if floor + 1 == seq && delivered >= seq {
-                // Pending, with everything before it acknowledged: settle it and ack it;
-                // the rewind comes after that.
-                if let Some(p) = &mut self.poison
-                    && !matches!(p.phase, Phase::Settling(_))
-                {
-                    p.phase = Phase::Hand;
-                }
-                self.rewind = false;
-                return Ok(());
             } else {
-                // Deliver exactly the messages before it first.
-                let (earlier, before) = self.scan(floor + 1, seq - 1).await?;
-                if let Some(p) = &mut self.poison {
-                    match earlier {
-                        // An earlier one (read in an earlier pass, then rewound): that first.
-                        Some((stored, why)) => {
-                            p.stored = stored;
-                            p.why = why;
-                            return Box::pin(self.rewind()).await;
-                        }
-                        None => p.phase = Phase::Before(before.into_iter().collect()),
-                    }
+                let (earlier, before) = self.scan(floor + 1, seq - 1, usize::MAX).await?;
+                let Some(p) = &mut self.poison else {
+                    return Ok(());
+                };
+                if let Some((stored, why)) = earlier {
+                    // An earlier one (read in an earlier pass, then rewound): that first.
+                    p.stored = stored;
+                    p.why = why;
+                    return Box::pin(self.rewind()).await;
                 }
+                if before.is_empty() && delivered >= seq {
+                    // Pending, with nothing unacknowledged before it: settle it and ack it;
+                    // the rewind comes after that.
+                    if !matches!(p.phase, Phase::Settling(_)) {
+                        p.phase = Phase::Hand;
+                    }
+                    self.rewind = false;
+                    return Ok(());
+                }
+                // Deliver exactly the messages before it first, then wait for their acks.
+                p.last_before = before.last().copied().unwrap_or(floor);
+                p.phase = Phase::Before(before.into_iter().collect());
             }
         }
         // After a reconnect the server may have lost acks (ours in flight, or its own
@@ -1478,12 +1491,12 @@ impl Pulling {
                     self.stream_name(),
                     self.consumer.cached_info().name
                 );
-                let client = self.js.client();
-                client
-                    .publish(subject, Bytes::new())
-                    .await
-                    .map_err(unavailable)?;
-                client.flush().await.map_err(unavailable)?;
+                // A request: the server answers once the ack is applied, so the rewind
+                // below sees the floor past it. No answer means it was not pending any more
+                // (the next rewind finds it again if it is still in the way).
+                if let Err(e) = self.js.client().request(subject, Bytes::new()).await {
+                    tracing::debug!(topic = %self.topic, seq, error = %e, "the ack of an unreadable message was not confirmed");
+                }
                 self.poison = None;
                 self.messages = None;
                 self.rewind = true;
@@ -1506,11 +1519,17 @@ impl Pulling {
                 let connects = self.connects();
                 let mut got = 0;
                 while let Some(m) = batch.next().await {
-                    let m = m.map_err(|e| Error::backend(BACKEND, true, e))?;
                     if self.connects() != connects {
                         self.rewind = true;
                         return Ok(Step::Again);
                     }
+                    let m = match m {
+                        Ok(m) => m,
+                        Err(e) => {
+                            self.rewind = true;
+                            return Err(Error::backend(BACKEND, true, e));
+                        }
+                    };
                     let d = delivery(&self.topic, m, &mut self.high_water)?;
                     let seq = u64::try_from(d.position().offset).unwrap_or(u64::MAX);
                     self.last_read = self.last_read.max(seq);
@@ -1524,6 +1543,10 @@ impl Pulling {
                     }
                     self.ready.push_back(Ok(d));
                 }
+                if self.connects() != connects {
+                    self.rewind = true;
+                    return Ok(Step::Again);
+                }
                 if got == 0 {
                     // The rest is gone from the stream (or comes as redeliveries).
                     if let Some(p) = &mut self.poison {
@@ -1535,9 +1558,9 @@ impl Pulling {
             Phase::Floor => {
                 // Pulling resumes once everything before it is acknowledged: the client
                 // then reads it once more, which makes it pending with the floor before it.
-                let seq = p.stored.seq;
+                let last_before = p.last_before;
                 let (floor, _) = self.floor_and_delivered().await?;
-                if floor + 1 >= seq {
+                if floor >= last_before {
                     return Ok(Step::Pull);
                 }
                 tokio::select! {
@@ -1613,12 +1636,14 @@ impl Pulling {
             };
             match next {
                 Some(Ok(m)) => {
-                    if let Ok(info) = m.info() {
-                        self.last_read = self.last_read.max(info.stream_sequence);
-                    }
                     if self.connects() != self.opened_at {
                         // Read across a reconnect: the rewind delivers it again, in order.
+                        // (Not counted as read: the pull goes on after a reconnect past a
+                        // message the client could not read.)
                         continue;
+                    }
+                    if let Ok(info) = m.info() {
+                        self.last_read = self.last_read.max(info.stream_sequence);
                     }
                     return Some(delivery(&self.topic, m, &mut self.high_water));
                 }
