@@ -1387,11 +1387,10 @@ impl Pulling {
 
     /// After a reconnect: finds a message the client cannot read among those the server
     /// delivered after the last one read.
-    async fn detect(&mut self) -> Result<()> {
+    async fn detect(&mut self, floor: u64, delivered: u64) -> Result<()> {
         if self.poison.is_some() {
             return Ok(());
         }
-        let (floor, delivered) = self.floor_and_delivered().await?;
         let from = self.last_read.max(floor) + 1;
         // Bounded: what the server can have sent beyond the last message read.
         if let (Some((stored, why)), _) = self.scan(from, delivered + 1, 2 * self.batch + 1).await?
@@ -1413,8 +1412,8 @@ impl Pulling {
 
     /// The rewind after a reconnect, with an unreadable message in the way or not.
     async fn rewind(&mut self) -> Result<()> {
-        self.detect().await?;
         let (floor, delivered) = self.floor_and_delivered().await?;
+        self.detect(floor, delivered).await?;
         self.high_water = self.high_water.max(delivered);
         if let Some(seq) = self.poison.as_ref().map(|p| p.stored.seq) {
             if floor >= seq {
