@@ -51,6 +51,7 @@ mod domain;
 mod envelope;
 mod error;
 pub mod group;
+mod guard;
 mod handler;
 mod headers;
 mod message;

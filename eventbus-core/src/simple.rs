@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tower::Service;
 
 use crate::error::{Error, HandleError, Result};
+use crate::guard::Guarded;
 use crate::handler::{BoxMessageHandler, BoxRequestHandler};
 use crate::headers::Headers;
 use crate::message::{Message, Receipt};
@@ -440,22 +441,14 @@ impl Drop for SimpleSubscription {
 async fn run_simple(
     inner: Arc<SubInner>,
     mut stream: futures::stream::BoxStream<'static, Message>,
-    mut handler: BoxMessageHandler,
+    handler: BoxMessageHandler,
     max_concurrency: usize,
 ) {
     use futures::FutureExt as _;
-    use std::panic::AssertUnwindSafe;
-    use tower::ServiceExt as _;
-    type Call = futures::future::CatchUnwind<
-        AssertUnwindSafe<futures::future::BoxFuture<'static, Result<(), HandleError>>>,
-    >;
+    type Call = crate::guard::Call<<BoxMessageHandler as tower::Service<Message>>::Future>;
+    let mut handler = Guarded::new(handler);
     let mut running: FuturesUnordered<Call> = FuturesUnordered::new();
-    let record = |r: std::thread::Result<Result<(), HandleError>>| match r.unwrap_or_else(|p| {
-        Err(crate::middleware::panicked(
-            &*p,
-            crate::error::Disposition::Permanent,
-        ))
-    }) {
+    let record = |r: Result<(), HandleError>| match r {
         Ok(()) => {
             inner.stats.handled.fetch_add(1, Ordering::Relaxed);
         }
@@ -486,39 +479,25 @@ async fn run_simple(
         inner.stats.received.fetch_add(1, Ordering::Relaxed);
         // Readiness is awaited while the running calls go on: a handler service with a
         // concurrency limit gets ready only when one of them finishes. A panic, in
-        // `poll_ready`, in `call` or in the future, is a failed call.
+        // `poll_ready`, in `call` or in the future, is a failed call (the guard's).
         let ready = loop {
             tokio::select! {
                 biased;
                 () = inner.stop.cancelled() => break None,
                 Some(r) = running.next(), if !running.is_empty() => record(r),
-                r = AssertUnwindSafe(handler.ready()).catch_unwind() => break Some(r),
+                r = handler.ready() => break Some(r),
             }
         };
-        let ready = match ready {
+        let mut call = match ready {
             // Stopped: this message is not handled (at-most-once).
             None => break,
-            Some(Err(p)) => {
-                record(Err(p));
+            Some(Err(e)) => {
+                record(Err(e));
                 continue;
             }
-            Some(Ok(r)) => r,
-        };
-        let call = match ready {
-            Ok(svc) => match std::panic::catch_unwind(AssertUnwindSafe(|| svc.call(message))) {
-                Ok(fut) => AssertUnwindSafe(fut).catch_unwind(),
-                Err(p) => {
-                    record(Err(p));
-                    continue;
-                }
-            },
-            Err(e) => {
-                record(Ok(Err(e)));
-                continue;
-            }
+            Some(Ok(())) => handler.call(message),
         };
         // Most handlers finish at once: poll inline, keep the others running concurrently.
-        let mut call = call;
         match (&mut call).now_or_never() {
             Some(r) => record(r),
             None => running.push(call),

@@ -1,8 +1,6 @@
 use std::any::Any;
-use std::panic::AssertUnwindSafe;
 use std::task::{Context, Poll};
 
-use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use tower::{Layer, Service};
 
@@ -11,10 +9,13 @@ use crate::error::{Disposition, Failure, HandleError};
 /// Turns a panic inside a handler into a [`HandleError`], so that a panicking handler is a
 /// failed attempt, not a dead worker.
 ///
-/// A panic is *permanent* by default (a bug does not heal on retry: the message goes to the
-/// dead letter at once); [`CatchPanicLayer::retryable`] changes that. The domain and simple
-/// buses catch panics around every handler call themselves (as permanent failures); this
-/// layer is for handler stacks used elsewhere, or to make panics retryable.
+/// The domain and simple buses already catch panics around every handler call (in
+/// `poll_ready`, in `call` and in the returned future) as *permanent* failures: a bug does
+/// not heal on retry, so the message goes to the dead letter at once. This layer is the
+/// option that makes panics **retryable** ([`CatchPanicLayer::retryable`]), and the way to
+/// catch panics in handler stacks used outside the buses ([`CatchPanicLayer::new`]: permanent,
+/// as the buses do). It catches panics in `call` and in the future; the buses' guard also
+/// covers `poll_ready`.
 #[derive(Debug, Clone, Copy)]
 pub struct CatchPanicLayer {
     disposition: Disposition,
@@ -83,21 +84,7 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let disposition = self.disposition;
-        // The call itself may panic before returning a future.
-        let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(req))) {
-            Ok(fut) => fut,
-            Err(payload) => {
-                let e = panicked(&*payload, disposition);
-                return Box::pin(async move { Err(e) });
-            }
-        };
-        Box::pin(async move {
-            match AssertUnwindSafe(fut).catch_unwind().await {
-                Ok(result) => result,
-                Err(payload) => Err(panicked(&*payload, disposition)),
-            }
-        })
+        Box::pin(crate::guard::call(&mut self.inner, req, self.disposition))
     }
 }
 

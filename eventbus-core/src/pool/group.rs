@@ -65,7 +65,7 @@ pub(super) async fn on_group_event(sh: &Arc<Shared>, event: GroupEvent) {
                         let idle = sh2.idle.notified();
                         tokio::pin!(idle);
                         idle.as_mut().enable();
-                        if !sh2.state.lock().holds_partition(partition) {
+                        if !sh2.state.lock().sched.holds_partition(partition) {
                             return;
                         }
                         idle.await;
@@ -138,34 +138,14 @@ pub(super) fn set_state(sh: &Shared, partition: u32, epoch: u64, state: Partitio
 /// owner rewinds to them), and forgets the partition's pauses for backpressure (a new
 /// assignment starts unpaused). Returns how many.
 pub(super) fn drop_queued(sh: &Shared, partition: u32) -> usize {
-    let mut dropped = Vec::new();
-    {
+    let dropped = {
         let mut st = sh.state.lock();
-        let st = &mut *st;
-        for q in st.keys.values_mut() {
-            let before = dropped.len();
-            let mut i = 0;
-            while i < q.items.len() {
-                if q.items[i].delivery.position().partition == partition {
-                    if let Some(item) = q.items.remove(i) {
-                        dropped.push(item);
-                    }
-                } else {
-                    i += 1;
-                }
-            }
-            if dropped.len() > before {
-                q.over_cap = false;
-            }
-        }
-        st.paused.remove(&partition);
-        for item in &dropped {
-            st.held.remove(&item.id());
-        }
-        if st.held.is_empty() {
+        let dropped = st.sched.drop_partition(partition);
+        if st.sched.held() == 0 {
             sh.idle.notify_waiters();
         }
-    }
+        dropped
+    };
     if sh.control.is_none() {
         sh.space.notify_waiters();
     }

@@ -1,0 +1,59 @@
+//! The pool's counters and their snapshot ([`PoolStats`]).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::PoolStats;
+
+#[derive(Default)]
+pub(super) struct Counters {
+    pub(super) received: AtomicU64,
+    pub(super) handled: AtomicU64,
+    pub(super) retried: AtomicU64,
+    pub(super) dead_lettered: AtomicU64,
+    pub(super) malformed: AtomicU64,
+    pub(super) unreadable: AtomicU64,
+    pub(super) dead_letters_reduced: AtomicU64,
+    pub(super) dead_letters_refused: AtomicU64,
+    pub(super) acked: AtomicU64,
+    pub(super) ack_failures: AtomicU64,
+    pub(super) duplicates_dropped: AtomicU64,
+    pub(super) dead_letter_failures: AtomicU64,
+    pub(super) finished: AtomicU64,
+    pub(super) transport_errors: AtomicU64,
+    pub(super) stale_dropped: AtomicU64,
+    pub(super) stale_acks: AtomicU64,
+}
+
+pub(super) fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Counters {
+    /// A snapshot, with the held deliveries counted by the caller.
+    pub(super) fn snapshot(&self, in_flight: usize, peak: usize) -> PoolStats {
+        PoolStats {
+            received: self.received.load(Ordering::Relaxed),
+            handled: self.handled.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            malformed: self.malformed.load(Ordering::Relaxed),
+            unreadable: self.unreadable.load(Ordering::Relaxed),
+            dead_letters_reduced: self.dead_letters_reduced.load(Ordering::Relaxed),
+            dead_letters_refused: self.dead_letters_refused.load(Ordering::Relaxed),
+            acked: self.acked.load(Ordering::Relaxed),
+            ack_failures: self.ack_failures.load(Ordering::Relaxed),
+            duplicates_dropped: self.duplicates_dropped.load(Ordering::Relaxed),
+            dead_letter_failures: self.dead_letter_failures.load(Ordering::Relaxed),
+            in_flight: in_flight as u64,
+            peak_in_flight: peak as u64,
+            transport_errors: self.transport_errors.load(Ordering::Relaxed),
+            stale_dropped: self.stale_dropped.load(Ordering::Relaxed),
+            stale_acks: self.stale_acks.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Deliveries that ended (handled, dead-lettered, or stopped for good).
+    pub(super) fn finished(&self) -> u64 {
+        self.finished.load(Ordering::Relaxed)
+    }
+}
