@@ -17,7 +17,7 @@ use bytes::Bytes;
 use dualbus_core::{Error, Headers, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::BACKEND;
+use crate::{BACKEND, headers};
 
 /// A stored message with its header block as stored.
 #[derive(Debug, Clone)]
@@ -39,23 +39,12 @@ impl Stored {
         self.header_block.as_deref().and_then(header_problem)
     }
 
-    /// Its headers, decoded lossily: invalid UTF-8 becomes U+FFFD, lines without a colon
-    /// are skipped.
+    /// Its headers, decoded lossily (see [`headers::from_block_lossy`]).
     pub(crate) fn headers(&self) -> Headers {
         let Some(block) = &self.header_block else {
             return Headers::new();
         };
-        let text = String::from_utf8_lossy(block);
-        let mut headers = Headers::new();
-        for line in text.lines().skip(1) {
-            if let Some((name, value)) = line.split_once(':') {
-                let name = name.trim();
-                if !name.is_empty() {
-                    headers.insert(name.to_owned(), value.trim());
-                }
-            }
-        }
-        headers
+        headers::from_block_lossy(block)
     }
 }
 
@@ -203,21 +192,5 @@ mod tests {
             let problem = header_problem(bad).unwrap_or_else(|| panic!("{bad:?} passed"));
             assert!(problem.contains(why), "{bad:?}: {problem}");
         }
-    }
-
-    #[test]
-    fn lossy_headers_keep_what_can_be_read() {
-        let s = Stored {
-            seq: 1,
-            subject: "t.0.a".into(),
-            header_block: Some(
-                b"NATS/1.0\r\nce-id: 1\r\nX-Name: Mu\xf1oz\r\njunk\r\n\r\n".to_vec(),
-            ),
-            payload: Bytes::new(),
-        };
-        let h = s.headers();
-        assert_eq!(h.get("ce-id"), Some("1"));
-        assert_eq!(h.get("X-Name"), Some("Mu\u{fffd}oz"));
-        assert_eq!(h.len(), 2);
     }
 }

@@ -1,0 +1,260 @@
+//! The JetStream settings: streams, durable consumers and per-topic layouts, and their
+//! validation.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::jetstream::stream::StorageType;
+use dualbus_core::{Error, Result};
+use serde::Deserialize;
+
+/// Where a stream keeps its messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Storage {
+    /// On disk: messages survive a server restart. The default.
+    #[default]
+    File,
+    /// In memory: lost when the server stops.
+    Memory,
+}
+
+impl From<Storage> for StorageType {
+    fn from(s: Storage) -> Self {
+        match s {
+            Storage::File => Self::File,
+            Storage::Memory => Self::Memory,
+        }
+    }
+}
+
+/// When a stream forgets a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Retention {
+    /// By the limits (age, bytes, count) only. The default: replay needs it.
+    #[default]
+    Limits,
+    /// Once every consumer acknowledged it.
+    Interest,
+    /// Once one consumer acknowledged it (one consumer per subject set).
+    WorkQueue,
+}
+
+/// Settings of the streams the transport creates, one per domain topic.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct StreamSettings {
+    /// Prefix of stream names (and of the lease bucket). Default `DUALBUS_`.
+    pub prefix: String,
+    /// File (default) or memory storage.
+    pub storage: Storage,
+    /// Replicas in a cluster. Default 1.
+    pub replicas: usize,
+    /// Retention policy. Default limits.
+    pub retention: Retention,
+    /// Oldest message kept; zero keeps them forever (the default).
+    #[serde(with = "dualbus_core::config::duration")]
+    pub max_age: Duration,
+    /// Largest stream size in bytes; -1 (the default) for no limit.
+    pub max_bytes: i64,
+    /// Most messages kept; -1 (the default) for no limit.
+    pub max_msgs: i64,
+    /// How long the server remembers `Nats-Msg-Id`s for deduplication. Default 2 minutes.
+    #[serde(with = "dualbus_core::config::duration")]
+    pub duplicate_window: Duration,
+    /// Update an existing stream whose settings differ, instead of refusing to start.
+    pub update_existing: bool,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            prefix: "DUALBUS_".to_owned(),
+            storage: Storage::File,
+            replicas: 1,
+            retention: Retention::Limits,
+            max_age: Duration::ZERO,
+            max_bytes: -1,
+            max_msgs: -1,
+            duplicate_window: Duration::from_secs(120),
+            update_existing: false,
+        }
+    }
+}
+
+/// Settings of the durable consumers behind domain subscriptions.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ConsumerSettings {
+    /// After how long without an ack or progress signal the server redelivers. The keyed
+    /// pool signals progress for everything it holds at a third of it. Default 30 s.
+    #[serde(with = "dualbus_core::config::duration")]
+    pub ack_wait: Duration,
+    /// Most deliveries the server hands out unacknowledged. Default 10,000.
+    pub max_ack_pending: i64,
+    /// Messages asked for per pull request. Default 256.
+    pub batch: usize,
+    /// The single-active-subscriber lease: a crashed subscriber's group is free again after
+    /// this long. Default 10 s. The lease bucket keeps the value it was created with.
+    #[serde(with = "dualbus_core::config::duration")]
+    pub lease_ttl: Duration,
+    /// Update an existing consumer whose settings differ, instead of refusing to start.
+    pub update_existing: bool,
+}
+
+impl Default for ConsumerSettings {
+    fn default() -> Self {
+        Self {
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 10_000,
+            batch: 256,
+            lease_ttl: Duration::from_secs(10),
+            update_existing: false,
+        }
+    }
+}
+
+/// How a topic's events map to subjects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Layout {
+    /// `<topic>.<partition>.<encoded aggregate id>` (see [`crate::subject`]): replay and
+    /// appends per aggregate on the server. The default.
+    #[default]
+    Partitioned,
+    /// The subject is the topic itself and the aggregate id travels only in the body, as
+    /// jxt-core publishes: for sharing a topic with services that use that layout. Replay
+    /// reads the whole topic; appends with an expected version are not available.
+    Subject,
+}
+
+/// Settings of one topic (or of every topic inside its stream's subjects).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TopicSettings {
+    /// The subject layout.
+    pub layout: Layout,
+    /// An existing stream to use instead of the transport's own (e.g. jxt-core's
+    /// `BUSINESS_STREAM`). It is not checked against the stream settings, only for covering
+    /// the topic's subjects; if missing it is created with `stream_subjects`.
+    pub stream: Option<String>,
+    /// The subjects of `stream` when it has to be created. Default: the topic's own.
+    pub stream_subjects: Vec<String>,
+}
+
+/// JetStream settings of the domain transport.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct JetStreamConfig {
+    /// The streams.
+    pub stream: StreamSettings,
+    /// The durable consumers.
+    pub consumer: ConsumerSettings,
+    /// How long a publish waits for the server's acknowledgement, and the timeout of
+    /// JetStream API calls. Default 5 s.
+    #[serde(with = "dualbus_core::config::duration")]
+    pub request_timeout: Duration,
+    /// Publishes of one batch awaiting their acknowledgement at once. Default 512.
+    pub publish_window: usize,
+    /// Per-topic settings. A topic without an entry that falls inside the subjects of a
+    /// configured topic's `stream` uses that topic's layout and stream (so its dead-letter
+    /// topic lands beside it); any other topic is partitioned on its own stream.
+    pub topics: BTreeMap<String, TopicSettings>,
+}
+
+impl Default for JetStreamConfig {
+    fn default() -> Self {
+        Self {
+            stream: StreamSettings::default(),
+            consumer: ConsumerSettings::default(),
+            request_timeout: Duration::from_secs(5),
+            publish_window: 512,
+            topics: BTreeMap::new(),
+        }
+    }
+}
+
+pub(super) fn validate(c: &JetStreamConfig) -> Result<()> {
+    if c.consumer.ack_wait < Duration::from_millis(100) {
+        return Err(Error::config(
+            "nats.jetstream.consumer.ack_wait",
+            "must be at least 100ms",
+        ));
+    }
+    if c.consumer.lease_ttl < Duration::from_millis(300) {
+        return Err(Error::config(
+            "nats.jetstream.consumer.lease_ttl",
+            "must be at least 300ms",
+        ));
+    }
+    if c.consumer.batch == 0 {
+        return Err(Error::config(
+            "nats.jetstream.consumer.batch",
+            "must be at least 1",
+        ));
+    }
+    if c.consumer.max_ack_pending == 0 {
+        return Err(Error::config(
+            "nats.jetstream.consumer.max_ack_pending",
+            "must be positive (or -1 for no limit)",
+        ));
+    }
+    if c.publish_window == 0 {
+        return Err(Error::config(
+            "nats.jetstream.publish_window",
+            "must be at least 1",
+        ));
+    }
+    if c.stream.replicas == 0 {
+        return Err(Error::config(
+            "nats.jetstream.stream.replicas",
+            "must be at least 1",
+        ));
+    }
+    if c.stream.prefix.is_empty()
+        || !c
+            .stream
+            .prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(Error::config(
+            "nats.jetstream.stream.prefix",
+            "must be non-empty and of [A-Za-z0-9_-]",
+        ));
+    }
+    if c.request_timeout.is_zero() {
+        return Err(Error::config(
+            "nats.jetstream.request_timeout",
+            "must be positive",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let mut c = JetStreamConfig::default();
+        assert!(validate(&c).is_ok());
+        c.consumer.batch = 0;
+        assert!(matches!(validate(&c), Err(Error::Config { .. })));
+        let mut c = JetStreamConfig::default();
+        c.stream.prefix = "a.b".into();
+        assert!(matches!(validate(&c), Err(Error::Config { .. })));
+        let mut c = JetStreamConfig::default();
+        c.consumer.lease_ttl = Duration::from_millis(1);
+        assert!(matches!(validate(&c), Err(Error::Config { .. })));
+    }
+}

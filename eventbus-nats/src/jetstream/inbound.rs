@@ -1,0 +1,77 @@
+//! Stored and delivered JetStream messages as the bus's inbound messages and deliveries.
+
+use std::sync::Arc;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use dualbus_core::{Delivery, Error, InboundMessage, Position, Result};
+
+use crate::subject::parse_subject;
+use crate::{BACKEND, headers, unreadable};
+
+use super::ack::JsAcker;
+
+fn inbound(
+    topic: &str,
+    subject: &str,
+    headers: Option<&async_nats::HeaderMap>,
+    payload: Bytes,
+    seq: u64,
+) -> InboundMessage {
+    let (partition, key) = match parse_subject(topic, subject) {
+        Some((p, k)) => (p, Some(k)),
+        None => (0, None),
+    };
+    InboundMessage {
+        topic: topic.to_owned(),
+        key,
+        headers: headers::from_nats(headers),
+        payload,
+        position: Position {
+            partition,
+            offset: u128::from(seq),
+        },
+    }
+}
+
+/// A message read through the message-get API, its headers decoded lossily.
+pub(super) fn stored_inbound(topic: &str, m: &unreadable::Stored) -> InboundMessage {
+    InboundMessage {
+        headers: m.headers(),
+        ..inbound(topic, &m.subject, None, m.payload.clone(), m.seq)
+    }
+}
+
+/// A delivery; `redelivered` marks a message delivered before (a rewind does not count as a
+/// redelivery on the server, so that the pool and handlers still see it as one).
+pub(super) fn delivery(
+    topic: &str,
+    m: jetstream::Message,
+    high_water: &mut u64,
+) -> Result<Delivery> {
+    let (seq, delivered) = match m.info() {
+        Ok(i) => (i.stream_sequence, i.delivered),
+        Err(e) => {
+            return Err(Error::backend(BACKEND, true, e));
+        }
+    };
+    let delivered = if seq <= *high_water {
+        delivered.max(2)
+    } else {
+        *high_water = seq;
+        delivered
+    };
+    let (m, acker) = m.split();
+    let message = inbound(
+        topic,
+        m.subject.as_str(),
+        m.headers.as_ref(),
+        m.payload,
+        seq,
+    );
+    Ok(Delivery::new(
+        message,
+        u32::try_from(delivered).unwrap_or(u32::MAX).max(1),
+        Arc::new(JsAcker(acker)),
+    ))
+}

@@ -1,0 +1,173 @@
+//! Where a topic lives: its subject layout, stream, subjects and durable consumer names.
+
+use crate::subject::{encode_key, event_subject, stream_subjects};
+
+use super::config::{JetStreamConfig, Layout, TopicSettings};
+
+/// Where a topic lives: its layout, stream and subjects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Plan {
+    pub(super) layout: Layout,
+    pub(super) stream: String,
+    /// The stream is configured by name (shared with others): not checked against our
+    /// stream settings.
+    pub(super) shared: bool,
+    /// Subjects of the stream when we create it.
+    pub(super) subjects: Vec<String>,
+}
+
+impl Plan {
+    pub(super) fn of(config: &JetStreamConfig, topic: &str) -> Self {
+        let own = |layout: Layout| Self {
+            layout,
+            stream: stream_name(&config.stream.prefix, topic),
+            shared: false,
+            subjects: vec![match layout {
+                Layout::Partitioned => stream_subjects(topic),
+                Layout::Subject => topic.to_owned(),
+            }],
+        };
+        let shared = |t: &str, s: &TopicSettings, name: &String| Self {
+            layout: s.layout,
+            stream: name.clone(),
+            shared: true,
+            subjects: if s.stream_subjects.is_empty() {
+                vec![match s.layout {
+                    Layout::Partitioned => stream_subjects(t),
+                    Layout::Subject => t.to_owned(),
+                }]
+            } else {
+                s.stream_subjects.clone()
+            },
+        };
+        if let Some(s) = config.topics.get(topic) {
+            return match &s.stream {
+                Some(name) => shared(topic, s, name),
+                None => own(s.layout),
+            };
+        }
+        for (t, s) in &config.topics {
+            if let Some(name) = &s.stream {
+                let p = shared(t, s, name);
+                if p.subjects
+                    .iter()
+                    .any(|pattern| subject_matches(pattern, topic))
+                {
+                    return Self {
+                        layout: s.layout,
+                        ..p
+                    };
+                }
+            }
+        }
+        own(Layout::Partitioned)
+    }
+
+    /// The subject an event of `key` is published on.
+    pub(super) fn subject(&self, topic: &str, key: &str) -> String {
+        match self.layout {
+            Layout::Partitioned => event_subject(topic, 0, key),
+            Layout::Subject => topic.to_owned(),
+        }
+    }
+
+    /// The subjects of `topic` within its stream.
+    pub(super) fn filter(&self, topic: &str) -> String {
+        match self.layout {
+            Layout::Partitioned => stream_subjects(topic),
+            Layout::Subject => topic.to_owned(),
+        }
+    }
+
+    /// The durable consumer of `group` for `topic`: on a shared stream the topic is part of
+    /// the name, as several topics share the stream.
+    pub(super) fn consumer(&self, topic: &str, group: &str) -> String {
+        if self.shared {
+            format!("{}_{}", consumer_name(group), encode_key(topic))
+        } else {
+            consumer_name(group)
+        }
+    }
+}
+
+/// Whether the subject `pattern` (with `*` and `>` wildcards) matches the literal `subject`.
+pub(super) fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut s = subject.split('.');
+    for p in pattern.split('.') {
+        match (p, s.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (p, Some(t)) if p == t => {}
+            _ => return false,
+        }
+    }
+    s.next().is_none()
+}
+
+/// The stream name of a topic: the prefix and the topic's subject-token encoding (dots
+/// become `%2E`), so that distinct topics never share a stream.
+pub fn stream_name(prefix: &str, topic: &str) -> String {
+    format!("{prefix}{}", encode_key(topic))
+}
+
+/// The durable consumer name of a group (its subject-token encoding).
+pub fn consumer_name(group: &str) -> String {
+    encode_key(group)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_distinct_and_valid() {
+        assert_eq!(stream_name("DUALBUS_", "orders"), "DUALBUS_orders");
+        assert_eq!(stream_name("DUALBUS_", "orders.v1"), "DUALBUS_orders%2Ev1");
+        assert_ne!(stream_name("P_", "a.b"), stream_name("P_", "a_b"));
+        assert_eq!(consumer_name("billing.v2"), "billing%2Ev2");
+    }
+
+    #[test]
+    fn subject_patterns() {
+        assert!(subject_matches("business.>", "business.orders"));
+        assert!(subject_matches("business.>", "business.orders.dlq"));
+        assert!(!subject_matches("business.>", "business"));
+        assert!(subject_matches("orders.*.*", "orders.0.k"));
+        assert!(!subject_matches("orders.*.*", "orders.dlq.0.k"));
+        assert!(!subject_matches("orders.*.*", "orders.0"));
+        assert!(subject_matches("orders", "orders"));
+        assert!(!subject_matches("orders", "orders.x"));
+    }
+
+    #[test]
+    fn plans_follow_the_topic_settings() {
+        let mut c = JetStreamConfig::default();
+        let own = Plan::of(&c, "orders");
+        assert_eq!(own.layout, Layout::Partitioned);
+        assert_eq!(own.stream, "DUALBUS_orders");
+        assert_eq!(own.subjects, ["orders.*.*"]);
+        assert_eq!(own.subject("orders", "a.b"), "orders.0.a%2Eb");
+        assert_eq!(own.consumer("orders", "billing"), "billing");
+        let jxt = TopicSettings {
+            layout: Layout::Subject,
+            stream: Some("BUSINESS_STREAM".into()),
+            stream_subjects: vec!["business.>".into()],
+        };
+        c.topics.insert("business.orders".into(), jxt);
+        let p = Plan::of(&c, "business.orders");
+        assert_eq!(p.layout, Layout::Subject);
+        assert_eq!(p.stream, "BUSINESS_STREAM");
+        assert_eq!(p.subject("business.orders", "order-1"), "business.orders");
+        assert_eq!(p.filter("business.orders"), "business.orders");
+        assert_eq!(
+            p.consumer("business.orders", "billing"),
+            "billing_business%2Eorders"
+        );
+        // Its dead-letter topic falls inside the shared stream: same layout and stream.
+        let dlq = Plan::of(&c, "business.orders.dlq");
+        assert_eq!(dlq.layout, Layout::Subject);
+        assert_eq!(dlq.stream, "BUSINESS_STREAM");
+        // Other topics keep their own streams.
+        assert_eq!(Plan::of(&c, "orders"), own);
+    }
+}

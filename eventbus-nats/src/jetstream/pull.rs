@@ -1,0 +1,554 @@
+//! Domain subscriptions: the durable consumer's pull loop, with the rewind to the ack floor
+//! at every takeover and reconnect and the way past a message the client cannot read.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::jetstream::consumer::{PullConsumer, pull};
+use bytes::Bytes;
+use dualbus_core::{Delivery, DomainSubscription, Error, Result, SubscriptionSpec, validate_topic};
+use futures::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::{BACKEND, unavailable, unreadable};
+
+use super::ack::SettledAcker;
+use super::inbound::{delivery, stored_inbound};
+use super::lease::LeaseGuard;
+use super::plan::subject_matches;
+use super::{JetStream, api_error};
+
+impl JetStream {
+    /// `DomainTransport::subscribe`.
+    pub(super) async fn subscribe_inner(
+        &self,
+        spec: SubscriptionSpec,
+    ) -> Result<DomainSubscription> {
+        self.check_open()?;
+        validate_topic(&spec.topic)?;
+        if spec.group.is_empty() {
+            return Err(Error::config("domain.group.name", "must not be empty"));
+        }
+        let plan = self.plan(&spec.topic);
+        let stream = self.stream(&spec.topic).await?;
+        let mut consumer = self.consumer(&stream, &spec).await?;
+        let stream_name = stream.cached_info().config.name.clone();
+        let lease = self
+            .acquire_lease(
+                &stream_name,
+                &plan.consumer(&spec.topic, &spec.group),
+                &spec,
+            )
+            .await?;
+        // The takeover rewind: whatever an earlier subscriber left unacknowledged comes
+        // first, in stream order, before anything new.
+        let (high_water, floor) = match consumer.info().await {
+            Ok(info) => (
+                info.delivered.stream_sequence,
+                info.ack_floor.stream_sequence,
+            ),
+            Err(e) => {
+                lease.release().await;
+                return Err(api_error(e));
+            }
+        };
+        if let Err(e) = consumer.reset(None).await {
+            lease.release().await;
+            return Err(Error::backend(
+                BACKEND,
+                true,
+                format!(
+                    "resetting consumer {} to its ack floor (nats-server 2.14 or later is needed): {e}",
+                    plan.consumer(&spec.topic, &spec.group)
+                ),
+            ));
+        }
+        let lost = self.inner.shutdown.child_token();
+        let guard = lease.keep(lost.clone());
+        let c = &self.inner.config.consumer;
+        let state = Pulling {
+            topic: spec.topic.clone(),
+            js: self.inner.js.clone(),
+            consumer,
+            batch: c.batch,
+            ack_wait: c.ack_wait,
+            messages: None,
+            opened_at: 0,
+            rewind: false,
+            high_water,
+            last_read: floor,
+            poison: None,
+            ready: VecDeque::new(),
+            watch: {
+                let mut w = tokio::time::interval(Duration::from_millis(100));
+                w.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                w
+            },
+            stats: self.inner.client.statistics(),
+            lost,
+            _lease: guard,
+        };
+        let deliveries = futures::stream::unfold(state, |mut s| async move {
+            let item = s.next().await?;
+            Some((item, s))
+        })
+        .boxed();
+        Ok(DomainSubscription::new(deliveries))
+    }
+}
+
+/// State of a subscription's delivery stream.
+struct Pulling {
+    topic: String,
+    js: jetstream::Context,
+    consumer: PullConsumer,
+    batch: usize,
+    ack_wait: Duration,
+    messages: Option<pull::Stream>,
+    /// Connections of the client when `messages` was opened.
+    opened_at: u64,
+    /// Rewind the consumer to its ack floor before the next pull.
+    rewind: bool,
+    /// The highest stream sequence delivered before: anything at or below it comes again.
+    high_water: u64,
+    /// The highest stream sequence the client read since the last rewind: a message the
+    /// client cannot read is after it.
+    last_read: u64,
+    /// An unreadable message found after a reconnect, until the consumer is past it.
+    poison: Option<Poison>,
+    /// Deliveries read ahead (the bounded pulls before an unreadable message).
+    ready: VecDeque<Result<Delivery>>,
+    /// Ticks while waiting for messages, to look at the connection count.
+    watch: tokio::time::Interval,
+    stats: Arc<async_nats::Statistics>,
+    /// Cancelled when the lease is lost or the transport closes: the stream ends.
+    lost: CancellationToken,
+    _lease: LeaseGuard,
+}
+
+/// How the consumer gets past an unreadable message `S` (see [`crate::unreadable`]).
+///
+/// Only an acknowledgement can move a JetStream consumer past a message without delivering
+/// it, and only while the message is pending (a rewind forgets pending acks) and every
+/// message before it is acknowledged (else the next rewind brings it back). So:
+/// - ack floor `S - 1` and `S` pending: hand the pool a delivery for it (marked unreadable),
+///   wait until the pool dead-lettered it, acknowledge it with a hand-built ack subject, and
+///   only then rewind (the floor is now past it);
+/// - messages before it still unacknowledged: rewind, deliver exactly the messages before
+///   it (bounded pulls), wait until they are acknowledged, then pull normally: the client
+///   reads `S` once more (its connection drops again), which makes it pending with the
+///   floor at `S - 1`: the first case.
+///
+/// Nothing is ever deleted from the stream: other groups and other languages' readers
+/// share it.
+struct Poison {
+    stored: unreadable::Stored,
+    why: &'static str,
+    /// The last message this consumer delivers before it: once the ack floor reached it,
+    /// nothing unacknowledged is in front of it.
+    last_before: u64,
+    phase: Phase,
+}
+
+enum Phase {
+    /// Hand the pool its delivery next.
+    Hand,
+    /// Wait until the pool settled it, then acknowledge it and rewind.
+    Settling(CancellationToken),
+    /// Deliver these messages before it (stream sequences still to come).
+    Before(std::collections::BTreeSet<u64>),
+    /// Wait until everything before it is acknowledged.
+    Floor,
+}
+
+/// What to do next while getting past an unreadable message.
+enum Step {
+    /// Return this delivery.
+    Deliver(Delivery),
+    /// Look again (read-ahead deliveries, a rewind, or a wait).
+    Again,
+    /// Pull as usual.
+    Pull,
+}
+
+impl Pulling {
+    fn connects(&self) -> u64 {
+        self.stats.connects.load(Ordering::Acquire)
+    }
+
+    fn stream_name(&self) -> &str {
+        &self.consumer.cached_info().stream_name
+    }
+
+    async fn open(&self) -> Result<pull::Stream> {
+        self.consumer
+            .stream()
+            .max_messages_per_batch(self.batch)
+            .expires(self.expires())
+            .heartbeat(
+                self.ack_wait
+                    .clamp(Duration::from_millis(500), Duration::from_secs(5))
+                    / 2,
+            )
+            .messages()
+            .await
+            .map_err(unavailable)
+    }
+
+    fn expires(&self) -> Duration {
+        self.ack_wait
+            .clamp(Duration::from_secs(1), Duration::from_secs(30))
+    }
+
+    /// Waits a little after a failure, unless the subscription ends meanwhile.
+    async fn pause(&self) -> bool {
+        tokio::select! {
+            () = self.lost.cancelled() => false,
+            () = tokio::time::sleep(Duration::from_millis(250)) => true,
+        }
+    }
+
+    /// The consumer's ack floor and last delivered stream sequence.
+    async fn floor_and_delivered(&mut self) -> Result<(u64, u64)> {
+        let info = self.consumer.info().await.map_err(|e| {
+            Error::backend(BACKEND, true, format!("reading the consumer's state: {e}"))
+        })?;
+        Ok((
+            info.ack_floor.stream_sequence,
+            info.delivered.stream_sequence,
+        ))
+    }
+
+    /// Whether a stored message is one this consumer delivers.
+    fn filtered(&self, subject: &str) -> bool {
+        let c = &self.consumer.cached_info().config;
+        if c.filter_subject.is_empty() && c.filter_subjects.is_empty() {
+            return true;
+        }
+        subject_matches(&c.filter_subject, subject)
+            || c.filter_subjects
+                .iter()
+                .any(|f| subject_matches(f, subject))
+    }
+
+    /// The first message in `from..=to` this consumer delivers that the client cannot read,
+    /// and the sequences of those it delivers before it; at most `limit` of them are read.
+    /// Steps over the stream by the consumer's filter, so messages of other subjects in a
+    /// shared stream cost nothing.
+    async fn scan(
+        &self,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<(Option<(unreadable::Stored, &'static str)>, Vec<u64>)> {
+        let c = &self.consumer.cached_info().config;
+        let filter = if c.filter_subject.is_empty() {
+            ">"
+        } else {
+            c.filter_subject.as_str()
+        };
+        let stream = self.stream_name();
+        let mut readable = Vec::new();
+        let mut seq = from;
+        while seq <= to && readable.len() < limit {
+            let which = unreadable::Which::NextOn(seq, filter);
+            let Some(m) = unreadable::get(&self.js, stream, which).await? else {
+                break;
+            };
+            if m.seq > to {
+                break;
+            }
+            seq = m.seq + 1;
+            if !self.filtered(&m.subject) {
+                continue;
+            }
+            if let Some(why) = m.problem() {
+                return Ok((Some((m, why)), readable));
+            }
+            readable.push(m.seq);
+        }
+        Ok((None, readable))
+    }
+
+    /// After a reconnect: finds a message the client cannot read among those the server
+    /// delivered after the last one read.
+    async fn detect(&mut self, floor: u64, delivered: u64) -> Result<()> {
+        if self.poison.is_some() {
+            return Ok(());
+        }
+        let from = self.last_read.max(floor) + 1;
+        // Bounded: what the server can have sent beyond the last message read.
+        if let (Some((stored, why)), _) = self.scan(from, delivered + 1, 2 * self.batch + 1).await?
+        {
+            tracing::warn!(
+                topic = %self.topic, stream = self.stream_name(), seq = stored.seq,
+                subject = %stored.subject, why,
+                "a stored message the client cannot read (it drops the connection); it goes to the dead letter"
+            );
+            self.poison = Some(Poison {
+                stored,
+                why,
+                last_before: floor,
+                phase: Phase::Floor,
+            });
+        }
+        Ok(())
+    }
+
+    /// The rewind after a reconnect, with an unreadable message in the way or not.
+    async fn rewind(&mut self) -> Result<()> {
+        let (floor, delivered) = self.floor_and_delivered().await?;
+        self.detect(floor, delivered).await?;
+        self.high_water = self.high_water.max(delivered);
+        if let Some(seq) = self.poison.as_ref().map(|p| p.stored.seq) {
+            if floor >= seq {
+                // Acknowledged already: nothing in the way any more.
+                self.poison = None;
+            } else {
+                let (earlier, before) = self.scan(floor + 1, seq - 1, usize::MAX).await?;
+                let Some(p) = &mut self.poison else {
+                    return Ok(());
+                };
+                if let Some((stored, why)) = earlier {
+                    // An earlier one (read in an earlier pass, then rewound): that first.
+                    p.stored = stored;
+                    p.why = why;
+                    return Box::pin(self.rewind()).await;
+                }
+                if before.is_empty() && delivered >= seq {
+                    // Pending, with nothing unacknowledged before it: settle it and ack it;
+                    // the rewind comes after that.
+                    if !matches!(p.phase, Phase::Settling(_)) {
+                        p.phase = Phase::Hand;
+                    }
+                    self.rewind = false;
+                    return Ok(());
+                }
+                // Deliver exactly the messages before it first, then wait for their acks.
+                p.last_before = before.last().copied().unwrap_or(floor);
+                p.phase = Phase::Before(before.into_iter().collect());
+            }
+        }
+        // After a reconnect the server may have lost acks (ours in flight, or its own
+        // state after a crash) and will redeliver what it lost only after the ack wait,
+        // while new messages flow at once: the takeover trap. Rewinding to the ack floor
+        // delivers everything unacknowledged again, in order, before anything new.
+        self.consumer.reset(None).await.map_err(|e| {
+            Error::backend(
+                BACKEND,
+                true,
+                format!("rewinding the consumer to its ack floor: {e}"),
+            )
+        })?;
+        self.last_read = floor;
+        self.rewind = false;
+        Ok(())
+    }
+
+    /// One step of getting past an unreadable message, if one is in the way.
+    async fn poison_step(&mut self) -> Result<Step> {
+        let Some(p) = &mut self.poison else {
+            return Ok(Step::Pull);
+        };
+        match &mut p.phase {
+            Phase::Hand => {
+                let settled = CancellationToken::new();
+                let message = stored_inbound(&self.topic, &p.stored);
+                let delivery =
+                    Delivery::new(message, 1, Arc::new(SettledAcker(settled.clone()))).unreadable(
+                        format!("the NATS client cannot read this message: {}", p.why),
+                    );
+                p.phase = Phase::Settling(settled);
+                Ok(Step::Deliver(delivery))
+            }
+            Phase::Settling(settled) => {
+                let settled = settled.clone();
+                let seq = p.stored.seq;
+                tokio::select! {
+                    () = self.lost.cancelled() => return Err(Error::closed("subscription")),
+                    () = settled.cancelled() => {}
+                }
+                // Dead-lettered: acknowledge it while it is still pending (a hand-built
+                // ack subject: there is no delivery to ack through), then rewind.
+                let subject = format!(
+                    "$JS.ACK.{}.{}.1.{seq}.0.0.0",
+                    self.stream_name(),
+                    self.consumer.cached_info().name
+                );
+                // A request: the server answers once the ack is applied, so the rewind
+                // below sees the floor past it. No answer means it was not pending any more
+                // (the next rewind finds it again if it is still in the way).
+                if let Err(e) = self.js.client().request(subject, Bytes::new()).await {
+                    tracing::debug!(topic = %self.topic, seq, error = %e, "the ack of an unreadable message was not confirmed");
+                }
+                self.poison = None;
+                self.messages = None;
+                self.rewind = true;
+                Ok(Step::Again)
+            }
+            Phase::Before(remaining) => {
+                if remaining.is_empty() {
+                    p.phase = Phase::Floor;
+                    return Ok(Step::Again);
+                }
+                let n = remaining.len().min(self.batch);
+                let mut batch = self
+                    .consumer
+                    .batch()
+                    .max_messages(n)
+                    .expires(self.expires())
+                    .messages()
+                    .await
+                    .map_err(unavailable)?;
+                let connects = self.connects();
+                let mut got = 0;
+                while let Some(m) = batch.next().await {
+                    if self.connects() != connects {
+                        self.rewind = true;
+                        return Ok(Step::Again);
+                    }
+                    let m = match m {
+                        Ok(m) => m,
+                        Err(e) => {
+                            self.rewind = true;
+                            return Err(Error::backend(BACKEND, true, e));
+                        }
+                    };
+                    let d = delivery(&self.topic, m, &mut self.high_water)?;
+                    let seq = u64::try_from(d.position().offset).unwrap_or(u64::MAX);
+                    self.last_read = self.last_read.max(seq);
+                    got += 1;
+                    if let Some(Poison {
+                        phase: Phase::Before(remaining),
+                        ..
+                    }) = &mut self.poison
+                    {
+                        remaining.remove(&seq);
+                    }
+                    self.ready.push_back(Ok(d));
+                }
+                if self.connects() != connects {
+                    self.rewind = true;
+                    return Ok(Step::Again);
+                }
+                if got == 0 {
+                    // The rest is gone from the stream (or comes as redeliveries).
+                    if let Some(p) = &mut self.poison {
+                        p.phase = Phase::Floor;
+                    }
+                }
+                Ok(Step::Again)
+            }
+            Phase::Floor => {
+                // Pulling resumes once everything before it is acknowledged: the client
+                // then reads it once more, which makes it pending with the floor before it.
+                let last_before = p.last_before;
+                let (floor, _) = self.floor_and_delivered().await?;
+                if floor >= last_before {
+                    return Ok(Step::Pull);
+                }
+                tokio::select! {
+                    () = self.lost.cancelled() => return Err(Error::closed("subscription")),
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+                Ok(Step::Again)
+            }
+        }
+    }
+
+    /// The next delivery, an error to report, or `None` at the end.
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        loop {
+            if self.lost.is_cancelled() {
+                return None;
+            }
+            if let Some(d) = self.ready.pop_front() {
+                return Some(d);
+            }
+            if self.messages.is_some() && self.connects() != self.opened_at {
+                self.messages = None;
+                self.rewind = true;
+            }
+            if self.rewind {
+                self.messages = None;
+                if let Err(e) = self.rewind().await {
+                    if !self.pause().await {
+                        return None;
+                    }
+                    return Some(Err(e));
+                }
+            }
+            match self.poison_step().await {
+                Ok(Step::Deliver(d)) => return Some(Ok(d)),
+                Ok(Step::Again) => continue,
+                Ok(Step::Pull) => {}
+                Err(e) => {
+                    if !self.pause().await {
+                        return None;
+                    }
+                    return Some(Err(e));
+                }
+            }
+            if self.messages.is_none() {
+                let connects = self.connects();
+                match self.open().await {
+                    Ok(m) => {
+                        self.messages = Some(m);
+                        self.opened_at = connects;
+                    }
+                    Err(e) => {
+                        self.rewind = true;
+                        if !self.pause().await {
+                            return None;
+                        }
+                        return Some(Err(e));
+                    }
+                }
+                continue;
+            }
+            let Some(messages) = self.messages.as_mut() else {
+                continue;
+            };
+            let next = tokio::select! {
+                biased;
+                () = self.lost.cancelled() => return None,
+                n = messages.next() => n,
+                // The client reconnects on its own and the pull goes on: notice a reconnect
+                // even while nothing arrives (a message the client cannot read drops the
+                // connection each time it is sent, and never arrives).
+                _ = self.watch.tick() => continue,
+            };
+            match next {
+                Some(Ok(m)) => {
+                    if self.connects() != self.opened_at {
+                        // Read across a reconnect: the rewind delivers it again, in order.
+                        // (Not counted as read: the pull goes on after a reconnect past a
+                        // message the client could not read.)
+                        continue;
+                    }
+                    if let Ok(info) = m.info() {
+                        self.last_read = self.last_read.max(info.stream_sequence);
+                    }
+                    return Some(delivery(&self.topic, m, &mut self.high_water));
+                }
+                Some(Err(e)) => {
+                    if !matches!(e.kind(), pull::MessagesErrorKind::MissingHeartbeat) {
+                        self.messages = None;
+                        self.rewind = true;
+                    }
+                    if self.lost.is_cancelled() {
+                        return None;
+                    }
+                    return Some(Err(unavailable(e)));
+                }
+                None => {
+                    self.messages = None;
+                    self.rewind = true;
+                }
+            }
+        }
+    }
+}
