@@ -16,7 +16,7 @@
 //!
 //! let event = Envelope::new("order-1", "OrderCreated", 1, r#"{"total":42}"#)?
 //!     .with_content_type("application/json");
-//! let wire = Codec::CloudEvents.encode(&event, HeaderStyle::Nats, "orders-service")?;
+//! let wire = Codec::CloudEvents.encode(&event, HeaderStyle::HyphenPercentEncoded, "orders-service")?;
 //! assert_eq!(wire.headers.get("ce-subject"), Some("order-1"));
 //! # Ok::<(), dualbus_core::Error>(())
 //! ```

@@ -66,7 +66,7 @@ impl Capabilities {
             request_reply: false,
             max_payload: 1024 * 1024,
             wire: WireOverhead::PLAIN,
-            header_style: HeaderStyle::Nats,
+            header_style: HeaderStyle::HyphenPercentEncoded,
             ack_deadline: None,
             pause_partitions: false,
             expected_version: false,

@@ -55,25 +55,39 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dualbus_core::{Capabilities, Error, HeaderStyle};
+use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 /// Settings of the in-process broker.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// It is also the `memory:` section of the facade's configuration files (`domain.memory`,
+/// `simple.memory`), read with serde: the keys `partitions`, `ack_wait` (a duration such as
+/// `30s`, or milliseconds, see [`dualbus_core::config::duration`]), `max_payload` and
+/// `simple_buffer`; a missing key keeps its default and an unknown key is an error.
+/// [`MemoryConfig::topic_partitions`] is not a key of that section: the facade fills it from
+/// its backend-neutral `topics.<name>.partitions`. Values are checked by
+/// [`Memory::with_config`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct MemoryConfig {
     /// Partitions per domain topic. Default 16.
     pub partitions: u32,
     /// Redelivery deadline of unacknowledged domain deliveries. Default 30 s.
+    #[serde(with = "dualbus_core::config::duration")]
     pub ack_wait: Duration,
     /// Largest payload plus headers accepted. Default 1 MiB.
     pub max_payload: usize,
     /// Buffered simple messages per subscriber (and per queue-group member) before
     /// publishers wait. Default 1,024.
     pub simple_buffer: usize,
-    /// Partitions of particular topics, overriding `partitions`.
+    /// Partitions of particular topics, overriding `partitions` (not read from a
+    /// configuration section; see [`MemoryConfig::with_topic_partitions`]).
+    #[serde(skip)]
     pub topic_partitions: BTreeMap<String, u32>,
     /// Whether a new owner rewinds a partition to its ack floor (always, except in the
     /// conformance suite's mutant check).
+    #[serde(skip)]
     pub(crate) rewind: bool,
 }
 
@@ -212,7 +226,7 @@ impl Memory {
         domain_caps.expected_version = true;
         domain_caps.replay = true;
         domain_caps.max_payload = config.max_payload;
-        domain_caps.header_style = HeaderStyle::Nats;
+        domain_caps.header_style = HeaderStyle::HyphenPercentEncoded;
         domain_caps.ack_deadline = Some(config.ack_wait);
         domain_caps.pause_partitions = true;
         let mut simple_caps = Capabilities::new("memory");
@@ -252,4 +266,55 @@ fn check_size(
     payload: usize,
 ) -> Result<(), Error> {
     caps.check_parts(headers, payload, None, dualbus_core::Write::Publish)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn section(json: &str) -> Result<MemoryConfig, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+
+    #[test]
+    fn the_section_reads_durations_and_keeps_defaults() {
+        let c = section(r#"{ "partitions": 8, "ack_wait": "30d" }"#).unwrap();
+        assert_eq!(c.partitions, 8);
+        assert_eq!(c.ack_wait, Duration::from_secs(30 * 86_400));
+        let defaults = MemoryConfig::default();
+        assert_eq!(c.max_payload, defaults.max_payload);
+        assert_eq!(c.simple_buffer, defaults.simple_buffer);
+        assert!(c.rewind, "skipped fields keep their defaults");
+        assert_eq!(section("{}").unwrap(), defaults);
+        let c = section(r#"{ "ack_wait": 250, "max_payload": 4096, "simple_buffer": 8 }"#).unwrap();
+        assert_eq!(c.ack_wait, Duration::from_millis(250), "milliseconds");
+        assert_eq!((c.max_payload, c.simple_buffer), (4096, 8));
+    }
+
+    #[test]
+    fn the_section_refuses_unknown_and_internal_keys() {
+        for key in ["partition", "rewind", "topic_partitions"] {
+            let e = section(&format!(r#"{{ "{key}": 1 }}"#)).expect_err(key);
+            assert!(e.to_string().contains("unknown field"), "{key}: {e}");
+        }
+        let e = section(r#"{ "ack_wait": "soon" }"#).expect_err("a bad duration");
+        assert!(e.to_string().contains("30s"), "{e}");
+    }
+
+    #[test]
+    fn with_config_checks_values() {
+        let zero = section(r#"{ "partitions": 0 }"#).unwrap();
+        match Memory::with_config(zero) {
+            Err(Error::Config { path, .. }) => assert_eq!(path, "memory.partitions"),
+            other => panic!("expected a configuration error, got {other:?}"),
+        }
+        let c = section(r#"{ "partitions": 4 }"#)
+            .unwrap()
+            .with_topic_partitions("payments", 2);
+        let broker = Memory::with_config(c).unwrap();
+        assert_eq!(broker.config().partitions_of("payments"), 2);
+        assert_eq!(broker.config().partitions_of("orders"), 4);
+    }
 }

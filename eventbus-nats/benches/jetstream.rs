@@ -51,7 +51,7 @@ fn wire(envelopes: &[Envelope]) -> Vec<(String, async_nats::HeaderMap, Bytes)> {
         .iter()
         .map(|e| {
             let m: OutboundMessage = Codec::CloudEvents
-                .encode(e, HeaderStyle::Nats, "bench")
+                .encode(e, HeaderStyle::HyphenPercentEncoded, "bench")
                 .unwrap();
             let mut h = async_nats::HeaderMap::new();
             for (k, v) in m.headers.iter() {

@@ -226,7 +226,11 @@ async fn a_stream_with_other_settings_is_refused_unless_update_is_asked() {
 
 fn outbound(key: &str) -> dualbus_core::OutboundMessage {
     dualbus_core::Codec::CloudEvents
-        .encode(&event(key, 1), dualbus_core::HeaderStyle::Nats, "js-tests")
+        .encode(
+            &event(key, 1),
+            dualbus_core::HeaderStyle::HyphenPercentEncoded,
+            "js-tests",
+        )
         .expect("encode")
 }
 

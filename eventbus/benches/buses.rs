@@ -312,7 +312,7 @@ async fn domain_raw(evs: &[Envelope], workers: usize, load: Load, count_only_oth
     for (i, e) in evs.iter().enumerate() {
         stamps.send(i);
         let m = Codec::CloudEvents
-            .encode(e, HeaderStyle::Nats, "bench")
+            .encode(e, HeaderStyle::HyphenPercentEncoded, "bench")
             .unwrap();
         let w = fnv(&m.key) % workers;
         senders[w].send(m).await.unwrap();

@@ -8,13 +8,16 @@
 //!   codec: cloudevents      # cloudevents | jxt
 //!   cloudevents_mode: binary  # binary | structured (codec cloudevents only)
 //!   # jxt_tenant_id: number   # number | string: jxt-core up to v1.1.35 (codec jxt only)
-//!   memory: { partitions: 16, ack_wait: 30s }
+//!   memory: { partitions: 16, ack_wait: 30s }  # also max_payload (1 MiB), simple_buffer (1024)
+//!                           # (see dualbus_memory::MemoryConfig)
 //!   pool: { max_concurrency: 256, max_in_flight: 10000, max_per_key: 1000, drain_deadline: 10s }
 //!   retry: { attempts: 5, initial_backoff: 100ms, max_backoff: 10s }
 //!   dead_letter: { suffix: ".dlq" }
 //!   handler_timeout: 30s
-//!   group: { name: orders-service, partitions: 16, drain_deadline: 10s, member_timeout: 5s }
+//!   group: { name: orders-service, partitions: 16, drain_deadline: 10s }
 //!   # group names: [A-Za-z0-9_-] tokens separated by single dots, at most 200 bytes
+//!   # partitions (here and per topic): backends with partitioned groups only (not nats yet)
+//!   # member_timeout: recognised but refused until the group coordinator lands
 //!   topics: { payments: { partitions: 32 } }   # per-topic overrides
 //!   # type: nats, with (see dualbus_nats::NatsConfig):
 //!   # nats:
@@ -26,6 +29,7 @@
 //! simple:
 //!   type: memory            # memory | nats | redis
 //!   max_concurrency: 1024
+//!   # memory: { simple_buffer: 1024 }  # a broker of its own; without it, the domain's is shared
 //! ```
 //!
 //! Every key can be overridden from the environment with the prefix `DUALBUS__` and `__`
@@ -33,6 +37,15 @@
 //! Unknown keys are rejected with their path (`domain.pool.max_inflight`); a section for a
 //! backend whose cargo feature is off is an error naming the feature. Durations are written
 //! `250ms`, `30s`, `5m`, `30d` (or as a number of milliseconds).
+//!
+//! Each backend crate owns its section's type (`memory`: `dualbus_memory::MemoryConfig`,
+//! `nats`: `dualbus_nats::NatsConfig`) and its constructor; [`crate::Buses::from_config`]
+//! builds only the backends that `type` names (with memory on both buses and no
+//! `simple.memory`, one broker serves both).
+//!
+//! `domain.group.member_timeout` is refused for now ("not supported yet"): no backend of this
+//! release has a member registry to apply it to. The group coordinator's registry (NATS,
+//! Redis) will read it.
 
 use std::path::Path;
 use std::time::Duration;
@@ -41,6 +54,8 @@ use dualbus_core::{Backoff, Codec, DeadLetterPolicy, Error, PoolConfig, Result};
 use figment::Figment;
 use figment::providers::{Env, Format as _, Toml, Yaml};
 use serde::Deserialize;
+
+use crate::backends::{self, Bus, Section};
 
 /// The environment prefix of overrides.
 pub const ENV_PREFIX: &str = "DUALBUS__";
@@ -59,17 +74,6 @@ pub enum BackendKind {
     Kafka,
     /// Redis: Streams for domain events, pub/sub for simple messages (feature `redis`).
     Redis,
-}
-
-impl BackendKind {
-    fn name(self) -> &'static str {
-        match self {
-            Self::Memory => "memory",
-            Self::Nats => "nats",
-            Self::Kafka => "kafka",
-            Self::Redis => "redis",
-        }
-    }
 }
 
 /// The codec, as written in configuration.
@@ -108,33 +112,6 @@ pub enum JxtTenantId {
     String,
 }
 
-/// The `memory` section.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-#[non_exhaustive]
-pub struct MemorySection {
-    /// Partitions per domain topic. Default 16.
-    pub partitions: u32,
-    /// Redelivery deadline. Default 30 s.
-    #[serde(with = "dualbus_core::config::duration")]
-    pub ack_wait: Duration,
-    /// Largest payload plus headers. Default 1 MiB.
-    pub max_payload: usize,
-    /// Simple-subscriber buffer. Default 1,024.
-    pub simple_buffer: usize,
-}
-
-impl Default for MemorySection {
-    fn default() -> Self {
-        Self {
-            partitions: 16,
-            ack_wait: Duration::from_secs(30),
-            max_payload: 1024 * 1024,
-            simple_buffer: 1024,
-        }
-    }
-}
-
 /// The `group` section: consumer groups, backend-neutral.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -152,8 +129,10 @@ pub struct GroupSection {
     /// Default: `pool.drain_deadline`.
     #[serde(with = "dualbus_core::config::duration::option")]
     pub drain_deadline: Option<Duration>,
-    /// After how long without a sign of life a member counts as gone (NATS and Redis
-    /// registries; memory and Kafka detect departures themselves). Default 5 s.
+    /// After how long without a sign of life a member counts as gone. **Not supported
+    /// yet**: [`Config::validate`] refuses it. The key is recognised for the member registry
+    /// of the group coordinator (NATS, Redis; memory and Kafka detect departures
+    /// themselves), which will use it.
     #[serde(with = "dualbus_core::config::duration::option")]
     pub member_timeout: Option<Duration>,
 }
@@ -172,10 +151,17 @@ pub struct TopicSection {
 /// Its `Debug` output shows no values: sections hold credentials.
 #[derive(Clone, Deserialize)]
 #[serde(transparent)]
-pub struct Raw(
-    // Read by the backends of this build; without any, only the section's presence counts.
-    #[cfg_attr(not(feature = "nats"), allow(dead_code))] figment::value::Value,
-);
+pub struct Raw(figment::value::Value);
+
+impl Raw {
+    /// The value, for the backend that reads it.
+    // Read by the backends of this build that keep their section raw; without any, only the
+    // section's presence counts.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    pub(crate) fn value(&self) -> &figment::value::Value {
+        &self.0
+    }
+}
 
 impl std::fmt::Debug for Raw {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -199,8 +185,15 @@ pub struct DomainSection {
     pub cloudevents_mode: Option<CloudEventsMode>,
     /// How jxt JSON mode writes `tenant_id` (codec `jxt` only). Default number.
     pub jxt_tenant_id: Option<JxtTenantId>,
-    /// In-process backend settings.
-    pub memory: Option<MemorySection>,
+    /// In-process backend settings ([`dualbus_memory::MemoryConfig`]). In a build without
+    /// the `memory` feature the section is kept raw, and its presence is an error naming
+    /// the feature.
+    #[cfg(feature = "memory")]
+    pub memory: Option<dualbus_memory::MemoryConfig>,
+    /// In-process backend settings (feature `memory`, off in this build: a present section
+    /// is an error naming the feature).
+    #[cfg(not(feature = "memory"))]
+    pub memory: Option<Raw>,
     /// NATS settings (feature `nats`).
     pub nats: Option<Raw>,
     /// Kafka settings (feature `kafka`).
@@ -223,6 +216,16 @@ pub struct DomainSection {
 }
 
 impl DomainSection {
+    /// Its backend sections, by backend, in the order of [`BackendKind`].
+    fn backend_sections(&self) -> [(BackendKind, Option<Section<'_>>); 4] {
+        [
+            (BackendKind::Memory, self.memory.as_ref().map(Section::from)),
+            (BackendKind::Nats, self.nats.as_ref().map(Section::from)),
+            (BackendKind::Kafka, self.kafka.as_ref().map(Section::from)),
+            (BackendKind::Redis, self.redis.as_ref().map(Section::from)),
+        ]
+    }
+
     /// The codec publishers write, from `codec`, `cloudevents_mode` and `jxt_tenant_id`.
     pub fn wire_codec(&self) -> Codec {
         match (self.codec, self.cloudevents_mode, self.jxt_tenant_id) {
@@ -242,14 +245,33 @@ pub struct SimpleSection {
     /// The backend.
     #[serde(rename = "type")]
     pub kind: BackendKind,
-    /// In-process backend settings.
-    pub memory: Option<MemorySection>,
+    /// In-process backend settings ([`dualbus_memory::MemoryConfig`]): with them, the simple
+    /// bus gets a broker of its own; without them, it shares the domain bus's memory broker
+    /// (or, when the domain bus is elsewhere, takes `domain.memory`'s settings).
+    #[cfg(feature = "memory")]
+    pub memory: Option<dualbus_memory::MemoryConfig>,
+    /// In-process backend settings (feature `memory`, off in this build: a present section
+    /// is an error naming the feature).
+    #[cfg(not(feature = "memory"))]
+    pub memory: Option<Raw>,
     /// NATS settings (feature `nats`).
     pub nats: Option<Raw>,
     /// Redis settings (feature `redis`).
     pub redis: Option<Raw>,
     /// Concurrent handler calls per subscription.
     pub max_concurrency: usize,
+}
+
+impl SimpleSection {
+    /// Its backend sections, by backend, in the order of [`BackendKind`] (Kafka has no
+    /// simple bus).
+    fn backend_sections(&self) -> [(BackendKind, Option<Section<'_>>); 3] {
+        [
+            (BackendKind::Memory, self.memory.as_ref().map(Section::from)),
+            (BackendKind::Nats, self.nats.as_ref().map(Section::from)),
+            (BackendKind::Redis, self.redis.as_ref().map(Section::from)),
+        ]
+    }
 }
 
 impl Default for SimpleSection {
@@ -324,36 +346,9 @@ impl Config {
     /// Checks values and backend sections against this build's features.
     pub fn validate(&self) -> Result<()> {
         let d = &self.domain;
-        backend_available("domain", d.kind)?;
-        section("domain", "nats", d.nats.is_some())?;
-        #[cfg(feature = "nats")]
-        if let Some(raw) = &d.nats {
-            nats_config(raw, "domain")?;
-        }
-        if d.kind == BackendKind::Nats {
-            // Partitioned consumer groups on JetStream are not offered yet: one active
-            // subscriber per group and topic.
-            if d.group.partitions.is_some() {
-                return Err(Error::config(
-                    "domain.group.partitions",
-                    "the nats backend has no partitioned consumer groups yet (one active subscriber per group)",
-                ));
-            }
-            if let Some(topic) = d
-                .topics
-                .iter()
-                .find(|(_, t)| t.partitions.is_some())
-                .map(|(t, _)| t)
-            {
-                return Err(Error::config(
-                    format!("domain.topics.{topic}.partitions"),
-                    "the nats backend has no partitioned consumer groups yet (one active subscriber per group)",
-                ));
-            }
-        }
-        section("domain", "kafka", d.kafka.is_some())?;
-        section("domain", "redis", d.redis.is_some())?;
-        section("domain", "memory", d.memory.is_some())?;
+        let domain = backends::for_bus(Bus::Domain, d.kind)?;
+        backends::check_sections(Bus::Domain, d.backend_sections())?;
+        backends::check_partitions(domain, self)?;
         if let Some(s) = &d.source
             && s.trim().is_empty()
         {
@@ -381,6 +376,13 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if d.group.member_timeout.is_some() {
+            return Err(Error::config(
+                "domain.group.member_timeout",
+                "not supported yet: no backend of this release has a group member registry; \
+                 the group coordinator's registry will use it (remove the key)",
+            ));
+        }
         for (topic, t) in &d.topics {
             dualbus_core::validate_topic(topic)
                 .map_err(|e| Error::config(format!("domain.topics.{topic}"), e.to_string()))?;
@@ -393,20 +395,8 @@ impl Config {
         }
         d.retry.validate().map_err(|e| prefix("domain", e))?;
         let s = &self.simple;
-        if s.kind == BackendKind::Kafka {
-            return Err(Error::config(
-                "simple.type",
-                "kafka offers no simple-message bus; use memory, nats or redis",
-            ));
-        }
-        backend_available("simple", s.kind)?;
-        section("simple", "nats", s.nats.is_some())?;
-        #[cfg(feature = "nats")]
-        if let Some(raw) = &s.nats {
-            nats_config(raw, "simple")?;
-        }
-        section("simple", "redis", s.redis.is_some())?;
-        section("simple", "memory", s.memory.is_some())?;
+        backends::for_bus(Bus::Simple, s.kind)?;
+        backends::check_sections(Bus::Simple, s.backend_sections())?;
         if s.max_concurrency == 0 {
             return Err(Error::config(
                 "simple.max_concurrency",
@@ -421,44 +411,11 @@ fn env() -> Env {
     Env::prefixed(ENV_PREFIX).split("__")
 }
 
-fn prefix(section: &str, e: Error) -> Error {
+/// `e` with its path under `section` (`memory.partitions` -> `domain.memory.partitions`).
+pub(crate) fn prefix(section: &str, e: Error) -> Error {
     match e {
         Error::Config { path, message } => Error::config(format!("{section}.{path}"), message),
         other => other,
-    }
-}
-
-fn feature_enabled(name: &str) -> bool {
-    match name {
-        "memory" => cfg!(feature = "memory"),
-        "nats" => cfg!(feature = "nats"),
-        // Backends whose crates are not part of this build.
-        _ => false,
-    }
-}
-
-fn feature_error(path: String, name: &str) -> Error {
-    Error::config(
-        path,
-        format!(
-            "the {name} backend needs the cargo feature `{name}` of dualbus, which this build does not enable"
-        ),
-    )
-}
-
-fn backend_available(section: &str, kind: BackendKind) -> Result<()> {
-    if feature_enabled(kind.name()) {
-        Ok(())
-    } else {
-        Err(feature_error(format!("{section}.type"), kind.name()))
-    }
-}
-
-fn section(parent: &str, name: &str, present: bool) -> Result<()> {
-    if present && !feature_enabled(name) {
-        Err(feature_error(format!("{parent}.{name}"), name))
-    } else {
-        Ok(())
     }
 }
 
@@ -504,53 +461,22 @@ fn figment_error(e: figment::Error) -> Error {
     Error::config(path, message)
 }
 
-/// The typed `nats` section.
-#[cfg(feature = "nats")]
-fn nats_config(raw: &Raw, parent: &str) -> Result<dualbus_nats::NatsConfig> {
-    dualbus_nats::NatsConfig::deserialize(&raw.0).map_err(|e| {
-        let mut path = format!("{parent}.nats");
-        for p in &e.path {
-            path.push('.');
-            path.push_str(p);
-        }
-        if let figment::error::Kind::UnknownField(field, _) = &e.kind
-            && e.path.last() != Some(field)
-        {
-            path.push('.');
-            path.push_str(field);
-        }
-        Error::config(path, nats_message(&e.kind))
-    })
-}
-
-/// The message of an error in a `nats` section, showing no secret: a string value (a URL
-/// with a password, a token) is not quoted, and URLs in the message are redacted.
-#[cfg(feature = "nats")]
-fn nats_message(kind: &figment::error::Kind) -> String {
-    use figment::error::{Actual, Kind};
-    let message = match kind {
-        Kind::InvalidType(Actual::Str(_), expected) => {
-            format!("invalid type: found a string, expected {expected}")
-        }
-        Kind::InvalidValue(Actual::Str(_), expected) => {
-            format!("invalid value: a string, expected {expected}")
-        }
-        other => other.to_string(),
-    };
-    dualbus_nats::redact_urls(&message)
-}
-
 impl crate::Buses {
     /// Builds both buses from configuration. With only in-process backends this needs no
-    /// server; network backends connect here.
+    /// server; network backends connect here. Only the backends that `type` names are
+    /// built (with memory on both buses and no `simple.memory` section, one broker serves
+    /// both).
     pub async fn from_config(config: &Config) -> Result<Self> {
         config.validate()?;
+        let (domain, simple) = backends::build(config).await?;
         let d = &config.domain;
         let mut pool = d.pool.clone();
         if let Some(deadline) = d.group.drain_deadline {
             pool.drain_deadline = deadline;
         }
         let mut b = Self::builder()
+            .domain_dyn(domain)
+            .simple_dyn(simple)
             .codec(d.wire_codec())
             .pool(pool)
             .retry(d.retry.clone())
@@ -564,49 +490,6 @@ impl crate::Buses {
         }
         if let Some(g) = &d.group.name {
             b = b.default_group(g.clone());
-        }
-        #[cfg(feature = "memory")]
-        {
-            let memory = |m: &MemorySection| {
-                let mut c = dualbus_memory::MemoryConfig::default()
-                    .with_partitions(d.group.partitions.unwrap_or(m.partitions))
-                    .with_ack_wait(m.ack_wait)
-                    .with_max_payload(m.max_payload)
-                    .with_simple_buffer(m.simple_buffer);
-                for (topic, t) in &d.topics {
-                    if let Some(p) = t.partitions {
-                        c = c.with_topic_partitions(topic.clone(), p);
-                    }
-                }
-                dualbus_memory::Memory::with_config(c)
-            };
-            let domain_memory = memory(d.memory.as_ref().unwrap_or(&MemorySection::default()))
-                .map_err(|e| prefix("domain", e))?;
-            // One broker for both buses unless the simple bus has settings of its own.
-            let simple_memory = match &config.simple.memory {
-                Some(m) => memory(m).map_err(|e| prefix("simple", e))?,
-                None => domain_memory.clone(),
-            };
-            b = b.domain(domain_memory);
-            if config.simple.kind == BackendKind::Memory {
-                b = b.simple(simple_memory);
-            }
-        }
-        #[cfg(feature = "nats")]
-        if d.kind == BackendKind::Nats {
-            let nats = match &d.nats {
-                Some(raw) => nats_config(raw, "domain")?,
-                None => dualbus_nats::NatsConfig::default(),
-            };
-            b = b.domain(dualbus_nats::JetStream::connect(nats).await?);
-        }
-        #[cfg(feature = "nats")]
-        if config.simple.kind == BackendKind::Nats {
-            let nats = match &config.simple.nats {
-                Some(raw) => nats_config(raw, "simple")?,
-                None => dualbus_nats::NatsConfig::default(),
-            };
-            b = b.simple(dualbus_nats::Nats::connect(nats).await?);
         }
         b.build()
     }

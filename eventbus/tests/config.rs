@@ -286,7 +286,7 @@ async fn buses_from_config_work() {
 fn group_and_topic_settings() {
     figment::Jail::expect_with(|jail| {
         let c = Config::from_yaml(
-            "domain:\n  group: { name: billing, partitions: 8, drain_deadline: 3s, member_timeout: 5s }\n  topics: { payments: { partitions: 2 } }\n",
+            "domain:\n  group: { name: billing, partitions: 8, drain_deadline: 3s }\n  topics: { payments: { partitions: 2 } }\n",
         )
         .unwrap();
         assert_eq!(c.domain.group.name.as_deref(), Some("billing"));
@@ -319,6 +319,74 @@ fn group_and_topic_settings() {
         );
         Ok(())
     });
+}
+
+/// `group.member_timeout` is a known key, refused until the group coordinator's member
+/// registry uses it: from a file and from the environment, whatever the backend.
+#[test]
+fn member_timeout_is_not_supported_yet() {
+    figment::Jail::expect_with(|jail| {
+        for yaml in [
+            "domain:\n  group: { member_timeout: 5s }\n",
+            "domain:\n  group: { name: billing, member_timeout: 500ms }\n",
+        ] {
+            let (path, message) = config_error(Config::from_yaml(yaml));
+            assert_eq!(path, "domain.group.member_timeout", "{yaml}");
+            assert!(message.contains("not supported yet"), "{message}");
+            assert!(!message.contains("unknown key"), "{message}");
+        }
+        let (path, _) = config_error(Config::from_toml(
+            "[domain.group]\nmember_timeout = \"5s\"\n",
+        ));
+        assert_eq!(path, "domain.group.member_timeout");
+        // A bad value is still reported as such.
+        let (path, message) = config_error(Config::from_yaml(
+            "domain:\n  group: { member_timeout: soon }\n",
+        ));
+        assert_eq!(path, "domain.group.member_timeout");
+        assert!(message.contains("30s"), "{message}");
+        jail.set_env("DUALBUS__DOMAIN__GROUP__MEMBER_TIMEOUT", "5s");
+        let (path, message) = config_error(Config::from_yaml("{}"));
+        assert_eq!(path, "domain.group.member_timeout");
+        assert!(message.contains("not supported yet"), "{message}");
+        Ok(())
+    });
+}
+
+/// The memory sections reach the brokers: without `simple.memory` the simple bus runs on the
+/// domain bus's broker (its settings), with one it gets a broker of its own. (That the
+/// shared broker is one broker is checked by the unit tests of the backend table.)
+#[tokio::test]
+async fn memory_sections_reach_the_brokers() {
+    let payloads = |yaml: &str| {
+        let yaml = yaml.to_owned();
+        async move {
+            let buses = Buses::from_config(&Config::from_yaml(&yaml).unwrap())
+                .await
+                .unwrap();
+            let sizes = (
+                buses.domain().capabilities().max_payload,
+                buses.simple().capabilities().max_payload,
+            );
+            buses.close().await.unwrap();
+            sizes
+        }
+    };
+    assert_eq!(
+        payloads("domain:\n  memory: { max_payload: 2048 }\n").await,
+        (2048, 2048)
+    );
+    assert_eq!(
+        payloads(
+            "domain:\n  memory: { max_payload: 2048 }\nsimple:\n  memory: { max_payload: 4096 }\n"
+        )
+        .await,
+        (2048, 4096)
+    );
+    assert_eq!(
+        payloads("simple:\n  memory: { max_payload: 4096 }\n").await,
+        (1024 * 1024, 4096)
+    );
 }
 
 #[tokio::test]

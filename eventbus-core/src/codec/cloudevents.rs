@@ -78,8 +78,8 @@ const KAFKA: Names = Names {
 
 fn names(style: HeaderStyle) -> &'static Names {
     match style {
-        HeaderStyle::Nats => &NATS,
-        HeaderStyle::Kafka => &KAFKA,
+        HeaderStyle::HyphenPercentEncoded => &NATS,
+        HeaderStyle::UnderscorePlain => &KAFKA,
     }
 }
 
@@ -90,9 +90,9 @@ const NATS_ENCODE: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'%');
 /// NATS and HTTP header names are case-insensitive).
 pub(super) fn detect(headers: &Headers) -> Option<HeaderStyle> {
     if headers.get_ignore_case(NATS.specversion).is_some() {
-        Some(HeaderStyle::Nats)
+        Some(HeaderStyle::HyphenPercentEncoded)
     } else if headers.get_ignore_case(KAFKA.specversion).is_some() {
-        Some(HeaderStyle::Kafka)
+        Some(HeaderStyle::UnderscorePlain)
     } else {
         None
     }
@@ -130,8 +130,8 @@ fn unquote(v: &str) -> Cow<'_, str> {
 /// UTF-8); Kafka values are plain.
 fn decode_value(style: HeaderStyle, name: &str, v: &str) -> Result<String, DecodeError> {
     match style {
-        HeaderStyle::Kafka => Ok(v.to_owned()),
-        HeaderStyle::Nats => percent_decode_str(&unquote(v))
+        HeaderStyle::UnderscorePlain => Ok(v.to_owned()),
+        HeaderStyle::HyphenPercentEncoded => percent_decode_str(&unquote(v))
             .decode_utf8()
             .map(Cow::into_owned)
             .map_err(|_| DecodeError::invalid(name, "percent-encoding is not UTF-8")),
@@ -140,8 +140,8 @@ fn decode_value(style: HeaderStyle, name: &str, v: &str) -> Result<String, Decod
 
 fn value(style: HeaderStyle, v: &str) -> String {
     match style {
-        HeaderStyle::Nats => utf8_percent_encode(v, NATS_ENCODE).to_string(),
-        HeaderStyle::Kafka => v.to_owned(),
+        HeaderStyle::HyphenPercentEncoded => utf8_percent_encode(v, NATS_ENCODE).to_string(),
+        HeaderStyle::UnderscorePlain => v.to_owned(),
     }
 }
 
@@ -202,7 +202,7 @@ pub(super) fn encode(
     h.push_unique(n.time, format_rfc3339_nano(&e.occurred_at));
     h.push_unique(n.subject, value(style, &e.aggregate_id));
     h.push_unique(n.aggregateversion, e.event_version.to_string());
-    if style == HeaderStyle::Kafka {
+    if style == HeaderStyle::UnderscorePlain {
         h.push_unique(n.partitionkey, value(style, &e.aggregate_id));
     }
     for (name, v) in [

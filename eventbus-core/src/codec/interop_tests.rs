@@ -56,7 +56,10 @@ fn jxt_core_bytes_decode_and_encode_to_the_same_bytes() {
             .unwrap_or_else(|err| panic!("{id}: {err}"));
         assert_eq!(e.event_id, id);
         assert_eq!(e.aggregate_id, str_of(case, "aggregate_id"));
-        for style in [HeaderStyle::Nats, HeaderStyle::Kafka] {
+        for style in [
+            HeaderStyle::HyphenPercentEncoded,
+            HeaderStyle::UnderscorePlain,
+        ] {
             let m = Codec::JxtJson
                 .encode(&e, style, "")
                 .unwrap_or_else(|err| panic!("{id}: {err}"));
@@ -84,7 +87,9 @@ fn jxt_core_wrapped_version_is_refused_both_ways() {
         .unwrap()
         .with_event_id("e-u64");
     for codec in [Codec::JxtJson, Codec::JxtJsonStringTenant] {
-        let err = codec.encode(&e, HeaderStyle::Kafka, "s").unwrap_err();
+        let err = codec
+            .encode(&e, HeaderStyle::UnderscorePlain, "s")
+            .unwrap_err();
         assert!(
             matches!(
                 err,
@@ -173,7 +178,9 @@ fn jxt_core_bodies_decode_to_their_values() {
         e.occurred_at,
         chrono::Utc.with_ymd_and_hms(1, 1, 1, 0, 0, 0).unwrap()
     );
-    let again = Codec::JxtJson.encode(&e, HeaderStyle::Nats, "s").unwrap();
+    let again = Codec::JxtJson
+        .encode(&e, HeaderStyle::HyphenPercentEncoded, "s")
+        .unwrap();
     assert!(
         std::str::from_utf8(&again.payload)
             .unwrap()
@@ -287,7 +294,7 @@ fn nats_binary_mode_writes_the_drafts_names() {
     let (_, text) = fixture!("nats-datacontenttype.json");
     let want = ce_message(text);
     let m = Codec::CloudEvents
-        .encode(&expected(), HeaderStyle::Nats, "x")
+        .encode(&expected(), HeaderStyle::HyphenPercentEncoded, "x")
         .unwrap();
     assert_eq!(m.headers, want.headers);
     assert_eq!(m.payload, want.payload);

@@ -20,16 +20,17 @@ use crate::message::{InboundMessage, OutboundMessage};
 pub use cloudevents::{CE_EXTENSIONS, SPEC_VERSION};
 pub use jxt::jxt_compatible_id;
 
-/// How a backend names CloudEvents attributes in its headers.
+/// How a backend names CloudEvents attributes in its headers, named after what it does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum HeaderStyle {
-    /// `ce-` prefix, `datacontenttype` as `ce-datacontenttype`, values percent-encoded as
-    /// the NATS binding draft (1.0.3) asks for. Used by NATS, Redis and memory.
+    /// `ce-` prefix (hyphen), `datacontenttype` as `ce-datacontenttype`, values
+    /// percent-encoded as the NATS binding draft (1.0.3) asks for. Used by NATS, Redis and
+    /// memory.
     #[default]
-    Nats,
-    /// `ce_` prefix, `datacontenttype` as `content-type`, plain UTF-8 values, `partitionkey`
-    /// extension (Kafka binding 1.0.2).
-    Kafka,
+    HyphenPercentEncoded,
+    /// `ce_` prefix (underscore), `datacontenttype` as `content-type`, plain UTF-8 values,
+    /// `partitionkey` extension (Kafka binding 1.0.2).
+    UnderscorePlain,
 }
 
 /// Which wire format a publisher writes. Consumers read all of them, detected per message.

@@ -98,7 +98,7 @@ pub(super) fn encode(
             text_attribute(&mut body, name, v);
         }
     }
-    if style == HeaderStyle::Kafka {
+    if style == HeaderStyle::UnderscorePlain {
         text_attribute(&mut body, "partitionkey", &e.aggregate_id);
     }
     // JSON data (by its media type, `application/json` when there is none) is embedded as

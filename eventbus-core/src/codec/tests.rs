@@ -49,7 +49,11 @@ fn pairs(h: &Headers) -> Vec<(&str, &str)> {
 #[test]
 fn cloudevents_nats_golden() {
     let m = Codec::CloudEvents
-        .encode(&golden_envelope(), HeaderStyle::Nats, "orders-service")
+        .encode(
+            &golden_envelope(),
+            HeaderStyle::HyphenPercentEncoded,
+            "orders-service",
+        )
         .unwrap();
     assert_eq!(m.key, "order-1");
     assert_eq!(
@@ -79,7 +83,11 @@ fn cloudevents_nats_golden() {
 #[test]
 fn cloudevents_kafka_golden() {
     let m = Codec::CloudEvents
-        .encode(&golden_envelope(), HeaderStyle::Kafka, "orders-service")
+        .encode(
+            &golden_envelope(),
+            HeaderStyle::UnderscorePlain,
+            "orders-service",
+        )
         .unwrap();
     assert_eq!(
         pairs(&m.headers),
@@ -109,7 +117,7 @@ fn cloudevents_kafka_golden() {
 fn jxt_golden() {
     let e = golden_envelope().with_trace_id("4bf92f3577b34da6a3ce929d0e0e4736");
     let m = Codec::JxtJson
-        .encode(&e, HeaderStyle::Kafka, "orders-service")
+        .encode(&e, HeaderStyle::UnderscorePlain, "orders-service")
         .unwrap();
     assert_eq!(
         std::str::from_utf8(&m.payload).unwrap(),
@@ -122,7 +130,7 @@ fn jxt_golden() {
     );
     // For jxt-core up to v1.1.35.
     let old = Codec::JxtJsonStringTenant
-        .encode(&e, HeaderStyle::Kafka, "orders-service")
+        .encode(&e, HeaderStyle::UnderscorePlain, "orders-service")
         .unwrap();
     assert_eq!(
         std::str::from_utf8(&old.payload).unwrap(),
@@ -153,7 +161,10 @@ fn jxt_golden() {
 #[test]
 fn round_trips() {
     let original = golden_envelope().with_source("checkout");
-    for style in [HeaderStyle::Nats, HeaderStyle::Kafka] {
+    for style in [
+        HeaderStyle::HyphenPercentEncoded,
+        HeaderStyle::UnderscorePlain,
+    ] {
         for codec in [Codec::CloudEvents, Codec::CloudEventsStructured] {
             let m = codec.encode(&original, style, "x").unwrap();
             let back = Codec::decode(&inbound(&m)).unwrap();
@@ -163,7 +174,9 @@ fn round_trips() {
     }
     let with_trace = original.clone().with_trace_id("abc");
     for codec in [Codec::JxtJson, Codec::JxtJsonStringTenant] {
-        let m = codec.encode(&with_trace, HeaderStyle::Nats, "x").unwrap();
+        let m = codec
+            .encode(&with_trace, HeaderStyle::HyphenPercentEncoded, "x")
+            .unwrap();
         let back = Codec::decode(&inbound(&m)).unwrap();
         assert_eq!(Codec::detect(&inbound(&m)), Some(Codec::JxtJson));
         // The payload is embedded verbatim; everything survives.
@@ -178,7 +191,7 @@ fn nats_percent_encoding() {
         .with_event_id("id")
         .with_occurred_at(chrono::Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap());
     let m = Codec::CloudEvents
-        .encode(&e, HeaderStyle::Nats, "s")
+        .encode(&e, HeaderStyle::HyphenPercentEncoded, "s")
         .unwrap();
     assert_eq!(
         m.headers.get("ce-subject"),
@@ -189,7 +202,7 @@ fn nats_percent_encoding() {
     assert_eq!(back.aggregate_id, "aggregate ü \"1\" 100%");
     // Kafka values stay plain UTF-8.
     let k = Codec::CloudEvents
-        .encode(&e, HeaderStyle::Kafka, "s")
+        .encode(&e, HeaderStyle::UnderscorePlain, "s")
         .unwrap();
     assert_eq!(k.headers.get("ce_subject"), Some("aggregate ü \"1\" 100%"));
 }
@@ -200,7 +213,9 @@ fn jxt_string_escaping_matches_go() {
         .unwrap()
         .with_event_id("line\u{2028}sep")
         .with_occurred_at(chrono::Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap());
-    let m = Codec::JxtJson.encode(&e, HeaderStyle::Nats, "s").unwrap();
+    let m = Codec::JxtJson
+        .encode(&e, HeaderStyle::HyphenPercentEncoded, "s")
+        .unwrap();
     let body = std::str::from_utf8(&m.payload).unwrap();
     assert!(
         body.contains(r#""event_type":"T\u003c\u0026\u003e""#),
@@ -249,7 +264,7 @@ fn jxt_decoding_accepts_go_variants() {
 
 #[test]
 fn bad_input_is_a_clear_error() {
-    let style = HeaderStyle::Nats;
+    let style = HeaderStyle::HyphenPercentEncoded;
     let good = Codec::CloudEvents
         .encode(&golden_envelope(), style, "s")
         .unwrap();
@@ -386,7 +401,7 @@ fn jxt_tenant_id_is_a_number_by_default() {
             .with_occurred_at(chrono::Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap())
             .with_tenant_id(tenant);
         codec
-            .encode(&e, HeaderStyle::Nats, "s")
+            .encode(&e, HeaderStyle::HyphenPercentEncoded, "s")
             .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
     };
     let prefix = r#"{"event_id":"e","aggregate_id":"a","event_type":"T","event_version":1,"timestamp":"2026-01-01T00:00:00Z""#;
@@ -448,15 +463,21 @@ fn jxt_tenant_id_is_a_number_by_default() {
 #[test]
 fn jxt_version_fits_int64() {
     let e = Envelope::new("a", "T", i64::MAX as u64, "{}").unwrap();
-    assert!(Codec::JxtJson.encode(&e, HeaderStyle::Nats, "s").is_ok());
+    assert!(
+        Codec::JxtJson
+            .encode(&e, HeaderStyle::HyphenPercentEncoded, "s")
+            .is_ok()
+    );
     let e = Envelope::new("a", "T", i64::MAX as u64 + 1, "{}").unwrap();
     for codec in [Codec::JxtJson, Codec::JxtJsonStringTenant] {
-        let err = codec.encode(&e, HeaderStyle::Nats, "s").unwrap_err();
+        let err = codec
+            .encode(&e, HeaderStyle::HyphenPercentEncoded, "s")
+            .unwrap_err();
         assert!(err.to_string().contains("int64"), "{err}");
     }
     // CloudEvents carries any u64.
     let m = Codec::CloudEvents
-        .encode(&e, HeaderStyle::Nats, "s")
+        .encode(&e, HeaderStyle::HyphenPercentEncoded, "s")
         .unwrap();
     assert_eq!(Codec::decode(&inbound(&m)).unwrap().event_version, 1 << 63);
 }
@@ -493,7 +514,7 @@ fn jxt_keys_in_any_case_later_duplicates_win() {
 #[test]
 fn nats_header_values_in_double_quotes_are_unescaped_first() {
     let good = Codec::CloudEvents
-        .encode(&golden_envelope(), HeaderStyle::Nats, "s")
+        .encode(&golden_envelope(), HeaderStyle::HyphenPercentEncoded, "s")
         .unwrap();
     let mut m = inbound(&good);
     m.headers
@@ -504,7 +525,7 @@ fn nats_header_values_in_double_quotes_are_unescaped_first() {
     assert_eq!(e.event_id, "id-1");
     // Kafka values are taken as they are.
     let good = Codec::CloudEvents
-        .encode(&golden_envelope(), HeaderStyle::Kafka, "s")
+        .encode(&golden_envelope(), HeaderStyle::UnderscorePlain, "s")
         .unwrap();
     let mut m = inbound(&good);
     m.headers.insert("ce_correlationid", r#""q%20""#);
@@ -515,7 +536,7 @@ fn nats_header_values_in_double_quotes_are_unescaped_first() {
 #[test]
 fn nats_reads_content_type_and_header_names_in_any_case() {
     let good = Codec::CloudEvents
-        .encode(&golden_envelope(), HeaderStyle::Nats, "s")
+        .encode(&golden_envelope(), HeaderStyle::HyphenPercentEncoded, "s")
         .unwrap();
     let mut m = inbound(&good);
     let ct = m.headers.remove("ce-datacontenttype").unwrap();
@@ -532,7 +553,7 @@ fn nats_reads_content_type_and_header_names_in_any_case() {
 fn structured_mode_golden_and_round_trips() {
     let e = golden_envelope();
     let m = Codec::CloudEventsStructured
-        .encode(&e, HeaderStyle::Nats, "orders-service")
+        .encode(&e, HeaderStyle::HyphenPercentEncoded, "orders-service")
         .unwrap();
     assert_eq!(
         pairs(&m.headers),
@@ -556,7 +577,7 @@ fn structured_mode_golden_and_round_trips() {
     );
     assert_eq!(m.key, "order-1");
     let k = Codec::CloudEventsStructured
-        .encode(&e, HeaderStyle::Kafka, "orders-service")
+        .encode(&e, HeaderStyle::UnderscorePlain, "orders-service")
         .unwrap();
     assert!(
         std::str::from_utf8(&k.payload)
@@ -580,7 +601,10 @@ fn structured_mode_golden_and_round_trips() {
         e.clone().with_content_type("application/cloudevents+json"),
     ];
     for original in cases {
-        for style in [HeaderStyle::Nats, HeaderStyle::Kafka] {
+        for style in [
+            HeaderStyle::HyphenPercentEncoded,
+            HeaderStyle::UnderscorePlain,
+        ] {
             let m = Codec::CloudEventsStructured
                 .encode(&original, style, "s")
                 .unwrap();
@@ -596,7 +620,7 @@ fn structured_mode_golden_and_round_trips() {
     let text = Codec::CloudEventsStructured
         .encode(
             &e.clone().with_content_type("text/plain"),
-            HeaderStyle::Nats,
+            HeaderStyle::HyphenPercentEncoded,
             "s",
         )
         .unwrap();
@@ -610,7 +634,7 @@ fn structured_mode_golden_and_round_trips() {
         ..e.clone()
     };
     let big = Codec::CloudEventsStructured
-        .encode(&big, HeaderStyle::Nats, "s")
+        .encode(&big, HeaderStyle::HyphenPercentEncoded, "s")
         .unwrap();
     assert!(
         std::str::from_utf8(&big.payload)
@@ -621,7 +645,7 @@ fn structured_mode_golden_and_round_trips() {
     let reserved = e.clone().with_header("ce-trace", "x");
     assert!(
         Codec::CloudEventsStructured
-            .encode(&reserved, HeaderStyle::Nats, "s")
+            .encode(&reserved, HeaderStyle::HyphenPercentEncoded, "s")
             .is_err()
     );
 }

@@ -129,7 +129,7 @@ impl JetStream {
         caps.wire = headers::WIRE
             .with_id_header(headers::MSG_ID)
             .with_append_header(headers::EXPECTED_LAST_SUBJECT_SEQUENCE, 20);
-        caps.header_style = HeaderStyle::Nats;
+        caps.header_style = HeaderStyle::HyphenPercentEncoded;
         caps.ack_deadline = Some(js_config.consumer.ack_wait);
         Ok(Self {
             inner: Arc::new(Inner {

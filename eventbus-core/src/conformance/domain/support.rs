@@ -110,7 +110,7 @@ pub(super) fn ok_handler()
 
 pub(super) fn ce(style: HeaderStyle, name: &str) -> String {
     match style {
-        HeaderStyle::Nats => format!("ce-{name}"),
-        HeaderStyle::Kafka => format!("ce_{name}"),
+        HeaderStyle::HyphenPercentEncoded => format!("ce-{name}"),
+        HeaderStyle::UnderscorePlain => format!("ce_{name}"),
     }
 }
