@@ -90,7 +90,7 @@ pub use simple::{
     SimpleBus, SimpleBusBuilder, SimpleStats, SimpleSubscribeBuilder, SimpleSubscription,
 };
 pub use topic::{
-    DEFAULT_DEAD_LETTER_SUFFIX, MAX_TOPIC_LEN, dead_letter_topic, group_from_source,
+    DEFAULT_DEAD_LETTER_SUFFIX, MAX_TOPIC_LEN, Topic, dead_letter_topic, group_from_source,
     validate_group, validate_topic,
 };
 pub use transport::{

@@ -1,5 +1,11 @@
 //! Topic names and the dead-letter naming convention.
 
+use std::borrow::Borrow;
+use std::fmt;
+use std::ops::Deref;
+use std::str::FromStr;
+use std::sync::Arc;
+
 use crate::error::{Error, Result};
 
 /// Longest topic name accepted.
@@ -36,6 +42,102 @@ pub fn validate_topic(topic: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A topic name checked once ([`validate_topic`]) and cheap to clone (shared text).
+///
+/// ```
+/// use dualbus_core::Topic;
+/// let orders = Topic::new("orders")?;
+/// assert_eq!(orders.as_str(), "orders");
+/// assert_eq!(orders.dead_letter(".dlq")?.as_str(), "orders.dlq");
+/// assert!(Topic::new("orders..eu").is_err());
+/// # Ok::<(), dualbus_core::Error>(())
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Topic(Arc<str>);
+
+impl Topic {
+    /// Checks `name` ([`Error::InvalidTopic`] naming the reason) and keeps it.
+    pub fn new(name: impl AsRef<str>) -> Result<Self> {
+        let name = name.as_ref();
+        validate_topic(name)?;
+        Ok(Self(Arc::from(name)))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The dead-letter topic of this one with `suffix` (e.g. `.dlq`), checked.
+    pub fn dead_letter(&self, suffix: &str) -> Result<Self> {
+        Self::new(dead_letter_topic(&self.0, suffix))
+    }
+}
+
+impl Deref for Topic {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for Topic {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for Topic {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl FromStr for Topic {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::new(s)
+    }
+}
+
+impl TryFrom<&str> for Topic {
+    type Error = Error;
+    fn try_from(s: &str) -> Result<Self> {
+        Self::new(s)
+    }
+}
+
+impl TryFrom<String> for Topic {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        Self::new(s)
+    }
+}
+
+impl PartialEq<str> for Topic {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for Topic {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
 }
 
 /// Checks a group name (the consumer group of a domain subscription, the queue group of a
@@ -123,6 +225,30 @@ mod tests {
             assert!(matches!(e, Error::InvalidTopic { .. }), "{bad}");
         }
         assert_eq!(dead_letter_topic("orders", ".dlq"), "orders.dlq");
+    }
+
+    #[test]
+    fn checked_topics() {
+        let t = Topic::new("orders.eu").unwrap();
+        assert_eq!(t, "orders.eu");
+        assert_eq!(t.to_string(), "orders.eu");
+        assert_eq!(format!("{t:?}"), "\"orders.eu\"");
+        assert_eq!(t.dead_letter(".dlq").unwrap(), "orders.eu.dlq");
+        assert!(t.dead_letter("..dlq").is_err());
+        assert_eq!("a-b".parse::<Topic>().unwrap().as_str(), "a-b");
+        for bad in ["", "a..b", "a b", &"x".repeat(201)] {
+            let e = Topic::new(bad).unwrap_err();
+            assert!(matches!(e, Error::InvalidTopic { .. }), "{bad}");
+            assert!(Topic::try_from(bad.to_owned()).is_err());
+        }
+        // At the length limit and one past it.
+        assert!(Topic::new("x".repeat(MAX_TOPIC_LEN)).is_ok());
+        assert!(Topic::new("x".repeat(MAX_TOPIC_LEN + 1)).is_err());
+        let clone = t.clone();
+        assert!(
+            std::ptr::eq(clone.as_str(), t.as_str()),
+            "clones share the text"
+        );
     }
 
     #[test]
