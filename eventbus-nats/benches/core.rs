@@ -168,7 +168,7 @@ fn main() {
         return;
     };
     let n = if quick { 20_000 } else { 100_000 };
-    let rounds = if quick { 1 } else { 3 };
+    let rounds = if quick { 1 } else { 5 };
     println!(
         "core NATS publish -> subscribe, {n} messages with 2 headers, {url}, median of {rounds} rounds"
     );

@@ -233,7 +233,7 @@ fn main() {
     };
     let n = if quick { 20_000 } else { 100_000 };
     let single = if quick { 1_000 } else { 5_000 };
-    let rounds = if quick { 1 } else { 3 };
+    let rounds = if quick { 1 } else { 5 };
     let version = rt.block_on(async {
         let c = async_nats::connect(url.as_str()).await.unwrap();
         c.server_info().version
