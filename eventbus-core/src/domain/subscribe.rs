@@ -1,0 +1,215 @@
+//! Domain subscriptions: the options, the handler stack, the keyed pool started on the
+//! transport's subscription, and the running [`Subscription`].
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower::Service;
+
+use crate::error::{HandleError, Result};
+use crate::handler::{BoxEventHandler, Event};
+use crate::middleware::{HookLayer, TimeoutLayer};
+use crate::pool::{Pool, PoolConfig, PoolObserver, PoolParams, PoolStats, ShutdownReport};
+use crate::retry::Backoff;
+use crate::topic::{dead_letter_topic, validate_group, validate_topic};
+use crate::transport::{DomainTransport, StartPosition, SubscriptionSpec};
+
+use super::DomainBus;
+
+/// Options of one domain subscription.
+#[must_use]
+pub struct DomainSubscribeBuilder {
+    pub(super) bus: DomainBus,
+    pub(super) topic: String,
+    pub(super) group: Option<String>,
+    pub(super) pool: Option<PoolConfig>,
+    pub(super) retry: Option<Backoff>,
+    pub(super) start: StartPosition,
+    pub(super) observer: Option<Arc<dyn PoolObserver>>,
+}
+
+impl fmt::Debug for DomainSubscribeBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DomainSubscribeBuilder")
+            .field("topic", &self.topic)
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DomainSubscribeBuilder {
+    /// The consumer group; default: the bus's default group (its source, the service name,
+    /// unless set), so replicas of one service share the topic's partitions.
+    ///
+    /// A group name follows the rule of topic names (`[A-Za-z0-9_-]` tokens separated by
+    /// single dots, at most 200 bytes; see [`validate_group`](crate::validate_group)):
+    /// [`start`](Self::start) refuses any other with [`Error::Config`](crate::Error::Config) naming `group`.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
+        self
+    }
+
+    /// Pool limits for this subscription.
+    pub fn pool(mut self, pool: PoolConfig) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// Retry policy for this subscription.
+    pub fn retry(mut self, retry: Backoff) -> Self {
+        self.retry = Some(retry);
+        self
+    }
+
+    /// Where a new group starts (default: the earliest stored event).
+    pub fn start_position(mut self, start: StartPosition) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// Receives the pool's events (metrics, audits, the conformance order checker).
+    pub fn observer(mut self, observer: Arc<dyn PoolObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Opens the subscription and starts handling with `handler`.
+    ///
+    /// The handler runs inside the bus's layers: hooks (outermost), the handler timeout and
+    /// the added handler layers; the pool catches panics around the whole stack (a panic is a
+    /// permanent failure).
+    pub async fn start<H>(self, handler: H) -> Result<Subscription>
+    where
+        H: Service<Event, Response = (), Error = HandleError> + Clone + Send + Sync + 'static,
+        H::Future: Send + 'static,
+    {
+        let bus = self.bus;
+        bus.check_open()?;
+        validate_topic(&self.topic)?;
+        // Checked here, once for every backend; the default group was checked at build.
+        let group = match self.group {
+            Some(g) => {
+                validate_group("group", &g)?;
+                g
+            }
+            None => bus.inner.default_group.clone(),
+        };
+        let pool = self.pool.unwrap_or_else(|| bus.inner.pool.clone());
+        pool.validate()?;
+        let retry = self.retry.unwrap_or_else(|| bus.inner.retry.clone());
+        retry.validate()?;
+        let dlq = dead_letter_topic(&self.topic, &bus.inner.dead_letter.suffix);
+        validate_topic(&dlq)?;
+
+        let mut svc = BoxEventHandler::new(handler);
+        for layer in &bus.inner.handler_layers {
+            svc = layer(svc);
+        }
+        if let Some(t) = bus.inner.handler_timeout {
+            svc = BoxEventHandler::new(tower::Layer::layer(&TimeoutLayer::new(t), svc));
+        }
+        if !bus.inner.hooks.is_empty() {
+            svc = BoxEventHandler::new(tower::Layer::layer(
+                &HookLayer::new(bus.inner.hooks.iter().cloned()),
+                svc,
+            ));
+        }
+
+        let spec = SubscriptionSpec::new(self.topic.clone(), group.clone()).starting_at(self.start);
+        let subscription = bus.inner.transport.subscribe(spec).await?;
+        let ack_deadline = bus.capabilities().ack_deadline;
+        let drain_deadline = pool.drain_deadline;
+        let pool = Arc::new(Pool::start(
+            PoolParams {
+                topic: Arc::from(self.topic.as_str()),
+                dead_letter_topic: dlq,
+                handler: svc,
+                transport: bus.inner.transport.clone(),
+                config: pool,
+                retry,
+                observer: self.observer,
+            },
+            subscription,
+            ack_deadline,
+        ));
+        {
+            let mut pools = bus.inner.pools.lock();
+            pools.retain(|w| w.strong_count() > 0);
+            pools.push(Arc::downgrade(&pool));
+        }
+        Ok(Subscription {
+            pool,
+            topic: self.topic,
+            group,
+            drain_deadline,
+        })
+    }
+}
+
+/// A running domain subscription. Dropping it stops at once (unacknowledged work is
+/// redelivered); [`Subscription::shutdown`] drains first.
+#[derive(Debug)]
+pub struct Subscription {
+    pool: Arc<Pool>,
+    topic: String,
+    group: String,
+    drain_deadline: Duration,
+}
+
+impl Subscription {
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The durable group.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// The pool's counters now.
+    pub fn stats(&self) -> PoolStats {
+        self.pool.stats()
+    }
+
+    /// Consumer groups: the partitions this member knows of, with their state and ownership
+    /// epoch (empty without groups).
+    pub fn partitions(&self) -> Vec<(u32, crate::pool::PartitionState, u64)> {
+        self.pool.partitions()
+    }
+
+    /// The partitions this member owns and consumes now.
+    pub fn active_partitions(&self) -> Vec<u32> {
+        self.pool
+            .partitions()
+            .into_iter()
+            .filter(|(_, s, _)| *s == crate::pool::PartitionState::Active)
+            .map(|(p, _, _)| p)
+            .collect()
+    }
+
+    /// Whether the transport ended the stream and all held work finished.
+    pub fn is_finished(&self) -> bool {
+        self.pool.is_finished()
+    }
+
+    /// Stops pulling, finishes buffered work within the pool's drain deadline, and reports.
+    pub async fn shutdown(self) -> ShutdownReport {
+        self.pool.shutdown(self.drain_deadline).await
+    }
+
+    /// Same with an explicit deadline.
+    pub async fn shutdown_within(self, deadline: Duration) -> ShutdownReport {
+        self.pool.shutdown(deadline).await
+    }
+
+    /// Stops at once, as dropping the subscription does (nothing is drained, nothing more
+    /// is acknowledged; the broker redelivers what was not), and resolves once none of its
+    /// handlers can run any more. A handler in the middle of a poll on another thread
+    /// finishes that poll first: this is the point after which the subscription has
+    /// certainly stopped.
+    pub async fn abort(self) {
+        self.pool.abort().await;
+    }
+}
