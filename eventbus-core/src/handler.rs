@@ -16,6 +16,7 @@ use tower::Service;
 use crate::envelope::Envelope;
 use crate::error::HandleError;
 use crate::message::{Message, Position};
+use crate::topic::Topic;
 
 /// A domain event as a handler sees it: the envelope and where it stands in delivery.
 ///
@@ -26,7 +27,7 @@ pub struct Event {
     /// The decoded envelope (shared between attempts).
     pub envelope: Arc<Envelope>,
     /// The topic it was read from.
-    pub topic: Arc<str>,
+    pub topic: Topic,
     /// The attempt of this delivery by the pool, from 1.
     pub attempt: u32,
     /// How many times the broker delivered the message, from 1.
@@ -41,7 +42,7 @@ pub struct Event {
 
 impl Event {
     /// A new event (for tests of handlers and for backends' own tools).
-    pub fn new(envelope: Arc<Envelope>, topic: Arc<str>, position: Position) -> Self {
+    pub fn new(envelope: Arc<Envelope>, topic: Topic, position: Position) -> Self {
         Self {
             envelope,
             topic,

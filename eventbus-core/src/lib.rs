@@ -80,7 +80,9 @@ pub use handler::{
 pub use headers::{
     HeaderName, Headers, MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, validate_header,
 };
-pub use message::{InboundMessage, Message, OutboundMessage, Position, Receipt};
+pub use message::{
+    EncodedMessage, InboundMessage, Message, OutboundMessage, Position, Receipt, SimpleOutbound,
+};
 pub use pool::{
     DeadLetterKind, DeadLetterPolicy, PartitionState, PoolConfig, PoolEvent, PoolObserver,
     PoolStats, ShutdownReport,
@@ -90,13 +92,14 @@ pub use simple::{
     SimpleBus, SimpleBusBuilder, SimpleStats, SimpleSubscribeBuilder, SimpleSubscription,
 };
 pub use topic::{
-    DEFAULT_DEAD_LETTER_SUFFIX, MAX_TOPIC_LEN, Topic, dead_letter_topic, group_from_source,
-    validate_group, validate_topic,
+    DEFAULT_DEAD_LETTER_SUFFIX, IntoTopic, MAX_TOPIC_LEN, Topic, dead_letter_topic,
+    group_from_source, validate_group, validate_topic,
 };
 pub use transport::{
-    Acker, Capabilities, Delivery, DomainSubscription, DomainTransport, DynDomainTransport,
+    Acker, Delivery, DomainCapabilities, DomainSubscription, DomainTransport, DynDomainTransport,
     DynSimpleTransport, GroupControl, GroupEvent, GroupMembership, PartitionControl,
-    SimpleTransport, StartPosition, SubscriptionSpec, WireOverhead, Write, request_via_inbox,
+    SimpleCapabilities, SimpleTransport, StartPosition, SubscriptionSpec, WireOverhead, Write,
+    request_via_inbox,
 };
 
 /// Traits to import with `use dualbus_core::prelude::*`.

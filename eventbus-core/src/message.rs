@@ -2,7 +2,11 @@
 
 use bytes::Bytes;
 
-use crate::headers::Headers;
+use crate::envelope::EnvelopeError;
+use crate::error::Result;
+use crate::headers::{Headers, validate_header};
+use crate::topic::validate_topic;
+use crate::transport::{DomainCapabilities, SimpleCapabilities, Write};
 
 /// A simple-bus message: topic, headers and raw payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,10 +40,10 @@ impl Message {
     }
 }
 
-/// What a domain transport publishes: a routing key (the aggregate id), headers and body,
-/// already encoded by a codec.
+/// An envelope as a codec wrote it: routing key (the aggregate id), headers and body, not
+/// yet checked against a backend. [`OutboundMessage::new`] checks it for one.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboundMessage {
+pub struct EncodedMessage {
     /// Routing key: the aggregate id. Decides the partition.
     pub key: String,
     /// Encoded headers.
@@ -48,9 +52,158 @@ pub struct OutboundMessage {
     pub payload: Bytes,
     /// A unique id of this message for publish deduplication (the event id; for a dead
     /// letter, derived from the original's position), or `None`. Backends with
-    /// [`Capabilities::dedup`](crate::Capabilities::dedup) store a message with an id they
-    /// saw within their window only once (JetStream: `Nats-Msg-Id`).
+    /// [`DomainCapabilities::dedup`](crate::DomainCapabilities::dedup) store a message with
+    /// an id they saw within their window only once (JetStream: `Nats-Msg-Id`).
     pub id: Option<String>,
+}
+
+/// What a domain transport publishes: an [`EncodedMessage`] checked for one backend.
+///
+/// Only [`OutboundMessage::new`] makes one, so a value proves that its headers are valid
+/// ([`Headers::validate`]) and that it fits the backend's declared limit for the write it
+/// was checked for ([`DomainCapabilities::check_size`](crate::DomainCapabilities::check_size)).
+/// Backends read it and move its bytes; they do not check it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundMessage {
+    inner: EncodedMessage,
+    write: Write,
+}
+
+impl OutboundMessage {
+    /// Checks `message` for a write of kind `write` to a backend with `caps`:
+    /// [`Error::InvalidEnvelope`](crate::Error::InvalidEnvelope) for an empty key,
+    /// [`Error::InvalidHeader`](crate::Error::InvalidHeader) for a header (or an id) no
+    /// backend can carry, [`Error::PayloadTooLarge`](crate::Error::PayloadTooLarge) over the backend's
+    /// limit (its framing and the headers it adds counted as
+    /// [`DomainCapabilities::wire`](crate::DomainCapabilities::wire) says).
+    pub fn new(message: EncodedMessage, caps: &DomainCapabilities, write: Write) -> Result<Self> {
+        message.headers.validate()?;
+        if let Some(id) = &message.id {
+            validate_header(caps.wire.id_header.unwrap_or("id"), id)?;
+        }
+        Self::with_valid_headers(message, caps, write)
+    }
+
+    /// [`OutboundMessage::new`] without the header check, for headers core wrote itself:
+    /// a codec's output (its header names are constants and its values are checked when
+    /// the envelope is), and dead letters (built from headers that passed
+    /// [`validate_header`](crate::validate_header)).
+    pub(crate) fn with_valid_headers(
+        message: EncodedMessage,
+        caps: &DomainCapabilities,
+        write: Write,
+    ) -> Result<Self> {
+        debug_assert!(
+            message.headers.validate().is_ok()
+                && message
+                    .id
+                    .as_deref()
+                    .is_none_or(|id| validate_header("id", id).is_ok()),
+            "core wrote an invalid header"
+        );
+        if message.key.is_empty() {
+            return Err(EnvelopeError::Blank {
+                field: "aggregate_id",
+            }
+            .into());
+        }
+        caps.check_size(&message, write)?;
+        Ok(Self {
+            inner: message,
+            write,
+        })
+    }
+
+    /// Routing key: the aggregate id. Decides the partition.
+    pub fn key(&self) -> &str {
+        &self.inner.key
+    }
+
+    /// The headers.
+    pub fn headers(&self) -> &Headers {
+        &self.inner.headers
+    }
+
+    /// The body.
+    pub fn payload(&self) -> &Bytes {
+        &self.inner.payload
+    }
+
+    /// The deduplication id, if any (see [`EncodedMessage::id`]).
+    pub fn id(&self) -> Option<&str> {
+        self.inner.id.as_deref()
+    }
+
+    /// The write it was checked for.
+    pub fn write(&self) -> Write {
+        self.write
+    }
+
+    /// The parts, to move them into the backend's own message type.
+    pub fn into_parts(self) -> EncodedMessage {
+        self.inner
+    }
+}
+
+/// What a simple transport publishes: a [`Message`] checked for one backend.
+///
+/// Only [`SimpleOutbound::new`] makes one, so a value proves that its topic is a valid
+/// [`Topic`](crate::Topic) name, its headers are valid and it fits the backend's declared
+/// limit ([`SimpleCapabilities::check_size`](crate::SimpleCapabilities::check_size)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimpleOutbound {
+    inner: Message,
+}
+
+impl SimpleOutbound {
+    /// Checks `message` for a backend with `caps`:
+    /// [`Error::InvalidTopic`](crate::Error::InvalidTopic),
+    /// [`Error::InvalidHeader`](crate::Error::InvalidHeader) or
+    /// [`Error::PayloadTooLarge`](crate::Error::PayloadTooLarge) naming what is wrong.
+    pub fn new(message: Message, caps: &SimpleCapabilities) -> Result<Self> {
+        validate_topic(&message.topic)?;
+        Self::with_valid_topic(message, caps)
+    }
+
+    /// [`SimpleOutbound::new`] for a message whose topic core checked already.
+    pub(crate) fn with_valid_topic(message: Message, caps: &SimpleCapabilities) -> Result<Self> {
+        message.headers.validate()?;
+        caps.check_size(&message.headers, message.payload.len())?;
+        Ok(Self { inner: message })
+    }
+
+    /// The topic (a valid topic name).
+    pub fn topic(&self) -> &str {
+        &self.inner.topic
+    }
+
+    /// The headers.
+    pub fn headers(&self) -> &Headers {
+        &self.inner.headers
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &Bytes {
+        &self.inner.payload
+    }
+
+    /// Where a reply goes, for request-reply.
+    pub fn reply_to(&self) -> Option<&str> {
+        self.inner.reply_to.as_deref()
+    }
+
+    /// Same message with replies going to `inbox` (the reply address is not counted
+    /// against the size limit: brokers carry it beside the message).
+    #[must_use]
+    pub fn with_reply_to(mut self, inbox: impl Into<String>) -> Self {
+        self.inner.reply_to = Some(inbox.into());
+        self
+    }
+
+    /// The message, to move it into the backend's own message type.
+    pub fn into_message(self) -> Message {
+        self.inner
+    }
 }
 
 /// Where a message sits in the broker: a partition and an offset within it (a JetStream
@@ -111,4 +264,126 @@ pub struct InboundMessage {
     pub payload: Bytes,
     /// Where it sits in the broker.
     pub position: Position,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::error::Error;
+    use crate::transport::WireOverhead;
+
+    fn encoded(key: &str, headers: &[(&str, &str)], payload: usize) -> EncodedMessage {
+        EncodedMessage {
+            key: key.to_owned(),
+            headers: headers
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                .collect(),
+            payload: Bytes::from(vec![b'x'; payload]),
+            id: None,
+        }
+    }
+
+    /// A backend of 100 bytes counting 4 per header, adding `Id` and `Seq` (5 digits).
+    fn domain_caps() -> DomainCapabilities {
+        let mut caps = DomainCapabilities::new("test");
+        caps.max_payload = 100;
+        caps.wire = WireOverhead::new(0, 4)
+            .with_id_header("Id")
+            .with_append_header("Seq", 5);
+        caps
+    }
+
+    #[test]
+    fn an_outbound_message_is_checked_at_limit_minus_one_limit_and_plus_one() {
+        let caps = domain_caps();
+        // Header `h: v` costs 1 + 1 + 4 = 6 bytes; the payload fills the rest.
+        for (payload, ok) in [(93, true), (94, true), (95, false)] {
+            let r =
+                OutboundMessage::new(encoded("k", &[("h", "v")], payload), &caps, Write::Publish);
+            match (r, ok) {
+                (Ok(m), true) => assert_eq!(m.payload().len(), payload),
+                (Err(Error::PayloadTooLarge { size, max }), false) => {
+                    assert_eq!((size, max), (payload + 6, 100));
+                }
+                (r, _) => panic!("{payload} bytes: {r:?}"),
+            }
+        }
+        // An append adds `Seq` with 5 digits (3 + 5 + 4 = 12 bytes), an id `Id` (2 + 1 + 4).
+        let append = |payload| {
+            OutboundMessage::new(encoded("k", &[], payload), &caps, Write::Append)
+                .map(|m| m.write())
+        };
+        assert_eq!(append(88).unwrap(), Write::Append);
+        assert!(matches!(
+            append(89),
+            Err(Error::PayloadTooLarge { size: 101, .. })
+        ));
+        let mut with_id = encoded("k", &[], 93);
+        with_id.id = Some("1".into());
+        assert!(OutboundMessage::new(with_id.clone(), &caps, Write::Publish).is_ok());
+        with_id.payload = Bytes::from(vec![b'x'; 94]);
+        assert!(OutboundMessage::new(with_id, &caps, Write::Publish).is_err());
+    }
+
+    #[test]
+    fn an_outbound_message_refuses_bad_headers_ids_and_keys() {
+        let caps = domain_caps();
+        for (name, value) in [("bad name", "v"), ("A", "line\r\nbreak"), ("", "v")] {
+            let e = OutboundMessage::new(encoded("k", &[(name, value)], 1), &caps, Write::Publish)
+                .expect_err(name);
+            assert!(matches!(e, Error::InvalidHeader { .. }), "{name:?}: {e}");
+        }
+        let mut bad_id = encoded("k", &[], 1);
+        bad_id.id = Some("id\n".into());
+        let e = OutboundMessage::new(bad_id, &caps, Write::Publish).expect_err("id");
+        assert!(
+            matches!(&e, Error::InvalidHeader { name, .. } if name == "Id"),
+            "the id is checked as the header that carries it: {e}"
+        );
+        let e = OutboundMessage::new(encoded("", &[], 1), &caps, Write::Publish).expect_err("key");
+        assert!(matches!(e, Error::InvalidEnvelope(_)), "{e}");
+        let m =
+            OutboundMessage::new(encoded("k", &[("A", "b")], 3), &caps, Write::Publish).unwrap();
+        assert_eq!(
+            (m.key(), m.headers().get("A"), m.id()),
+            ("k", Some("b"), None)
+        );
+        assert_eq!(m.into_parts(), encoded("k", &[("A", "b")], 3));
+    }
+
+    #[test]
+    fn a_simple_outbound_is_checked_for_topic_headers_and_size() {
+        let mut caps = SimpleCapabilities::new("test");
+        caps.max_payload = 10;
+        let message = |topic: &str, payload: usize| {
+            Message::new(topic, vec![b'x'; payload])
+                .with_headers([("h", "v")].into_iter().collect())
+        };
+        // `h: v` costs 6 bytes with memory's count.
+        assert!(SimpleOutbound::new(message("t", 4), &caps).is_ok());
+        assert!(matches!(
+            SimpleOutbound::new(message("t", 5), &caps),
+            Err(Error::PayloadTooLarge { size: 11, max: 10 })
+        ));
+        assert!(matches!(
+            SimpleOutbound::new(message("a..b", 1), &caps),
+            Err(Error::InvalidTopic { .. })
+        ));
+        let bad = Message::new("t", "x").with_headers([("A", "\0")].into_iter().collect());
+        assert!(matches!(
+            SimpleOutbound::new(bad, &caps),
+            Err(Error::InvalidHeader { .. })
+        ));
+        let m = SimpleOutbound::new(message("t", 1), &caps)
+            .unwrap()
+            .with_reply_to("_inbox.1");
+        assert_eq!(
+            (m.topic(), m.reply_to(), m.payload().len()),
+            ("t", Some("_inbox.1"), 1)
+        );
+        assert_eq!(m.into_message().reply_to.as_deref(), Some("_inbox.1"));
+    }
 }

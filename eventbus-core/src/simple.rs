@@ -17,11 +17,11 @@ use crate::error::{Error, HandleError, Result};
 use crate::guard::Guarded;
 use crate::handler::{BoxMessageHandler, BoxRequestHandler};
 use crate::headers::Headers;
-use crate::message::{Message, Receipt};
+use crate::message::{Message, Receipt, SimpleOutbound};
 use crate::middleware::{BusKind, Hook, HookLayer, PublishInfo};
 use crate::middleware::{finish_publish, publish_scopes};
-use crate::topic::{validate_group, validate_topic};
-use crate::transport::{Capabilities, DynSimpleTransport, SimpleTransport};
+use crate::topic::{IntoTopic, Topic, validate_group, validate_topic};
+use crate::transport::{DynSimpleTransport, SimpleCapabilities, SimpleTransport};
 
 /// Builds a [`SimpleBus`].
 #[must_use]
@@ -117,7 +117,7 @@ impl SimpleBus {
     }
 
     /// What the backend offers.
-    pub fn capabilities(&self) -> &Capabilities {
+    pub fn capabilities(&self) -> &SimpleCapabilities {
         self.inner.transport.capabilities()
     }
 
@@ -129,10 +129,15 @@ impl SimpleBus {
         }
     }
 
+    /// Checks the topic, runs the publish hooks, then checks the headers and the size:
+    /// everything before the broker.
     fn prepare(
         &self,
-        message: &mut Message,
-    ) -> Result<Vec<Box<dyn crate::middleware::PublishScope>>> {
+        mut message: Message,
+    ) -> Result<(
+        SimpleOutbound,
+        Vec<Box<dyn crate::middleware::PublishScope>>,
+    )> {
         self.check_open()?;
         validate_topic(&message.topic)?;
         let caps = self.capabilities();
@@ -145,14 +150,7 @@ impl SimpleBus {
             payload_len: message.payload.len(),
         };
         let scopes = publish_scopes(&self.inner.hooks, &info, &mut message.headers);
-        message.headers.validate()?;
-        caps.check_parts(
-            &message.headers,
-            message.payload.len(),
-            None,
-            crate::transport::Write::Publish,
-        )?;
-        Ok(scopes)
+        Ok((SimpleOutbound::with_valid_topic(message, caps)?, scopes))
     }
 
     /// Publishes `payload` to `topic` without headers.
@@ -161,8 +159,8 @@ impl SimpleBus {
     }
 
     /// Publishes a message with headers.
-    pub async fn publish_message(&self, mut message: Message) -> Result<()> {
-        let scopes = self.prepare(&mut message)?;
+    pub async fn publish_message(&self, message: Message) -> Result<()> {
+        let (message, scopes) = self.prepare(message)?;
         let result = self.inner.transport.publish(message).await;
         let receipt = Receipt::accepted();
         finish_publish(scopes, result.as_ref().map(|()| &receipt));
@@ -176,19 +174,19 @@ impl SimpleBus {
         payload: impl Into<Bytes>,
         timeout: Duration,
     ) -> Result<Message> {
-        let mut message = Message::new(topic, payload);
-        let scopes = self.prepare(&mut message)?;
+        let (message, scopes) = self.prepare(Message::new(topic, payload))?;
         let result = self.inner.transport.request(message, timeout).await;
         let receipt = Receipt::accepted();
         finish_publish(scopes, result.as_ref().map(|_| &receipt));
         result
     }
 
-    /// Subscribes to `topic`; see [`SimpleSubscribeBuilder`].
-    pub fn subscribe(&self, topic: &str) -> SimpleSubscribeBuilder {
+    /// Subscribes to `topic`; see [`SimpleSubscribeBuilder`]. An invalid topic is reported
+    /// by [`SimpleSubscribeBuilder::start`].
+    pub fn subscribe(&self, topic: impl IntoTopic) -> SimpleSubscribeBuilder {
         SimpleSubscribeBuilder {
             bus: self.clone(),
-            topic: topic.to_owned(),
+            topic: topic.into_topic(),
             queue: None,
             max_concurrency: self.inner.max_concurrency,
         }
@@ -210,7 +208,7 @@ impl SimpleBus {
     /// group share the requests.
     pub async fn serve<H>(
         &self,
-        topic: &str,
+        topic: impl IntoTopic,
         queue_group: Option<&str>,
         handler: H,
     ) -> Result<SimpleSubscription>
@@ -227,20 +225,22 @@ impl SimpleBus {
             async move {
                 let reply_to = request.reply_to.clone();
                 let payload = crate::handler::call_once(&handler, request).await?;
-                match reply_to {
-                    Some(to) => bus
-                        .inner
-                        .transport
-                        .publish(Message {
-                            topic: to,
-                            headers: Headers::new(),
-                            payload,
-                            reply_to: None,
-                        })
-                        .await
-                        .map_err(HandleError::retryable),
-                    None => Ok(()),
-                }
+                let Some(to) = reply_to else {
+                    return Ok(());
+                };
+                let reply = Message {
+                    topic: to,
+                    headers: Headers::new(),
+                    payload,
+                    reply_to: None,
+                };
+                let reply = SimpleOutbound::new(reply, bus.capabilities())
+                    .map_err(HandleError::permanent)?;
+                bus.inner
+                    .transport
+                    .publish(reply)
+                    .await
+                    .map_err(HandleError::retryable)
             }
         });
         let mut b = self.subscribe(topic);
@@ -279,7 +279,7 @@ impl SimpleBus {
 #[must_use]
 pub struct SimpleSubscribeBuilder {
     bus: SimpleBus,
-    topic: String,
+    topic: Result<Topic>,
     queue: Option<String>,
     max_concurrency: usize,
 }
@@ -317,7 +317,7 @@ impl SimpleSubscribeBuilder {
     {
         let bus = self.bus;
         bus.check_open()?;
-        validate_topic(&self.topic)?;
+        let topic = self.topic?;
         if self.max_concurrency == 0 {
             return Err(Error::config("max_concurrency", "must be at least 1"));
         }
@@ -340,13 +340,13 @@ impl SimpleSubscribeBuilder {
         let stream = bus
             .inner
             .transport
-            .subscribe(&self.topic, self.queue.as_deref())
+            .subscribe(&topic, self.queue.as_deref())
             .await?;
         let inner = Arc::new(SubInner {
             stop: CancellationToken::new(),
             stats: SubCounters::default(),
             task: Mutex::new(None),
-            topic: self.topic,
+            topic,
         });
         let task = tokio::spawn(run_simple(inner.clone(), stream, svc, self.max_concurrency));
         *inner.task.lock() = Some(task);
@@ -370,7 +370,7 @@ struct SubInner {
     stop: CancellationToken,
     stats: SubCounters,
     task: Mutex<Option<JoinHandle<()>>>,
-    topic: String,
+    topic: Topic,
 }
 
 impl SubInner {

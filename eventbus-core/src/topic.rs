@@ -44,6 +44,43 @@ pub fn validate_topic(topic: &str) -> Result<()> {
     Ok(())
 }
 
+/// What the buses take as a topic: a [`Topic`] (checked already, cloned cheaply) or a
+/// name (`&str`, `String`), checked on the call ([`Error::InvalidTopic`]).
+pub trait IntoTopic {
+    /// The checked topic.
+    fn into_topic(self) -> Result<Topic>;
+}
+
+impl IntoTopic for Topic {
+    fn into_topic(self) -> Result<Topic> {
+        Ok(self)
+    }
+}
+
+impl IntoTopic for &Topic {
+    fn into_topic(self) -> Result<Topic> {
+        Ok(self.clone())
+    }
+}
+
+impl IntoTopic for &str {
+    fn into_topic(self) -> Result<Topic> {
+        Topic::new(self)
+    }
+}
+
+impl IntoTopic for String {
+    fn into_topic(self) -> Result<Topic> {
+        Topic::new(self)
+    }
+}
+
+impl IntoTopic for &String {
+    fn into_topic(self) -> Result<Topic> {
+        Topic::new(self)
+    }
+}
+
 /// A topic name checked once ([`validate_topic`]) and cheap to clone (shared text).
 ///
 /// ```
@@ -131,6 +168,30 @@ impl TryFrom<String> for Topic {
 impl PartialEq<str> for Topic {
     fn eq(&self, other: &str) -> bool {
         &*self.0 == other
+    }
+}
+
+impl PartialEq<Topic> for str {
+    fn eq(&self, other: &Topic) -> bool {
+        self == &*other.0
+    }
+}
+
+impl PartialEq<Topic> for &str {
+    fn eq(&self, other: &Topic) -> bool {
+        *self == &*other.0
+    }
+}
+
+impl PartialEq<Topic> for String {
+    fn eq(&self, other: &Topic) -> bool {
+        self.as_str() == &*other.0
+    }
+}
+
+impl PartialEq<String> for Topic {
+    fn eq(&self, other: &String) -> bool {
+        &*self.0 == other.as_str()
     }
 }
 

@@ -12,12 +12,15 @@ use futures::stream::BoxStream;
 use crate::codec::HeaderStyle;
 use crate::error::{Error, Result};
 use crate::headers::Headers;
-use crate::message::{InboundMessage, Message, OutboundMessage, Position, Receipt};
+use crate::message::{
+    EncodedMessage, InboundMessage, Message, OutboundMessage, Position, Receipt, SimpleOutbound,
+};
+use crate::topic::Topic;
 
-/// What a backend can do. The buses refuse a combination a backend cannot honour.
+/// What a domain transport can do. The domain bus refuses what its backend cannot honour.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct Capabilities {
+pub struct DomainCapabilities {
     /// Short backend name, used in errors and logs.
     pub backend: &'static str,
     /// Messages survive a restart of the broker (and of this process).
@@ -27,16 +30,12 @@ pub struct Capabilities {
     /// Partitioned consumer groups: several members share one domain topic with order kept
     /// per key across members and handovers.
     pub consumer_groups: bool,
-    /// Simple-bus queue groups: each message to exactly one member of the group.
-    pub queue_groups: bool,
     /// [`DomainTransport::replay`] is available.
     pub replay: bool,
     /// The broker drops a republished message with the same event id.
     pub dedup: bool,
-    /// [`SimpleTransport::request`] is available.
-    pub request_reply: bool,
-    /// Largest message the backend accepts, in bytes, counted as [`Capabilities::wire`]
-    /// says (payload, headers and the backend's own framing).
+    /// Largest message the backend accepts, in bytes, counted as
+    /// [`DomainCapabilities::wire`] says (payload, headers and the backend's own framing).
     pub max_payload: usize,
     /// How the backend counts a message against `max_payload`.
     pub wire: WireOverhead,
@@ -52,18 +51,16 @@ pub struct Capabilities {
     pub expected_version: bool,
 }
 
-impl Capabilities {
-    /// Nothing offered; backends switch on what they have.
+impl DomainCapabilities {
+    /// Nothing offered, 1 MiB messages; backends switch on what they have.
     pub fn new(backend: &'static str) -> Self {
         Self {
             backend,
             durable: false,
             ordered_per_key: false,
             consumer_groups: false,
-            queue_groups: false,
             replay: false,
             dedup: false,
-            request_reply: false,
             max_payload: 1024 * 1024,
             wire: WireOverhead::PLAIN,
             header_style: HeaderStyle::HyphenPercentEncoded,
@@ -72,12 +69,10 @@ impl Capabilities {
             expected_version: false,
         }
     }
-}
 
-impl Capabilities {
     /// The size of `message` as the backend counts it against
-    /// [`Capabilities::max_payload`], for a write of kind `write`.
-    pub fn wire_size(&self, message: &OutboundMessage, write: Write) -> usize {
+    /// [`DomainCapabilities::max_payload`], for a write of kind `write`.
+    pub fn wire_size(&self, message: &EncodedMessage, write: Write) -> usize {
         self.wire.size(
             &message.headers,
             message.payload.len(),
@@ -86,34 +81,57 @@ impl Capabilities {
         )
     }
 
-    /// [`Error::PayloadTooLarge`] if `message` does not fit the backend's limit.
-    ///
-    /// The one size check of every write: the buses run it before a message reaches the
-    /// backend, and backends run the same one on their own write paths.
-    pub fn check_size(&self, message: &OutboundMessage, write: Write) -> Result<()> {
-        self.check_parts(
-            &message.headers,
-            message.payload.len(),
-            message.id.as_deref(),
-            write,
-        )
+    /// [`Error::PayloadTooLarge`] if `message` does not fit the backend's limit: the one
+    /// size check of every domain write, run when core builds the [`OutboundMessage`].
+    pub fn check_size(&self, message: &EncodedMessage, write: Write) -> Result<()> {
+        fits(self.wire_size(message, write), self.max_payload)
+    }
+}
+
+/// What a simple transport can do. The simple bus refuses what its backend cannot honour.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SimpleCapabilities {
+    /// Short backend name, used in errors and logs.
+    pub backend: &'static str,
+    /// Queue groups: each message to exactly one member of the group.
+    pub queue_groups: bool,
+    /// [`SimpleTransport::request`] is available.
+    pub request_reply: bool,
+    /// Largest message the backend accepts, in bytes, counted as
+    /// [`SimpleCapabilities::wire`] says (payload, headers and the backend's own framing).
+    pub max_payload: usize,
+    /// How the backend counts a message against `max_payload`.
+    pub wire: WireOverhead,
+}
+
+impl SimpleCapabilities {
+    /// Nothing offered, 1 MiB messages; backends switch on what they have.
+    pub fn new(backend: &'static str) -> Self {
+        Self {
+            backend,
+            queue_groups: false,
+            request_reply: false,
+            max_payload: 1024 * 1024,
+            wire: WireOverhead::PLAIN,
+        }
     }
 
-    /// [`Capabilities::check_size`] for a message given by its parts.
-    pub fn check_parts(
-        &self,
-        headers: &Headers,
-        payload: usize,
-        id: Option<&str>,
-        write: Write,
-    ) -> Result<()> {
-        let size = self.wire.size(headers, payload, id, write);
-        if size > self.max_payload {
-            return Err(Error::PayloadTooLarge {
-                size,
-                max: self.max_payload,
-            });
-        }
+    /// [`Error::PayloadTooLarge`] if a message with `headers` and a payload of `payload`
+    /// bytes does not fit the backend's limit: the one size check of every simple write,
+    /// run when core builds the [`SimpleOutbound`].
+    pub fn check_size(&self, headers: &Headers, payload: usize) -> Result<()> {
+        fits(
+            self.wire.size(headers, payload, None, Write::Publish),
+            self.max_payload,
+        )
+    }
+}
+
+fn fits(size: usize, max: usize) -> Result<()> {
+    if size > max {
+        Err(Error::PayloadTooLarge { size, max })
+    } else {
         Ok(())
     }
 }
@@ -131,7 +149,7 @@ pub enum Write {
 
 /// How a backend counts a message against its size limit: the framing of its header block
 /// and the headers it adds itself. Each backend states it once, in its
-/// [`Capabilities::wire`]; core checks every write against it, so a message over the
+/// [`DomainCapabilities::wire`] or [`SimpleCapabilities::wire`]; core checks every write against it, so a message over the
 /// limit is [`Error::PayloadTooLarge`] before it reaches the broker, never a backend error.
 ///
 /// The size is `payload + Σ(name + value + per_header)` over the message's headers and
@@ -327,7 +345,7 @@ pub enum StartPosition {
 #[non_exhaustive]
 pub struct SubscriptionSpec {
     /// The topic.
-    pub topic: String,
+    pub topic: Topic,
     /// The durable consumer (group) name: acknowledged progress is kept under it.
     pub group: String,
     /// Where a new durable consumer starts.
@@ -336,9 +354,9 @@ pub struct SubscriptionSpec {
 
 impl SubscriptionSpec {
     /// A spec starting at the earliest message.
-    pub fn new(topic: impl Into<String>, group: impl Into<String>) -> Self {
+    pub fn new(topic: Topic, group: impl Into<String>) -> Self {
         Self {
-            topic: topic.into(),
+            topic,
             group: group.into(),
             start: StartPosition::Earliest,
         }
@@ -428,9 +446,9 @@ pub struct DomainSubscription {
     /// Deliveries in broker order per partition. An `Err` item is a transient problem
     /// (logged; the stream goes on); the stream ends when the subscription is closed.
     pub deliveries: BoxStream<'static, Result<Delivery>>,
-    /// Per-partition pause and resume, when [`Capabilities::pause_partitions`] is set.
+    /// Per-partition pause and resume, when [`DomainCapabilities::pause_partitions`] is set.
     pub control: Option<Arc<dyn PartitionControl>>,
-    /// Group membership, when [`Capabilities::consumer_groups`] is set. Without it every
+    /// Group membership, when [`DomainCapabilities::consumer_groups`] is set. Without it every
     /// partition counts as owned for the subscription's lifetime.
     pub group: Option<GroupMembership>,
 }
@@ -480,20 +498,25 @@ impl fmt::Debug for DomainSubscription {
 ///   the same durable name. A backend without consumer groups refuses a second active
 ///   subscriber on one durable name with [`Error::Conflict`].
 /// - After `close`, every operation returns [`Error::Closed`]; closing twice is harmless.
+///
+/// What crosses this seam is checked by core once: a [`Topic`] is a valid topic name and an
+/// [`OutboundMessage`] has valid headers and fits [`DomainCapabilities::max_payload`] as
+/// [`DomainCapabilities::wire`] counts it. A backend checks only what is its own (how it
+/// encodes a key into a subject, a stream key or a partition).
 #[async_trait]
 pub trait DomainTransport: Send + Sync + 'static {
     /// What this backend offers.
-    fn capabilities(&self) -> &Capabilities;
+    fn capabilities(&self) -> &DomainCapabilities;
 
     /// Publishes one encoded message to `topic`; resolves when the broker accepted it.
-    async fn publish(&self, topic: &str, message: OutboundMessage) -> Result<Receipt>;
+    async fn publish(&self, topic: &Topic, message: OutboundMessage) -> Result<Receipt>;
 
     /// Publishes many messages, pipelined where the backend can; one result per message,
     /// in order. Messages of one key are stored in the order given. The default publishes
     /// one after another.
     async fn publish_batch(
         &self,
-        topic: &str,
+        topic: &Topic,
         messages: Vec<OutboundMessage>,
     ) -> Vec<Result<Receipt>> {
         let mut out = Vec::with_capacity(messages.len());
@@ -507,8 +530,8 @@ pub trait DomainTransport: Send + Sync + 'static {
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<DomainSubscription>;
 
     /// Every stored message with routing key `key` on `topic`, in order.
-    /// Available when [`Capabilities::replay`] is set.
-    async fn replay(&self, topic: &str, key: &str) -> Result<Vec<InboundMessage>> {
+    /// Available when [`DomainCapabilities::replay`] is set.
+    async fn replay(&self, topic: &Topic, key: &str) -> Result<Vec<InboundMessage>> {
         let _ = (topic, key);
         Err(Error::NotSupported {
             operation: "replay",
@@ -517,8 +540,8 @@ pub trait DomainTransport: Send + Sync + 'static {
     }
 
     /// The last stored message with routing key `key` on `topic`, if any.
-    /// Available when [`Capabilities::expected_version`] is set.
-    async fn last_for_key(&self, topic: &str, key: &str) -> Result<Option<InboundMessage>> {
+    /// Available when [`DomainCapabilities::expected_version`] is set.
+    async fn last_for_key(&self, topic: &Topic, key: &str) -> Result<Option<InboundMessage>> {
         let _ = (topic, key);
         Err(Error::NotSupported {
             operation: "last message of a key",
@@ -528,11 +551,14 @@ pub trait DomainTransport: Send + Sync + 'static {
 
     /// Publishes `message` only if the last stored message with its key is still the one at
     /// `expected` (`None`: no message with this key yet), atomically on the broker;
-    /// otherwise [`Error::Conflict`]. Available when [`Capabilities::expected_version`] is
+    /// otherwise [`Error::Conflict`]. Available when [`DomainCapabilities::expected_version`] is
     /// set.
+    ///
+    /// `message` was checked for [`Write::Append`]: its size counts the header the backend
+    /// adds for the condition ([`WireOverhead::append_header`]).
     async fn publish_if_last(
         &self,
-        topic: &str,
+        topic: &Topic,
         message: OutboundMessage,
         expected: Option<Position>,
     ) -> Result<Receipt> {
@@ -545,7 +571,7 @@ pub trait DomainTransport: Send + Sync + 'static {
 
     /// How many messages of `topic` the durable consumer `group` has not yet acknowledged
     /// (unread plus delivered-unacked), if the backend can tell.
-    async fn pending(&self, topic: &str, group: &str) -> Result<Option<u64>> {
+    async fn pending(&self, topic: &Topic, group: &str) -> Result<Option<u64>> {
         let _ = (topic, group);
         Ok(None)
     }
@@ -558,20 +584,21 @@ pub trait DomainTransport: Send + Sync + 'static {
 ///
 /// Contract: at-most-once fan-out to every current subscriber; subscribers of one queue
 /// group share the messages (each to exactly one member). After `close`, every operation
-/// returns [`Error::Closed`]; closing twice is harmless.
+/// returns [`Error::Closed`]; closing twice is harmless. Topics and messages arrive checked
+/// ([`Topic`], [`SimpleOutbound`]).
 #[async_trait]
 pub trait SimpleTransport: Send + Sync + 'static {
     /// What this backend offers.
-    fn capabilities(&self) -> &Capabilities;
+    fn capabilities(&self) -> &SimpleCapabilities;
 
-    /// Publishes a message to its topic.
-    async fn publish(&self, message: Message) -> Result<()>;
+    /// Publishes a message to its topic. Core checked it (topic, headers, size).
+    async fn publish(&self, message: SimpleOutbound) -> Result<()>;
 
     /// Subscribes to `topic`, alone or as a member of `queue_group`. The stream ends when
     /// the transport is closed; dropping it unsubscribes.
     async fn subscribe(
         &self,
-        topic: &str,
+        topic: &Topic,
         queue_group: Option<&str>,
     ) -> Result<BoxStream<'static, Message>>;
 
@@ -579,7 +606,7 @@ pub trait SimpleTransport: Send + Sync + 'static {
     ///
     /// The default subscribes to a fresh inbox topic and publishes with `reply_to` set;
     /// backends with a native request (core NATS) override it.
-    async fn request(&self, message: Message, timeout: Duration) -> Result<Message> {
+    async fn request(&self, message: SimpleOutbound, timeout: Duration) -> Result<Message> {
         request_via_inbox(self, message, timeout).await
     }
 
@@ -591,14 +618,15 @@ pub trait SimpleTransport: Send + Sync + 'static {
 /// timeout. The default of [`SimpleTransport::request`].
 pub async fn request_via_inbox<T: SimpleTransport + ?Sized>(
     transport: &T,
-    mut message: Message,
+    message: SimpleOutbound,
     timeout: Duration,
 ) -> Result<Message> {
     use futures::StreamExt as _;
-    let inbox = format!("_inbox.{}", uuid::Uuid::now_v7().simple());
+    let inbox = Topic::new(format!("_inbox.{}", uuid::Uuid::now_v7().simple()))?;
     let mut replies = transport.subscribe(&inbox, None).await?;
-    message.reply_to = Some(inbox);
-    transport.publish(message).await?;
+    transport
+        .publish(message.with_reply_to(inbox.as_str()))
+        .await?;
     match tokio::time::timeout(timeout, replies.next()).await {
         Ok(Some(reply)) => Ok(reply),
         Ok(None) => Err(Error::closed("transport")),
@@ -614,15 +642,15 @@ macro_rules! forward_domain {
         #[async_trait]
         #[deny(clippy::missing_trait_methods)]
         impl<T: DomainTransport + ?Sized> DomainTransport for $ty {
-            fn capabilities(&self) -> &Capabilities {
+            fn capabilities(&self) -> &DomainCapabilities {
                 (**self).capabilities()
             }
-            async fn publish(&self, topic: &str, message: OutboundMessage) -> Result<Receipt> {
+            async fn publish(&self, topic: &Topic, message: OutboundMessage) -> Result<Receipt> {
                 (**self).publish(topic, message).await
             }
             async fn publish_batch(
                 &self,
-                topic: &str,
+                topic: &Topic,
                 messages: Vec<OutboundMessage>,
             ) -> Vec<Result<Receipt>> {
                 (**self).publish_batch(topic, messages).await
@@ -630,18 +658,22 @@ macro_rules! forward_domain {
             async fn subscribe(&self, spec: SubscriptionSpec) -> Result<DomainSubscription> {
                 (**self).subscribe(spec).await
             }
-            async fn replay(&self, topic: &str, key: &str) -> Result<Vec<InboundMessage>> {
+            async fn replay(&self, topic: &Topic, key: &str) -> Result<Vec<InboundMessage>> {
                 (**self).replay(topic, key).await
             }
-            async fn pending(&self, topic: &str, group: &str) -> Result<Option<u64>> {
+            async fn pending(&self, topic: &Topic, group: &str) -> Result<Option<u64>> {
                 (**self).pending(topic, group).await
             }
-            async fn last_for_key(&self, topic: &str, key: &str) -> Result<Option<InboundMessage>> {
+            async fn last_for_key(
+                &self,
+                topic: &Topic,
+                key: &str,
+            ) -> Result<Option<InboundMessage>> {
                 (**self).last_for_key(topic, key).await
             }
             async fn publish_if_last(
                 &self,
-                topic: &str,
+                topic: &Topic,
                 message: OutboundMessage,
                 expected: Option<Position>,
             ) -> Result<Receipt> {
@@ -659,20 +691,20 @@ macro_rules! forward_simple {
         #[async_trait]
         #[deny(clippy::missing_trait_methods)]
         impl<T: SimpleTransport + ?Sized> SimpleTransport for $ty {
-            fn capabilities(&self) -> &Capabilities {
+            fn capabilities(&self) -> &SimpleCapabilities {
                 (**self).capabilities()
             }
-            async fn publish(&self, message: Message) -> Result<()> {
+            async fn publish(&self, message: SimpleOutbound) -> Result<()> {
                 (**self).publish(message).await
             }
             async fn subscribe(
                 &self,
-                topic: &str,
+                topic: &Topic,
                 queue_group: Option<&str>,
             ) -> Result<BoxStream<'static, Message>> {
                 (**self).subscribe(topic, queue_group).await
             }
-            async fn request(&self, message: Message, timeout: Duration) -> Result<Message> {
+            async fn request(&self, message: SimpleOutbound, timeout: Duration) -> Result<Message> {
                 (**self).request(message, timeout).await
             }
             async fn close(&self) -> Result<()> {

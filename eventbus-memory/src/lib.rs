@@ -54,7 +54,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dualbus_core::{Capabilities, Error, HeaderStyle};
+use dualbus_core::{DomainCapabilities, Error, HeaderStyle, SimpleCapabilities};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -186,8 +186,8 @@ pub struct Memory {
 #[derive(Debug)]
 struct Broker {
     config: MemoryConfig,
-    domain_caps: Capabilities,
-    simple_caps: Capabilities,
+    domain_caps: DomainCapabilities,
+    simple_caps: SimpleCapabilities,
     domain: domain::DomainBroker,
     simple: simple::SimpleBroker,
 }
@@ -219,7 +219,7 @@ impl Memory {
     }
 
     fn build(config: MemoryConfig) -> Self {
-        let mut domain_caps = Capabilities::new("memory");
+        let mut domain_caps = DomainCapabilities::new("memory");
         domain_caps.durable = false;
         domain_caps.ordered_per_key = true;
         domain_caps.consumer_groups = true;
@@ -229,7 +229,7 @@ impl Memory {
         domain_caps.header_style = HeaderStyle::HyphenPercentEncoded;
         domain_caps.ack_deadline = Some(config.ack_wait);
         domain_caps.pause_partitions = true;
-        let mut simple_caps = Capabilities::new("memory");
+        let mut simple_caps = SimpleCapabilities::new("memory");
         simple_caps.queue_groups = true;
         simple_caps.request_reply = true;
         simple_caps.max_payload = config.max_payload;
@@ -258,14 +258,6 @@ impl Memory {
     pub fn config(&self) -> &MemoryConfig {
         &self.broker.config
     }
-}
-
-fn check_size(
-    caps: &Capabilities,
-    headers: &dualbus_core::Headers,
-    payload: usize,
-) -> Result<(), Error> {
-    caps.check_parts(headers, payload, None, dualbus_core::Write::Publish)
 }
 
 #[cfg(test)]

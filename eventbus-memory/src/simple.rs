@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dualbus_core::{
-    Capabilities, Error, Message, Result, SimpleTransport, request_via_inbox, validate_topic,
+    Error, Message, Result, SimpleCapabilities, SimpleOutbound, SimpleTransport, Topic,
+    request_via_inbox,
 };
 use futures::StreamExt as _;
 use futures::stream::{BoxStream, Stream};
@@ -205,20 +206,15 @@ impl Memory {
 
 #[async_trait]
 impl SimpleTransport for Memory {
-    fn capabilities(&self) -> &Capabilities {
+    fn capabilities(&self) -> &SimpleCapabilities {
         &self.broker.simple_caps
     }
 
     /// Delivers to every current subscriber and to one member of every queue group. A full
     /// subscriber buffer makes the publisher wait (in-process backpressure, nothing dropped).
-    async fn publish(&self, message: Message) -> Result<()> {
+    async fn publish(&self, message: SimpleOutbound) -> Result<()> {
         self.check_simple_open()?;
-        validate_topic(&message.topic)?;
-        crate::check_size(
-            &self.broker.simple_caps,
-            &message.headers,
-            message.payload.len(),
-        )?;
+        let message = message.into_message();
         // Fast path under the lock: try_send to every subscriber and to one member of every
         // group. Only the ones whose buffer is full are awaited, after the lock is released.
         let mut waiting: Vec<Waiting> = Vec::new();
@@ -268,16 +264,15 @@ impl SimpleTransport for Memory {
 
     async fn subscribe(
         &self,
-        topic: &str,
+        topic: &Topic,
         queue_group: Option<&str>,
     ) -> Result<BoxStream<'static, Message>> {
         self.check_simple_open()?;
-        validate_topic(topic)?;
         let buffer = self.broker.config.simple_buffer;
         let (tx, rx) = async_channel::bounded(buffer);
         let membership = {
             let mut topics = self.broker.simple.topics.lock();
-            let subs = topics.entry(topic.to_owned()).or_default();
+            let subs = topics.entry(topic.as_str().to_owned()).or_default();
             let id = subs.next_id;
             subs.next_id += 1;
             match queue_group {
@@ -299,7 +294,7 @@ impl SimpleTransport for Memory {
         let stream = SubscriberStream {
             rx: Box::pin(rx),
             broker: self.broker.clone(),
-            topic: topic.to_owned(),
+            topic: topic.as_str().to_owned(),
             membership,
         };
         Ok(stream
@@ -307,17 +302,17 @@ impl SimpleTransport for Memory {
             .boxed())
     }
 
-    async fn request(&self, message: Message, timeout: Duration) -> Result<Message> {
+    async fn request(&self, message: SimpleOutbound, timeout: Duration) -> Result<Message> {
         let has_responders = self
             .broker
             .simple
             .topics
             .lock()
-            .get(&message.topic)
+            .get(message.topic())
             .is_some_and(|s| !s.is_empty());
         if !has_responders {
             return Err(Error::NoResponders {
-                topic: message.topic,
+                topic: message.topic().to_owned(),
             });
         }
         request_via_inbox(self, message, timeout).await

@@ -3,7 +3,7 @@
 #![allow(clippy::expect_used)] // Test code.
 
 use dualbus_core::conformance::{event, next_raw};
-use dualbus_core::{Codec, DomainTransport, SubscriptionSpec};
+use dualbus_core::{Codec, DomainTransport, OutboundMessage, SubscriptionSpec, Topic, Write};
 use dualbus_memory::Memory;
 
 /// A message an earlier owner left unacknowledged keeps its delivery count when the next
@@ -15,13 +15,16 @@ async fn delivery_count_survives_a_takeover() {
     let wire = Codec::CloudEvents
         .encode(&event("a", 1), style, "tests")
         .expect("encode");
-    DomainTransport::publish(&broker, "t", wire)
+    let t = Topic::new("t").expect("topic");
+    let wire = OutboundMessage::new(wire, DomainTransport::capabilities(&broker), Write::Publish)
+        .expect("checked");
+    DomainTransport::publish(&broker, &t, wire)
         .await
         .expect("publish");
 
     let first = broker.connect();
     let mut sub = first
-        .subscribe(SubscriptionSpec::new("t", "g"))
+        .subscribe(SubscriptionSpec::new(t.clone(), "g"))
         .await
         .expect("subscribe");
     let d = next_raw(&mut sub).await.expect("delivery").expect("ok");
@@ -31,7 +34,7 @@ async fn delivery_count_survives_a_takeover() {
 
     let second = broker.connect();
     let mut sub = second
-        .subscribe(SubscriptionSpec::new("t", "g"))
+        .subscribe(SubscriptionSpec::new(t.clone(), "g"))
         .await
         .expect("subscribe");
     let d = next_raw(&mut sub).await.expect("redelivery").expect("ok");
@@ -40,5 +43,5 @@ async fn delivery_count_survives_a_takeover() {
         "the takeover redelivered it: its second delivery"
     );
     d.ack().await.expect("ack");
-    assert_eq!(second.pending("t", "g").await.expect("pending"), Some(0));
+    assert_eq!(second.pending(&t, "g").await.expect("pending"), Some(0));
 }

@@ -66,7 +66,10 @@ async fn a_refused_dead_letter_parks_its_aggregate_without_retrying() {
     let report = sub.shutdown_within(Duration::from_millis(100)).await;
     assert_eq!(report.parked, 1, "{report:?}");
     assert_eq!(
-        bus.transport().pending("orders", "dualbus").await.unwrap(),
+        bus.transport()
+            .pending(&"orders".parse().unwrap(), "dualbus")
+            .await
+            .unwrap(),
         Some(2),
         "nothing of the parked aggregate was acknowledged"
     );

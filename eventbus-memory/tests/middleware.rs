@@ -11,9 +11,9 @@ use dualbus_core::middleware::{
     HandleInfo, HandleScope, Hook, PublishInfo, PublishRetryLayer, PublishScope, TimeoutLayer,
 };
 use dualbus_core::{
-    Backoff, Capabilities, DomainBus, DomainSubscription, DomainTransport, Envelope, Error,
+    Backoff, DomainBus, DomainCapabilities, DomainSubscription, DomainTransport, Envelope, Error,
     ErrorKind, Event, HandleError, Headers, Message, OutboundMessage, PoolConfig, PoolEvent,
-    PoolObserver, Receipt, Result, SimpleBus, SubscriptionSpec, handler_fn,
+    PoolObserver, Receipt, Result, SimpleBus, SubscriptionSpec, Topic, handler_fn,
 };
 use dualbus_memory::Memory;
 use parking_lot::Mutex;
@@ -69,10 +69,10 @@ struct Flaky {
 
 #[async_trait]
 impl DomainTransport for Flaky {
-    fn capabilities(&self) -> &Capabilities {
+    fn capabilities(&self) -> &DomainCapabilities {
         DomainTransport::capabilities(&self.inner)
     }
-    async fn publish(&self, topic: &str, message: OutboundMessage) -> Result<Receipt> {
+    async fn publish(&self, topic: &Topic, message: OutboundMessage) -> Result<Receipt> {
         if self.failures.load(Ordering::SeqCst) > 0 {
             self.failures.fetch_sub(1, Ordering::SeqCst);
             return Err(Error::Unavailable {
@@ -106,7 +106,9 @@ async fn publish_retry_layer_retries_retryable_errors_only() {
         .await
         .expect("third try succeeds");
     assert_eq!(
-        DomainTransport::pending(&memory, "t", "x").await.unwrap(),
+        DomainTransport::pending(&memory, &Topic::new("t").unwrap(), "x")
+            .await
+            .unwrap(),
         Some(1)
     );
 
@@ -432,7 +434,10 @@ async fn shutdown_keeps_its_deadline_when_the_handler_never_gets_ready() {
     assert!(report.timed_out, "{report:?}");
     assert_eq!(report.stats.acked, 0, "{report:?}");
     assert_eq!(
-        broker.pending("stuck", &group).await.unwrap(),
+        broker
+            .pending(&Topic::new("stuck").unwrap(), &group)
+            .await
+            .unwrap(),
         Some(3),
         "nothing acknowledged: all three stay with the broker"
     );

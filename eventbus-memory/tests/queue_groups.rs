@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use dualbus_core::{HandleError, Message, SimpleBus, SimpleTransport, handler_fn};
+use dualbus_core::{
+    HandleError, Message, SimpleBus, SimpleOutbound, SimpleTransport, Topic, handler_fn,
+};
 use dualbus_memory::{Memory, MemoryConfig};
 use futures::StreamExt as _;
 use parking_lot::Mutex;
@@ -89,10 +91,11 @@ async fn share_the_load() {
 async fn a_stalled_member_is_skipped_and_hands_over_when_it_leaves() {
     let broker =
         Memory::with_config(MemoryConfig::default().with_simple_buffer(8)).expect("config");
-    let stalled = SimpleTransport::subscribe(&broker, "jobs", Some("g"))
+    let jobs = Topic::new("jobs").expect("topic");
+    let stalled = SimpleTransport::subscribe(&broker, &jobs, Some("g"))
         .await
         .expect("subscribe");
-    let mut active = SimpleTransport::subscribe(&broker, "jobs", Some("g"))
+    let mut active = SimpleTransport::subscribe(&broker, &jobs, Some("g"))
         .await
         .expect("subscribe");
     let got: Arc<Mutex<Vec<Bytes>>> = Arc::default();
@@ -105,9 +108,12 @@ async fn a_stalled_member_is_skipped_and_hands_over_when_it_leaves() {
     const N: usize = 200;
     tokio::time::timeout(Duration::from_secs(30), async {
         for i in 0..N {
-            SimpleTransport::publish(&broker, Message::new("jobs", format!("j{i}")))
-                .await
-                .expect("publish");
+            let m = SimpleOutbound::new(
+                Message::new("jobs", format!("j{i}")),
+                SimpleTransport::capabilities(&broker),
+            )
+            .expect("checked");
+            SimpleTransport::publish(&broker, m).await.expect("publish");
         }
     })
     .await

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use bytes::Bytes;
 use dualbus_core::{
-    Codec, DomainBus, Envelope, Event, HandleError, HeaderStyle, OutboundMessage, handler_fn,
+    Codec, DomainBus, EncodedMessage, Envelope, Event, HandleError, HeaderStyle, handler_fn,
 };
 use dualbus_nats::jetstream::stream_name;
 use dualbus_nats::subject::event_subject;
@@ -50,7 +50,7 @@ fn wire(envelopes: &[Envelope]) -> Vec<(String, async_nats::HeaderMap, Bytes)> {
     envelopes
         .iter()
         .map(|e| {
-            let m: OutboundMessage = Codec::CloudEvents
+            let m: EncodedMessage = Codec::CloudEvents
                 .encode(e, HeaderStyle::HyphenPercentEncoded, "bench")
                 .unwrap();
             let mut h = async_nats::HeaderMap::new();

@@ -2,7 +2,7 @@
 //! JetStream publish headers, and NATS headers (parsed or a raw stored block) as the bus's.
 
 use async_nats::HeaderMap;
-use dualbus_core::{Headers, Result};
+use dualbus_core::Headers;
 
 /// `Nats-Msg-Id`: the publish deduplication id.
 pub(crate) const MSG_ID: &str = "Nats-Msg-Id";
@@ -14,25 +14,26 @@ pub(crate) const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subj
 /// payload. A message without headers goes as `PUB`, with no block.
 pub(crate) const WIRE: dualbus_core::WireOverhead = dualbus_core::WireOverhead::new(12, 4);
 
-/// Our headers as NATS headers; checked first, so that no client call can panic on them.
-pub(crate) fn to_nats(headers: &Headers) -> Result<HeaderMap> {
-    headers.validate()?;
+/// Our headers as NATS headers. They come from a message core checked
+/// ([`SimpleOutbound`](dualbus_core::SimpleOutbound),
+/// [`OutboundMessage`](dualbus_core::OutboundMessage)): every name is an HTTP token and no
+/// value holds a control character, so no client call can panic on them.
+pub(crate) fn to_nats(headers: &Headers) -> HeaderMap {
     let mut map = HeaderMap::new();
     for (name, value) in headers.iter() {
         map.insert(name, value);
     }
-    Ok(map)
+    map
 }
 
-/// The headers of a JetStream publish: ours, and `Nats-Msg-Id` with the event id if there
-/// is one (checked like ours).
-pub(crate) fn to_nats_with_id(headers: &Headers, id: Option<&str>) -> Result<HeaderMap> {
-    let mut map = to_nats(headers)?;
+/// The headers of a JetStream publish: ours, and `Nats-Msg-Id` with the message id if
+/// there is one (checked by core with the headers).
+pub(crate) fn to_nats_with_id(headers: &Headers, id: Option<&str>) -> HeaderMap {
+    let mut map = to_nats(headers);
     if let Some(id) = id {
-        dualbus_core::validate_header(MSG_ID, id)?;
         map.insert(MSG_ID, id);
     }
-    Ok(map)
+    map
 }
 
 /// Makes a JetStream publish conditional: stored only if the last message on its subject
@@ -73,8 +74,6 @@ pub(crate) fn from_block_lossy(block: &[u8]) -> Headers {
 
 #[cfg(test)]
 mod tests {
-    use dualbus_core::Error;
-
     use super::*;
 
     fn ours() -> Headers {
@@ -90,26 +89,11 @@ mod tests {
 
     #[test]
     fn headers_go_both_ways() {
-        let map = to_nats(&ours()).unwrap();
+        let map = to_nats(&ours());
         assert_eq!(map.len(), 2);
         assert_ours(&from_nats(Some(&map)));
         assert!(from_nats(None).is_empty());
-        assert!(to_nats(&Headers::new()).unwrap().is_empty());
-    }
-
-    #[test]
-    fn invalid_headers_are_refused_before_the_client_sees_them() {
-        for (name, value) in [("bad name", "v"), ("A", "line\r\nbreak"), ("", "v")] {
-            let h: Headers = [(name, value)].into_iter().collect();
-            assert!(
-                matches!(to_nats(&h), Err(Error::InvalidHeader { .. })),
-                "{name:?}: {value:?}"
-            );
-        }
-        assert!(matches!(
-            to_nats_with_id(&ours(), Some("id\n")),
-            Err(Error::InvalidHeader { .. })
-        ));
+        assert!(to_nats(&Headers::new()).is_empty());
     }
 
     #[test]
@@ -122,7 +106,7 @@ mod tests {
 
     #[test]
     fn publish_headers_carry_the_id_and_the_expected_sequence() {
-        let mut map = to_nats_with_id(&ours(), Some("e-1")).unwrap();
+        let mut map = to_nats_with_id(&ours(), Some("e-1"));
         expect_last_subject_sequence(&mut map, 0);
         let mut h = from_nats(Some(&map));
         assert_eq!(h.remove(MSG_ID).as_deref(), Some("e-1"));
@@ -131,7 +115,7 @@ mod tests {
             Some("0")
         );
         assert_ours(&h);
-        assert_ours(&from_nats(Some(&to_nats_with_id(&ours(), None).unwrap())));
+        assert_ours(&from_nats(Some(&to_nats_with_id(&ours(), None))));
     }
 
     #[test]

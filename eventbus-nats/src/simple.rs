@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use dualbus_core::{Capabilities, Error, Message, Result, SimpleTransport, validate_topic};
+use dualbus_core::{
+    Error, Message, Result, SimpleCapabilities, SimpleOutbound, SimpleTransport, Topic,
+};
 use futures::StreamExt as _;
 use futures::stream::BoxStream;
 
@@ -20,7 +22,7 @@ use crate::{BACKEND, NatsConfig, headers, unavailable};
 #[derive(Clone)]
 pub struct Nats {
     client: async_nats::Client,
-    caps: Arc<Capabilities>,
+    caps: Arc<SimpleCapabilities>,
     closed: Arc<AtomicBool>,
 }
 
@@ -38,7 +40,7 @@ impl Nats {
     /// connect timeout.
     pub async fn connect(config: NatsConfig) -> Result<Self> {
         let client = connect_client(&config).await?;
-        let mut caps = Capabilities::new(BACKEND);
+        let mut caps = SimpleCapabilities::new(BACKEND);
         caps.queue_groups = true;
         caps.request_reply = true;
         caps.max_payload = client.server_info().max_payload;
@@ -75,20 +77,14 @@ fn from_nats(message: async_nats::Message) -> Message {
 
 #[async_trait]
 impl SimpleTransport for Nats {
-    fn capabilities(&self) -> &Capabilities {
+    fn capabilities(&self) -> &SimpleCapabilities {
         &self.caps
     }
 
-    async fn publish(&self, message: Message) -> Result<()> {
+    async fn publish(&self, message: SimpleOutbound) -> Result<()> {
         self.check_open()?;
-        validate_topic(&message.topic)?;
-        let headers = headers::to_nats(&message.headers)?;
-        self.caps.check_parts(
-            &message.headers,
-            message.payload.len(),
-            None,
-            dualbus_core::Write::Publish,
-        )?;
+        let headers = headers::to_nats(message.headers());
+        let message = message.into_message();
         let result = match message.reply_to {
             Some(reply) => {
                 self.client
@@ -106,18 +102,14 @@ impl SimpleTransport for Nats {
 
     async fn subscribe(
         &self,
-        topic: &str,
+        topic: &Topic,
         queue_group: Option<&str>,
     ) -> Result<BoxStream<'static, Message>> {
         self.check_open()?;
-        validate_topic(topic)?;
+        let subject = topic.as_str().to_owned();
         let subscriber = match queue_group {
-            Some(q) => {
-                self.client
-                    .queue_subscribe(topic.to_owned(), q.to_owned())
-                    .await
-            }
-            None => self.client.subscribe(topic.to_owned()).await,
+            Some(q) => self.client.queue_subscribe(subject, q.to_owned()).await,
+            None => self.client.subscribe(subject).await,
         }
         .map_err(unavailable)?;
         // The server must know the subscription before this returns, or a publish right
@@ -126,10 +118,10 @@ impl SimpleTransport for Nats {
         Ok(subscriber.map(from_nats).boxed())
     }
 
-    async fn request(&self, message: Message, timeout: Duration) -> Result<Message> {
+    async fn request(&self, message: SimpleOutbound, timeout: Duration) -> Result<Message> {
         self.check_open()?;
-        validate_topic(&message.topic)?;
-        let headers = headers::to_nats(&message.headers)?;
+        let headers = headers::to_nats(message.headers());
+        let message = message.into_message();
         let topic = message.topic.clone();
         let request = async_nats::Request::new()
             .payload(message.payload)

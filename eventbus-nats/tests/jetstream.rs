@@ -166,7 +166,10 @@ async fn malformed_messages_from_a_plain_client_are_dead_lettered() {
         .await
         .expect("subscribe");
     let mut dlq = t
-        .subscribe(SubscriptionSpec::new(format!("{topic}.dlq"), "inspect"))
+        .subscribe(SubscriptionSpec::new(
+            topic.dead_letter(".dlq").expect("topic"),
+            "inspect",
+        ))
         .await
         .expect("dlq subscribe");
     let mut reasons = Vec::new();
@@ -211,7 +214,7 @@ async fn a_stream_with_other_settings_is_refused_unless_update_is_asked() {
     .expect("create stream");
     let t = transport(&url).await;
     let e = t
-        .publish(&topic, outbound("k"))
+        .publish(&topic, outbound(&t, "k"))
         .await
         .expect_err("other settings");
     assert!(matches!(e, dualbus_core::Error::Config { .. }), "{e}");
@@ -219,19 +222,28 @@ async fn a_stream_with_other_settings_is_refused_unless_update_is_asked() {
     let mut config = fast_config(url.clone());
     config.jetstream.stream.update_existing = true;
     let t2 = JetStream::connect(config).await.expect("connect");
-    t2.publish(&topic, outbound("k")).await.expect("updated");
+    t2.publish(&topic, outbound(&t2, "k"))
+        .await
+        .expect("updated");
     t.close().await.expect("close");
     t2.close().await.expect("close");
 }
 
-fn outbound(key: &str) -> dualbus_core::OutboundMessage {
-    dualbus_core::Codec::CloudEvents
+/// An event as the domain bus would hand it to `t`.
+fn outbound(t: &JetStream, key: &str) -> dualbus_core::OutboundMessage {
+    let encoded = dualbus_core::Codec::CloudEvents
         .encode(
             &event(key, 1),
             dualbus_core::HeaderStyle::HyphenPercentEncoded,
             "js-tests",
         )
-        .expect("encode")
+        .expect("encode");
+    dualbus_core::OutboundMessage::new(
+        encoded,
+        DomainTransport::capabilities(t),
+        dualbus_core::Write::Publish,
+    )
+    .expect("checked")
 }
 
 /// Bad settings and a server without JetStream are clear errors at connect.
@@ -356,18 +368,19 @@ async fn outage_publishes_fail_clearly_and_clients_reconnect() {
     let url = server.url();
     let t = transport(&url).await;
     let topic = unique_topic("js-outage");
-    t.publish(&topic, outbound("k")).await.expect("publish");
+    t.publish(&topic, outbound(&t, "k")).await.expect("publish");
     let simple = dualbus_nats::Nats::connect(NatsConfig::new([url.clone()]))
         .await
         .expect("connect simple");
-    let mut notes = dualbus_core::SimpleTransport::subscribe(&simple, "notes", None)
+    let notes_topic = dualbus_core::Topic::new("notes").expect("topic");
+    let mut notes = dualbus_core::SimpleTransport::subscribe(&simple, &notes_topic, None)
         .await
         .expect("subscribe");
 
     server.kill();
     let started = Instant::now();
     let e = t
-        .publish(&topic, outbound("k"))
+        .publish(&topic, outbound(&t, "k"))
         .await
         .expect_err("no server");
     assert!(e.is_retryable(), "{e}");
@@ -381,7 +394,7 @@ async fn outage_publishes_fail_clearly_and_clients_reconnect() {
     server.restart();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match t.publish(&topic, outbound("k")).await {
+        match t.publish(&topic, outbound(&t, "k")).await {
             Ok(_) => break,
             Err(e) if Instant::now() < deadline => {
                 eprintln!("after restart: {e}");
@@ -392,12 +405,14 @@ async fn outage_publishes_fail_clearly_and_clients_reconnect() {
     }
     let got = async {
         loop {
-            dualbus_core::SimpleTransport::publish(
-                &simple,
+            let note = dualbus_core::SimpleOutbound::new(
                 dualbus_core::Message::new("notes", "after restart"),
+                dualbus_core::SimpleTransport::capabilities(&simple),
             )
-            .await
-            .expect("simple publish");
+            .expect("checked");
+            dualbus_core::SimpleTransport::publish(&simple, note)
+                .await
+                .expect("simple publish");
             if let Ok(Some(m)) =
                 tokio::time::timeout(Duration::from_millis(300), notes.next()).await
             {
@@ -419,18 +434,21 @@ async fn a_deleted_stream_is_created_again() {
     let Some(url) = shared_url() else { return };
     let t = transport(&url).await;
     let topic = unique_topic("js-deleted");
-    t.publish(&topic, outbound("k")).await.expect("publish");
+    t.publish(&topic, outbound(&t, "k")).await.expect("publish");
     plain(&url)
         .await
         .delete_stream(dualbus_nats::jetstream::stream_name("DUALBUS_", &topic))
         .await
         .expect("delete");
     let e = t
-        .publish(&topic, outbound("k"))
+        .publish(&topic, outbound(&t, "k"))
         .await
         .expect_err("no stream");
     assert!(e.is_retryable(), "{e}");
-    let r = t.publish(&topic, outbound("k")).await.expect("recreated");
+    let r = t
+        .publish(&topic, outbound(&t, "k"))
+        .await
+        .expect("recreated");
     assert_eq!(r.position.map(|p| p.offset), Some(1));
     // The same through batches.
     plain(&url)
@@ -438,10 +456,10 @@ async fn a_deleted_stream_is_created_again() {
         .delete_stream(dualbus_nats::jetstream::stream_name("DUALBUS_", &topic))
         .await
         .expect("delete");
-    let failed = t.publish_batch(&topic, vec![outbound("k")]).await;
+    let failed = t.publish_batch(&topic, vec![outbound(&t, "k")]).await;
     let e = failed[0].as_ref().expect_err("no stream");
     assert!(e.is_retryable(), "{e}");
-    let again = t.publish_batch(&topic, vec![outbound("k")]).await;
+    let again = t.publish_batch(&topic, vec![outbound(&t, "k")]).await;
     let r = again[0].as_ref().expect("recreated by the batch");
     assert_eq!(r.position.map(|p| p.offset), Some(1));
     t.close().await.expect("close");
@@ -454,7 +472,7 @@ async fn a_consumer_with_other_settings_is_refused_unless_update_is_asked() {
     let Some(url) = shared_url() else { return };
     let topic = unique_topic("js-consumer");
     let t = transport(&url).await;
-    t.publish(&topic, outbound("k")).await.expect("publish");
+    t.publish(&topic, outbound(&t, "k")).await.expect("publish");
     let stream = plain(&url)
         .await
         .get_stream(dualbus_nats::jetstream::stream_name("DUALBUS_", &topic))
@@ -470,7 +488,7 @@ async fn a_consumer_with_other_settings_is_refused_unless_update_is_asked() {
         .await
         .expect("create consumer");
     let e = t
-        .subscribe(SubscriptionSpec::new(&topic, "billing"))
+        .subscribe(SubscriptionSpec::new(topic.clone(), "billing"))
         .await
         .expect_err("other settings");
     assert!(matches!(e, dualbus_core::Error::Config { .. }), "{e}");
@@ -479,7 +497,7 @@ async fn a_consumer_with_other_settings_is_refused_unless_update_is_asked() {
     config.jetstream.consumer.update_existing = true;
     let t2 = JetStream::connect(config).await.expect("connect");
     let mut sub = t2
-        .subscribe(SubscriptionSpec::new(&topic, "billing"))
+        .subscribe(SubscriptionSpec::new(topic.clone(), "billing"))
         .await
         .expect("updated");
     let d = tokio::time::timeout(Duration::from_secs(10), sub.deliveries.next())

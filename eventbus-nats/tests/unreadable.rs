@@ -174,7 +174,10 @@ async fn an_unreadable_message_is_dead_lettered_and_stops_nothing() {
 
     // Both are in the dead letter, marked unreadable, with their headers decoded lossily.
     let mut dlq = t
-        .subscribe(SubscriptionSpec::new(format!("{topic}.dlq"), "inspect"))
+        .subscribe(SubscriptionSpec::new(
+            topic.dead_letter(".dlq").expect("topic"),
+            "inspect",
+        ))
         .await
         .expect("subscribe dead letter");
     let mut dead = Vec::new();

@@ -277,7 +277,7 @@ async fn domain_raw(evs: &[Envelope], workers: usize, load: Load, count_only_oth
     // The same total buffer as the pool's max_in_flight.
     let per_worker = (10_000 / workers).max(1);
     for _ in 0..workers {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<dualbus_core::OutboundMessage>(per_worker);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<dualbus_core::EncodedMessage>(per_worker);
         let s = stamps.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(m) = rx.recv().await {

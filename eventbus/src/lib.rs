@@ -99,12 +99,13 @@ pub use config::Config;
 /// Layers around one handler attempt or one publish.
 pub use dualbus_core::middleware;
 pub use dualbus_core::{
-    Backoff, BoxError, Capabilities, Codec, DeadLetterKind, DeadLetterPolicy, Disposition,
-    DomainBus, DomainBusBuilder, DomainSubscribeBuilder, DomainTransport, Envelope, EnvelopeError,
-    Error, ErrorKind, Event, Failure, HandleError, HeaderStyle, Headers, Message, PartitionState,
-    PoolConfig, PoolEvent, PoolObserver, PoolStats, Position, Receipt, Result, ShutdownReport,
-    SimpleBus, SimpleBusBuilder, SimpleStats, SimpleSubscribeBuilder, SimpleSubscription,
-    SimpleTransport, StartPosition, Subscription, handler_fn,
+    Backoff, BoxError, Codec, DeadLetterKind, DeadLetterPolicy, Disposition, DomainBus,
+    DomainBusBuilder, DomainCapabilities, DomainSubscribeBuilder, DomainTransport, Envelope,
+    EnvelopeError, Error, ErrorKind, Event, Failure, HandleError, HeaderStyle, Headers, IntoTopic,
+    Message, PartitionState, PoolConfig, PoolEvent, PoolObserver, PoolStats, Position, Receipt,
+    Result, ShutdownReport, SimpleBus, SimpleBusBuilder, SimpleCapabilities, SimpleStats,
+    SimpleSubscribeBuilder, SimpleSubscription, SimpleTransport, StartPosition, Subscription,
+    Topic, handler_fn,
 };
 
 /// The in-process backend.

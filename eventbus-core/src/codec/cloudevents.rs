@@ -9,7 +9,7 @@ use super::time::{format_rfc3339_nano, parse_rfc3339};
 use super::{DecodeError, HeaderStyle};
 use crate::envelope::{Envelope, EnvelopeError};
 use crate::headers::Headers;
-use crate::message::{InboundMessage, OutboundMessage};
+use crate::message::{EncodedMessage, InboundMessage};
 
 /// The CloudEvents spec version written and accepted.
 pub const SPEC_VERSION: &str = "1.0";
@@ -191,7 +191,7 @@ pub(super) fn encode(
     e: &Envelope,
     style: HeaderStyle,
     default_source: &str,
-) -> Result<OutboundMessage, crate::Error> {
+) -> Result<EncodedMessage, crate::Error> {
     let n = names(style);
     let source = source(e, default_source)?;
     let mut h = Headers::with_capacity(10 + e.headers.len());
@@ -227,7 +227,7 @@ pub(super) fn encode(
         }
         h.insert(Cow::Owned(name.to_owned()), v);
     }
-    Ok(OutboundMessage {
+    Ok(EncodedMessage {
         key: e.aggregate_id.clone(),
         headers: h,
         payload: e.payload.clone(),

@@ -14,7 +14,7 @@ use super::json::{self, Members};
 use super::time::{format_rfc3339_nano, parse_rfc3339};
 use crate::envelope::{Envelope, EnvelopeError};
 use crate::headers::Headers;
-use crate::message::{InboundMessage, OutboundMessage};
+use crate::message::{EncodedMessage, InboundMessage};
 
 /// Headers jxt-core writes beside the body on Kafka (we write them on every backend).
 pub(super) const X_EVENT_ID: &str = "X-Event-ID";
@@ -87,7 +87,7 @@ pub(super) fn encode(
     e: &Envelope,
     tenant: Tenant,
     default_source: &str,
-) -> Result<OutboundMessage, crate::Error> {
+) -> Result<EncodedMessage, crate::Error> {
     let unencodable = |field, reason| EnvelopeError::Unencodable { field, reason };
     let payload = std::str::from_utf8(&e.payload)
         .ok()
@@ -175,7 +175,7 @@ pub(super) fn encode(
         }
         h.insert(Cow::Owned(name.to_owned()), v);
     }
-    Ok(OutboundMessage {
+    Ok(EncodedMessage {
         key: e.aggregate_id.clone(),
         headers: h,
         payload: Bytes::from(body),

@@ -15,7 +15,7 @@ mod structured;
 pub(crate) mod time;
 
 use crate::envelope::{Envelope, EnvelopeError};
-use crate::message::{InboundMessage, OutboundMessage};
+use crate::message::{EncodedMessage, InboundMessage};
 
 pub use cloudevents::{CE_EXTENSIONS, SPEC_VERSION};
 pub use jxt::jxt_compatible_id;
@@ -105,7 +105,7 @@ impl Codec {
         envelope: &Envelope,
         style: HeaderStyle,
         default_source: &str,
-    ) -> Result<OutboundMessage, crate::Error> {
+    ) -> Result<EncodedMessage, crate::Error> {
         envelope.validate()?;
         match self {
             Self::CloudEvents => cloudevents::encode(envelope, style, default_source),

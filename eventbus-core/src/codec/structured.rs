@@ -17,7 +17,7 @@ use super::time::format_rfc3339_nano;
 use super::{DecodeError, HeaderStyle};
 use crate::envelope::{Envelope, EnvelopeError};
 use crate::headers::Headers;
-use crate::message::{InboundMessage, OutboundMessage};
+use crate::message::{EncodedMessage, InboundMessage};
 
 /// The media type of the JSON event format.
 pub(super) const MEDIA_TYPE: &str = "application/cloudevents+json";
@@ -70,7 +70,7 @@ pub(super) fn encode(
     e: &Envelope,
     style: HeaderStyle,
     default_source: &str,
-) -> Result<OutboundMessage, crate::Error> {
+) -> Result<EncodedMessage, crate::Error> {
     let mut body = String::with_capacity(256 + e.payload.len() * 4 / 3);
     body.push_str("{\"specversion\":\"1.0\"");
     text_attribute(&mut body, "id", &e.event_id);
@@ -129,7 +129,7 @@ pub(super) fn encode(
         }
         h.insert(Cow::Owned(name.to_owned()), v);
     }
-    Ok(OutboundMessage {
+    Ok(EncodedMessage {
         key: e.aggregate_id.clone(),
         headers: h,
         payload: Bytes::from(body),

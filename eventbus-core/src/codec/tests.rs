@@ -29,7 +29,7 @@ fn golden_envelope() -> Envelope {
     )
 }
 
-fn inbound(m: &OutboundMessage) -> InboundMessage {
+fn inbound(m: &EncodedMessage) -> InboundMessage {
     InboundMessage {
         topic: "orders".into(),
         key: Some(m.key.clone()),

@@ -60,8 +60,8 @@ fn too_large(r: Result<impl std::fmt::Debug, Error>, what: &str) {
 
 /// Publish, batch publish and append at the limit - 1 and the limit reach the broker and
 /// come back whole; at the limit + 1 each is [`Error::PayloadTooLarge`], never a backend
-/// error. The limit is [`Capabilities::max_payload`](crate::Capabilities::max_payload) as
-/// the backend counts it ([`Capabilities::wire`](crate::Capabilities::wire)).
+/// error. The limit is [`DomainCapabilities::max_payload`](crate::DomainCapabilities::max_payload) as
+/// the backend counts it ([`DomainCapabilities::wire`](crate::DomainCapabilities::wire)).
 pub async fn size_limits(backend: &dyn Backend) {
     let bus = bus(backend).await;
     let topic = unique_topic("domain-size");

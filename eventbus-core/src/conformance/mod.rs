@@ -1,13 +1,15 @@
 //! The backend conformance suite (semver-exempt).
 //!
-//! Every backend runs the same behaviour tests with its declared [`Capabilities`]: implement
+//! Every backend runs the same behaviour tests with its declared capabilities
+//! ([`DomainCapabilities`], [`SimpleCapabilities`]): implement
 //! [`Backend`] for a constructor of your transports and expand [`conformance_tests!`](crate::conformance_tests) in an
 //! integration test. Each test counts every message (published = handled or dead-lettered),
 //! judges order with the [`OrderChecker`], and runs under an overall deadline so that a hang
 //! fails fast. A capability a backend does not declare is checked the other way round: the
 //! operation must fail with [`Error::NotSupported`].
 //!
-//! [`Capabilities`]: crate::Capabilities
+//! [`DomainCapabilities`]: crate::DomainCapabilities
+//! [`SimpleCapabilities`]: crate::SimpleCapabilities
 //! [`Error::NotSupported`]: crate::Error::NotSupported
 
 // The suite is test code: a failed expectation is a failed test, reported by panicking.
@@ -73,9 +75,10 @@ pub trait Backend: Send + Sync {
     }
 }
 
-/// A topic name no other test uses.
-pub fn unique_topic(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+/// A topic no other test uses. Panics if `prefix` is not a valid start of a topic name.
+pub fn unique_topic(prefix: &str) -> crate::Topic {
+    crate::Topic::new(format!("{prefix}-{}", uuid::Uuid::now_v7().simple()))
+        .expect("a valid topic prefix")
 }
 
 /// A test event with a JSON payload naming the aggregate and version.
@@ -124,8 +127,9 @@ pub async fn settle_and_check(
     group: &str,
     checker: &OrderChecker,
 ) -> std::result::Result<Summary, Violation> {
+    let topic = crate::Topic::new(topic).expect("topic");
     loop {
-        match transport.pending(topic, group).await.expect("pending") {
+        match transport.pending(&topic, group).await.expect("pending") {
             None | Some(0) => break,
             Some(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }

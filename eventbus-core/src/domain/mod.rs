@@ -22,21 +22,23 @@ use crate::codec::Codec;
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
 use crate::handler::BoxEventHandler;
-use crate::message::{OutboundMessage, Receipt};
+use crate::message::{EncodedMessage, OutboundMessage, Receipt};
 use crate::middleware::{BusKind, Hook, PublishInfo};
 use crate::middleware::{finish_publish, publish_scopes};
 use crate::pool::{DeadLetterPolicy, Pool, PoolConfig};
 use crate::retry::Backoff;
-use crate::topic::validate_topic;
-use crate::transport::{Capabilities, DomainTransport, DynDomainTransport, StartPosition, Write};
+use crate::topic::{IntoTopic, Topic};
+use crate::transport::{
+    DomainCapabilities, DomainTransport, DynDomainTransport, StartPosition, Write,
+};
 
 /// A request to publish one encoded message: what publish layers see.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct PublishRequest {
     /// The topic.
-    pub topic: Arc<str>,
-    /// The encoded message.
+    pub topic: Topic,
+    /// The encoded message, checked for the backend.
     pub message: OutboundMessage,
 }
 
@@ -104,7 +106,7 @@ impl DomainBus {
     }
 
     /// What the backend offers.
-    pub fn capabilities(&self) -> &Capabilities {
+    pub fn capabilities(&self) -> &DomainCapabilities {
         self.inner.transport.capabilities()
     }
 
@@ -126,8 +128,7 @@ impl DomainBus {
         }
     }
 
-    fn encode(&self, topic: &str, envelope: &Envelope) -> Result<OutboundMessage> {
-        validate_topic(topic)?;
+    fn encode(&self, envelope: &Envelope) -> Result<EncodedMessage> {
         let caps = self.capabilities();
         let message = self
             .inner
@@ -142,17 +143,18 @@ impl DomainBus {
         Ok(message)
     }
 
-    /// Encodes, runs the publish hooks and checks the size: everything before the broker.
+    /// Encodes, runs the publish hooks and checks the result for the backend: everything
+    /// before the broker.
     fn prepare(
         &self,
-        topic: &str,
+        topic: &Topic,
         envelope: &Envelope,
         write: Write,
     ) -> Result<(
         OutboundMessage,
         Vec<Box<dyn crate::middleware::PublishScope>>,
     )> {
-        let mut message = self.encode(topic, envelope)?;
+        let mut message = self.encode(envelope)?;
         let caps = self.capabilities();
         let info = PublishInfo {
             bus: BusKind::Domain,
@@ -163,10 +165,12 @@ impl DomainBus {
             payload_len: message.payload.len(),
         };
         let scopes = publish_scopes(&self.inner.hooks, &info, &mut message.headers);
-        if !scopes.is_empty() {
-            message.headers.validate()?;
-        }
-        caps.check_size(&message, write)?;
+        let message = if scopes.is_empty() {
+            // Only the codec wrote headers.
+            OutboundMessage::with_valid_headers(message, caps, write)?
+        } else {
+            OutboundMessage::new(message, caps, write)?
+        };
         Ok((message, scopes))
     }
 
@@ -174,14 +178,15 @@ impl DomainBus {
     ///
     /// Errors: [`Error::InvalidTopic`], [`Error::InvalidEnvelope`], [`Error::PayloadTooLarge`]
     /// and [`Error::Closed`] before anything is sent; the backend's errors after.
-    pub async fn publish(&self, topic: &str, envelope: &Envelope) -> Result<Receipt> {
+    pub async fn publish(&self, topic: impl IntoTopic, envelope: &Envelope) -> Result<Receipt> {
         self.check_open()?;
-        let (message, scopes) = self.prepare(topic, envelope, Write::Publish)?;
+        let topic = topic.into_topic()?;
+        let (message, scopes) = self.prepare(&topic, envelope, Write::Publish)?;
         let result = match &self.inner.publish {
-            None => self.inner.transport.publish(topic, message).await,
+            None => self.inner.transport.publish(&topic, message).await,
             Some(publish) => {
                 let req = PublishRequest {
-                    topic: Arc::from(topic),
+                    topic: topic.clone(),
                     message,
                 };
                 crate::handler::call_once(publish, req).await
@@ -196,16 +201,17 @@ impl DomainBus {
     ///
     /// One result per envelope. If one fails, later events of the same aggregate in the
     /// batch may still have been stored: republish an aggregate's events from its first
-    /// failure (backends with [`Capabilities::dedup`] drop the copies).
+    /// failure (backends with [`DomainCapabilities::dedup`] drop the copies).
     ///
     /// Hooks run for every envelope; publish layers wrap single publishes only (the batch
     /// goes to the transport's pipelined batch publish as a whole).
     pub async fn publish_batch(
         &self,
-        topic: &str,
+        topic: impl IntoTopic,
         envelopes: &[Envelope],
     ) -> Result<Vec<Result<Receipt>>> {
         self.check_open()?;
+        let topic = &topic.into_topic()?;
         let mut messages = Vec::with_capacity(envelopes.len());
         let mut scopes = Vec::with_capacity(envelopes.len());
         for envelope in envelopes {
@@ -226,14 +232,15 @@ impl DomainBus {
     /// The envelope must carry `expected_version + 1`. The check and the publish are atomic
     /// on the broker: of two appends racing on one version, one succeeds and the other gets
     /// [`Error::Conflict`] naming the aggregate and its current version. Needs
-    /// [`Capabilities::expected_version`].
+    /// [`DomainCapabilities::expected_version`].
     pub async fn append(
         &self,
-        topic: &str,
+        topic: impl IntoTopic,
         envelope: &Envelope,
         expected_version: u64,
     ) -> Result<Receipt> {
         self.check_open()?;
+        let topic = &topic.into_topic()?;
         let caps = self.capabilities();
         if !caps.expected_version {
             return Err(Error::NotSupported {
@@ -281,10 +288,12 @@ impl DomainBus {
     }
 
     /// Starts a subscription to `topic`; see [`DomainSubscribeBuilder`].
-    pub fn subscribe(&self, topic: &str) -> DomainSubscribeBuilder {
+    ///
+    /// An invalid topic is reported by [`DomainSubscribeBuilder::start`].
+    pub fn subscribe(&self, topic: impl IntoTopic) -> DomainSubscribeBuilder {
         DomainSubscribeBuilder {
             bus: self.clone(),
-            topic: topic.to_owned(),
+            topic: topic.into_topic(),
             group: None,
             pool: None,
             retry: None,
@@ -295,11 +304,11 @@ impl DomainBus {
 
     /// Every stored event of one aggregate on `topic`, in order (event sourcing replay).
     ///
-    /// Needs [`Capabilities::replay`]. A stored message that cannot be decoded is an error
+    /// Needs [`DomainCapabilities::replay`]. A stored message that cannot be decoded is an error
     /// naming its position.
-    pub async fn replay(&self, topic: &str, aggregate_id: &str) -> Result<Vec<Envelope>> {
+    pub async fn replay(&self, topic: impl IntoTopic, aggregate_id: &str) -> Result<Vec<Envelope>> {
         self.check_open()?;
-        validate_topic(topic)?;
+        let topic = &topic.into_topic()?;
         if aggregate_id.trim().is_empty() {
             return Err(crate::envelope::EnvelopeError::Blank {
                 field: "aggregate_id",

@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use tower::Service;
 
+use crate::error::Error;
 use crate::error::{HandleError, Result};
 use crate::handler::{BoxEventHandler, Event};
 use crate::middleware::{HookLayer, TimeoutLayer};
 use crate::pool::{Pool, PoolConfig, PoolObserver, PoolParams, PoolStats, ShutdownReport};
 use crate::retry::Backoff;
-use crate::topic::{dead_letter_topic, validate_group, validate_topic};
+use crate::topic::{Topic, validate_group};
 use crate::transport::{DomainTransport, StartPosition, SubscriptionSpec};
 
 use super::DomainBus;
@@ -21,7 +22,7 @@ use super::DomainBus;
 #[must_use]
 pub struct DomainSubscribeBuilder {
     pub(super) bus: DomainBus,
-    pub(super) topic: String,
+    pub(super) topic: std::result::Result<Topic, Error>,
     pub(super) group: Option<String>,
     pub(super) pool: Option<PoolConfig>,
     pub(super) retry: Option<Backoff>,
@@ -86,7 +87,7 @@ impl DomainSubscribeBuilder {
     {
         let bus = self.bus;
         bus.check_open()?;
-        validate_topic(&self.topic)?;
+        let topic = self.topic?;
         // Checked here, once for every backend; the default group was checked at build.
         let group = match self.group {
             Some(g) => {
@@ -99,8 +100,7 @@ impl DomainSubscribeBuilder {
         pool.validate()?;
         let retry = self.retry.unwrap_or_else(|| bus.inner.retry.clone());
         retry.validate()?;
-        let dlq = dead_letter_topic(&self.topic, &bus.inner.dead_letter.suffix);
-        validate_topic(&dlq)?;
+        let dlq = topic.dead_letter(&bus.inner.dead_letter.suffix)?;
 
         let mut svc = BoxEventHandler::new(handler);
         for layer in &bus.inner.handler_layers {
@@ -116,13 +116,13 @@ impl DomainSubscribeBuilder {
             ));
         }
 
-        let spec = SubscriptionSpec::new(self.topic.clone(), group.clone()).starting_at(self.start);
+        let spec = SubscriptionSpec::new(topic.clone(), group.clone()).starting_at(self.start);
         let subscription = bus.inner.transport.subscribe(spec).await?;
         let ack_deadline = bus.capabilities().ack_deadline;
         let drain_deadline = pool.drain_deadline;
         let pool = Arc::new(Pool::start(
             PoolParams {
-                topic: Arc::from(self.topic.as_str()),
+                topic: topic.clone(),
                 dead_letter_topic: dlq,
                 handler: svc,
                 transport: bus.inner.transport.clone(),
@@ -140,7 +140,7 @@ impl DomainSubscribeBuilder {
         }
         Ok(Subscription {
             pool,
-            topic: self.topic,
+            topic,
             group,
             drain_deadline,
         })
@@ -152,7 +152,7 @@ impl DomainSubscribeBuilder {
 #[derive(Debug)]
 pub struct Subscription {
     pool: Arc<Pool>,
-    topic: String,
+    topic: Topic,
     group: String,
     drain_deadline: Duration,
 }

@@ -10,7 +10,7 @@ use crate::retry::Backoff;
 /// exponential backoff and jitter, up to a number of attempts. Permanent errors (bad input,
 /// closed bus) return at once.
 ///
-/// Domain transports deduplicate by event id where they can ([`crate::Capabilities::dedup`]);
+/// Domain transports deduplicate by event id where they can ([`crate::DomainCapabilities::dedup`]);
 /// elsewhere a retried publish whose first try did reach the broker is stored twice, which
 /// consumers see as a redelivery.
 #[derive(Debug, Clone)]

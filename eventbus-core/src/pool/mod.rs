@@ -51,6 +51,7 @@ use self::keys::{Key, Schedule};
 use self::stats::Counters;
 use crate::handler::BoxEventHandler;
 use crate::retry::Backoff;
+use crate::topic::Topic;
 use crate::transport::{DynDomainTransport, GroupControl, PartitionControl};
 
 #[derive(Debug, Clone, Copy)]
@@ -103,8 +104,8 @@ impl State {
 
 /// Everything the pool's tasks share.
 pub(crate) struct PoolParams {
-    pub(crate) topic: Arc<str>,
-    pub(crate) dead_letter_topic: String,
+    pub(crate) topic: Topic,
+    pub(crate) dead_letter_topic: Topic,
     pub(crate) handler: BoxEventHandler,
     pub(crate) transport: DynDomainTransport,
     pub(crate) config: PoolConfig,

@@ -10,8 +10,9 @@ use super::keys::Item;
 use super::stats::bump;
 use super::{DeadLetterKind, PoolEvent, Shared, dlq_headers, observe};
 use crate::envelope::Envelope;
+use crate::error::{Error, Result};
 use crate::headers::{Headers, validate_header};
-use crate::message::OutboundMessage;
+use crate::message::{EncodedMessage, OutboundMessage};
 use crate::transport::Write;
 
 /// Whether the item's partition is still owned under the epoch it was delivered in. If
@@ -68,14 +69,16 @@ fn clip(text: &str, max: usize) -> String {
 /// The dead-letter record of `item`: a full copy (original headers and body) with the
 /// `dualbus-dlq-*` headers, or, when that is over the broker's size limit, the first
 /// reduced record that fits: without the original headers, then without the body (its
-/// length in a header), then without both. Returns whether it was reduced.
+/// length in a header), then without both. Returns whether it was reduced; an error if
+/// even the smallest record is over the limit (a limit below
+/// the `dualbus-dlq-*` headers' [`BUDGET`](super::dlq_headers::BUDGET)).
 fn dead_letter_message(
     sh: &Shared,
     item: &Item,
     kind: DeadLetterKind,
     reason: &str,
     attempts: u32,
-) -> (OutboundMessage, bool) {
+) -> Result<(OutboundMessage, bool)> {
     let m = &item.delivery.message;
     let mut dlq = Headers::with_capacity(9);
     dlq.insert(dlq_headers::REASON, clip(reason, 1024));
@@ -116,7 +119,7 @@ fn dead_letter_message(
         if !keep_body {
             headers.insert(dlq_headers::ORIGINAL_LENGTH, m.payload.len().to_string());
         }
-        OutboundMessage {
+        EncodedMessage {
             key: item.key.to_string(),
             headers,
             payload: if keep_body {
@@ -127,19 +130,32 @@ fn dead_letter_message(
             id: Some(id.clone()),
         }
     };
+    // Every header is valid: the original ones passed `validate_header`, the others are
+    // constants with values core wrote (the reason clipped and cleaned by `clip`).
     let caps = sh.p.transport.capabilities();
-    let fits = |message: &OutboundMessage| caps.check_size(message, Write::Publish).is_ok();
-    let full = build(true, true);
-    if fits(&full) {
-        return (full, false);
+    let check = |m| OutboundMessage::with_valid_headers(m, caps, Write::Publish);
+    if let Ok(full) = check(build(true, true)) {
+        return Ok((full, false));
     }
     for (keep_headers, keep_body) in [(false, true), (true, false)] {
-        let reduced = build(keep_headers, keep_body);
-        if fits(&reduced) {
-            return (reduced, true);
+        if let Ok(reduced) = check(build(keep_headers, keep_body)) {
+            return Ok((reduced, true));
         }
     }
-    (build(false, false), true)
+    check(build(false, false)).map(|m| (m, true))
+}
+
+/// The dead letter was refused for good (even the reduced record): retrying cannot help.
+/// Nothing is acknowledged; the aggregate stays parked until the subscription stops or the
+/// partition moves on.
+async fn refused(sh: &Shared, position: crate::message::Position, error: &Error) {
+    bump(&sh.counters.dead_letters_refused);
+    tracing::error!(
+        topic = %sh.p.topic, dead_letter_topic = %sh.p.dead_letter_topic,
+        ?position, %error,
+        "the dead letter was refused; the aggregate stays parked until the subscription stops"
+    );
+    sh.hard_stop.cancelled().await;
 }
 
 pub(super) async fn dead_letter(
@@ -153,7 +169,16 @@ pub(super) async fn dead_letter(
     if !still_owned(sh, item) {
         return;
     }
-    let (message, reduced) = dead_letter_message(sh, item, kind, reason, attempts);
+    let (message, reduced) = match dead_letter_message(sh, item, kind, reason, attempts) {
+        Ok(built) => built,
+        Err(error) => {
+            // Even the smallest record is over the limit: nothing can be sent.
+            bump(&sh.counters.dead_letter_failures);
+            sh.state.lock().sched.set_parked(&item.id(), true);
+            refused(sh, position, &error).await;
+            return;
+        }
+    };
     let mut failures = 0u32;
     loop {
         match sh
@@ -170,16 +195,7 @@ pub(super) async fn dead_letter(
                     sh.state.lock().sched.set_parked(&item.id(), true);
                 }
                 if !error.is_retryable() {
-                    // Refused for good (even the reduced record): retrying cannot help.
-                    // Nothing is acknowledged; the aggregate waits until the subscription
-                    // stops or the partition moves on.
-                    bump(&sh.counters.dead_letters_refused);
-                    tracing::error!(
-                        topic = %sh.p.topic, dead_letter_topic = %sh.p.dead_letter_topic,
-                        ?position, %error, size = sh.p.transport.capabilities().wire_size(&message, Write::Publish),
-                        "the dead letter was refused by the broker; the aggregate stays parked until the subscription stops"
-                    );
-                    sh.hard_stop.cancelled().await;
+                    refused(sh, position, &error).await;
                     return;
                 }
                 let delay =

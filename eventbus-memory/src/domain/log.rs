@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use dualbus_core::partition::partition_for;
-use dualbus_core::{Error, Headers, InboundMessage, OutboundMessage, Position, Receipt, Result};
+use dualbus_core::{Headers, InboundMessage, OutboundMessage, Position, Receipt, Result};
 use parking_lot::Mutex;
 
 use super::group::Group;
@@ -74,16 +74,8 @@ impl Memory {
         mut logs: parking_lot::MutexGuard<'_, Vec<Vec<Arc<Stored>>>>,
         message: OutboundMessage,
     ) -> Result<Receipt> {
-        if message.key.is_empty() {
-            return Err(Error::InvalidEnvelope(dualbus_core::EnvelopeError::Blank {
-                field: "aggregate_id",
-            }));
-        }
-        crate::check_size(
-            &self.broker.domain_caps,
-            &message.headers,
-            message.payload.len(),
-        )?;
+        // Core checked the message (key, headers, size) when it built it.
+        let message = message.into_parts();
         // `partition_for` is below the partition count, which is the number of logs.
         let partition = partition_for(&message.key, logs.len() as u32);
         let log = &mut logs[partition as usize];

@@ -19,8 +19,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use dualbus_core::partition::partition_for;
 use dualbus_core::{
-    Capabilities, DomainSubscription, DomainTransport, Error, GroupMembership, InboundMessage,
-    OutboundMessage, Position, Receipt, Result, StartPosition, SubscriptionSpec, validate_topic,
+    DomainCapabilities, DomainSubscription, DomainTransport, Error, GroupMembership,
+    InboundMessage, OutboundMessage, Position, Receipt, Result, StartPosition, SubscriptionSpec,
+    Topic,
 };
 use futures::StreamExt as _;
 use parking_lot::Mutex;
@@ -46,13 +47,12 @@ impl Memory {
 
 #[async_trait]
 impl DomainTransport for Memory {
-    fn capabilities(&self) -> &Capabilities {
+    fn capabilities(&self) -> &DomainCapabilities {
         &self.broker.domain_caps
     }
 
-    async fn publish(&self, topic: &str, message: OutboundMessage) -> Result<Receipt> {
+    async fn publish(&self, topic: &Topic, message: OutboundMessage) -> Result<Receipt> {
         self.check_domain_open()?;
-        validate_topic(topic)?;
         let t = self.topic(topic);
         let receipt = self.append(&t, message)?;
         t.wake_all();
@@ -61,23 +61,13 @@ impl DomainTransport for Memory {
 
     async fn publish_batch(
         &self,
-        topic: &str,
+        topic: &Topic,
         messages: Vec<OutboundMessage>,
     ) -> Vec<Result<Receipt>> {
-        if let Err(e) = self
-            .check_domain_open()
-            .and_then(|()| validate_topic(topic))
-        {
-            let text = e.to_string();
+        if self.check_domain_open().is_err() {
             return messages
                 .iter()
-                .map(|_| {
-                    Err(Error::backend(
-                        "memory",
-                        false,
-                        dualbus_core::Failure(text.clone()),
-                    ))
-                })
+                .map(|_| Err(Error::closed("memory domain transport")))
                 .collect();
         }
         let t = self.topic(topic);
@@ -91,7 +81,6 @@ impl DomainTransport for Memory {
     /// owns. Dropping the subscription leaves the group.
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<DomainSubscription> {
         self.check_domain_open()?;
-        validate_topic(&spec.topic)?;
         let topic = self.topic(&spec.topic);
         let partitions = topic.partitions();
         let (events_tx, events_rx) = async_channel::unbounded();
@@ -164,9 +153,8 @@ impl DomainTransport for Memory {
         )
     }
 
-    async fn replay(&self, topic: &str, key: &str) -> Result<Vec<InboundMessage>> {
+    async fn replay(&self, topic: &Topic, key: &str) -> Result<Vec<InboundMessage>> {
         self.check_domain_open()?;
-        validate_topic(topic)?;
         let t = self.topic(topic);
         let logs = t.logs.lock();
         let partition = partition_for(key, logs.len() as u32);
@@ -178,9 +166,8 @@ impl DomainTransport for Memory {
             .collect())
     }
 
-    async fn last_for_key(&self, topic: &str, key: &str) -> Result<Option<InboundMessage>> {
+    async fn last_for_key(&self, topic: &Topic, key: &str) -> Result<Option<InboundMessage>> {
         self.check_domain_open()?;
-        validate_topic(topic)?;
         let t = self.topic(topic);
         let logs = t.logs.lock();
         let partition = partition_for(key, logs.len() as u32);
@@ -190,26 +177,25 @@ impl DomainTransport for Memory {
 
     async fn publish_if_last(
         &self,
-        topic: &str,
+        topic: &Topic,
         message: OutboundMessage,
         expected: Option<Position>,
     ) -> Result<Receipt> {
         self.check_domain_open()?;
-        validate_topic(topic)?;
         let t = self.topic(topic);
         let receipt = {
             // The check and the append under one lock: atomic.
             let logs = t.logs.lock();
-            let partition = partition_for(&message.key, logs.len() as u32);
+            let partition = partition_for(message.key(), logs.len() as u32);
             let last =
-                last_of(&logs[partition as usize], &message.key).map(|(offset, _)| Position {
+                last_of(&logs[partition as usize], message.key()).map(|(offset, _)| Position {
                     partition,
                     offset: u128::from(offset),
                 });
             if last != expected {
                 return Err(Error::Conflict(format!(
                     "the last message of key {:?} is at {last:?}, not {expected:?}",
-                    message.key
+                    message.key()
                 )));
             }
             self.append_locked(logs, message)?
@@ -218,7 +204,7 @@ impl DomainTransport for Memory {
         Ok(receipt)
     }
 
-    async fn pending(&self, topic: &str, group: &str) -> Result<Option<u64>> {
+    async fn pending(&self, topic: &Topic, group: &str) -> Result<Option<u64>> {
         self.check_domain_open()?;
         let t = self.topic(topic);
         let logs = t.logs.lock();

@@ -34,8 +34,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv, stream};
 use async_trait::async_trait;
 use dualbus_core::{
-    Capabilities, DomainSubscription, DomainTransport, Error, HeaderStyle, InboundMessage,
-    OutboundMessage, Position, Receipt, Result, SubscriptionSpec,
+    DomainCapabilities, DomainSubscription, DomainTransport, Error, HeaderStyle, InboundMessage,
+    OutboundMessage, Position, Receipt, Result, SubscriptionSpec, Topic,
 };
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -71,7 +71,7 @@ struct Inner {
     client: async_nats::Client,
     js: jetstream::Context,
     config: JetStreamConfig,
-    caps: Capabilities,
+    caps: DomainCapabilities,
     closed: AtomicBool,
     /// Cancelled by `close`: every subscription's delivery stream ends.
     shutdown: CancellationToken,
@@ -117,7 +117,7 @@ impl JetStream {
             }
             Err(_) => return Err(timeout("JetStream account info", js_config.request_timeout)),
         }
-        let mut caps = Capabilities::new(BACKEND);
+        let mut caps = DomainCapabilities::new(BACKEND);
         caps.durable = js_config.stream.storage == Storage::File;
         caps.ordered_per_key = true;
         caps.replay = true;
@@ -172,17 +172,17 @@ impl JetStream {
 
 #[async_trait]
 impl DomainTransport for JetStream {
-    fn capabilities(&self) -> &Capabilities {
+    fn capabilities(&self) -> &DomainCapabilities {
         &self.inner.caps
     }
 
-    async fn publish(&self, topic: &str, message: OutboundMessage) -> Result<Receipt> {
+    async fn publish(&self, topic: &Topic, message: OutboundMessage) -> Result<Receipt> {
         self.publish_inner(topic, message, None).await
     }
 
     async fn publish_batch(
         &self,
-        topic: &str,
+        topic: &Topic,
         messages: Vec<OutboundMessage>,
     ) -> Vec<Result<Receipt>> {
         self.publish_batch_inner(topic, messages).await
@@ -192,24 +192,24 @@ impl DomainTransport for JetStream {
         self.subscribe_inner(spec).await
     }
 
-    async fn replay(&self, topic: &str, key: &str) -> Result<Vec<InboundMessage>> {
+    async fn replay(&self, topic: &Topic, key: &str) -> Result<Vec<InboundMessage>> {
         self.replay_inner(topic, key).await
     }
 
-    async fn last_for_key(&self, topic: &str, key: &str) -> Result<Option<InboundMessage>> {
+    async fn last_for_key(&self, topic: &Topic, key: &str) -> Result<Option<InboundMessage>> {
         self.last_for_key_inner(topic, key).await
     }
 
     async fn publish_if_last(
         &self,
-        topic: &str,
+        topic: &Topic,
         message: OutboundMessage,
         expected: Option<Position>,
     ) -> Result<Receipt> {
         self.publish_if_last_inner(topic, message, expected).await
     }
 
-    async fn pending(&self, topic: &str, group: &str) -> Result<Option<u64>> {
+    async fn pending(&self, topic: &Topic, group: &str) -> Result<Option<u64>> {
         self.pending_inner(topic, group).await
     }
 

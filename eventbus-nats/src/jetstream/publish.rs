@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
-use dualbus_core::{Error, OutboundMessage, Position, Receipt, Result, Write, validate_topic};
+use dualbus_core::{Error, OutboundMessage, Position, Receipt, Result, Topic, Write};
 
 use crate::{BACKEND, headers, unavailable};
 
@@ -15,35 +15,23 @@ use super::plan::Plan;
 use super::{JetStream, not_per_aggregate, timeout};
 
 impl JetStream {
-    fn check_message(
-        &self,
-        topic: &str,
-        message: &OutboundMessage,
-        write: Write,
-    ) -> Result<async_nats::HeaderMap> {
-        validate_topic(topic)?;
-        if message.key.is_empty() {
-            return Err(dualbus_core::EnvelopeError::Blank {
-                field: "aggregate_id",
-            }
-            .into());
-        }
-        self.inner.caps.check_size(message, write)?;
-        headers::to_nats_with_id(&message.headers, message.id.as_deref())
-    }
-
+    /// Sends one message; the returned future resolves on the server's ack. Core checked
+    /// the message (headers, size with the headers added here counted), so nothing here
+    /// can be refused before the server sees it.
     async fn send(
         &self,
-        topic: &str,
+        topic: &Topic,
         plan: &Plan,
         message: OutboundMessage,
-        mut headers: async_nats::HeaderMap,
         expected: Option<Option<Position>>,
     ) -> Result<PublishAckFuture> {
+        let mut headers = headers::to_nats_with_id(message.headers(), message.id());
         if let Some(expected) = expected {
+            debug_assert_eq!(message.write(), Write::Append, "checked for an append");
             let seq = expected.map_or(0, |p| p.offset);
             headers::expect_last_subject_sequence(&mut headers, seq);
         }
+        let message = message.into_parts();
         let subject = plan.subject(topic, &message.key);
         self.inner
             .js
@@ -54,32 +42,26 @@ impl JetStream {
 
     pub(super) async fn publish_inner(
         &self,
-        topic: &str,
+        topic: &Topic,
         message: OutboundMessage,
         expected: Option<Option<Position>>,
     ) -> Result<Receipt> {
         self.check_open()?;
-        let write = if expected.is_some() {
-            Write::Append
-        } else {
-            Write::Publish
-        };
-        let headers = self.check_message(topic, &message, write)?;
         let plan = self.ready(topic).await?;
-        let key = message.key.clone();
-        let ack = self.send(topic, &plan, message, headers, expected).await?;
+        let key = message.key().to_owned();
+        let ack = self.send(topic, &plan, message, expected).await?;
         self.settle(topic, ack, &key).await
     }
 
     /// Awaits the server's ack. A stream deleted behind our back is forgotten, so that the
     /// next publish creates it again.
-    async fn settle(&self, topic: &str, ack: PublishAckFuture, key: &str) -> Result<Receipt> {
+    async fn settle(&self, topic: &Topic, ack: PublishAckFuture, key: &str) -> Result<Receipt> {
         let ack = ack.await;
         if let Err(e) = &ack
             && matches!(e.kind(), PublishErrorKind::StreamNotFound)
         {
-            self.inner.ready.write().remove(topic);
-            self.inner.streams.lock().await.remove(topic);
+            self.inner.ready.write().remove(topic.as_str());
+            self.inner.streams.lock().await.remove(topic.as_str());
         }
         receipt(ack, self.inner.config.request_timeout, key)
     }
@@ -87,7 +69,7 @@ impl JetStream {
     /// `DomainTransport::publish_batch`.
     pub(super) async fn publish_batch_inner(
         &self,
-        topic: &str,
+        topic: &Topic,
         messages: Vec<OutboundMessage>,
     ) -> Vec<Result<Receipt>> {
         let n = messages.len();
@@ -115,23 +97,19 @@ impl JetStream {
                 }
                 out[j] = Some(r);
             }
-            if let Some(first) = failed_keys.get(&message.key) {
+            if let Some(first) = failed_keys.get(message.key()) {
                 out[i] = Some(Err(Error::backend(
                     BACKEND,
                     true,
                     format!(
                         "not sent: event {first} of this batch for aggregate {:?} failed",
-                        message.key
+                        message.key()
                     ),
                 )));
                 continue;
             }
-            let key = message.key.clone();
-            let sent = match self.check_message(topic, &message, Write::Publish) {
-                Ok(h) => self.send(topic, &plan, message, h, None).await,
-                Err(e) => Err(e),
-            };
-            match sent {
+            let key = message.key().to_owned();
+            match self.send(topic, &plan, message, None).await {
                 Ok(ack) => pending.push_back((i, key, ack)),
                 Err(e) => {
                     failed_keys.entry(key).or_insert(i);
@@ -150,7 +128,7 @@ impl JetStream {
     /// `DomainTransport::publish_if_last`.
     pub(super) async fn publish_if_last_inner(
         &self,
-        topic: &str,
+        topic: &Topic,
         message: OutboundMessage,
         expected: Option<Position>,
     ) -> Result<Receipt> {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use async_nats::jetstream::consumer::{PullConsumer, pull};
 use bytes::Bytes;
-use dualbus_core::{Delivery, DomainSubscription, Error, Result, SubscriptionSpec, validate_topic};
+use dualbus_core::{Delivery, DomainSubscription, Error, Result, SubscriptionSpec};
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
@@ -28,7 +28,6 @@ impl JetStream {
         spec: SubscriptionSpec,
     ) -> Result<DomainSubscription> {
         self.check_open()?;
-        validate_topic(&spec.topic)?;
         if spec.group.is_empty() {
             return Err(Error::config("domain.group.name", "must not be empty"));
         }
@@ -70,7 +69,7 @@ impl JetStream {
         let guard = lease.keep(lost.clone());
         let c = &self.inner.config.consumer;
         let state = Pulling {
-            topic: spec.topic.clone(),
+            topic: spec.topic.to_string(),
             js: self.inner.js.clone(),
             consumer,
             batch: c.batch,

@@ -1,7 +1,7 @@
 //! Reads of what is stored: replay by aggregate, the last event of an aggregate, and the
 //! backlog of a group.
 
-use dualbus_core::{InboundMessage, Result, validate_topic};
+use dualbus_core::{InboundMessage, Result};
 
 use crate::unreadable;
 
@@ -14,7 +14,6 @@ impl JetStream {
     /// `DomainTransport::replay`.
     pub(super) async fn replay_inner(&self, topic: &str, key: &str) -> Result<Vec<InboundMessage>> {
         self.check_open()?;
-        validate_topic(topic)?;
         let Some(stream) = self.existing_stream(topic).await? else {
             return Ok(Vec::new());
         };
@@ -56,7 +55,6 @@ impl JetStream {
         key: &str,
     ) -> Result<Option<InboundMessage>> {
         self.check_open()?;
-        validate_topic(topic)?;
         let plan = self.plan(topic);
         if plan.layout == Layout::Subject {
             return Err(not_per_aggregate());

@@ -13,8 +13,9 @@ use crate::codec::Codec;
 use crate::conformance::{Backend, OrderChecker, event, mix, next_raw, unique_topic, wait_for};
 use crate::error::{ErrorKind, HandleError};
 use crate::handler::{Event, handler_fn};
+use crate::message::OutboundMessage;
 use crate::pool::PoolConfig;
-use crate::transport::{DomainTransport, SubscriptionSpec};
+use crate::transport::{DomainTransport, SubscriptionSpec, Write};
 
 /// Per-aggregate order under random handler failures and delays: 12 aggregates, 30 events
 /// each, a fixed seed list (printed), judged by the order checker (C1, C2, C3, C6).
@@ -81,9 +82,10 @@ pub async fn nack_and_deadline_redelivery(backend: &dyn Backend) {
     let wire = Codec::CloudEvents
         .encode(&event("n-1", 1), style, SOURCE)
         .expect("encode");
+    let wire = OutboundMessage::new(wire, t.capabilities(), Write::Publish).expect("checked");
     t.publish(&topic, wire).await.expect("publish");
     let mut sub = t
-        .subscribe(SubscriptionSpec::new(&topic, "nack"))
+        .subscribe(SubscriptionSpec::new(topic.clone(), "nack"))
         .await
         .expect("subscribe");
     let first = next_raw(&mut sub).await.expect("delivery").expect("ok");

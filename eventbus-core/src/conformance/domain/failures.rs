@@ -16,7 +16,7 @@ use crate::conformance::{Backend, OrderChecker, event, unique_topic, wait_for};
 use crate::error::HandleError;
 use crate::handler::{Event, handler_fn};
 use crate::headers::Headers;
-use crate::message::OutboundMessage;
+use crate::message::{EncodedMessage, OutboundMessage};
 use crate::pool::dlq_headers;
 use crate::transport::DomainTransport;
 
@@ -144,6 +144,23 @@ fn valid_ce(style: HeaderStyle, aggregate: &str, version: &str) -> Headers {
     h
 }
 
+/// A message written below the publisher's codec, checked for the transport as core checks
+/// every write.
+fn raw(
+    t: &crate::DynDomainTransport,
+    key: String,
+    headers: Headers,
+    payload: Bytes,
+) -> OutboundMessage {
+    let m = EncodedMessage {
+        key,
+        headers,
+        payload,
+        id: None,
+    };
+    OutboundMessage::new(m, t.capabilities(), crate::Write::Publish).expect("a raw message")
+}
+
 /// Each malformed input of the wire contract, injected below the publisher's validation,
 /// goes to the dead letter with a reason while other aggregates keep flowing.
 pub async fn malformed_input(backend: &dyn Backend) {
@@ -214,31 +231,16 @@ pub async fn malformed_input(backend: &dyn Backend) {
         }
         if let Some((name, headers, payload)) = cases.get(v as usize - 1).cloned() {
             let key = format!("bad-key-{}", v);
-            t.publish(
-                &topic,
-                OutboundMessage {
-                    key,
-                    headers,
-                    payload,
-                    id: None,
-                },
-            )
-            .await
-            .unwrap_or_else(|e| panic!("inject {name}: {e}"));
+            t.publish(&topic, raw(&t, key, headers, payload))
+                .await
+                .unwrap_or_else(|e| panic!("inject {name}: {e}"));
         }
     }
     for (name, headers, payload) in cases.iter().skip(10).cloned() {
-        t.publish(
-            &topic,
-            OutboundMessage {
-                key: format!("bad-{name}").replace(' ', "-"),
-                headers,
-                payload,
-                id: None,
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("inject {name}: {e}"));
+        let key = format!("bad-{name}").replace(' ', "-");
+        t.publish(&topic, raw(&t, key, headers, payload))
+            .await
+            .unwrap_or_else(|e| panic!("inject {name}: {e}"));
     }
     let sub = bus
         .subscribe(&topic)

@@ -5,7 +5,8 @@ use super::support::{SOURCE, bus, publish_interleaved};
 use crate::codec::Codec;
 use crate::conformance::{Backend, OrderChecker, event, unique_topic};
 use crate::error::ErrorKind;
-use crate::transport::DomainTransport;
+use crate::message::OutboundMessage;
+use crate::transport::{DomainTransport, Write};
 
 /// All events of one aggregate can be read back in order (if declared).
 pub async fn replay(backend: &dyn Backend) {
@@ -109,13 +110,18 @@ pub async fn expected_version(backend: &dyn Backend) {
         .expect("last")
         .map(|m| m.position);
     assert!(last.is_some());
-    let style = t.capabilities().header_style;
-    let v4 = Codec::CloudEvents
-        .encode(&event("acc", 4), style, SOURCE)
-        .expect("encode");
-    let v4b = Codec::CloudEvents
-        .encode(&event("acc", 4), style, SOURCE)
-        .expect("encode");
+    // Encoded and checked as `DomainBus::append` does.
+    let append = |aggregate: &str, version: u64| {
+        let encoded = Codec::CloudEvents
+            .encode(
+                &event(aggregate, version),
+                t.capabilities().header_style,
+                SOURCE,
+            )
+            .expect("encode");
+        OutboundMessage::new(encoded, t.capabilities(), Write::Append).expect("checked")
+    };
+    let (v4, v4b) = (append("acc", 4), append("acc", 4));
     t.publish_if_last(&topic, v4, last)
         .await
         .expect("first conditional publish");
@@ -124,12 +130,7 @@ pub async fn expected_version(backend: &dyn Backend) {
         .await
         .expect_err("the position moved");
     assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
-    let none = Codec::CloudEvents
-        .encode(&event("fresh", 1), style, SOURCE)
-        .expect("encode");
-    let taken = Codec::CloudEvents
-        .encode(&event("acc", 1), style, SOURCE)
-        .expect("encode");
+    let (none, taken) = (append("fresh", 1), append("acc", 1));
     t.publish_if_last(&topic, none, None)
         .await
         .expect("no message of `fresh` yet");

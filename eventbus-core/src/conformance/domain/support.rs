@@ -81,7 +81,7 @@ pub(in crate::conformance) async fn read_raw(
 ) -> Vec<InboundMessage> {
     let mut sub = transport
         .subscribe(SubscriptionSpec::new(
-            topic,
+            crate::Topic::new(topic).expect("topic"),
             format!("inspect-{}", uuid::Uuid::now_v7().simple()),
         ))
         .await
