@@ -26,7 +26,8 @@
 //! - [`Envelope`], validated on publish and on receive; [`Codec`]: CloudEvents binary mode
 //!   (default) and jxt JSON mode, detected per message.
 //! - [`DomainTransport`] and [`SimpleTransport`]: what a backend implements (bytes, headers,
-//!   acks, capabilities). Nothing else.
+//!   acks, capabilities). Nothing else. What crosses them is checked once, here: a
+//!   [`Topic`], an [`OutboundMessage`] or a [`SimpleOutbound`] can only be made valid.
 //! - [`DomainBus`]: publish envelopes; subscribe with a keyed pool (order per aggregate,
 //!   retry in place, dead letter, ack after success). [`SimpleBus`]: raw payloads, concurrent
 //!   handlers, queue groups, request-reply.
