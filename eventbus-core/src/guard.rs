@@ -26,16 +26,6 @@ pub(crate) struct Guarded<S, R> {
     _request: PhantomData<fn(R)>,
 }
 
-impl<S: Clone, R> Clone for Guarded<S, R> {
-    fn clone(&self) -> Self {
-        Self {
-            fresh: self.fresh.clone(),
-            current: self.fresh.clone(),
-            _request: PhantomData,
-        }
-    }
-}
-
 impl<S, R> Guarded<S, R>
 where
     S: Service<R, Error = HandleError> + Clone,

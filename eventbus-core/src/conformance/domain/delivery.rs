@@ -8,6 +8,7 @@ use futures::StreamExt as _;
 
 use super::support::{
     SOURCE, aggregates, bus, bus_with, fast_retry, finish, ok_handler, publish_interleaved,
+    subscribe_checked,
 };
 use crate::codec::Codec;
 use crate::conformance::{Backend, OrderChecker, event, mix, next_raw, unique_topic, wait_for};
@@ -48,12 +49,7 @@ pub async fn order_under_failures(backend: &dyn Backend) {
             }
             Ok(())
         });
-        let sub = bus
-            .subscribe(&topic)
-            .observer(checker.observer(0))
-            .start(checker.wrap(0, handler))
-            .await
-            .expect("subscribe");
+        let sub = subscribe_checked(&bus, &topic, &checker, handler).await;
         let aggs = aggregates("agg", 12);
         publish_interleaved(&bus, &topic, &checker, &aggs, 30).await;
         wait_for(|| checker.distinct_ends() == 12 * 30).await;
@@ -135,12 +131,7 @@ pub async fn single_active_consumer(backend: &dyn Backend) {
     }
     let topic = unique_topic("domain-single");
     let checker = OrderChecker::new();
-    let first = bus
-        .subscribe(&topic)
-        .observer(checker.observer(0))
-        .start(checker.wrap(0, ok_handler()))
-        .await
-        .expect("subscribe");
+    let first = subscribe_checked(&bus, &topic, &checker, ok_handler()).await;
     let other = self::bus(backend).await;
     match other
         .subscribe(&topic)

@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 
 use super::support::{
     SOURCE, aggregates, bus, bus_with, ce, fast_retry, finish, ok_handler, publish_interleaved,
-    read_raw,
+    read_raw, subscribe_checked,
 };
 use crate::codec::{Codec, HeaderStyle};
 use crate::conformance::{Backend, OrderChecker, event, unique_topic, wait_for};
@@ -242,12 +242,7 @@ pub async fn malformed_input(backend: &dyn Backend) {
             .await
             .unwrap_or_else(|e| panic!("inject {name}: {e}"));
     }
-    let sub = bus
-        .subscribe(&topic)
-        .observer(checker.observer(0))
-        .start(checker.wrap(0, ok_handler()))
-        .await
-        .expect("subscribe");
+    let sub = subscribe_checked(&bus, &topic, &checker, ok_handler()).await;
     wait_for(|| checker.distinct_ends() == 50 && sub.stats().malformed as usize == n_bad).await;
     finish(backend, &bus, &topic, SOURCE, &checker).await;
     let dlq = read_raw(&t, &format!("{topic}.dlq"), n_bad).await;

@@ -3,13 +3,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::sync::Notify;
 
-use super::support::{SOURCE, aggregates, bus_with, finish, publish_interleaved};
+use super::support::{
+    Gate, SOURCE, aggregates, bus_with, finish, publish_interleaved, subscribe_checked,
+};
 use crate::conformance::{Backend, OrderChecker, Record, event, unique_topic, wait_for};
 use crate::error::HandleError;
 use crate::handler::{Event, handler_fn};
@@ -80,32 +80,18 @@ pub async fn slow_key_does_not_stall_others(backend: &dyn Backend) {
     .await;
     let topic = unique_topic("domain-slowkey");
     let checker = OrderChecker::new();
-    let gate = Arc::new(Notify::new());
-    let open = Arc::new(AtomicBool::new(false));
-    let (g, o) = (gate.clone(), open.clone());
-    let sub = bus
-        .subscribe(&topic)
-        .observer(checker.observer(0))
-        .start(checker.wrap(
-            0,
-            handler_fn(move |e: Event| {
-                let (g, o) = (g.clone(), o.clone());
-                async move {
-                    if e.aggregate_id == "slow" {
-                        while !o.load(Ordering::SeqCst) {
-                            let n = g.notified();
-                            if o.load(Ordering::SeqCst) {
-                                break;
-                            }
-                            n.await;
-                        }
-                    }
-                    Ok::<_, HandleError>(())
-                }
-            }),
-        ))
-        .await
-        .expect("subscribe");
+    let gate = Gate::default();
+    let g = gate.clone();
+    let handler = handler_fn(move |e: Event| {
+        let g = g.clone();
+        async move {
+            if e.aggregate_id == "slow" {
+                g.wait().await;
+            }
+            Ok::<_, HandleError>(())
+        }
+    });
+    let sub = subscribe_checked(&bus, &topic, &checker, handler).await;
     let mut aggs = vec!["slow".to_owned()];
     aggs.extend(aggregates("fast", 20));
     publish_interleaved(&bus, &topic, &checker, &aggs, 5).await;
@@ -118,8 +104,7 @@ pub async fn slow_key_does_not_stall_others(backend: &dyn Backend) {
             .all(|r| !matches!(r, Record::End { a, .. } if a == "slow")),
         "the slow aggregate was not blocked"
     );
-    open.store(true, Ordering::SeqCst);
-    gate.notify_waiters();
+    gate.open();
     wait_for(|| checker.distinct_ends() == 105).await;
     finish(backend, &bus, &topic, SOURCE, &checker).await;
     drop(sub);
@@ -143,36 +128,22 @@ pub async fn per_key_cap(backend: &dyn Backend) {
     }
     let topic = unique_topic("domain-perkey");
     let checker = OrderChecker::new();
-    let open = Arc::new(AtomicBool::new(false));
-    let gate = Arc::new(Notify::new());
+    let gate = Gate::default();
     let partitions: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-    let (o, g, parts) = (open.clone(), gate.clone(), partitions.clone());
-    let sub = bus
-        .subscribe(&topic)
-        .observer(checker.observer(0))
-        .start(checker.wrap(
-            0,
-            handler_fn(move |e: Event| {
-                let (o, g, parts) = (o.clone(), g.clone(), parts.clone());
-                async move {
-                    parts
-                        .lock()
-                        .insert(e.aggregate_id.clone(), e.position.partition);
-                    if e.aggregate_id == "hot" {
-                        while !o.load(Ordering::SeqCst) {
-                            let n = g.notified();
-                            if o.load(Ordering::SeqCst) {
-                                break;
-                            }
-                            n.await;
-                        }
-                    }
-                    Ok::<_, HandleError>(())
-                }
-            }),
-        ))
-        .await
-        .expect("subscribe");
+    let (g, parts) = (gate.clone(), partitions.clone());
+    let handler = handler_fn(move |e: Event| {
+        let (g, parts) = (g.clone(), parts.clone());
+        async move {
+            parts
+                .lock()
+                .insert(e.aggregate_id.clone(), e.position.partition);
+            if e.aggregate_id == "hot" {
+                g.wait().await;
+            }
+            Ok::<_, HandleError>(())
+        }
+    });
+    let sub = subscribe_checked(&bus, &topic, &checker, handler).await;
     let others = aggregates("cool", 30);
     for v in 1..=40u64 {
         bus.publish(&topic, &event("hot", v))
@@ -206,8 +177,7 @@ pub async fn per_key_cap(backend: &dyn Backend) {
         held <= CAP + 1,
         "{held} deliveries held: the hot partition was not paused at {CAP}"
     );
-    open.store(true, Ordering::SeqCst);
-    gate.notify_waiters();
+    gate.open();
     wait_for(|| checker.distinct_ends() == 40 + 90).await;
     finish(backend, &bus, &topic, SOURCE, &checker).await;
     drop(sub);

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use super::support::{SOURCE, aggregates, bus, bus_with, finish, ok_handler, publish_interleaved};
+use super::support::{
+    SOURCE, aggregates, bus, bus_with, finish, ok_handler, publish_interleaved, subscribe_checked,
+};
 use crate::conformance::{Backend, OrderChecker, event, unique_topic, wait_for};
 use crate::domain::{DomainBus, Subscription};
 use crate::error::{Error, ErrorKind, HandleError};
@@ -98,12 +100,7 @@ pub async fn close(backend: &dyn Backend) {
     let bus = bus(backend).await;
     let topic = unique_topic("domain-close");
     let checker = OrderChecker::new();
-    let sub = bus
-        .subscribe(&topic)
-        .observer(checker.observer(0))
-        .start(checker.wrap(0, ok_handler()))
-        .await
-        .expect("subscribe");
+    let sub = subscribe_checked(&bus, &topic, &checker, ok_handler()).await;
     publish_interleaved(&bus, &topic, &checker, &aggregates("c", 2), 5).await;
     wait_for(|| checker.distinct_ends() == 10).await;
     let (a, b) = tokio::join!(bus.close(), bus.close());
@@ -150,12 +147,7 @@ pub async fn graceful_drain(backend: &dyn Backend) {
         tokio::time::sleep(Duration::from_millis(2)).await;
         Ok::<_, HandleError>(())
     });
-    let sub = bus
-        .subscribe(&topic)
-        .observer(checker.observer(0))
-        .start(checker.wrap(0, slow))
-        .await
-        .expect("subscribe");
+    let sub = subscribe_checked(&bus, &topic, &checker, slow).await;
     wait_for(|| checker.distinct_ends() >= 50 && sub.stats().in_flight > 4).await;
     let report = sub.shutdown_within(Duration::from_secs(60)).await;
     assert!(!report.timed_out, "{report:?}");
@@ -223,12 +215,7 @@ pub async fn drain_deadline(backend: &dyn Backend) {
             Ok::<_, HandleError>(())
         }
     });
-    let sub = bus
-        .subscribe(&topic)
-        .observer(checker.observer(0))
-        .start(checker.wrap(0, stuck))
-        .await
-        .expect("subscribe");
+    let sub = subscribe_checked(&bus, &topic, &checker, stuck).await;
     wait_for(|| {
         checker.distinct_ends() == 20
             && started.load(Ordering::SeqCst)

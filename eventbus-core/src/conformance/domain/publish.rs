@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 
 use super::support::{
     SOURCE, aggregates, bus, bus_with, ce, finish, ok_handler, publish_interleaved,
+    subscribe_checked,
 };
 use crate::codec::Codec;
 use crate::conformance::{Backend, OrderChecker, event, unique_topic, wait_for};
@@ -273,12 +274,7 @@ pub async fn publish_batch_order(backend: &dyn Backend) {
         r.as_ref().expect("receipt");
         checker.published(&e.aggregate_id, e.event_version);
     }
-    let sub = bus
-        .subscribe(&topic)
-        .observer(checker.observer(0))
-        .start(checker.wrap(0, ok_handler()))
-        .await
-        .expect("subscribe");
+    let sub = subscribe_checked(&bus, &topic, &checker, ok_handler()).await;
     wait_for(|| checker.distinct_ends() == 200).await;
     finish(backend, &bus, &topic, SOURCE, &checker).await;
     drop(sub);

@@ -1,15 +1,20 @@
 //! Helpers shared by the domain conformance tests (and the size-limit tests): building a
 //! bus, publishing interleaved aggregates, settling a run, reading messages back raw.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use crate::codec::HeaderStyle;
 use crate::conformance::{Backend, OrderChecker, Summary, event, next_raw, settle_and_check};
-use crate::domain::{DomainBus, DomainBusBuilder};
+use crate::domain::{DomainBus, DomainBusBuilder, Subscription};
 use crate::error::HandleError;
 use crate::handler::{Event, handler_fn};
 use crate::message::InboundMessage;
 use crate::retry::Backoff;
+use crate::topic::Topic;
 use crate::transport::{DynDomainTransport, SubscriptionSpec};
 
 pub(in crate::conformance) const SOURCE: &str = "conformance";
@@ -112,5 +117,51 @@ pub(super) fn ce(style: HeaderStyle, name: &str) -> String {
     match style {
         HeaderStyle::HyphenPercentEncoded => format!("ce-{name}"),
         HeaderStyle::UnderscorePlain => format!("ce_{name}"),
+    }
+}
+
+/// Subscribes `handler` to `topic` as member 0 of `checker`: its starts, ends, acks and dead
+/// letters are recorded.
+pub(in crate::conformance) async fn subscribe_checked<H>(
+    bus: &DomainBus,
+    topic: &Topic,
+    checker: &OrderChecker,
+    handler: H,
+) -> Subscription
+where
+    H: tower::Service<Event, Response = (), Error = HandleError> + Clone + Send + Sync + 'static,
+    H::Future: Send + 'static,
+{
+    bus.subscribe(topic)
+        .observer(checker.observer(0))
+        .start(checker.wrap(0, handler))
+        .await
+        .expect("subscribe")
+}
+
+/// A gate handlers wait at until the test opens it (once open, it stays open).
+#[derive(Clone, Default)]
+pub(in crate::conformance) struct Gate {
+    open: Arc<AtomicBool>,
+    notify: Arc<Notify>,
+}
+
+impl Gate {
+    /// Waits until the gate is open.
+    pub(in crate::conformance) async fn wait(&self) {
+        while !self.open.load(Ordering::SeqCst) {
+            // Registered before the second look, so an `open` in between still wakes it.
+            let opened = self.notify.notified();
+            if self.open.load(Ordering::SeqCst) {
+                break;
+            }
+            opened.await;
+        }
+    }
+
+    /// Opens the gate for every waiter, present and future.
+    pub(in crate::conformance) fn open(&self) {
+        self.open.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
     }
 }
