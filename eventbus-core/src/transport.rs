@@ -222,21 +222,30 @@ impl WireOverhead {
     }
 }
 
-/// Acknowledgement of one delivered message.
+/// Acknowledgement of one delivered message: what every broker can keep (JetStream, Kafka,
+/// Redis Streams, memory). See `docs/adr/0002-ack-contract.md` for why it is these three.
 ///
 /// Implementations must be cheap to call repeatedly and safe to call from any task.
-/// After the first of `ack`, `nack` or `term`, later calls have no effect on the broker
-/// (they may return an error).
+/// After `ack` or `release`, later calls have no effect on the broker (they may return an
+/// error).
 #[async_trait]
 pub trait Acker: Send + Sync + 'static {
-    /// The message was handled (or dead-lettered): the broker may forget it.
+    /// The message was handled (or dead-lettered): the broker may forget it. Kafka: the
+    /// offset counts toward the partition's contiguous commit.
     async fn ack(&self) -> Result<()>;
-    /// Redeliver the message after `delay`.
-    async fn nack(&self, delay: Duration) -> Result<()>;
-    /// Never redeliver the message (it was dead-lettered elsewhere).
-    async fn term(&self) -> Result<()>;
-    /// Still working on it: push the redelivery deadline back by a full ack deadline.
-    async fn in_progress(&self) -> Result<()>;
+
+    /// Give the message back without handling it, to be delivered again after about
+    /// `delay` (the pool's wish: a backend may round it up, and says so in its
+    /// documentation). A released message that comes back is not a failed attempt.
+    /// JetStream: a `-NAK` with the delay; memory: a redelivery deadline.
+    async fn release(&self, delay: Duration) -> Result<()>;
+
+    /// Still working on it: keep the broker from redelivering it for another ack deadline
+    /// (JetStream: `+WPI`; memory: the deadline pushed back). The default does nothing, for
+    /// brokers whose redelivery is not per message (Kafka).
+    async fn progress(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One message delivered by a domain transport, with its acknowledgement handle.
@@ -302,19 +311,14 @@ impl Delivery {
         self.acker.ack().await
     }
 
-    /// Asks for redelivery after `delay`.
-    pub async fn nack(&self, delay: Duration) -> Result<()> {
-        self.acker.nack(delay).await
-    }
-
-    /// Stops redelivery for good.
-    pub async fn term(&self) -> Result<()> {
-        self.acker.term().await
+    /// Gives the message back, to be delivered again after about `delay`.
+    pub async fn release(&self, delay: Duration) -> Result<()> {
+        self.acker.release(delay).await
     }
 
     /// Extends the redelivery deadline.
-    pub async fn in_progress(&self) -> Result<()> {
-        self.acker.in_progress().await
+    pub async fn progress(&self) -> Result<()> {
+        self.acker.progress().await
     }
 }
 
@@ -494,7 +498,7 @@ impl fmt::Debug for DomainSubscription {
 /// - `publish` resolves only when the broker accepted the message (durable backends:
 ///   persisted). Messages of one key published one after another are stored in that order.
 /// - `subscribe` delivers messages of one partition in stored order; unacknowledged
-///   messages come back after the ack deadline, after `nack`, or to the next subscriber of
+///   messages come back after the ack deadline, after `release`, or to the next subscriber of
 ///   the same durable name. A backend without consumer groups refuses a second active
 ///   subscriber on one durable name with [`Error::Conflict`].
 /// - After `close`, every operation returns [`Error::Closed`]; closing twice is harmless.

@@ -216,7 +216,7 @@ macro_rules! conformance_tests {
             domain_topic_isolation => domain::topic_isolation,
             domain_order_under_failures => domain::order_under_failures,
             domain_retry_then_success => domain::retry_then_success,
-            domain_nack_and_deadline_redelivery => domain::nack_and_deadline_redelivery,
+            domain_release_and_deadline_redelivery => domain::release_and_deadline_redelivery,
             domain_dead_letter => domain::dead_letter,
             domain_malformed_input => domain::malformed_input,
             domain_resubscribe => domain::resubscribe,

@@ -102,7 +102,7 @@ pub(super) async fn dispatch(
         };
         if sh.control.is_none() && !wait_for_space(&sh, &key).await {
             // Stopped while waiting: hand the delivery back.
-            let _ = delivery.nack(Duration::ZERO).await;
+            let _ = delivery.release(Duration::ZERO).await;
             break;
         }
         if sh.hard_stop.is_cancelled() {

@@ -192,7 +192,7 @@ impl Pool {
         }
         let (queued, held) = sh.state.lock().sched.take_all();
         for item in &queued {
-            let _ = item.delivery.nack(Duration::ZERO).await;
+            let _ = item.delivery.release(Duration::ZERO).await;
         }
         for h in &held {
             let left = h.left();
@@ -202,7 +202,7 @@ impl Pool {
                 Left::Running => report.abandoned += 1,
             }
             if left != Left::Queued {
-                let _ = h.acker().nack(Duration::ZERO).await;
+                let _ = h.acker().release(Duration::ZERO).await;
             }
         }
         drop(queued);

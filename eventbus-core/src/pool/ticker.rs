@@ -17,7 +17,7 @@ pub(super) async fn tick(sh: Arc<Shared>, every: Duration) {
         let now = Instant::now();
         let due = sh.state.lock().sched.due_progress(now, every);
         for acker in due {
-            if let Err(error) = acker.in_progress().await {
+            if let Err(error) = acker.progress().await {
                 tracing::debug!(topic = %sh.p.topic, %error, "progress signal failed");
             }
         }

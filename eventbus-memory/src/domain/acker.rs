@@ -36,7 +36,8 @@ impl Acker for MemoryAcker {
         Ok(())
     }
 
-    async fn nack(&self, delay: Duration) -> Result<()> {
+    /// Delivered again once `delay` has passed (exactly: memory does not round).
+    async fn release(&self, delay: Duration) -> Result<()> {
         let mut st = self.group.state.lock();
         if self.current(&st) && st.set_deadline(self.partition, self.offset, Instant::now() + delay)
         {
@@ -45,11 +46,7 @@ impl Acker for MemoryAcker {
         Ok(())
     }
 
-    async fn term(&self) -> Result<()> {
-        self.ack().await
-    }
-
-    async fn in_progress(&self) -> Result<()> {
+    async fn progress(&self) -> Result<()> {
         let mut st = self.group.state.lock();
         if self.current(&st) {
             st.set_deadline(self.partition, self.offset, Instant::now() + self.ack_wait);

@@ -28,16 +28,15 @@ impl Acker for JsAcker {
         self.send(AckKind::Ack).await
     }
 
-    async fn nack(&self, delay: Duration) -> Result<()> {
+    /// A `-NAK` with the delay: the server delivers the message again once the delay has
+    /// passed (zero: at once, before newer messages).
+    async fn release(&self, delay: Duration) -> Result<()> {
         self.send(AckKind::Nak((!delay.is_zero()).then_some(delay)))
             .await
     }
 
-    async fn term(&self) -> Result<()> {
-        self.send(AckKind::Term).await
-    }
-
-    async fn in_progress(&self) -> Result<()> {
+    /// `+WPI`: the ack wait starts again.
+    async fn progress(&self) -> Result<()> {
         self.send(AckKind::Progress).await
     }
 }
@@ -53,16 +52,8 @@ impl Acker for SettledAcker {
         Ok(())
     }
 
-    async fn nack(&self, _delay: Duration) -> Result<()> {
-        Ok(())
-    }
-
-    async fn term(&self) -> Result<()> {
-        self.0.cancel();
-        Ok(())
-    }
-
-    async fn in_progress(&self) -> Result<()> {
+    /// Nothing to give back: the stream keeps the message until the pool settles it.
+    async fn release(&self, _delay: Duration) -> Result<()> {
         Ok(())
     }
 }

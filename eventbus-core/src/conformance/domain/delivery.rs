@@ -1,5 +1,5 @@
 //! Delivery order and redelivery: per-aggregate order under random failures, redelivery
-//! after `nack` and after the ack deadline, deadlines kept alive while held, and one active
+//! after a release (at once or after a delay) and after the ack deadline, deadlines kept alive while held, and one active
 //! consumer per group without consumer groups.
 
 use std::time::Duration;
@@ -70,10 +70,12 @@ pub async fn order_under_failures(backend: &dyn Backend) {
     }
 }
 
-/// Transport-level redelivery: after `nack`, and after the ack deadline passes.
-pub async fn nack_and_deadline_redelivery(backend: &dyn Backend) {
+/// Transport-level redelivery: after a release at once, after a release with a delay (not
+/// before the delay), and after the ack deadline passes.
+pub async fn release_and_deadline_redelivery(backend: &dyn Backend) {
+    const DELAY: Duration = Duration::from_millis(300);
     let t = backend.domain().await.expect("connect");
-    let topic = unique_topic("domain-nack");
+    let topic = unique_topic("domain-release");
     let style = t.capabilities().header_style;
     let wire = Codec::CloudEvents
         .encode(&event("n-1", 1), style, SOURCE)
@@ -81,12 +83,12 @@ pub async fn nack_and_deadline_redelivery(backend: &dyn Backend) {
     let wire = OutboundMessage::new(wire, t.capabilities(), Write::Publish).expect("checked");
     t.publish(&topic, wire).await.expect("publish");
     let mut sub = t
-        .subscribe(SubscriptionSpec::new(topic.clone(), "nack"))
+        .subscribe(SubscriptionSpec::new(topic.clone(), "release"))
         .await
         .expect("subscribe");
     let first = next_raw(&mut sub).await.expect("delivery").expect("ok");
     assert_eq!(first.delivery_count, 1);
-    first.nack(Duration::ZERO).await.expect("nack");
+    first.release(Duration::ZERO).await.expect("release");
     let second = sub
         .deliveries
         .next()
@@ -95,25 +97,40 @@ pub async fn nack_and_deadline_redelivery(backend: &dyn Backend) {
         .expect("ok");
     assert_eq!(second.position(), first.position());
     assert_eq!(second.delivery_count, 2);
+    let released_at = tokio::time::Instant::now();
+    second.release(DELAY).await.expect("release with a delay");
+    let third = sub
+        .deliveries
+        .next()
+        .await
+        .expect("redelivery after the delay")
+        .expect("ok");
+    let after = released_at.elapsed();
+    assert!(
+        after >= DELAY,
+        "released for {DELAY:?}, delivered again after {after:?}"
+    );
+    assert_eq!(third.position(), first.position());
+    assert_eq!(third.delivery_count, 3);
     if let Some(deadline) = t.capabilities().ack_deadline {
         // No ack, no progress: the broker redelivers after the deadline.
-        let third = sub
+        let fourth = sub
             .deliveries
             .next()
             .await
             .expect("redelivery after deadline")
             .expect("ok");
-        assert_eq!(third.position(), first.position());
-        assert_eq!(third.delivery_count, 3);
-        third.ack().await.expect("ack");
+        assert_eq!(fourth.position(), first.position());
+        assert_eq!(fourth.delivery_count, 4);
+        fourth.ack().await.expect("ack");
         let more = tokio::time::timeout(deadline * 2, next_raw(&mut sub)).await;
         assert!(more.is_err(), "an acknowledged message came back: {more:?}");
     } else {
-        second.ack().await.expect("ack");
+        third.ack().await.expect("ack");
     }
     drop(sub);
     assert_eq!(
-        t.pending(&topic, "nack")
+        t.pending(&topic, "release")
             .await
             .expect("pending")
             .unwrap_or(0),

@@ -12,7 +12,8 @@ mod publish;
 mod support;
 
 pub use self::delivery::{
-    deadline_extension, nack_and_deadline_redelivery, order_under_failures, single_active_consumer,
+    deadline_extension, order_under_failures, release_and_deadline_redelivery,
+    single_active_consumer,
 };
 pub use self::failures::{dead_letter, malformed_input, retry_then_success};
 pub use self::flow::{backpressure, per_key_cap, slow_key_does_not_stall_others};
