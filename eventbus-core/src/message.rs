@@ -77,10 +77,7 @@ impl OutboundMessage {
     /// limit (its framing and the headers it adds counted as
     /// [`DomainCapabilities::wire`](crate::DomainCapabilities::wire) says).
     pub fn new(message: EncodedMessage, caps: &DomainCapabilities, write: Write) -> Result<Self> {
-        message.headers.validate()?;
-        if let Some(id) = &message.id {
-            validate_header(caps.wire.id_header.unwrap_or("id"), id)?;
-        }
+        check_headers(&message, caps)?;
         Self::with_valid_headers(message, caps, write)
     }
 
@@ -94,11 +91,7 @@ impl OutboundMessage {
         write: Write,
     ) -> Result<Self> {
         debug_assert!(
-            message.headers.validate().is_ok()
-                && message
-                    .id
-                    .as_deref()
-                    .is_none_or(|id| validate_header("id", id).is_ok()),
+            check_headers(&message, caps).is_ok(),
             "core wrote an invalid header"
         );
         if message.key.is_empty() {
@@ -143,6 +136,15 @@ impl OutboundMessage {
     pub fn into_parts(self) -> EncodedMessage {
         self.inner
     }
+}
+
+/// The headers of `message`, and its id as the header that will carry it.
+fn check_headers(message: &EncodedMessage, caps: &DomainCapabilities) -> Result<()> {
+    message.headers.validate()?;
+    if let Some(id) = &message.id {
+        validate_header(caps.wire.id_header.unwrap_or("id"), id)?;
+    }
+    Ok(())
 }
 
 /// What a simple transport publishes: a [`Message`] checked for one backend.

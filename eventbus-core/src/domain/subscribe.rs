@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use tower::Service;
 
-use crate::error::Error;
-use crate::error::{HandleError, Result};
+use crate::error::{Error, HandleError, Result};
 use crate::handler::{BoxEventHandler, Event};
 use crate::middleware::{HookLayer, TimeoutLayer};
 use crate::pool::{Pool, PoolConfig, PoolObserver, PoolParams, PoolStats, ShutdownReport};
