@@ -57,6 +57,7 @@ mod handler;
 mod headers;
 mod message;
 pub mod middleware;
+pub mod offsets;
 pub mod partition;
 pub mod pool;
 pub mod retry;
@@ -98,7 +99,7 @@ pub use topic::{
 };
 pub use transport::{
     Acker, Delivery, DomainCapabilities, DomainSubscription, DomainTransport, DynDomainTransport,
-    DynSimpleTransport, GroupControl, GroupEvent, GroupMembership, PartitionControl,
+    DynSimpleTransport, GroupControl, GroupEvent, GroupMembership, PartitionControl, Reread,
     SimpleCapabilities, SimpleTransport, StartPosition, SubscriptionSpec, WireOverhead, Write,
     request_via_inbox,
 };

@@ -44,11 +44,18 @@ pub struct DomainCapabilities {
     /// After how long without an ack or progress signal the broker redelivers a message.
     /// The keyed pool sends progress signals well before it for the messages it holds.
     pub ack_deadline: Option<Duration>,
-    /// [`PartitionControl`] is available on domain subscriptions.
-    pub pause_partitions: bool,
+    /// The most deliveries of one subscription the broker hands out unacknowledged before
+    /// it stops delivering to the whole subscription (JetStream: the consumer's
+    /// `max_ack_pending`), if it has such a limit. The domain bus refuses a pool whose
+    /// `max_in_flight + max_deferred` exceeds it, so that the pool's own bounds are always
+    /// reached first.
+    pub max_unacked: Option<usize>,
     /// [`DomainTransport::last_for_key`] and [`DomainTransport::publish_if_last`] are
     /// available: appends checked against an aggregate's expected version.
     pub expected_version: bool,
+    /// Domain subscriptions offer [`DomainSubscription::reread`]: the pool keeps deferred
+    /// deliveries without their bodies.
+    pub reread: bool,
 }
 
 impl DomainCapabilities {
@@ -65,8 +72,9 @@ impl DomainCapabilities {
             wire: WireOverhead::PLAIN,
             header_style: HeaderStyle::HyphenPercentEncoded,
             ack_deadline: None,
-            pause_partitions: false,
+            max_unacked: None,
             expected_version: false,
+            reread: false,
         }
     }
 
@@ -374,7 +382,8 @@ impl SubscriptionSpec {
     }
 }
 
-/// Stop and resume pulling one partition of a subscription (backpressure per key).
+/// Stop and resume delivering one partition of a consumer-group subscription: the pool
+/// pauses a revoked partition while it drains.
 ///
 /// Pausing must not make the broker consider the consumer dead (Kafka: pause and keep
 /// polling; JetStream: keep a small keepalive pull).
@@ -440,8 +449,9 @@ impl fmt::Debug for GroupMembership {
     }
 }
 
-/// A live domain subscription: the deliveries, control over partitions if offered, and the
-/// group membership if the backend has consumer groups.
+/// A live domain subscription: the deliveries, a way to read a delivered message again by
+/// its position if the backend has one, and the group membership if the backend has
+/// consumer groups.
 ///
 /// Dropping it ends the subscription on the broker side (for groups: the member leaves);
 /// unacknowledged messages are redelivered later (to this durable consumer or group).
@@ -450,8 +460,13 @@ pub struct DomainSubscription {
     /// Deliveries in broker order per partition. An `Err` item is a transient problem
     /// (logged; the stream goes on); the stream ends when the subscription is closed.
     pub deliveries: BoxStream<'static, Result<Delivery>>,
-    /// Per-partition pause and resume, when [`DomainCapabilities::pause_partitions`] is set.
-    pub control: Option<Arc<dyn PartitionControl>>,
+    /// Reads a delivered message again by its position. With it, the pool keeps the
+    /// deliveries of an aggregate over its `max_per_key` cap as position and
+    /// acknowledgement handle only, and reads their bodies again when the aggregate's turn
+    /// comes; without it, it keeps them whole (see [`PoolConfig::max_deferred`]).
+    ///
+    /// [`PoolConfig::max_deferred`]: crate::pool::PoolConfig::max_deferred
+    pub reread: Option<Arc<dyn Reread>>,
     /// Group membership, when [`DomainCapabilities::consumer_groups`] is set. Without it every
     /// partition counts as owned for the subscription's lifetime.
     pub group: Option<GroupMembership>,
@@ -462,15 +477,15 @@ impl DomainSubscription {
     pub fn new(deliveries: BoxStream<'static, Result<Delivery>>) -> Self {
         Self {
             deliveries,
-            control: None,
+            reread: None,
             group: None,
         }
     }
 
-    /// Same subscription with partition pause and resume.
+    /// Same subscription with a way to read delivered messages again.
     #[must_use]
-    pub fn with_control(mut self, control: Arc<dyn PartitionControl>) -> Self {
-        self.control = Some(control);
+    pub fn with_reread(mut self, reread: Arc<dyn Reread>) -> Self {
+        self.reread = Some(reread);
         self
     }
 
@@ -485,10 +500,20 @@ impl DomainSubscription {
 impl fmt::Debug for DomainSubscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DomainSubscription")
-            .field("control", &self.control.is_some())
+            .field("reread", &self.reread.is_some())
             .field("group", &self.group.is_some())
             .finish_non_exhaustive()
     }
+}
+
+/// Reads a message of a subscription's topic again by its position (memory: its log;
+/// JetStream: message get by stream sequence; Redis Streams: by entry id; Kafka: by offset).
+#[async_trait]
+pub trait Reread: Send + Sync + 'static {
+    /// The message stored at `position`, as it was delivered (key, headers, payload).
+    /// A permanent error if the broker no longer holds it (deleted, expired); a retryable
+    /// one if it could not be asked now ([`Error::is_retryable`]).
+    async fn reread(&self, position: Position) -> Result<InboundMessage>;
 }
 
 /// A durable, acknowledged transport for domain events (JetStream, Kafka, Redis Streams,
@@ -501,6 +526,12 @@ impl fmt::Debug for DomainSubscription {
 ///   messages come back after the ack deadline, after `release`, or to the next subscriber of
 ///   the same durable name. A backend without consumer groups refuses a second active
 ///   subscriber on one durable name with [`Error::Conflict`].
+/// - The delivery stream may go unpolled for a long time: the pool stops polling it while
+///   it holds `max_in_flight` deliveries (or `max_deferred` deferred ones), for as long as
+///   its handlers take. Meanwhile the backend keeps the subscription and its group session
+///   alive (Kafka: pause every assigned partition and keep polling, since
+///   `max.poll.interval.ms` would otherwise expel the member; JetStream: the consumer
+///   stays, deliveries wait on the server) and loses nothing.
 /// - After `close`, every operation returns [`Error::Closed`]; closing twice is harmless.
 ///
 /// What crosses this seam is checked by core once: a [`Topic`] is a valid topic name and an

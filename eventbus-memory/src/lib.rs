@@ -228,7 +228,7 @@ impl Memory {
         domain_caps.max_payload = config.max_payload;
         domain_caps.header_style = HeaderStyle::HyphenPercentEncoded;
         domain_caps.ack_deadline = Some(config.ack_wait);
-        domain_caps.pause_partitions = true;
+        domain_caps.reread = true;
         let mut simple_caps = SimpleCapabilities::new("memory");
         simple_caps.queue_groups = true;
         simple_caps.request_reply = true;

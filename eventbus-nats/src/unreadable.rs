@@ -66,6 +66,8 @@ struct GetResponse {
 /// Which stored message to read.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Which<'a> {
+    /// The message at this sequence.
+    At(u64),
     /// The first message at or after this sequence on a subject filter.
     NextOn(u64, &'a str),
     /// The last message on a subject.
@@ -80,6 +82,11 @@ pub(crate) async fn get(
     which: Which<'_>,
 ) -> Result<Option<Stored>> {
     let request = match which {
+        Which::At(seq) => GetRequest {
+            seq: Some(seq),
+            next_by_subj: None,
+            last_by_subj: None,
+        },
         Which::NextOn(seq, subject) => GetRequest {
             seq: Some(seq),
             next_by_subj: Some(subject),

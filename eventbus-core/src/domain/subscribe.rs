@@ -97,6 +97,7 @@ impl DomainSubscribeBuilder {
         };
         let pool = self.pool.unwrap_or_else(|| bus.inner.pool.clone());
         pool.validate()?;
+        pool.check_unacked_limit(bus.capabilities())?;
         let retry = self.retry.unwrap_or_else(|| bus.inner.retry.clone());
         retry.validate()?;
         let dlq = topic.dead_letter(&bus.inner.dead_letter.suffix)?;

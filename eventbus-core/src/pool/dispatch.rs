@@ -1,6 +1,6 @@
 //! The dispatcher: pulls deliveries while permits last, follows group events first,
-//! decodes, admits each delivery to its key's queue, waits for space when a key is full
-//! (without partition control), and starts handlers of idle keys inline.
+//! decodes, admits each delivery to its key's queue (deferred when the key is at its cap,
+//! waiting for a deferred slot when all are taken), and starts handlers of idle keys inline.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::attempt::{AttemptFuture, Handler, event, process_with};
 use super::group::{lose_all, next_event, on_group_event};
-use super::keys::{Admitted, Item, Key};
+use super::keys::{Admitted, Entry, Item, Key, Thin};
 use super::lifecycle::Streams;
 use super::stats::bump;
 use super::worker::finish;
@@ -100,11 +100,6 @@ pub(super) async fn dispatch(
                 }
             }),
         };
-        if sh.control.is_none() && !wait_for_space(&sh, &key).await {
-            // Stopped while waiting: hand the delivery back.
-            let _ = delivery.release(Duration::ZERO).await;
-            break;
-        }
         if sh.hard_stop.is_cancelled() {
             // Dropped (a crash) while this delivery was on its way in: start nothing more;
             // unacknowledged, it is redelivered.
@@ -122,7 +117,15 @@ pub(super) async fn dispatch(
         } else {
             None
         };
-        if let Some((item, slot)) = admit(&sh, item, slot) {
+        let admitted = sh.state.lock().sched.admit(Entry::Whole(item), false, slot);
+        let admitted = match admitted {
+            Admitted::OverCap(item) => match defer(&sh, item).await {
+                Some(admitted) => admitted,
+                None => break,
+            },
+            other => other,
+        };
+        if let Some((item, slot)) = queue(&sh, admitted) {
             run_inline(&sh, &mut handler, &mut inline, item, slot);
         }
     }
@@ -133,35 +136,57 @@ pub(super) async fn dispatch(
     }
 }
 
-/// Without partition control, backpressure per key stops the whole dispatcher.
-async fn wait_for_space(sh: &Shared, key: &Key) -> bool {
-    loop {
-        let space = sh.space.notified();
-        tokio::pin!(space);
-        space.as_mut().enable();
-        let full = sh.state.lock().sched.is_full(key);
-        if !full {
-            return true;
-        }
-        tokio::select! {
-            () = sh.stop_pulling.cancelled() => return false,
-            () = space => {}
-        }
-    }
+/// Defers an item whose key is at its cap: its in-flight permit goes back to the other
+/// aggregates and it waits for a deferred slot (all taken: the pool stops pulling, for every
+/// partition alike); then it is queued without its body when the backend can read it again.
+/// `None` if the pool stopped meanwhile (the delivery is handed back).
+async fn defer(sh: &Shared, item: Item) -> Option<Admitted> {
+    let Item {
+        delivery,
+        decoded,
+        key,
+        _permit,
+    } = item;
+    drop(_permit);
+    let slot = tokio::select! {
+        biased;
+        () = sh.stop_pulling.cancelled() => None,
+        p = sh.deferred.clone().acquire_owned() => p.ok(),
+    };
+    let Some(slot) = slot else {
+        let _ = delivery.release(Duration::ZERO).await;
+        return None;
+    };
+    let entry = if let Some(reread) = sh
+        .reread
+        .as_ref()
+        .filter(|_| delivery.unreadable_reason().is_none())
+    {
+        drop(decoded);
+        Entry::Thin(Thin::new(delivery, &key, slot, reread.clone()))
+    } else {
+        Entry::Whole(Item {
+            delivery,
+            decoded,
+            key,
+            _permit: slot,
+        })
+    };
+    Some(sh.state.lock().sched.admit(entry, true, None))
 }
 
-/// Admits a delivery to its key's queue (see [`Schedule::admit`](super::keys::Schedule::admit)):
-/// returns it with `slot` when the dispatcher is to start it at once.
-fn admit(
-    sh: &Shared,
-    item: Item,
-    slot: Option<OwnedSemaphorePermit>,
-) -> Option<(Item, OwnedSemaphorePermit)> {
-    let admitted = sh.state.lock().sched.admit(item, slot);
+/// Acts on what [`Schedule::admit`](super::keys::Schedule::admit) decided: returns the item
+/// with its running slot when the dispatcher is to start it at once.
+fn queue(sh: &Shared, admitted: Admitted) -> Option<(Item, OwnedSemaphorePermit)> {
     match admitted {
         Admitted::Duplicate(position) => {
             bump(&sh.counters.duplicates_dropped);
             observe(sh, &PoolEvent::DuplicateDropped { position });
+            None
+        }
+        // Only a whole, undeferred delivery can be over its key's cap: `defer` handled it.
+        Admitted::OverCap(item) => {
+            drop(item);
             None
         }
         Admitted::Start(item, slot) => Some((item, slot)),
@@ -247,7 +272,8 @@ fn run_inline(
     });
     match (&mut started).now_or_never() {
         Some(item) => {
-            finish(sh, item, false);
+            finish(sh, &item.id(), item.key.clone(), false);
+            drop(item);
             drop(slot);
         }
         None => {
@@ -258,7 +284,8 @@ fn run_inline(
                     // Cut off at the shutdown deadline: shutdown returns it unacknowledged.
                     () = owner.hard_stop.cancelled() => {}
                     item = started => {
-                        finish(&owner, item, false);
+                        finish(&owner, &item.id(), item.key.clone(), false);
+                        drop(item);
                     }
                 }
                 drop(slot);

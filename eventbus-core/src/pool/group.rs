@@ -135,8 +135,7 @@ pub(super) fn set_state(sh: &Shared, partition: u32, epoch: u64, state: Partitio
 }
 
 /// Drops the buffered, never-started deliveries of `partition`, unacknowledged (the next
-/// owner rewinds to them), and forgets the partition's pauses for backpressure (a new
-/// assignment starts unpaused). Returns how many.
+/// owner rewinds to them). Returns how many.
 pub(super) fn drop_queued(sh: &Shared, partition: u32) -> usize {
     let dropped = {
         let mut st = sh.state.lock();
@@ -146,8 +145,5 @@ pub(super) fn drop_queued(sh: &Shared, partition: u32) -> usize {
         }
         dropped
     };
-    if sh.control.is_none() {
-        sh.space.notify_waiters();
-    }
     dropped.len()
 }

@@ -1,12 +1,16 @@
-//! Key scheduling: the per-key queues, the deliveries the pool holds, and backpressure per
-//! key. The dispatcher and the workers change this state only through [`Schedule`]'s
-//! methods; the decisions it returns (start, schedule, pause, resume) are theirs to act on,
-//! except pause and resume, which it sends to the partition control itself so that they
-//! reach the broker in the order the counts changed.
+//! Key scheduling: the per-key queues and the deliveries the pool holds. The dispatcher and
+//! the workers change this state only through [`Schedule`]'s methods; the decisions it
+//! returns (start, schedule, defer) are theirs to act on.
 //!
 //! A key with queued or running work is *scheduled*: it has an entry in `keys`, and its name
 //! is in the ready queue or a worker (or an inline start) runs it. A key without work has no
 //! entry, so idle keys cost nothing.
+//!
+//! A key whose queue reaches `max_per_key` gets its later deliveries *deferred*: they hold a
+//! deferred slot instead of an in-flight permit, so the aggregate never takes the buffer
+//! from the others, and they are kept without their body ([`Thin`]) when the backend can
+//! read them again by position. Order holds because they queue behind the key's earlier
+//! work like any other entry.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -16,13 +20,15 @@ use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use super::stats;
 use crate::codec::DecodeError;
 use crate::envelope::Envelope;
 use crate::message::Position;
-use crate::transport::{Acker, Delivery, PartitionControl};
+use crate::transport::{Acker, Delivery, Reread};
 
 /// The routing key: the aggregate id, borrowed from the decoded envelope (no allocation),
-/// or the raw key of a message that could not be decoded. Hashes and compares as the text.
+/// or the raw key of a message that could not be decoded (or is kept without its body).
+/// Hashes and compares as the text.
 #[derive(Clone)]
 pub(super) enum Key {
     Envelope(Arc<Envelope>),
@@ -34,6 +40,14 @@ impl Key {
         match self {
             Self::Envelope(e) => &e.aggregate_id,
             Self::Raw(k) => k,
+        }
+    }
+
+    /// The same key without a reference to the envelope (which holds the body).
+    fn detached(&self) -> Self {
+        match self {
+            Self::Envelope(e) => Self::Raw(Arc::from(e.aggregate_id.as_str())),
+            Self::Raw(k) => Self::Raw(k.clone()),
         }
     }
 }
@@ -58,7 +72,8 @@ impl fmt::Display for Key {
     }
 }
 
-/// A delivery on its way through the pool, holding one of the `max_in_flight` permits.
+/// A delivery on its way through the pool with its body, holding one of the
+/// `max_in_flight` permits (or, deferred, one of the `max_deferred` slots).
 pub(super) struct Item {
     pub(super) delivery: Delivery,
     pub(super) decoded: Result<Arc<Envelope>, DecodeError>,
@@ -76,10 +91,71 @@ impl Item {
     }
 }
 
-#[derive(Default)]
-struct KeyQueue {
-    items: VecDeque<Item>,
-    over_cap: bool,
+/// A deferred delivery kept without its body: what it takes to read it again, handle it
+/// and acknowledge it. It holds one of the `max_deferred` slots.
+pub(super) struct Thin {
+    pub(super) position: Position,
+    pub(super) epoch: u64,
+    pub(super) delivery_count: u32,
+    pub(super) acker: Arc<dyn Acker>,
+    pub(super) key: Key,
+    pub(super) permit: OwnedSemaphorePermit,
+    /// Where its body is read again.
+    pub(super) reread: Arc<dyn Reread>,
+}
+
+impl Thin {
+    /// Keeps `delivery` without its body, to be read again through `reread`.
+    pub(super) fn new(
+        delivery: Delivery,
+        key: &Key,
+        permit: OwnedSemaphorePermit,
+        reread: Arc<dyn Reread>,
+    ) -> Self {
+        Self {
+            reread,
+            position: delivery.position(),
+            epoch: delivery.epoch,
+            delivery_count: delivery.delivery_count,
+            acker: delivery.acker().clone(),
+            key: key.detached(),
+            permit,
+        }
+    }
+}
+
+/// What a key's queue holds.
+pub(super) enum Entry {
+    Whole(Item),
+    Thin(Thin),
+}
+
+impl Entry {
+    pub(super) fn id(&self) -> HeldId {
+        match self {
+            Self::Whole(i) => i.id(),
+            Self::Thin(t) => (t.position, t.epoch),
+        }
+    }
+
+    fn key(&self) -> &Key {
+        match self {
+            Self::Whole(i) => &i.key,
+            Self::Thin(t) => &t.key,
+        }
+    }
+
+    fn acker(&self) -> &Arc<dyn Acker> {
+        match self {
+            Self::Whole(i) => i.delivery.acker(),
+            Self::Thin(t) => &t.acker,
+        }
+    }
+
+    /// Gives the delivery back to the broker at once (shutdown).
+    pub(super) async fn release(&self) {
+        let _ = self.acker().release(Duration::ZERO).await;
+    }
 }
 
 /// What the pool remembers of a delivery it holds (queued or running).
@@ -88,6 +164,7 @@ pub(super) struct Held {
     since: Instant,
     started: bool,
     parked: bool,
+    deferred: bool,
 }
 
 /// How a held delivery ended when the pool stopped with it still held.
@@ -128,14 +205,8 @@ pub(super) enum Admitted {
     /// Queued behind the key's earlier work; `schedule` is the key to put in the ready
     /// queue when it had no work before.
     Queued { schedule: Option<Key> },
-}
-
-/// What [`Schedule::take`] hands a worker.
-pub(super) struct Taken {
-    pub(super) item: Item,
-    /// The key's backlog was at `max_per_key` before: a dispatcher waiting for space (no
-    /// partition control) may go on.
-    pub(super) made_space: bool,
+    /// Not taken: the key's queue is at `max_per_key`, the caller defers the item.
+    OverCap(Item),
 }
 
 /// What [`Schedule::finish`] found.
@@ -148,85 +219,92 @@ pub(super) struct Finished {
 
 /// The per-key queues and the held deliveries. See the module docs.
 pub(super) struct Schedule {
-    keys: HashMap<Key, KeyQueue>,
+    keys: HashMap<Key, VecDeque<Entry>>,
     held: HashMap<HeldId, Held>,
-    /// Keys over their cap per partition; the partition is paused while this is above 0.
-    paused: HashMap<u32, usize>,
-    peak: usize,
+    counts: stats::Held,
     max_per_key: usize,
-    control: Option<Arc<dyn PartitionControl>>,
 }
 
 impl Schedule {
-    /// Backpressure per key pauses partitions through `control` when there is one.
-    pub(super) fn new(max_per_key: usize, control: Option<Arc<dyn PartitionControl>>) -> Self {
+    pub(super) fn new(max_per_key: usize) -> Self {
         Self {
             keys: HashMap::new(),
             held: HashMap::new(),
-            paused: HashMap::new(),
-            peak: 0,
+            counts: stats::Held::default(),
             max_per_key,
-            control,
         }
     }
 
-    /// Takes a new delivery. Given a running `slot`, when the key has no queued or running
-    /// work and the delivery decoded, the key is scheduled and the item comes back with the
-    /// slot for the caller to start at once. A key whose backlog reaches `max_per_key`
-    /// pauses its partition (with partition control).
-    pub(super) fn admit(&mut self, item: Item, slot: Option<OwnedSemaphorePermit>) -> Admitted {
-        let id = item.id();
+    /// Takes a new delivery, `deferred` or not. Given a running `slot`, when the key has no
+    /// queued or running work and the delivery is a whole one that decoded, the key is
+    /// scheduled and the item comes back with the slot for the caller to start at once. An
+    /// undeferred delivery of a key whose queue is at `max_per_key` comes back to be
+    /// deferred.
+    pub(super) fn admit(
+        &mut self,
+        entry: Entry,
+        deferred: bool,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Admitted {
+        let id = entry.id();
         if self.held.contains_key(&id) {
             return Admitted::Duplicate(id.0);
         }
-        let partition = id.0.partition;
-        let slot = slot.filter(|_| item.decoded.is_ok());
+        let entry = match entry {
+            Entry::Whole(item)
+                if !deferred
+                    && self
+                        .keys
+                        .get(&item.key)
+                        .is_some_and(|q| q.len() >= self.max_per_key) =>
+            {
+                return Admitted::OverCap(item);
+            }
+            entry => entry,
+        };
         self.held.insert(
             id,
             Held {
-                acker: item.delivery.acker().clone(),
+                acker: entry.acker().clone(),
                 since: Instant::now(),
                 started: false,
                 parked: false,
+                deferred,
             },
         );
-        self.peak = self.peak.max(self.held.len());
-        if let Some(slot) = slot.filter(|_| !self.keys.contains_key(&item.key)) {
-            self.keys.insert(item.key.clone(), KeyQueue::default());
-            if let Some(h) = self.held.get_mut(&id) {
-                h.started = true;
-            }
-            return Admitted::Start(item, slot);
+        let c = &mut self.counts;
+        if deferred {
+            c.deferred += 1;
+            c.peak_deferred = c.peak_deferred.max(c.deferred);
+        } else {
+            c.whole += 1;
+            c.peak_whole = c.peak_whole.max(c.whole);
         }
-        let cap = self.max_per_key;
-        let mut pause = false;
-        let mut schedule = None;
-        match self.keys.get_mut(&item.key) {
-            Some(q) => {
-                q.items.push_back(item);
-                if q.items.len() >= cap && !q.over_cap && self.control.is_some() {
-                    q.over_cap = true;
-                    pause = true;
+        let entry = match (entry, slot) {
+            (Entry::Whole(item), Some(slot))
+                if !deferred && item.decoded.is_ok() && !self.keys.contains_key(&item.key) =>
+            {
+                self.keys.insert(item.key.clone(), VecDeque::new());
+                if let Some(h) = self.held.get_mut(&id) {
+                    h.started = true;
                 }
+                return Admitted::Start(item, slot);
+            }
+            (entry, _) => entry,
+        };
+        match self.keys.get_mut(entry.key()) {
+            Some(q) => {
+                q.push_back(entry);
+                Admitted::Queued { schedule: None }
             }
             None => {
-                let key = item.key.clone();
-                let mut queue = KeyQueue::default();
-                queue.items.push_back(item);
-                self.keys.insert(key.clone(), queue);
-                schedule = Some(key);
+                let key = entry.key().clone();
+                self.keys.insert(key.clone(), VecDeque::from([entry]));
+                Admitted::Queued {
+                    schedule: Some(key),
+                }
             }
         }
-        if pause {
-            let n = self.paused.entry(partition).or_insert(0);
-            *n += 1;
-            if *n == 1
-                && let Some(c) = &self.control
-            {
-                c.pause(partition);
-            }
-        }
-        Admitted::Queued { schedule }
     }
 
     /// Puts back an item the caller meant to start itself: its key is scheduled already
@@ -240,49 +318,29 @@ impl Schedule {
         self.keys
             .entry(key.clone())
             .or_default()
-            .items
-            .push_front(item);
+            .push_front(Entry::Whole(item));
         key
     }
 
-    /// The next item of `key`, or `None` (and the key unscheduled) when its queue is empty.
-    /// A key whose backlog fell to half its cap resumes its partition.
-    pub(super) fn take(&mut self, key: &Key) -> Option<Taken> {
+    /// The next entry of `key`, or `None` (and the key unscheduled) when its queue is empty.
+    pub(super) fn take(&mut self, key: &Key) -> Option<Entry> {
         let q = self.keys.get_mut(key)?;
-        let Some(item) = q.items.pop_front() else {
+        let Some(entry) = q.pop_front() else {
             self.keys.remove(key);
             return None;
         };
-        let cap = self.max_per_key;
-        if q.over_cap && q.items.len() <= cap / 2 {
-            q.over_cap = false;
-            let partition = item.delivery.position().partition;
-            if let Some(n) = self.paused.get_mut(&partition) {
-                *n -= 1;
-                if *n == 0 {
-                    self.paused.remove(&partition);
-                    if let Some(c) = &self.control {
-                        c.resume(partition);
-                    }
-                }
-            }
-        }
-        let was_full = q.items.len() + 1 >= cap;
-        if let Some(h) = self.held.get_mut(&item.id()) {
+        if let Some(h) = self.held.get_mut(&entry.id()) {
             h.started = true;
         }
-        Some(Taken {
-            item,
-            made_space: was_full,
-        })
+        Some(entry)
     }
 
-    /// An item of `key` ended: it is no longer held; the key stays scheduled if it has more
-    /// work, else it is unscheduled.
+    /// A delivery of `key` ended: it is no longer held; the key stays scheduled if it has
+    /// more work, else it is unscheduled.
     pub(super) fn finish(&mut self, id: &HeldId, key: &Key) -> Finished {
-        self.held.remove(id);
+        self.forget(id);
         let more = match self.keys.get(key) {
-            Some(q) if q.items.is_empty() => {
+            Some(q) if q.is_empty() => {
                 self.keys.remove(key);
                 false
             }
@@ -295,40 +353,34 @@ impl Schedule {
         }
     }
 
-    /// How many deliveries of `key` are queued.
-    pub(super) fn backlog(&self, key: &Key) -> usize {
-        self.keys.get(key).map_or(0, |q| q.items.len())
+    fn forget(&mut self, id: &HeldId) {
+        if let Some(h) = self.held.remove(id) {
+            if h.deferred {
+                self.counts.deferred -= 1;
+            } else {
+                self.counts.whole -= 1;
+            }
+        }
     }
 
-    /// Whether `key`'s backlog is at its cap (the dispatcher waits without partition
-    /// control).
-    pub(super) fn is_full(&self, key: &Key) -> bool {
-        self.backlog(key) >= self.max_per_key
-    }
-
-    /// Removes the queued, never-started deliveries of `partition` and forgets its pauses
-    /// (a new assignment starts unpaused). Returns them; they are no longer held.
-    pub(super) fn drop_partition(&mut self, partition: u32) -> Vec<Item> {
+    /// Removes the queued, never-started deliveries of `partition`. Returns them; they are
+    /// no longer held.
+    pub(super) fn drop_partition(&mut self, partition: u32) -> Vec<Entry> {
         let mut dropped = Vec::new();
         for q in self.keys.values_mut() {
-            let before = dropped.len();
             let mut i = 0;
-            while i < q.items.len() {
-                if q.items[i].delivery.position().partition == partition {
-                    if let Some(item) = q.items.remove(i) {
-                        dropped.push(item);
+            while i < q.len() {
+                if q[i].id().0.partition == partition {
+                    if let Some(entry) = q.remove(i) {
+                        dropped.push(entry);
                     }
                 } else {
                     i += 1;
                 }
             }
-            if dropped.len() > before {
-                q.over_cap = false;
-            }
         }
-        self.paused.remove(&partition);
-        for item in &dropped {
-            self.held.remove(&item.id());
+        for entry in &dropped {
+            self.forget(&entry.id());
         }
         dropped
     }
@@ -353,13 +405,11 @@ impl Schedule {
             .collect()
     }
 
-    /// Empties the schedule: the queued items and everything held.
-    pub(super) fn take_all(&mut self) -> (Vec<Item>, Vec<Held>) {
-        let queued = self
-            .keys
-            .drain()
-            .flat_map(|(_, q)| q.items.into_iter())
-            .collect();
+    /// Empties the schedule: the queued entries and everything held.
+    pub(super) fn take_all(&mut self) -> (Vec<Entry>, Vec<Held>) {
+        let queued = self.keys.drain().flat_map(|(_, q)| q.into_iter()).collect();
+        self.counts.whole = 0;
+        self.counts.deferred = 0;
         (queued, self.held.drain().map(|(_, h)| h).collect())
     }
 
@@ -368,9 +418,9 @@ impl Schedule {
         self.held.len()
     }
 
-    /// The most deliveries held at once.
-    pub(super) fn peak(&self) -> usize {
-        self.peak
+    /// How many deliveries are held whole and deferred, now and at most.
+    pub(super) fn counts(&self) -> stats::Held {
+        self.counts
     }
 
     /// Whether a delivery of `partition` is held.

@@ -18,25 +18,13 @@ use super::stats::Counters;
 use super::{
     PartitionState, PoolParams, PoolStats, Shared, ShutdownReport, State, dispatch, ticker, worker,
 };
-use crate::transport::{Delivery, DomainSubscription, GroupControl, GroupEvent, PartitionControl};
+use crate::transport::{Delivery, DomainSubscription, GroupEvent};
 
 /// A running pool: its tasks and shared state.
 pub(crate) struct Pool {
     shared: Arc<Shared>,
     tasks: Mutex<Option<PoolTasks>>,
     report: tokio::sync::OnceCell<ShutdownReport>,
-}
-
-/// Pauses through a group's control.
-struct GroupPause(Arc<dyn GroupControl>);
-
-impl PartitionControl for GroupPause {
-    fn pause(&self, partition: u32) {
-        self.0.pause(partition);
-    }
-    fn resume(&self, partition: u32) {
-        self.0.resume(partition);
-    }
 }
 
 struct PoolTasks {
@@ -70,27 +58,22 @@ impl Pool {
             Some(g) => (Some(g.events), Some(g.control)),
             None => (None, None),
         };
-        // A group's control also pauses partitions.
-        let control: Option<Arc<dyn PartitionControl>> = match (&group, subscription.control) {
-            (Some(g), _) => Some(Arc::new(GroupPause(g.clone()))),
-            (None, c) => c,
-        };
         let shared = Arc::new(Shared {
             permits: Arc::new(Semaphore::new(params.config.max_in_flight)),
+            deferred: Arc::new(Semaphore::new(params.config.max_deferred)),
             running: Arc::new(Semaphore::new(params.config.max_concurrency)),
             continuations: TaskTracker::new(),
             state: Mutex::new(State {
-                sched: Schedule::new(params.config.max_per_key, control.clone()),
+                sched: Schedule::new(params.config.max_per_key),
                 grouped: group.is_some(),
                 parts: HashMap::new(),
             }),
-            control,
+            reread: subscription.reread,
             group,
             p: params,
             ready_tx,
             ready_rx,
             counters: Counters::default(),
-            space: Notify::new(),
             idle: Notify::new(),
             stop_pulling: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
@@ -117,11 +100,8 @@ impl Pool {
 
     /// A snapshot of the counters.
     pub(crate) fn stats(&self) -> PoolStats {
-        let (in_flight, peak) = {
-            let st = self.shared.state.lock();
-            (st.sched.held(), st.sched.peak())
-        };
-        self.shared.counters.snapshot(in_flight, peak)
+        let held = self.shared.state.lock().sched.counts();
+        self.shared.counters.snapshot(held)
     }
 
     /// The partitions this member knows of in its consumer group, sorted.
@@ -191,8 +171,8 @@ impl Pool {
             let _ = t.await;
         }
         let (queued, held) = sh.state.lock().sched.take_all();
-        for item in &queued {
-            let _ = item.delivery.release(Duration::ZERO).await;
+        for entry in &queued {
+            entry.release().await;
         }
         for h in &held {
             let left = h.left();

@@ -10,8 +10,11 @@
 //! - `max_concurrency` workers take scheduled keys from one shared ready queue and run the
 //!   key's events one at a time, in arrival order. There is no fixed key-to-worker mapping,
 //!   so a slow or retrying key occupies one worker and stalls no other key.
-//! - A key whose backlog reaches `max_per_key` pauses its partition (when the backend offers
-//!   [`PartitionControl`]) or stops the dispatcher until the backlog shrinks.
+//! - A key whose backlog reaches `max_per_key` gets its later deliveries deferred: they give
+//!   their in-flight permit back and take one of `max_deferred` slots, kept as position and
+//!   acknowledgement handle when the backend can read them again ([`Reread`]), and are read
+//!   again when the key's turn comes. A slow aggregate never holds up the others; only the
+//!   two bounds stop pulling, for every partition alike.
 //! - A failed attempt is retried in place (later events of the key wait), then dead-lettered
 //!   with reason headers, then acknowledged. A dead-letter publish that fails is retried and
 //!   the key stays parked: nothing is acknowledged that was neither handled nor dead-lettered.
@@ -52,7 +55,7 @@ use self::stats::Counters;
 use crate::handler::BoxEventHandler;
 use crate::retry::Backoff;
 use crate::topic::Topic;
-use crate::transport::{DynDomainTransport, GroupControl, PartitionControl};
+use crate::transport::{DynDomainTransport, GroupControl, Reread};
 
 #[derive(Debug, Clone, Copy)]
 struct Part {
@@ -115,19 +118,21 @@ pub(crate) struct PoolParams {
 
 struct Shared {
     p: PoolParams,
-    control: Option<Arc<dyn PartitionControl>>,
+    reread: Option<Arc<dyn Reread>>,
     group: Option<Arc<dyn GroupControl>>,
     state: Mutex<State>,
     ready_tx: async_channel::Sender<Key>,
     ready_rx: async_channel::Receiver<Key>,
+    /// One per delivery held whole (`max_in_flight`).
     permits: Arc<Semaphore>,
+    /// One per deferred delivery held (`max_deferred`).
+    deferred: Arc<Semaphore>,
     /// One per running handler (at most `max_concurrency`): a worker holds one while it
     /// runs a key, an event started inline holds one until it ends.
     running: Arc<Semaphore>,
     /// Events started inline whose handlers did not finish at once.
     continuations: TaskTracker,
     counters: Counters,
-    space: Notify,
     idle: Notify,
     stop_pulling: CancellationToken,
     hard_stop: CancellationToken,

@@ -22,6 +22,16 @@ pub(super) struct Counters {
     pub(super) transport_errors: AtomicU64,
     pub(super) stale_dropped: AtomicU64,
     pub(super) stale_acks: AtomicU64,
+    pub(super) reread: AtomicU64,
+}
+
+/// How many deliveries the pool holds, whole and deferred, now and at most.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Held {
+    pub(super) whole: usize,
+    pub(super) peak_whole: usize,
+    pub(super) deferred: usize,
+    pub(super) peak_deferred: usize,
 }
 
 pub(super) fn bump(c: &AtomicU64) {
@@ -30,7 +40,7 @@ pub(super) fn bump(c: &AtomicU64) {
 
 impl Counters {
     /// A snapshot, with the held deliveries counted by the caller.
-    pub(super) fn snapshot(&self, in_flight: usize, peak: usize) -> PoolStats {
+    pub(super) fn snapshot(&self, held: Held) -> PoolStats {
         PoolStats {
             received: self.received.load(Ordering::Relaxed),
             handled: self.handled.load(Ordering::Relaxed),
@@ -44,8 +54,11 @@ impl Counters {
             ack_failures: self.ack_failures.load(Ordering::Relaxed),
             duplicates_dropped: self.duplicates_dropped.load(Ordering::Relaxed),
             dead_letter_failures: self.dead_letter_failures.load(Ordering::Relaxed),
-            in_flight: in_flight as u64,
-            peak_in_flight: peak as u64,
+            in_flight: held.whole as u64,
+            peak_in_flight: held.peak_whole as u64,
+            deferred: held.deferred as u64,
+            peak_deferred: held.peak_deferred as u64,
+            reread: self.reread.load(Ordering::Relaxed),
             transport_errors: self.transport_errors.load(Ordering::Relaxed),
             stale_dropped: self.stale_dropped.load(Ordering::Relaxed),
             stale_acks: self.stale_acks.load(Ordering::Relaxed),

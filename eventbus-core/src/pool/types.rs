@@ -8,6 +8,7 @@ use serde::Deserialize;
 use crate::envelope::Envelope;
 use crate::error::{Error, HandleError};
 use crate::message::Position;
+use crate::transport::DomainCapabilities;
 
 /// Limits of the keyed pool.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -15,11 +16,23 @@ use crate::message::Position;
 pub struct PoolConfig {
     /// Handlers running at once (different aggregates). Default 256.
     pub max_concurrency: usize,
-    /// Deliveries held (queued or running) at most; beyond it the pool stops pulling.
-    /// Default 10,000.
+    /// Deliveries held whole (queued or running) at most; beyond it the pool stops pulling,
+    /// for every partition alike. Default 10,000.
     pub max_in_flight: usize,
-    /// Deliveries of one aggregate held at most before its partition is paused. Default 1,000.
+    /// Deliveries of one aggregate held whole at most. Its later deliveries are *deferred*
+    /// (see `max_deferred`) until its backlog shrinks, so a slow aggregate never holds up
+    /// the others. Default 1,000.
     pub max_per_key: usize,
+    /// Deferred deliveries held at most: those of aggregates over `max_per_key`, kept as
+    /// position and acknowledgement handle only when the backend can read a message again
+    /// by its position ([`DomainSubscription::reread`]), whole otherwise, and read again
+    /// when the aggregate's turn comes. Beyond it the pool stops pulling, for every
+    /// partition alike: a bound on memory (and, on JetStream, on the consumer's
+    /// `max_ack_pending`, which must be at least `max_in_flight + max_deferred`; the bus
+    /// checks it). Default 40,000.
+    ///
+    /// [`DomainSubscription::reread`]: crate::DomainSubscription::reread
+    pub max_deferred: usize,
     /// How long a graceful shutdown may take to finish buffered work. Default 10 s.
     #[serde(with = "crate::config::duration")]
     pub drain_deadline: Duration,
@@ -35,6 +48,7 @@ impl Default for PoolConfig {
             max_concurrency: 256,
             max_in_flight: 10_000,
             max_per_key: 1_000,
+            max_deferred: 40_000,
             drain_deadline: Duration::from_secs(10),
             progress_interval: None,
         }
@@ -57,6 +71,26 @@ impl PoolConfig {
             return Err(Error::config("pool.progress_interval", "must not be zero"));
         }
         Ok(())
+    }
+
+    /// Checks that the pool's bounds are reached before the broker's limit of
+    /// unacknowledged deliveries ([`DomainCapabilities::max_unacked`]): past that limit the
+    /// broker stops delivering to every aggregate, which is the stall the pool's deferral
+    /// exists to avoid.
+    pub fn check_unacked_limit(&self, caps: &DomainCapabilities) -> Result<(), Error> {
+        let held = self.max_in_flight.saturating_add(self.max_deferred);
+        match caps.max_unacked {
+            Some(limit) if held > limit => Err(Error::config(
+                "pool.max_deferred",
+                format!(
+                    "max_in_flight + max_deferred is {held}, more than the {limit} unacknowledged \
+                     deliveries {} hands out per subscription: lower them or raise the \
+                     backend's limit",
+                    caps.backend
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -261,10 +295,17 @@ pub struct PoolStats {
     pub duplicates_dropped: u64,
     /// Failed dead-letter publishes (each is retried).
     pub dead_letter_failures: u64,
-    /// Deliveries held now (queued or running).
+    /// Deliveries held whole now (queued or running), at most `max_in_flight`.
     pub in_flight: u64,
-    /// The most deliveries held at once.
+    /// The most deliveries held whole at once.
     pub peak_in_flight: u64,
+    /// Deferred deliveries held now (of aggregates over `max_per_key`, waiting or
+    /// running), at most `max_deferred`.
+    pub deferred: u64,
+    /// The most deferred deliveries held at once.
+    pub peak_deferred: u64,
+    /// Deferred deliveries read again from the broker by position.
+    pub reread: u64,
     /// Transport errors reported by the delivery stream.
     pub transport_errors: u64,
     /// Deliveries of partitions this member did not own (any more), dropped unhandled.
@@ -291,4 +332,31 @@ pub struct ShutdownReport {
     pub elapsed: Duration,
     /// The pool's counters at the end.
     pub stats: PoolStats,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_must_fit_the_brokers_unacked_limit() {
+        let mut caps = DomainCapabilities::new("test");
+        let pool = PoolConfig {
+            max_in_flight: 100,
+            max_deferred: 400,
+            ..PoolConfig::default()
+        };
+        assert!(pool.check_unacked_limit(&caps).is_ok(), "no limit");
+        for (limit, ok) in [(499, false), (500, true), (501, true)] {
+            caps.max_unacked = Some(limit);
+            let r = pool.check_unacked_limit(&caps);
+            assert_eq!(r.is_ok(), ok, "limit {limit}: {r:?}");
+            if let Err(e) = r {
+                assert!(e.to_string().contains("pool.max_deferred"), "{e}");
+            }
+        }
+        // The defaults fit the default JetStream consumer (max_ack_pending 50,000).
+        caps.max_unacked = Some(50_000);
+        assert!(PoolConfig::default().check_unacked_limit(&caps).is_ok());
+    }
 }

@@ -1,35 +1,98 @@
 //! The workers: each takes a scheduled key from the ready queue (holding a running slot)
 //! and runs the key's events one at a time, up to a budget before it lets other keys run.
+//! A deferred delivery kept without its body is read again from the broker first.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use super::Shared;
 use super::attempt::process;
-use super::keys::{Item, Key};
+use super::keys::{Entry, HeldId, Item, Key, Thin};
+use super::stats::bump;
+use crate::codec::Codec;
 use crate::guard::Guarded;
+use crate::message::InboundMessage;
+use crate::transport::Delivery;
 
-/// Takes the next item of `key`, or unschedules the key when its queue is empty.
-fn next_item(sh: &Shared, key: &Key) -> Option<Item> {
-    let taken = sh.state.lock().sched.take(key)?;
-    if taken.made_space && sh.control.is_none() {
-        sh.space.notify_waiters();
-    }
-    Some(taken.item)
+/// Takes the next entry of `key`, or unschedules the key when its queue is empty.
+fn next_entry(sh: &Shared, key: &Key) -> Option<Entry> {
+    sh.state.lock().sched.take(key)
 }
 
-/// After an item finished: forget it, and reschedule or unschedule its key. Returns whether
-/// the caller goes on with the key (it has more work and `budget_left`).
-pub(super) fn finish(sh: &Shared, item: Item, budget_left: bool) -> bool {
-    let key = item.key.clone();
+/// The body of a deferred delivery, read again from the broker. Retried while the broker
+/// cannot be asked (later events of the key wait, as behind a failing handler). A message
+/// the broker no longer holds becomes an unreadable delivery, which the pool dead-letters
+/// (a record without body, with the reason). `None` if the pool stopped for good meanwhile.
+async fn reread(sh: &Shared, thin: Thin) -> Option<Item> {
+    let mut failures = 0u32;
+    let found = loop {
+        if !sh.state.lock().owns(thin.position.partition, thin.epoch) {
+            // The partition moved on: the next owner handles it. A delivery without body
+            // settles nothing for a partition this member does not own.
+            break Err("the partition is no longer owned".to_owned());
+        }
+        match thin.reread.reread(thin.position).await {
+            Ok(m) if m.position == thin.position => break Ok(m),
+            Ok(m) => {
+                break Err(format!(
+                    "reading position {:?} again returned the message at {:?}",
+                    thin.position, m.position
+                ));
+            }
+            Err(e) if e.is_retryable() => {
+                failures += 1;
+                let delay =
+                    sh.p.retry
+                        .delay(failures.min(16))
+                        .max(Duration::from_millis(10));
+                tracing::warn!(topic = %sh.p.topic, position = ?thin.position, error = %e, ?delay, "reading a deferred delivery again failed; retrying");
+                tokio::select! {
+                    () = sh.hard_stop.cancelled() => return None,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(e) => break Err(format!("the message could not be read again: {e}")),
+        }
+    };
+    bump(&sh.counters.reread);
+    let (message, unreadable) = match found {
+        Ok(m) => (m, None),
+        Err(reason) => (
+            InboundMessage {
+                topic: sh.p.topic.to_string(),
+                key: Some(thin.key.to_string()),
+                headers: crate::headers::Headers::new(),
+                payload: bytes::Bytes::new(),
+                position: thin.position,
+            },
+            Some(reason),
+        ),
+    };
+    let decoded = Codec::decode(&message).map(Arc::new);
+    let mut delivery =
+        Delivery::new(message, thin.delivery_count, thin.acker).with_epoch(thin.epoch);
+    if let Some(reason) = unreadable {
+        delivery = delivery.unreadable(reason);
+    }
+    Some(Item {
+        delivery,
+        decoded,
+        key: thin.key,
+        _permit: thin.permit,
+    })
+}
+
+/// After a delivery finished: forget it, and reschedule or unschedule its key. Returns
+/// whether the caller goes on with the key (it has more work and `budget_left`).
+pub(super) fn finish(sh: &Shared, id: &HeldId, key: Key, budget_left: bool) -> bool {
     let (finished, idle) = {
         let mut st = sh.state.lock();
-        let finished = st.sched.finish(&item.id(), &key);
+        let finished = st.sched.finish(id, &key);
         // Shutdown waits for an empty pool; a drain waits for one partition's handlers.
         let idle = finished.empty || (st.grouped && st.draining());
         (finished, idle)
     };
-    drop(item);
     sh.counters.finished.fetch_add(1, Ordering::Relaxed);
     if idle {
         sh.idle.notify_waiters();
@@ -68,8 +131,16 @@ pub(super) async fn worker(sh: Arc<Shared>) {
         };
         let mut budget = KEY_BUDGET;
         loop {
-            let Some(item) = next_item(&sh, &key) else {
+            let Some(entry) = next_entry(&sh, &key) else {
                 break;
+            };
+            let item = match entry {
+                Entry::Whole(item) => item,
+                Entry::Thin(thin) => match reread(&sh, thin).await {
+                    Some(item) => item,
+                    // Stopped for good: shutdown returns it unacknowledged.
+                    None => return,
+                },
             };
             let done = tokio::select! {
                 biased;
@@ -81,7 +152,10 @@ pub(super) async fn worker(sh: Arc<Shared>) {
                 return;
             }
             budget -= 1;
-            if !finish(&sh, item, budget > 0) {
+            // Forgotten before its permit goes back: the counts never exceed the bounds.
+            let more = finish(&sh, &item.id(), item.key.clone(), budget > 0);
+            drop(item);
+            if !more {
                 break;
             }
         }

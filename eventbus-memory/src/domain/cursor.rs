@@ -1,7 +1,8 @@
 //! A group's place in one partition: the next offset, the deliveries out, the ack floor.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
+use dualbus_core::offsets::{AckFloor, DeliveryCounter};
 use tokio::time::Instant;
 
 #[derive(Debug)]
@@ -16,25 +17,27 @@ pub(super) struct Cursor {
     pub(super) next: u64,
     /// Delivered and not acknowledged.
     pub(super) pending: BTreeMap<u64, Pending>,
-    /// Every offset below it is acknowledged.
-    pub(super) floor: u64,
-    /// Acknowledged offsets above the floor.
-    pub(super) acked: BTreeSet<u64>,
-    /// Deliveries so far of messages that a rewind took back from an earlier owner, so that
-    /// their delivery count goes on instead of starting again at 1.
-    pub(super) delivered_before: BTreeMap<u64, u32>,
+    /// The acknowledged offsets: the contiguous floor and those above it.
+    pub(super) acks: AckFloor,
+    /// Delivery counts that go on across a rewind (taken from an earlier owner), so that
+    /// they do not start again at 1.
+    pub(super) counts: DeliveryCounter,
     pub(super) paused: bool,
 }
 
 impl Cursor {
+    /// A cursor whose first offset to deliver (and ack floor) is `start`.
+    pub(super) fn starting_at(start: u64) -> Self {
+        Self {
+            next: start,
+            acks: AckFloor::new(start),
+            ..Self::default()
+        }
+    }
+
     pub(super) fn settle(&mut self, offset: u64) {
         self.pending.remove(&offset);
-        self.delivered_before.remove(&offset);
-        if offset >= self.floor {
-            self.acked.insert(offset);
-        }
-        while self.acked.remove(&self.floor) {
-            self.floor += 1;
-        }
+        self.counts.forget(offset);
+        self.acks.ack(offset);
     }
 }

@@ -88,9 +88,9 @@ impl GroupControl for MemberControl {
             }
             let c = &mut st.cursors[p];
             for (offset, pending) in std::mem::take(&mut c.pending) {
-                c.delivered_before.insert(offset, pending.deliveries);
+                c.counts.rewound(offset, pending.deliveries);
             }
-            c.next = c.floor;
+            c.next = c.acks.floor();
         }
         if let Some(o) = st.owners[p].as_mut() {
             o.rewound = true;

@@ -5,7 +5,8 @@
 //! This file implements [`DomainTransport`] for [`Memory`] on top of the parts:
 //! `log` (storage), `cursor` (a group's place in a partition), `group` (membership and
 //! assignment), `member` (the group protocol of one subscription), `reader` (picking the
-//! next delivery) and `acker` (acknowledging it).
+//! next delivery), `acker` (acknowledging it) and `reread` (reading a delivered message
+//! again by position).
 
 mod acker;
 mod cursor;
@@ -13,6 +14,7 @@ mod group;
 mod log;
 mod member;
 mod reader;
+mod reread;
 
 use std::sync::Arc;
 
@@ -33,6 +35,7 @@ pub(crate) use self::log::DomainBroker;
 use self::log::{inbound, last_of};
 use self::member::{MemberControl, MemberGuard};
 use self::reader::Reader;
+use self::reread::LogReread;
 use crate::Memory;
 
 impl Memory {
@@ -105,8 +108,7 @@ impl DomainTransport for Memory {
                 st.epochs = vec![0; partitions];
                 if spec.start == StartPosition::Latest {
                     for (c, len) in st.cursors.iter_mut().zip(&log_lens) {
-                        c.next = *len;
-                        c.floor = *len;
+                        *c = Cursor::starting_at(*len);
                     }
                 }
             }
@@ -130,6 +132,10 @@ impl DomainTransport for Memory {
             wake: wake.clone(),
             rewind: self.broker.config.rewind,
         });
+        let reread = Arc::new(LogReread {
+            topic: topic.clone(),
+            closed: self.handle.domain_closed.clone(),
+        });
         let reader = Reader {
             topic,
             group: group.clone(),
@@ -145,12 +151,12 @@ impl DomainTransport for Memory {
         })
         .take_until(closed.clone().cancelled_owned());
         let events = events_rx.take_until(closed.cancelled_owned());
-        Ok(
-            DomainSubscription::new(stream.boxed()).with_group(GroupMembership {
+        Ok(DomainSubscription::new(stream.boxed())
+            .with_group(GroupMembership {
                 events: events.boxed(),
                 control,
-            }),
-        )
+            })
+            .with_reread(reread))
     }
 
     async fn replay(&self, topic: &Topic, key: &str) -> Result<Vec<InboundMessage>> {
@@ -217,7 +223,7 @@ impl DomainTransport for Memory {
             .cursors
             .iter()
             .zip(logs.iter())
-            .map(|(c, l)| l.len() as u64 - c.floor - c.acked.len() as u64)
+            .map(|(c, l)| l.len() as u64 - c.acks.floor() - c.acks.acked_above() as u64)
             .sum();
         Ok(Some(n))
     }

@@ -84,9 +84,9 @@ impl Reader {
             let c = &mut st.cursors[partition];
             // Skip what was acknowledged (after a rewind: below the floor, or above it and
             // acknowledged) or is already out for delivery.
-            c.next = c.next.max(c.floor);
+            c.next = c.next.max(c.acks.floor());
             while c.next < logs[partition].len() as u64
-                && (c.acked.contains(&c.next) || c.pending.contains_key(&c.next))
+                && (c.acks.is_acked(c.next) || c.pending.contains_key(&c.next))
             {
                 c.next += 1;
             }
@@ -96,7 +96,7 @@ impl Reader {
             let offset = c.next;
             c.next += 1;
             let deadline = now + self.ack_wait;
-            let deliveries = c.delivered_before.remove(&offset).map_or(1, |n| n + 1);
+            let deliveries = c.counts.count(offset, 1);
             c.pending.insert(
                 offset,
                 Pending {

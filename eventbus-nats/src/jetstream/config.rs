@@ -95,7 +95,10 @@ pub struct ConsumerSettings {
     /// pool signals progress for everything it holds at a third of it. Default 30 s.
     #[serde(with = "dualbus_core::config::duration")]
     pub ack_wait: Duration,
-    /// Most deliveries the server hands out unacknowledged. Default 10,000.
+    /// Most deliveries the server hands out unacknowledged; past it the server stops
+    /// delivering to the whole consumer. The keyed pool holds up to `max_in_flight +
+    /// max_deferred` unacknowledged deliveries (50,000 by default), so this must be at
+    /// least that: the bus refuses a pool that does not fit. Default 50,000.
     pub max_ack_pending: i64,
     /// Messages asked for per pull request. Default 256.
     pub batch: usize,
@@ -111,7 +114,7 @@ impl Default for ConsumerSettings {
     fn default() -> Self {
         Self {
             ack_wait: Duration::from_secs(30),
-            max_ack_pending: 10_000,
+            max_ack_pending: 50_000,
             batch: 256,
             lease_ttl: Duration::from_secs(10),
             update_existing: false,

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use async_nats::jetstream;
 use bytes::Bytes;
+use dualbus_core::offsets::DeliveryCounter;
 use dualbus_core::{Delivery, Error, InboundMessage, Position, Result};
 
 use crate::subject::parse_subject;
@@ -42,12 +43,13 @@ pub(super) fn stored_inbound(topic: &str, m: &unreadable::Stored) -> InboundMess
     }
 }
 
-/// A delivery; `redelivered` marks a message delivered before (a rewind does not count as a
-/// redelivery on the server, so that the pool and handlers still see it as one).
+/// A delivery, its count from `counts`: a message delivered before a rewind counts as
+/// redelivered (the server's count starts again at 1 after a consumer reset), so that the
+/// pool and handlers still see it as one.
 pub(super) fn delivery(
     topic: &str,
     m: jetstream::Message,
-    high_water: &mut u64,
+    counts: &mut DeliveryCounter,
 ) -> Result<Delivery> {
     let (seq, delivered) = match m.info() {
         Ok(i) => (i.stream_sequence, i.delivered),
@@ -55,12 +57,7 @@ pub(super) fn delivery(
             return Err(Error::backend(BACKEND, true, e));
         }
     };
-    let delivered = if seq <= *high_water {
-        delivered.max(2)
-    } else {
-        *high_water = seq;
-        delivered
-    };
+    let delivered = counts.count(seq, u32::try_from(delivered).unwrap_or(u32::MAX));
     let (m, acker) = m.split();
     let message = inbound(
         topic,
@@ -69,9 +66,5 @@ pub(super) fn delivery(
         m.payload,
         seq,
     );
-    Ok(Delivery::new(
-        message,
-        u32::try_from(delivered).unwrap_or(u32::MAX).max(1),
-        Arc::new(JsAcker(acker)),
-    ))
+    Ok(Delivery::new(message, delivered, Arc::new(JsAcker(acker))))
 }

@@ -25,6 +25,7 @@ mod provision;
 mod publish;
 mod pull;
 mod replay;
+mod reread;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -131,6 +132,10 @@ impl JetStream {
             .with_append_header(headers::EXPECTED_LAST_SUBJECT_SEQUENCE, 20);
         caps.header_style = HeaderStyle::HyphenPercentEncoded;
         caps.ack_deadline = Some(js_config.consumer.ack_wait);
+        // Past `max_ack_pending` the server stops delivering to the whole consumer: the
+        // pool's bounds must be reached first (the bus checks it at subscribe).
+        caps.max_unacked = usize::try_from(js_config.consumer.max_ack_pending).ok();
+        caps.reread = true;
         Ok(Self {
             inner: Arc::new(Inner {
                 client,

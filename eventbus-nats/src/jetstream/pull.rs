@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use async_nats::jetstream::consumer::{PullConsumer, pull};
 use bytes::Bytes;
+use dualbus_core::offsets::DeliveryCounter;
 use dualbus_core::{Delivery, DomainSubscription, Error, Result, SubscriptionSpec};
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +20,7 @@ use super::ack::SettledAcker;
 use super::inbound::{delivery, stored_inbound};
 use super::lease::LeaseGuard;
 use super::plan::subject_matches;
+use super::reread::StreamReread;
 use super::{JetStream, api_error};
 
 impl JetStream {
@@ -77,7 +79,11 @@ impl JetStream {
             messages: None,
             opened_at: 0,
             rewind: false,
-            high_water,
+            counts: {
+                let mut c = DeliveryCounter::new();
+                c.delivered_through(high_water);
+                c
+            },
             last_read: floor,
             poison: None,
             ready: VecDeque::new(),
@@ -95,7 +101,12 @@ impl JetStream {
             Some((item, s))
         })
         .boxed();
-        Ok(DomainSubscription::new(deliveries))
+        let reread = Arc::new(StreamReread {
+            js: self.inner.js.clone(),
+            stream: stream_name,
+            topic: spec.topic.to_string(),
+        });
+        Ok(DomainSubscription::new(deliveries).with_reread(reread))
     }
 }
 
@@ -111,8 +122,9 @@ struct Pulling {
     opened_at: u64,
     /// Rewind the consumer to its ack floor before the next pull.
     rewind: bool,
-    /// The highest stream sequence delivered before: anything at or below it comes again.
-    high_water: u64,
+    /// Delivery counts across rewinds: anything at or below the highest stream sequence
+    /// delivered before comes again.
+    counts: DeliveryCounter,
     /// The highest stream sequence the client read since the last rewind: a message the
     /// client cannot read is after it.
     last_read: u64,
@@ -301,7 +313,7 @@ impl Pulling {
     async fn rewind(&mut self) -> Result<()> {
         let (floor, delivered) = self.floor_and_delivered().await?;
         self.detect(floor, delivered).await?;
-        self.high_water = self.high_water.max(delivered);
+        self.counts.delivered_through(delivered);
         if let Some(seq) = self.poison.as_ref().map(|p| p.stored.seq) {
             if floor >= seq {
                 // Acknowledged already: nothing in the way any more.
@@ -416,7 +428,7 @@ impl Pulling {
                             return Err(Error::backend(BACKEND, true, e));
                         }
                     };
-                    let d = delivery(&self.topic, m, &mut self.high_water)?;
+                    let d = delivery(&self.topic, m, &mut self.counts)?;
                     let seq = u64::try_from(d.position().offset).unwrap_or(u64::MAX);
                     self.last_read = self.last_read.max(seq);
                     got += 1;
@@ -531,7 +543,7 @@ impl Pulling {
                     if let Ok(info) = m.info() {
                         self.last_read = self.last_read.max(info.stream_sequence);
                     }
-                    return Some(delivery(&self.topic, m, &mut self.high_water));
+                    return Some(delivery(&self.topic, m, &mut self.counts));
                 }
                 Some(Err(e)) => {
                     if !matches!(e.kind(), pull::MessagesErrorKind::MissingHeartbeat) {

@@ -1,11 +1,8 @@
 //! Flow control: a bounded buffer under a slow handler, no head-of-line blocking across
-//! aggregates, and a partition paused at the per-key cap.
+//! aggregates, and a slow aggregate far over its per-key cap deferred without holding up
+//! the others, within the `max_deferred` bound.
 
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
-
-use parking_lot::Mutex;
 
 use super::support::{
     Gate, SOURCE, aggregates, bus_with, finish, publish_interleaved, subscribe_checked,
@@ -80,28 +77,16 @@ pub async fn slow_key_does_not_stall_others(backend: &dyn Backend) {
     .await;
     let topic = unique_topic("domain-slowkey");
     let checker = OrderChecker::new();
-    let gate = Gate::default();
-    let g = gate.clone();
-    let handler = handler_fn(move |e: Event| {
-        let g = g.clone();
-        async move {
-            if e.aggregate_id == "slow" {
-                g.wait().await;
-            }
-            Ok::<_, HandleError>(())
-        }
-    });
+    let (gate, handler) = blocking("slow");
     let sub = subscribe_checked(&bus, &topic, &checker, handler).await;
     let mut aggs = vec!["slow".to_owned()];
     aggs.extend(aggregates("fast", 20));
     publish_interleaved(&bus, &topic, &checker, &aggs, 5).await;
     // Every other aggregate completes while "slow" is blocked on its first event.
     wait_for(|| checker.distinct_ends() == 100).await;
-    assert!(
-        checker
-            .records()
-            .iter()
-            .all(|r| !matches!(r, Record::End { a, .. } if a == "slow")),
+    assert_eq!(
+        ends_of(&checker, "slow"),
+        0,
         "the slow aggregate was not blocked"
     );
     gate.open();
@@ -111,75 +96,177 @@ pub async fn slow_key_does_not_stall_others(backend: &dyn Backend) {
     bus.close().await.expect("close");
 }
 
-/// A key whose backlog reaches `max_per_key` pauses its partition: the pool stops pulling
-/// it while the other partitions keep flowing (when the backend can pause partitions).
-pub async fn per_key_cap(backend: &dyn Backend) {
+/// A slow aggregate far over its `max_per_key` cap (10x) holds up no other aggregate, on
+/// any partition: they all finish while it is still blocked on its first event, its later
+/// events are deferred (not buffered whole), and they are handled in order afterwards.
+pub async fn slow_aggregate_over_cap(backend: &dyn Backend) {
     const CAP: usize = 4;
+    const HOT: u64 = 40;
     let bus = bus_with(backend, |b| {
         b.pool(PoolConfig {
             max_per_key: CAP,
-            max_in_flight: 1000,
+            max_in_flight: 64,
             ..PoolConfig::default()
         })
     })
     .await;
-    if !bus.capabilities().pause_partitions {
-        return;
-    }
-    let topic = unique_topic("domain-perkey");
+    let topic = unique_topic("domain-overcap");
     let checker = OrderChecker::new();
-    let gate = Gate::default();
-    let partitions: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-    let (g, parts) = (gate.clone(), partitions.clone());
-    let handler = handler_fn(move |e: Event| {
-        let (g, parts) = (g.clone(), parts.clone());
-        async move {
-            parts
-                .lock()
-                .insert(e.aggregate_id.clone(), e.position.partition);
-            if e.aggregate_id == "hot" {
-                g.wait().await;
-            }
-            Ok::<_, HandleError>(())
-        }
-    });
+    let (gate, handler) = blocking("hot");
     let sub = subscribe_checked(&bus, &topic, &checker, handler).await;
-    let others = aggregates("cool", 30);
-    for v in 1..=40u64 {
+    for v in 1..=HOT {
         bus.publish(&topic, &event("hot", v))
             .await
             .expect("publish");
         checker.published("hot", v);
     }
+    let others = aggregates("cool", 30);
     publish_interleaved(&bus, &topic, &checker, &others, 3).await;
-    // Every aggregate outside the hot partition completes while "hot" is blocked...
+    // Every other aggregate completes while "hot" is blocked on its first event...
+    wait_for(|| checker.distinct_ends() == others.len() * 3).await;
+    assert_eq!(
+        ends_of(&checker, "hot"),
+        0,
+        "the hot aggregate was not blocked"
+    );
+    // ...with the hot aggregate's backlog past the cap deferred, not held whole.
     wait_for(|| {
-        let parts = partitions.lock();
-        let Some(hot) = parts.get("hot").copied() else {
-            return false;
-        };
-        let ends = checker.records();
-        others.iter().all(|a| match parts.get(a) {
-            Some(p) if *p == hot => true,
-            Some(_) => {
-                ends.iter()
-                    .filter(|r| matches!(r, Record::End { a: x, .. } if x == a))
-                    .count()
-                    == 3
-            }
-            None => false,
-        })
+        let s = sub.stats();
+        (s.in_flight + s.deferred) as usize == HOT as usize
     })
     .await;
-    // ...and the hot partition stopped at the cap instead of buffering all 40 events.
-    let held = sub.stats().in_flight as usize;
+    let s = sub.stats();
     assert!(
-        held <= CAP + 1,
-        "{held} deliveries held: the hot partition was not paused at {CAP}"
+        s.in_flight as usize <= CAP + 1 && s.deferred as usize >= HOT as usize - 1 - CAP,
+        "{} deliveries held whole and {} deferred: the hot aggregate's cap {CAP} was not kept",
+        s.in_flight,
+        s.deferred
     );
     gate.open();
-    wait_for(|| checker.distinct_ends() == 40 + 90).await;
+    wait_for(|| checker.distinct_ends() == others.len() * 3 + HOT as usize).await;
+    // The backend's declaration holds: deferred deliveries were kept without their bodies
+    // and read again exactly when it says it can.
+    let reread = sub.stats().reread as usize;
+    if bus.capabilities().reread {
+        assert!(
+            reread >= HOT as usize - 1 - CAP,
+            "only {reread} deferred deliveries were read again"
+        );
+    } else {
+        assert_eq!(reread, 0, "a backend without reread read deliveries again");
+    }
     finish(backend, &bus, &topic, SOURCE, &checker).await;
     drop(sub);
     bus.close().await.expect("close");
+}
+
+/// `max_deferred` bounds the deferred deliveries: with a blocked aggregate 10x past both
+/// its cap and the bound, the pool holds at most `max_deferred` deferred ones (it stops
+/// pulling at the bound) and everything is handled in order once the aggregate moves.
+pub async fn deferred_bound(backend: &dyn Backend) {
+    const CAP: usize = 2;
+    const MAX_DEFERRED: usize = 4;
+    const HOT: u64 = 46;
+    let bus = bus_with(backend, |b| {
+        b.pool(PoolConfig {
+            max_per_key: CAP,
+            max_deferred: MAX_DEFERRED,
+            max_in_flight: 64,
+            ..PoolConfig::default()
+        })
+    })
+    .await;
+    let topic = unique_topic("domain-deferbound");
+    let checker = OrderChecker::new();
+    let (gate, handler) = blocking("hot");
+    let sub = subscribe_checked(&bus, &topic, &checker, handler).await;
+    for v in 1..=HOT {
+        bus.publish(&topic, &event("hot", v))
+            .await
+            .expect("publish");
+        checker.published("hot", v);
+    }
+    wait_for(|| sub.stats().deferred as usize == MAX_DEFERRED).await;
+    // Stays at the bound while the aggregate is blocked.
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let s = sub.stats();
+        assert_eq!(ends_of(&checker, "hot"), 0);
+        assert!(
+            s.deferred as usize <= MAX_DEFERRED && s.in_flight as usize <= CAP + 1,
+            "held {} whole and {} deferred: past the cap {CAP} or max_deferred {MAX_DEFERRED}",
+            s.in_flight,
+            s.deferred
+        );
+    }
+    gate.open();
+    wait_for(|| checker.distinct_ends() == HOT as usize).await;
+    let s = sub.stats();
+    assert_eq!(
+        s.peak_deferred as usize, MAX_DEFERRED,
+        "the bound was never reached"
+    );
+    finish(backend, &bus, &topic, SOURCE, &checker).await;
+    drop(sub);
+    bus.close().await.expect("close");
+}
+
+/// A pool whose bounds exceed the broker's limit of unacknowledged deliveries is refused
+/// with a clear error when the backend has such a limit (past it the broker would stop
+/// delivering to every aggregate); one that fits is accepted.
+pub async fn unacked_limit(backend: &dyn Backend) {
+    let probe = bus_with(backend, |b| b).await;
+    let Some(limit) = probe.capabilities().max_unacked else {
+        probe.close().await.expect("close");
+        return;
+    };
+    probe.close().await.expect("close");
+    let topic = unique_topic("domain-unacked");
+    for (deferred, ok) in [(limit - 10, false), (limit - 11, true)] {
+        let bus = bus_with(backend, |b| {
+            b.pool(PoolConfig {
+                max_in_flight: 11,
+                max_deferred: deferred,
+                ..PoolConfig::default()
+            })
+        })
+        .await;
+        let r = bus
+            .subscribe(&topic)
+            .start(handler_fn(|_e: Event| async { Ok::<_, HandleError>(()) }))
+            .await;
+        match (r, ok) {
+            (Ok(_), true) => {}
+            (Err(crate::Error::Config { path, .. }), false) => {
+                assert_eq!(path, "pool.max_deferred");
+            }
+            (r, _) => panic!("max_deferred {deferred} with limit {limit}: {:?}", r.err()),
+        }
+        bus.close().await.expect("close");
+    }
+}
+
+/// A gate and a handler that waits on it for every event of `blocked`.
+fn blocking(blocked: &'static str) -> (Gate, crate::handler::BoxEventHandler) {
+    let gate = Gate::default();
+    let g = gate.clone();
+    let handler = handler_fn(move |e: Event| {
+        let g = g.clone();
+        async move {
+            if e.aggregate_id == blocked {
+                g.wait().await;
+            }
+            Ok::<_, HandleError>(())
+        }
+    });
+    (gate, crate::handler::BoxEventHandler::new(handler))
+}
+
+/// How many events of aggregate `a` ended.
+fn ends_of(checker: &OrderChecker, a: &str) -> usize {
+    checker
+        .records()
+        .iter()
+        .filter(|r| matches!(r, Record::End { a: x, .. } if x == a))
+        .count()
 }

@@ -1,6 +1,6 @@
 //! Domain-bus conformance tests, by theme: `publish` (round trip, isolation, batches, bad
 //! input), `delivery` (order and redelivery), `failures` (retry and dead letters), `flow`
-//! (backpressure and per-key caps), `lifecycle` (close, drain, resubscribe) and `history`
+//! (backpressure, per-key caps and deferral), `lifecycle` (close, drain, resubscribe) and `history`
 //! (replay and expected versions). `support` holds the helpers they share.
 
 mod delivery;
@@ -16,7 +16,10 @@ pub use self::delivery::{
     single_active_consumer,
 };
 pub use self::failures::{dead_letter, malformed_input, retry_then_success};
-pub use self::flow::{backpressure, per_key_cap, slow_key_does_not_stall_others};
+pub use self::flow::{
+    backpressure, deferred_bound, slow_aggregate_over_cap, slow_key_does_not_stall_others,
+    unacked_limit,
+};
 pub use self::history::{expected_version, replay};
 pub use self::lifecycle::{close, drain_deadline, graceful_drain, resubscribe};
 pub use self::publish::{bad_input, publish_batch_order, publish_subscribe, topic_isolation};
