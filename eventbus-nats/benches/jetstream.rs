@@ -6,6 +6,9 @@
 //!    of acks in flight); and one publish at a time (latency to the server's ack).
 //! 2. Consume and ack: a subscription through the keyed pool against a plain pull-consumer
 //!    loop that acks every message, both reading the same stored envelopes.
+//! 3. Skew: one aggregate gets 1% of the stored events and its handler sleeps 10 ms per
+//!    event, with `max_per_key` 20 so that its backlog goes far past the cap: throughput of
+//!    the other aggregates with and without the slow one (`-- --only=skew` runs only this).
 //!
 //! `cargo bench -p dualbus-nats --bench jetstream` starts its own nats-server (file storage
 //! in a temporary directory) on a loopback port (the binary from `DUALBUS_NATS_SERVER`,
@@ -21,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use bytes::Bytes;
+use dualbus_core::pool::PoolConfig;
 use dualbus_core::{
     Codec, DomainBus, EncodedMessage, Envelope, Event, HandleError, HeaderStyle, handler_fn,
 };
@@ -226,8 +230,68 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// `max_per_key` in the skew comparison (the slow aggregate's backlog goes far past it).
+const SKEW_CAP: usize = 20;
+
+/// Events where `agg-0` gets 1% and 1,000 other aggregates share the rest.
+fn skewed(n: usize) -> Vec<Envelope> {
+    let mut versions = std::collections::HashMap::new();
+    (0..n)
+        .map(|i| {
+            let a = if i % 100 == 0 { 0 } else { 1 + (i % 1000) };
+            let v = versions.entry(a).or_insert(0u64);
+            *v += 1;
+            Envelope::unchecked(format!("agg-{a}"), "BenchEvent", *v, r#"{"amount":42}"#)
+        })
+        .collect()
+}
+
+/// Consumes the stored skewed events through the keyed pool; `agg-0`'s handler sleeps
+/// 10 ms per event when `slow`. Returns the other aggregates' events per second (until the
+/// last of them is handled) and the pool's peak of deferred deliveries.
+async fn skew_consume(url: &str, topic: &str, group: &str, others: u64, slow: bool) -> (f64, u64) {
+    let bus = DomainBus::builder(transport(url).await)
+        .source("bench")
+        .pool(PoolConfig {
+            max_per_key: SKEW_CAP,
+            ..PoolConfig::default()
+        })
+        .build()
+        .unwrap();
+    let handled = Arc::new(AtomicU64::new(0));
+    let h = handled.clone();
+    let t = Instant::now();
+    let sub = bus
+        .subscribe(topic)
+        .group(group)
+        .start(handler_fn(move |e: Event| {
+            let h = h.clone();
+            async move {
+                if e.aggregate_id == "agg-0" {
+                    if slow {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                } else {
+                    h.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok::<_, HandleError>(())
+            }
+        }))
+        .await
+        .unwrap();
+    while handled.load(Ordering::Relaxed) < others {
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let rate = others as f64 / t.elapsed().as_secs_f64();
+    let peak = sub.stats().peak_deferred;
+    drop(sub);
+    bus.close().await.unwrap();
+    (rate, peak)
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    let only_skew = std::env::args().any(|a| a == "--only=skew");
     let Some((url, _server, rt)) = setup() else {
         return;
     };
@@ -242,7 +306,8 @@ fn main() {
         "JetStream (file storage), nats-server {version}, {url}, {AGGREGATES} aggregates, CloudEvents headers, median of {rounds} rounds"
     );
     rt.block_on(async {
-        for size in [16usize, 1024] {
+        let sizes: &[usize] = if only_skew { &[] } else { &[16, 1024] };
+        for &size in sizes {
             let (mut b, mut r, mut bs, mut rs, mut bc, mut rc) =
                 (vec![], vec![], vec![], vec![], vec![], vec![]);
             for round in 0..rounds {
@@ -270,5 +335,28 @@ fn main() {
             );
             println!("  {size:>5} B  consume + ack   bus {bc:>9.0}/s   raw {rc:>9.0}/s   ratio {:.2}x", bc / rc);
         }
+        let n_skew = if quick { 5_000 } else { 20_000 };
+        let evs = skewed(n_skew);
+        let others = evs.iter().filter(|e| e.aggregate_id != "agg-0").count() as u64;
+        let topic = format!("bench-skew-{}", std::process::id());
+        bus_batch(&url, &topic, &evs).await;
+        println!(
+            "  skew: {n_skew} stored events, agg-0 gets 1% ({}) and sleeps 10 ms per event, max_per_key {SKEW_CAP}",
+            n_skew - others as usize
+        );
+        let (mut fast, mut slow, mut peaks) = (vec![], vec![], vec![]);
+        for round in 0..rounds.max(3) {
+            fast.push(skew_consume(&url, &topic, &format!("fast-{round}"), others, false).await.0);
+            let (rate, peak) = skew_consume(&url, &topic, &format!("slow-{round}"), others, true).await;
+            slow.push(rate);
+            peaks.push(peak);
+        }
+        let (fast, slow) = (median(fast), median(slow));
+        let peak = peaks.iter().max().copied().unwrap_or(0);
+        println!(
+            "  skew: others without slow {fast:>9.0}/s, with slow {slow:>9.0}/s: {:.1}% kept; agg-0 up to {peak} deferred ({:.1}x the cap)",
+            100.0 * slow / fast,
+            peak as f64 / SKEW_CAP as f64
+        );
     });
 }

@@ -10,7 +10,8 @@
 //!    moved partition, and duplicates per handover;
 //! 4. skew: one aggregate gets 1% of the events and its handler sleeps 10 ms per event:
 //!    throughput of the other aggregates with and without the slow one, for the keyed pool
-//!    and for the hash-to-N baseline.
+//!    (`max_per_key` 20, so that the slow aggregate's backlog goes far past its cap) and
+//!    for the hash-to-N baseline.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A benchmark binary.
 
@@ -31,6 +32,8 @@ struct Run {
     n: usize,
     elapsed: Duration,
     latencies: Vec<u64>,
+    /// The keyed pool's peak of deferred deliveries (0 for baselines).
+    peak_deferred: u64,
 }
 
 impl Run {
@@ -150,6 +153,7 @@ async fn simple_bus(n: usize) -> Run {
         n,
         elapsed,
         latencies: stamps.latencies(),
+        peak_deferred: 0,
     }
 }
 
@@ -179,6 +183,7 @@ async fn simple_raw(n: usize) -> Run {
         n,
         elapsed,
         latencies: stamps.latencies(),
+        peak_deferred: 0,
     }
 }
 
@@ -215,11 +220,21 @@ enum Load {
 }
 
 async fn domain_bus(evs: &[Envelope], load: Load, count_only_others: bool) -> Run {
+    domain_bus_with(evs, load, count_only_others, PoolConfig::default().max_per_key).await
+}
+
+async fn domain_bus_with(
+    evs: &[Envelope],
+    load: Load,
+    count_only_others: bool,
+    max_per_key: usize,
+) -> Run {
     let n = evs.len();
     let bus = DomainBus::builder(Memory::new())
         .source("bench")
         .pool(PoolConfig {
             max_in_flight: 10_000,
+            max_per_key,
             ..PoolConfig::default()
         })
         .build()
@@ -255,6 +270,7 @@ async fn domain_bus(evs: &[Envelope], load: Load, count_only_others: bool) -> Ru
     }
     stamps.wait(target).await;
     let elapsed = t.elapsed();
+    let peak_deferred = sub.stats().peak_deferred;
     drop(sub);
     bus.close().await.unwrap();
     let mut latencies = stamps.latencies();
@@ -264,6 +280,7 @@ async fn domain_bus(evs: &[Envelope], load: Load, count_only_others: bool) -> Ru
         n: target,
         elapsed,
         latencies,
+        peak_deferred,
     }
 }
 
@@ -330,6 +347,7 @@ async fn domain_raw(evs: &[Envelope], workers: usize, load: Load, count_only_oth
         n: target,
         elapsed,
         latencies,
+        peak_deferred: 0,
     }
 }
 
@@ -447,6 +465,10 @@ async fn handover() -> (Duration, usize) {
     (pause, dups)
 }
 
+/// `max_per_key` in the skew comparison: low, so that the slow aggregate's backlog goes far
+/// past it (at least 5x) in a short run.
+const SKEW_CAP: usize = 20;
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     // `--only=simple|domain|handover|skew` runs one part (for profiling).
@@ -459,7 +481,7 @@ fn main() {
     let (n_simple, n_domain, n_skew) = if quick {
         (50_000, 50_000, 5_000)
     } else {
-        (500_000, 200_000, 20_000)
+        (500_000, 200_000, 50_000)
     };
     // Each comparison runs this many rounds, alternating, and reports the median of each side.
     let rounds = if quick { 3 } else { 5 };
@@ -513,12 +535,12 @@ fn main() {
             return;
         }
 
-        println!("\n4. skew: {n_skew} events, agg-0 gets 1% and sleeps 10 ms per event; throughput of the others");
+        println!("\n4. skew: {n_skew} events, agg-0 gets 1% ({}) and sleeps 10 ms per event, max_per_key {SKEW_CAP}; throughput of the others", n_skew / 100);
         let evs = skewed(n_skew);
         let mut runs: [Vec<Run>; 4] = Default::default();
         for _ in 0..rounds {
-            runs[0].push(domain_bus(&evs, Load::Plain, true).await);
-            runs[1].push(domain_bus(&evs, Load::SlowFirst, true).await);
+            runs[0].push(domain_bus_with(&evs, Load::Plain, true, SKEW_CAP).await);
+            runs[1].push(domain_bus_with(&evs, Load::SlowFirst, true, SKEW_CAP).await);
             runs[2].push(domain_raw(&evs, 64, Load::Plain, true).await);
             runs[3].push(domain_raw(&evs, 64, Load::SlowFirst, true).await);
         }
@@ -534,5 +556,10 @@ fn main() {
                 slow.pct(0.99)
             );
         }
+        println!(
+            "  agg-0's backlog past its cap of {SKEW_CAP}: up to {} deferred deliveries ({:.1}x the cap)",
+            pool_slow.peak_deferred,
+            pool_slow.peak_deferred as f64 / SKEW_CAP as f64
+        );
     });
 }

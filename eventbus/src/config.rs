@@ -10,7 +10,7 @@
 //!   # jxt_tenant_id: number   # number | string: jxt-core up to v1.1.35 (codec jxt only)
 //!   memory: { partitions: 16, ack_wait: 30s }  # also max_payload (1 MiB), simple_buffer (1024)
 //!                           # (see dualbus_memory::MemoryConfig)
-//!   pool: { max_concurrency: 256, max_in_flight: 10000, max_per_key: 1000, drain_deadline: 10s }
+//!   pool: { max_concurrency: 256, max_in_flight: 10000, max_per_key: 1000, max_deferred: 40000, drain_deadline: 10s }
 //!   retry: { attempts: 5, initial_backoff: 100ms, max_backoff: 10s }
 //!   dead_letter: { suffix: ".dlq" }
 //!   handler_timeout: 30s
@@ -25,7 +25,7 @@
 //!   #   credentials: { token: ... }     # or user + password, nkey, creds_file (not with URL credentials)
 //!   #   jetstream:
 //!   #     stream: { storage: file, replicas: 1, retention: limits, max_age: 30d, duplicate_window: 2m }
-//!   #     consumer: { ack_wait: 30s, max_ack_pending: 10000, batch: 256, lease_ttl: 10s }
+//!   #     consumer: { ack_wait: 30s, max_ack_pending: 50000, batch: 256, lease_ttl: 10s }
 //! simple:
 //!   type: memory            # memory | nats | redis
 //!   max_concurrency: 1024
