@@ -220,7 +220,13 @@ enum Load {
 }
 
 async fn domain_bus(evs: &[Envelope], load: Load, count_only_others: bool) -> Run {
-    domain_bus_with(evs, load, count_only_others, PoolConfig::default().max_per_key).await
+    domain_bus_with(
+        evs,
+        load,
+        count_only_others,
+        PoolConfig::default().max_per_key,
+    )
+    .await
 }
 
 async fn domain_bus_with(
