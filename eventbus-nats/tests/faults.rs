@@ -113,9 +113,50 @@ async fn server_restarts_lose_nothing_and_keep_order() {
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(300), run)
-        .await
-        .expect("the run did not finish within 300 s");
+    // Every 10 s, where the run is: which side a stall is on.
+    let watch = async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            if let Ok(c) = async_nats::connect(url.as_str()).await {
+                let js = async_nats::jetstream::new(c);
+                let name = dualbus_nats::jetstream::stream_name("DUALBUS_", topic.as_str());
+                if let Ok(mut st) = js.get_stream(name).await {
+                    let c: Result<async_nats::jetstream::consumer::PullConsumer, _> =
+                        st.get_consumer("faults").await;
+                    if let Ok(mut c) = c {
+                        eprintln!(
+                            "consumer: {:?}",
+                            c.info().await.map(|i| (
+                                i.delivered.stream_sequence,
+                                i.ack_floor.stream_sequence,
+                                i.num_ack_pending,
+                                i.num_pending,
+                                i.num_waiting,
+                                i.num_redelivered
+                            ))
+                        );
+                    }
+                    eprintln!("stream: {:?}", st.info().await.map(|i| i.state.messages));
+                }
+            }
+            eprintln!(
+                "progress: {} published, {} handled; pending {:?}; {:?}",
+                published.load(Ordering::Relaxed),
+                checker.distinct_ends(),
+                tokio::time::timeout(
+                    Duration::from_secs(2),
+                    consumer.transport().pending(&topic, "faults")
+                )
+                .await,
+                sub.stats()
+            );
+        }
+    };
+    tokio::select! {
+        () = run => {}
+        () = watch => {}
+        () = tokio::time::sleep(Duration::from_secs(300)) => panic!("the run did not finish within 300 s"),
+    }
     checker.quiescent();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let summary = checker

@@ -93,6 +93,7 @@ impl JetStream {
                 w
             },
             stats: self.inner.client.statistics(),
+            quiet_since: tokio::time::Instant::now(),
             lost,
             _lease: guard,
         };
@@ -134,6 +135,8 @@ struct Pulling {
     ready: VecDeque<Result<Delivery>>,
     /// Ticks while waiting for messages, to look at the connection count.
     watch: tokio::time::Interval,
+    /// Since when the open pull has delivered nothing while polled (see [`Pulling::stalled`]).
+    quiet_since: tokio::time::Instant,
     stats: Arc<async_nats::Statistics>,
     /// Cancelled when the lease is lost or the transport closes: the stream ends.
     lost: CancellationToken,
@@ -212,6 +215,28 @@ impl Pulling {
     fn expires(&self) -> Duration {
         self.ack_wait
             .clamp(Duration::from_secs(1), Duration::from_secs(30))
+    }
+
+    /// Whether the open pull is stalled: polled and quiet for a while although the consumer
+    /// has messages to deliver. After a server restart a pull can stay open (heartbeats
+    /// arrive) and deliver nothing; the caller then opens a new one after the rewind. Asks
+    /// the server only once per quiet period.
+    async fn stalled(&mut self) -> bool {
+        let quiet = self.expires().max(Duration::from_secs(5));
+        if self.quiet_since.elapsed() < quiet {
+            return false;
+        }
+        self.quiet_since = tokio::time::Instant::now();
+        match self.consumer.info().await {
+            Ok(info) if info.num_pending > 0 => {
+                tracing::warn!(
+                    topic = %self.topic, pending = info.num_pending, ?quiet,
+                    "the pull delivered nothing although the consumer has messages; pulling again"
+                );
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Waits a little after a failure, unless the subscription ends meanwhile.
@@ -472,6 +497,8 @@ impl Pulling {
 
     /// The next delivery, an error to report, or `None` at the end.
     async fn next(&mut self) -> Option<Result<Delivery>> {
+        // Quiet time counts within one call: the pool may leave the stream unpolled for long.
+        self.quiet_since = tokio::time::Instant::now();
         loop {
             if self.lost.is_cancelled() {
                 return None;
@@ -530,7 +557,13 @@ impl Pulling {
                 // The client reconnects on its own and the pull goes on: notice a reconnect
                 // even while nothing arrives (a message the client cannot read drops the
                 // connection each time it is sent, and never arrives).
-                _ = self.watch.tick() => continue,
+                _ = self.watch.tick() => {
+                    if self.stalled().await {
+                        self.messages = None;
+                        self.rewind = true;
+                    }
+                    continue;
+                }
             };
             match next {
                 Some(Ok(m)) => {
