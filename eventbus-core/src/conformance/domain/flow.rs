@@ -8,9 +8,11 @@ use super::support::{
     Gate, SOURCE, aggregates, bus_with, finish, publish_interleaved, subscribe_checked,
 };
 use crate::conformance::{Backend, OrderChecker, Record, event, unique_topic, wait_for};
+use crate::domain::{DomainBus, Subscription};
 use crate::error::HandleError;
 use crate::handler::{Event, handler_fn};
 use crate::pool::PoolConfig;
+use crate::topic::Topic;
 
 /// A slow handler does not make the buffer grow: at most `max_in_flight` deliveries held.
 pub async fn backpressure(backend: &dyn Backend) {
@@ -102,24 +104,17 @@ pub async fn slow_key_does_not_stall_others(backend: &dyn Backend) {
 pub async fn slow_aggregate_over_cap(backend: &dyn Backend) {
     const CAP: usize = 4;
     const HOT: u64 = 40;
-    let bus = bus_with(backend, |b| {
-        b.pool(PoolConfig {
-            max_per_key: CAP,
-            max_in_flight: 64,
-            ..PoolConfig::default()
-        })
-    })
-    .await;
-    let topic = unique_topic("domain-overcap");
-    let checker = OrderChecker::new();
-    let (gate, handler) = blocking("hot");
-    let sub = subscribe_checked(&bus, &topic, &checker, handler).await;
-    for v in 1..=HOT {
-        bus.publish(&topic, &event("hot", v))
-            .await
-            .expect("publish");
-        checker.published("hot", v);
-    }
+    let pool = PoolConfig {
+        max_per_key: CAP,
+        ..PoolConfig::default()
+    };
+    let Blocked {
+        bus,
+        topic,
+        checker,
+        gate,
+        sub,
+    } = blocked_hot(backend, "domain-overcap", pool, HOT).await;
     let others = aggregates("cool", 30);
     publish_interleaved(&bus, &topic, &checker, &others, 3).await;
     // Every other aggregate completes while "hot" is blocked on its first event...
@@ -167,25 +162,18 @@ pub async fn deferred_bound(backend: &dyn Backend) {
     const CAP: usize = 2;
     const MAX_DEFERRED: usize = 4;
     const HOT: u64 = 46;
-    let bus = bus_with(backend, |b| {
-        b.pool(PoolConfig {
-            max_per_key: CAP,
-            max_deferred: MAX_DEFERRED,
-            max_in_flight: 64,
-            ..PoolConfig::default()
-        })
-    })
-    .await;
-    let topic = unique_topic("domain-deferbound");
-    let checker = OrderChecker::new();
-    let (gate, handler) = blocking("hot");
-    let sub = subscribe_checked(&bus, &topic, &checker, handler).await;
-    for v in 1..=HOT {
-        bus.publish(&topic, &event("hot", v))
-            .await
-            .expect("publish");
-        checker.published("hot", v);
-    }
+    let pool = PoolConfig {
+        max_per_key: CAP,
+        max_deferred: MAX_DEFERRED,
+        ..PoolConfig::default()
+    };
+    let Blocked {
+        bus,
+        topic,
+        checker,
+        gate,
+        sub,
+    } = blocked_hot(backend, "domain-deferbound", pool, HOT).await;
     wait_for(|| sub.stats().deferred as usize == MAX_DEFERRED).await;
     // Stays at the bound while the aggregate is blocked.
     for _ in 0..20 {
@@ -260,6 +248,46 @@ fn blocking(blocked: &'static str) -> (Gate, crate::handler::BoxEventHandler) {
         }
     });
     (gate, crate::handler::BoxEventHandler::new(handler))
+}
+
+/// A subscription whose handler blocks aggregate "hot" until `gate` opens, with `hot`
+/// events of it published.
+struct Blocked {
+    bus: DomainBus,
+    topic: Topic,
+    checker: OrderChecker,
+    gate: Gate,
+    sub: Subscription,
+}
+
+/// Subscribes on a new topic named after `name` with `pool` (and 64 in flight), a handler
+/// that waits on the returned gate for every event of "hot", and publishes `hot` events of
+/// it.
+async fn blocked_hot(backend: &dyn Backend, name: &str, pool: PoolConfig, hot: u64) -> Blocked {
+    let bus = bus_with(backend, |b| {
+        b.pool(PoolConfig {
+            max_in_flight: 64,
+            ..pool
+        })
+    })
+    .await;
+    let topic = unique_topic(name);
+    let checker = OrderChecker::new();
+    let (gate, handler) = blocking("hot");
+    let sub = subscribe_checked(&bus, &topic, &checker, handler).await;
+    for v in 1..=hot {
+        bus.publish(&topic, &event("hot", v))
+            .await
+            .expect("publish");
+        checker.published("hot", v);
+    }
+    Blocked {
+        bus,
+        topic,
+        checker,
+        gate,
+        sub,
+    }
 }
 
 /// How many events of aggregate `a` ended.
