@@ -26,7 +26,8 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use dualbus_core::pool::PoolConfig;
 use dualbus_core::{
-    Codec, DomainBus, EncodedMessage, Envelope, Event, HandleError, HeaderStyle, handler_fn,
+    Codec, DomainBus, EncodedMessage, Envelope, Event, HandleError, HandlerFn, HeaderStyle,
+    Subscription, handler_fn,
 };
 use dualbus_nats::jetstream::stream_name;
 use dualbus_nats::subject::event_subject;
@@ -173,27 +174,46 @@ async fn raw_single(url: &str, topic: &str, es: &[Envelope]) -> Vec<Duration> {
 
 /// Consume `n` stored envelopes through the keyed pool: envelopes per second.
 async fn bus_consume(url: &str, topic: &str, group: &str, n: u64) -> f64 {
-    let bus = bus(transport(url).await);
     let handled = Arc::new(AtomicU64::new(0));
     let h = handled.clone();
+    let handler = handler_fn(move |_e: Event| {
+        h.fetch_add(1, Ordering::Relaxed);
+        std::future::ready(Ok::<_, HandleError>(()))
+    });
+    let bus = bus(transport(url).await);
+    let (took, _) = consume(bus, topic, group, handler, |s| s.stats().acked >= n).await;
+    assert!(handled.load(Ordering::Relaxed) >= n);
+    n as f64 / took.as_secs_f64()
+}
+
+/// Subscribes `bus` to `topic` in `group` with `handler` and waits until `done`. Returns the
+/// time taken and the subscription's peak of deferred deliveries; closes the bus.
+async fn consume<F, Fut>(
+    bus: DomainBus,
+    topic: &str,
+    group: &str,
+    handler: HandlerFn<F>,
+    done: impl Fn(&Subscription) -> bool,
+) -> (Duration, u64)
+where
+    F: Fn(Event) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), HandleError>> + Send + 'static,
+{
     let t = Instant::now();
     let sub = bus
         .subscribe(topic)
         .group(group)
-        .start(handler_fn(move |_e: Event| {
-            h.fetch_add(1, Ordering::Relaxed);
-            std::future::ready(Ok::<_, HandleError>(()))
-        }))
+        .start(handler)
         .await
         .unwrap();
-    while sub.stats().acked < n {
+    while !done(&sub) {
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
-    let rate = n as f64 / t.elapsed().as_secs_f64();
+    let took = t.elapsed();
+    let peak = sub.stats().peak_deferred;
     drop(sub);
     bus.close().await.unwrap();
-    assert!(handled.load(Ordering::Relaxed) >= n);
-    rate
+    (took, peak)
 }
 
 /// A plain pull consumer acking every message.
@@ -260,33 +280,24 @@ async fn skew_consume(url: &str, topic: &str, group: &str, others: u64, slow: bo
         .unwrap();
     let handled = Arc::new(AtomicU64::new(0));
     let h = handled.clone();
-    let t = Instant::now();
-    let sub = bus
-        .subscribe(topic)
-        .group(group)
-        .start(handler_fn(move |e: Event| {
-            let h = h.clone();
-            async move {
-                if e.aggregate_id == "agg-0" {
-                    if slow {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                } else {
-                    h.fetch_add(1, Ordering::Relaxed);
+    let handler = handler_fn(move |e: Event| {
+        let h = h.clone();
+        async move {
+            if e.aggregate_id == "agg-0" {
+                if slow {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                Ok::<_, HandleError>(())
+            } else {
+                h.fetch_add(1, Ordering::Relaxed);
             }
-        }))
-        .await
-        .unwrap();
-    while handled.load(Ordering::Relaxed) < others {
-        tokio::time::sleep(Duration::from_micros(200)).await;
-    }
-    let rate = others as f64 / t.elapsed().as_secs_f64();
-    let peak = sub.stats().peak_deferred;
-    drop(sub);
-    bus.close().await.unwrap();
-    (rate, peak)
+            Ok::<_, HandleError>(())
+        }
+    });
+    let (took, peak) = consume(bus, topic, group, handler, |_| {
+        handled.load(Ordering::Relaxed) >= others
+    })
+    .await;
+    (others as f64 / took.as_secs_f64(), peak)
 }
 
 fn main() {
