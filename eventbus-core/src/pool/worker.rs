@@ -20,17 +20,25 @@ fn next_entry(sh: &Shared, key: &Key) -> Option<Entry> {
     sh.state.lock().sched.take(key)
 }
 
+/// What reading a deferred delivery again gave.
+enum Reread {
+    /// The delivery with its body, or unreadable (the broker no longer holds the message).
+    Read(Item),
+    /// Its partition moved on (the next owner handles it): nothing to settle here.
+    NotOwned(Thin),
+    /// The pool stopped for good meanwhile: shutdown returns it unacknowledged.
+    Stopped,
+}
+
 /// The body of a deferred delivery, read again from the broker. Retried while the broker
 /// cannot be asked (later events of the key wait, as behind a failing handler). A message
 /// the broker no longer holds becomes an unreadable delivery, which the pool dead-letters
-/// (a record without body, with the reason). `None` if the pool stopped for good meanwhile.
-async fn reread(sh: &Shared, thin: Thin) -> Option<Item> {
+/// (a record without body, with the reason).
+async fn reread(sh: &Shared, thin: Thin) -> Reread {
     let mut failures = 0u32;
     let found = loop {
         if !sh.state.lock().owns(thin.position.partition, thin.epoch) {
-            // The partition moved on: the next owner handles it. A delivery without body
-            // settles nothing for a partition this member does not own.
-            break Err("the partition is no longer owned".to_owned());
+            return Reread::NotOwned(thin);
         }
         match thin.reread.reread(thin.position).await {
             Ok(m) if m.position == thin.position => break Ok(m),
@@ -48,7 +56,7 @@ async fn reread(sh: &Shared, thin: Thin) -> Option<Item> {
                         .max(Duration::from_millis(10));
                 tracing::warn!(topic = %sh.p.topic, position = ?thin.position, error = %e, ?delay, "reading a deferred delivery again failed; retrying");
                 tokio::select! {
-                    () = sh.hard_stop.cancelled() => return None,
+                    () = sh.hard_stop.cancelled() => return Reread::Stopped,
                     () = tokio::time::sleep(delay) => {}
                 }
             }
@@ -75,7 +83,7 @@ async fn reread(sh: &Shared, thin: Thin) -> Option<Item> {
     if let Some(reason) = unreadable {
         delivery = delivery.unreadable(reason);
     }
-    Some(Item {
+    Reread::Read(Item {
         delivery,
         decoded,
         key: thin.key,
@@ -137,9 +145,16 @@ pub(super) async fn worker(sh: Arc<Shared>) {
             let item = match entry {
                 Entry::Whole(item) => item,
                 Entry::Thin(thin) => match reread(&sh, thin).await {
-                    Some(item) => item,
-                    // Stopped for good: shutdown returns it unacknowledged.
-                    None => return,
+                    Reread::Read(item) => item,
+                    Reread::NotOwned(thin) => {
+                        // Forgotten unsettled, as a lost partition's running delivery.
+                        let more = finish(&sh, &(thin.position, thin.epoch), thin.key, true);
+                        if !more {
+                            break;
+                        }
+                        continue;
+                    }
+                    Reread::Stopped => return,
                 },
             };
             let done = tokio::select! {
