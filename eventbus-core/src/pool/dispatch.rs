@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::attempt::{AttemptFuture, Handler, event, process_with};
 use super::group::{lose_all, next_event, on_group_event};
-use super::keys::{Admitted, Entry, Item, Key, Thin};
+use super::keys::{Admitted, AdmittedDeferred, Entry, Item, Key, Thin};
 use super::lifecycle::Streams;
 use super::stats::bump;
 use super::worker::finish;
@@ -19,6 +19,7 @@ use super::{PoolEvent, Shared, observe};
 use crate::codec::Codec;
 use crate::guard::{Call, Guarded};
 use crate::handler::Event;
+use crate::message::Position;
 use crate::transport::{Delivery, GroupEvent};
 
 /// An event the dispatcher started inline whose handler did not finish at once.
@@ -117,16 +118,18 @@ pub(super) async fn dispatch(
         } else {
             None
         };
-        let admitted = sh.state.lock().sched.admit(Entry::Whole(item), false, slot);
-        let admitted = match admitted {
-            Admitted::OverCap(item) => match defer(&sh, item).await {
-                Some(admitted) => admitted,
-                None => break,
-            },
-            other => other,
-        };
-        if let Some((item, slot)) = queue(&sh, admitted) {
-            run_inline(&sh, &mut handler, &mut inline, item, slot);
+        let admitted = sh.state.lock().sched.admit(item, slot);
+        match admitted {
+            Admitted::Duplicate(position) => duplicate(&sh, position),
+            Admitted::Start(item, slot) => {
+                run_inline(&sh, &mut handler, &mut inline, item, slot);
+            }
+            Admitted::Queued { schedule } => ready(&sh, schedule),
+            Admitted::OverCap(item) => {
+                if !defer(&sh, item).await {
+                    break;
+                }
+            }
         }
     }
     sh.stop_pulling.cancel();
@@ -139,8 +142,8 @@ pub(super) async fn dispatch(
 /// Defers an item whose key is at its cap: its in-flight permit goes back to the other
 /// aggregates and it waits for a deferred slot (all taken: the pool stops pulling, for every
 /// partition alike); then it is queued without its body when the backend can read it again.
-/// `None` if the pool stopped meanwhile (the delivery is handed back).
-async fn defer(sh: &Shared, item: Item) -> Option<Admitted> {
+/// `false` if the pool stopped meanwhile (the delivery is handed back).
+async fn defer(sh: &Shared, item: Item) -> bool {
     let Item {
         delivery,
         decoded,
@@ -155,7 +158,7 @@ async fn defer(sh: &Shared, item: Item) -> Option<Admitted> {
     };
     let Some(slot) = slot else {
         let _ = delivery.release(Duration::ZERO).await;
-        return None;
+        return false;
     };
     let entry = if let Some(reread) = sh
         .reread
@@ -172,31 +175,25 @@ async fn defer(sh: &Shared, item: Item) -> Option<Admitted> {
             _permit: slot,
         })
     };
-    Some(sh.state.lock().sched.admit(entry, true, None))
+    let admitted = sh.state.lock().sched.admit_deferred(entry);
+    match admitted {
+        AdmittedDeferred::Duplicate(position) => duplicate(sh, position),
+        AdmittedDeferred::Queued { schedule } => ready(sh, schedule),
+    }
+    true
 }
 
-/// Acts on what [`Schedule::admit`](super::keys::Schedule::admit) decided: returns the item
-/// with its running slot when the dispatcher is to start it at once.
-fn queue(sh: &Shared, admitted: Admitted) -> Option<(Item, OwnedSemaphorePermit)> {
-    match admitted {
-        Admitted::Duplicate(position) => {
-            bump(&sh.counters.duplicates_dropped);
-            observe(sh, &PoolEvent::DuplicateDropped { position });
-            None
-        }
-        // Only a whole, undeferred delivery can be over its key's cap: `defer` handled it.
-        Admitted::OverCap(item) => {
-            drop(item);
-            None
-        }
-        Admitted::Start(item, slot) => Some((item, slot)),
-        Admitted::Queued { schedule } => {
-            if let Some(key) = schedule {
-                // Unbounded and only closed at shutdown, when nothing is scheduled any more.
-                let _ = sh.ready_tx.try_send(key);
-            }
-            None
-        }
+/// A delivery held already (same position, same epoch) came again: dropped.
+fn duplicate(sh: &Shared, position: Position) {
+    bump(&sh.counters.duplicates_dropped);
+    observe(sh, &PoolEvent::DuplicateDropped { position });
+}
+
+/// Puts a key that had no work before in the ready queue.
+fn ready(sh: &Shared, schedule: Option<Key>) {
+    if let Some(key) = schedule {
+        // Unbounded and only closed at shutdown, when nothing is scheduled any more.
+        let _ = sh.ready_tx.try_send(key);
     }
 }
 

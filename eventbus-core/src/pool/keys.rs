@@ -12,7 +12,7 @@
 //! read them again by position. Order holds because they queue behind the key's earlier
 //! work like any other entry.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque, hash_map};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -179,6 +179,16 @@ pub(super) enum Left {
 }
 
 impl Held {
+    fn new(acker: &Arc<dyn Acker>, started: bool, deferred: bool) -> Self {
+        Self {
+            acker: acker.clone(),
+            since: Instant::now(),
+            started,
+            parked: false,
+            deferred,
+        }
+    }
+
     pub(super) fn left(&self) -> Left {
         match (self.started, self.parked) {
             (false, _) => Left::Queued,
@@ -209,6 +219,16 @@ pub(super) enum Admitted {
     OverCap(Item),
 }
 
+/// What [`Schedule::admit_deferred`] decided for a deferred delivery: the same as
+/// [`Admitted`] without the two outcomes a deferred entry cannot have (it never starts at
+/// once and is never over the cap).
+pub(super) enum AdmittedDeferred {
+    /// The same position under the same epoch is held already: dropped.
+    Duplicate(Position),
+    /// Queued behind the key's earlier work; `schedule` as in [`Admitted::Queued`].
+    Queued { schedule: Option<Key> },
+}
+
 /// What [`Schedule::finish`] found.
 pub(super) struct Finished {
     /// The key has more queued work.
@@ -235,72 +255,74 @@ impl Schedule {
         }
     }
 
-    /// Takes a new delivery, `deferred` or not. Given a running `slot`, when the key has no
-    /// queued or running work and the delivery is a whole one that decoded, the key is
-    /// scheduled and the item comes back with the slot for the caller to start at once. An
-    /// undeferred delivery of a key whose queue is at `max_per_key` comes back to be
-    /// deferred.
-    pub(super) fn admit(
-        &mut self,
-        entry: Entry,
-        deferred: bool,
-        slot: Option<OwnedSemaphorePermit>,
-    ) -> Admitted {
-        let id = entry.id();
-        if self.held.contains_key(&id) {
-            return Admitted::Duplicate(id.0);
-        }
-        let entry = match entry {
-            Entry::Whole(item)
-                if !deferred
-                    && self
-                        .keys
-                        .get(&item.key)
-                        .is_some_and(|q| q.len() >= self.max_per_key) =>
-            {
-                return Admitted::OverCap(item);
-            }
-            entry => entry,
+    /// Takes a new delivery. Given a running `slot`, when the key has no queued or running
+    /// work and the delivery decoded, the key is scheduled and the item comes back with the
+    /// slot for the caller to start at once. A delivery of a key whose queue is at
+    /// `max_per_key` comes back to be deferred ([`Schedule::admit_deferred`]). One lookup
+    /// in each map: this runs for every delivery.
+    pub(super) fn admit(&mut self, item: Item, slot: Option<OwnedSemaphorePermit>) -> Admitted {
+        let Self {
+            keys,
+            held,
+            counts,
+            max_per_key,
+        } = self;
+        let id = item.id();
+        let held = match held.entry(id) {
+            hash_map::Entry::Occupied(_) => return Admitted::Duplicate(id.0),
+            hash_map::Entry::Vacant(v) => v,
         };
-        self.held.insert(
-            id,
-            Held {
-                acker: entry.acker().clone(),
-                since: Instant::now(),
-                started: false,
-                parked: false,
-                deferred,
-            },
-        );
-        let c = &mut self.counts;
-        if deferred {
-            c.deferred += 1;
-            c.peak_deferred = c.peak_deferred.max(c.deferred);
-        } else {
-            c.whole += 1;
-            c.peak_whole = c.peak_whole.max(c.whole);
-        }
-        let entry = match (entry, slot) {
-            (Entry::Whole(item), Some(slot))
-                if !deferred && item.decoded.is_ok() && !self.keys.contains_key(&item.key) =>
-            {
-                self.keys.insert(item.key.clone(), VecDeque::new());
-                if let Some(h) = self.held.get_mut(&id) {
-                    h.started = true;
+        match keys.entry(item.key.clone()) {
+            hash_map::Entry::Occupied(mut q) => {
+                if q.get().len() >= *max_per_key {
+                    return Admitted::OverCap(item);
                 }
-                return Admitted::Start(item, slot);
-            }
-            (entry, _) => entry,
-        };
-        match self.keys.get_mut(entry.key()) {
-            Some(q) => {
-                q.push_back(entry);
+                held.insert(Held::new(item.delivery.acker(), false, false));
+                counts.add(false);
+                q.get_mut().push_back(Entry::Whole(item));
                 Admitted::Queued { schedule: None }
             }
-            None => {
-                let key = entry.key().clone();
-                self.keys.insert(key.clone(), VecDeque::from([entry]));
-                Admitted::Queued {
+            hash_map::Entry::Vacant(q) => {
+                let start = slot.filter(|_| item.decoded.is_ok());
+                held.insert(Held::new(item.delivery.acker(), start.is_some(), false));
+                counts.add(false);
+                match start {
+                    Some(slot) => {
+                        q.insert(VecDeque::new());
+                        Admitted::Start(item, slot)
+                    }
+                    None => {
+                        let key = q.key().clone();
+                        q.insert(VecDeque::from([Entry::Whole(item)]));
+                        Admitted::Queued {
+                            schedule: Some(key),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes a deferred delivery (holding a deferred slot): queued behind its key's work,
+    /// whatever the queue's length.
+    pub(super) fn admit_deferred(&mut self, entry: Entry) -> AdmittedDeferred {
+        let id = entry.id();
+        match self.held.entry(id) {
+            hash_map::Entry::Occupied(_) => return AdmittedDeferred::Duplicate(id.0),
+            hash_map::Entry::Vacant(v) => {
+                v.insert(Held::new(entry.acker(), false, true));
+            }
+        }
+        self.counts.add(true);
+        match self.keys.entry(entry.key().clone()) {
+            hash_map::Entry::Occupied(mut q) => {
+                q.get_mut().push_back(entry);
+                AdmittedDeferred::Queued { schedule: None }
+            }
+            hash_map::Entry::Vacant(q) => {
+                let key = q.key().clone();
+                q.insert(VecDeque::from([entry]));
+                AdmittedDeferred::Queued {
                     schedule: Some(key),
                 }
             }
@@ -355,11 +377,7 @@ impl Schedule {
 
     fn forget(&mut self, id: &HeldId) {
         if let Some(h) = self.held.remove(id) {
-            if h.deferred {
-                self.counts.deferred -= 1;
-            } else {
-                self.counts.whole -= 1;
-            }
+            self.counts.remove(h.deferred);
         }
     }
 

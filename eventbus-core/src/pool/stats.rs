@@ -34,6 +34,28 @@ pub(super) struct Held {
     pub(super) peak_deferred: usize,
 }
 
+impl Held {
+    /// One more delivery held, `deferred` or whole.
+    pub(super) fn add(&mut self, deferred: bool) {
+        if deferred {
+            self.deferred += 1;
+            self.peak_deferred = self.peak_deferred.max(self.deferred);
+        } else {
+            self.whole += 1;
+            self.peak_whole = self.peak_whole.max(self.whole);
+        }
+    }
+
+    /// One delivery, `deferred` or whole, no longer held.
+    pub(super) fn remove(&mut self, deferred: bool) {
+        if deferred {
+            self.deferred = self.deferred.saturating_sub(1);
+        } else {
+            self.whole = self.whole.saturating_sub(1);
+        }
+    }
+}
+
 pub(super) fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
