@@ -472,7 +472,7 @@ async fn handover() -> (Duration, usize) {
 }
 
 /// `max_per_key` in the skew comparison: low, so that the slow aggregate's backlog goes far
-/// past it (at least 5x) in a short run.
+/// past it (at least 5x) in a short run. `--skew-cap=N` sets another.
 const SKEW_CAP: usize = 20;
 
 fn main() {
@@ -541,12 +541,15 @@ fn main() {
             return;
         }
 
-        println!("\n4. skew: {n_skew} events, agg-0 gets 1% ({}) and sleeps 10 ms per event, max_per_key {SKEW_CAP}; throughput of the others", n_skew / 100);
+        let cap = std::env::args()
+            .find_map(|a| a.strip_prefix("--skew-cap=").and_then(|n| n.parse().ok()))
+            .unwrap_or(SKEW_CAP);
+        println!("\n4. skew: {n_skew} events, agg-0 gets 1% ({}) and sleeps 10 ms per event, max_per_key {cap}; throughput of the others", n_skew / 100);
         let evs = skewed(n_skew);
         let mut runs: [Vec<Run>; 4] = Default::default();
         for _ in 0..rounds {
-            runs[0].push(domain_bus_with(&evs, Load::Plain, true, SKEW_CAP).await);
-            runs[1].push(domain_bus_with(&evs, Load::SlowFirst, true, SKEW_CAP).await);
+            runs[0].push(domain_bus_with(&evs, Load::Plain, true, cap).await);
+            runs[1].push(domain_bus_with(&evs, Load::SlowFirst, true, cap).await);
             runs[2].push(domain_raw(&evs, 64, Load::Plain, true).await);
             runs[3].push(domain_raw(&evs, 64, Load::SlowFirst, true).await);
         }
@@ -563,9 +566,9 @@ fn main() {
             );
         }
         println!(
-            "  agg-0's backlog past its cap of {SKEW_CAP}: up to {} deferred deliveries ({:.1}x the cap)",
+            "  agg-0's backlog past its cap of {cap}: up to {} deferred deliveries ({:.1}x the cap)",
             pool_slow.peak_deferred,
-            pool_slow.peak_deferred as f64 / SKEW_CAP as f64
+            pool_slow.peak_deferred as f64 / cap as f64
         );
     });
 }
