@@ -23,6 +23,18 @@ simple:
   max_concurrency: 32
 "#;
 
+/// Parses `yaml` while no other test changes the environment (the tests that set variables
+/// do it inside a `figment::Jail`, whose lock this takes as well): async tests would
+/// otherwise read another test's overrides.
+fn parse_alone(yaml: &str) -> dualbus::Result<Config> {
+    let mut parsed = None;
+    figment::Jail::expect_with(|_| {
+        parsed = Some(Config::from_yaml(yaml));
+        Ok(())
+    });
+    parsed.expect("the jail ran the closure")
+}
+
 fn config_error(r: dualbus::Result<Config>) -> (String, String) {
     match r {
         Err(Error::Config { path, message }) => (path, message),
@@ -168,7 +180,7 @@ async fn jxt_tenant_id_option_reaches_the_publisher() {
         ("domain:\n  codec: jxt\n", false),
         ("domain:\n  codec: jxt\n  jxt_tenant_id: string\n", true),
     ] {
-        let buses = Buses::from_config(&Config::from_yaml(yaml).unwrap())
+        let buses = Buses::from_config(&parse_alone(yaml).unwrap())
             .await
             .unwrap();
         let result = buses.domain().publish("orders", &event).await;
@@ -247,7 +259,7 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 
 #[tokio::test]
 async fn buses_from_config_work() {
-    let config = Config::from_yaml(YAML).unwrap();
+    let config = parse_alone(YAML).unwrap();
     let buses = Buses::from_config(&config).await.unwrap();
     assert_eq!(buses.domain().source(), "orders-service");
     let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -361,7 +373,7 @@ async fn memory_sections_reach_the_brokers() {
     let payloads = |yaml: &str| {
         let yaml = yaml.to_owned();
         async move {
-            let buses = Buses::from_config(&Config::from_yaml(&yaml).unwrap())
+            let buses = Buses::from_config(&parse_alone(&yaml).unwrap())
                 .await
                 .unwrap();
             let sizes = (
@@ -391,7 +403,7 @@ async fn memory_sections_reach_the_brokers() {
 
 #[tokio::test]
 async fn configured_groups_and_partitions_are_used() {
-    let config = Config::from_yaml(
+    let config = parse_alone(
         "domain:\n  source: shop\n  group: { name: billing, partitions: 8 }\n  topics: { payments: { partitions: 2 } }\n",
     )
     .unwrap();
@@ -483,7 +495,7 @@ fn nats_url() -> Option<String> {
 #[tokio::test]
 async fn simple_bus_on_nats_from_config() {
     let Some(url) = nats_url() else { return };
-    let config = Config::from_yaml(&format!(
+    let config = parse_alone(&format!(
         "simple:\n  type: nats\n  nats: {{ urls: [\"{url}\"] }}\n"
     ))
     .unwrap();
@@ -537,7 +549,7 @@ fn nats_domain_section() {
 #[tokio::test]
 async fn domain_bus_on_jetstream_from_config() {
     let Some(url) = nats_url() else { return };
-    let config = Config::from_yaml(&format!(
+    let config = parse_alone(&format!(
         "domain:\n  type: nats\n  source: config-test\n  nats: {{ urls: [\"{url}\"], jetstream: {{ consumer: {{ ack_wait: 2s, lease_ttl: 2s }} }} }}\nsimple:\n  type: nats\n  nats: {{ urls: [\"{url}\"] }}\n"
     ))
     .unwrap();
