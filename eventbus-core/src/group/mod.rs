@@ -1,5 +1,7 @@
 //! Consumer-group building blocks shared by every backend without a broker-side group
-//! protocol (memory, NATS, Redis): deterministic partition assignment over a live member set.
+//! protocol (memory, NATS, Redis): deterministic partition assignment over a live member set,
+//! and the [`Coordinator`] that runs a member's side of the group over a backend's
+//! [`MemberRegistry`] and [`LeaseStore`].
 //!
 //! Rendezvous (highest random weight) hashing: each partition goes to the member with the
 //! highest weight `w(member, partition)`. Every member computes the same assignment from the
@@ -12,6 +14,10 @@
 //! bytes, then the SplitMix64 finalizer.
 
 use std::collections::BTreeMap;
+
+mod coordinator;
+
+pub use coordinator::{Coordinator, CoordinatorConfig, LeaseStore, MemberRegistry, Placement};
 
 /// The weight of `member` for `partition`.
 pub fn weight(member: &str, partition: u32) -> u64 {

@@ -1,12 +1,12 @@
-//! A consumer group's shared state: its members, the rendezvous assignment of partitions
-//! with ownership epochs, and the redelivery timers of its cursors.
+//! A consumer group's shared state: its members, the owners of its partitions with their
+//! ownership epochs (the leases the core coordinator takes and gives back), and the
+//! redelivery timers of its cursors.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use dualbus_core::GroupEvent;
 use parking_lot::Mutex;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use super::cursor::Cursor;
@@ -18,15 +18,14 @@ pub(super) struct Owner {
     pub(super) epoch: u64,
     /// The owner asked for the rewind: the partition is delivered.
     pub(super) rewound: bool,
-    /// Revoked: waiting for the owner to drain and release it.
-    revoking: bool,
 }
 
 #[derive(Debug)]
 pub(super) struct Member {
     /// The name rendezvous hashing ranks.
     pub(super) name: String,
-    pub(super) events: async_channel::Sender<GroupEvent>,
+    /// Joined through the coordinator (counted among the live members).
+    pub(super) live: bool,
     pub(super) wake: Arc<Notify>,
 }
 
@@ -84,64 +83,16 @@ impl GroupState {
             .get(partition as usize)
             .copied()
             .flatten()
-            .is_some_and(|o| o.member == member && o.rewound && !o.revoking);
+            .is_some_and(|o| o.member == member && o.rewound);
         owned && !self.cursors[partition as usize].paused
     }
 
-    /// Moves every partition toward its rendezvous owner among the live members: a free
-    /// partition is assigned at once (new epoch); an owned one is revoked from its owner,
-    /// who drains and releases it, and only then is it assigned.
-    pub(super) fn rebalance(&mut self) {
-        let names: Vec<&str> = self.members.values().map(|m| m.name.as_str()).collect();
-        let by_name: HashMap<&str, u64> = self
-            .members
+    /// The member named `name`.
+    pub(super) fn member_id(&self, name: &str) -> Option<u64> {
+        self.members
             .iter()
-            .map(|(id, m)| (m.name.as_str(), *id))
-            .collect();
-        let mut sends: Vec<(u64, GroupEvent)> = Vec::new();
-        for p in 0..self.owners.len() {
-            let partition = p as u32;
-            let desired = dualbus_core::group::owner(partition, names.iter().copied())
-                .and_then(|n| by_name.get(n).copied());
-            match self.owners[p] {
-                Some(o) if Some(o.member) == desired => {}
-                Some(mut o) if self.members.contains_key(&o.member) => {
-                    if !o.revoking {
-                        o.revoking = true;
-                        self.owners[p] = Some(o);
-                        sends.push((
-                            o.member,
-                            GroupEvent::Revoked {
-                                partition,
-                                epoch: o.epoch,
-                            },
-                        ));
-                    }
-                }
-                _ => {
-                    // Free, or its owner is gone: assign it.
-                    self.owners[p] = None;
-                    if let Some(member) = desired {
-                        self.epochs[p] += 1;
-                        let epoch = self.epochs[p];
-                        self.owners[p] = Some(Owner {
-                            member,
-                            epoch,
-                            rewound: false,
-                            revoking: false,
-                        });
-                        self.cursors[p].paused = false;
-                        sends.push((member, GroupEvent::Assigned { partition, epoch }));
-                    }
-                }
-            }
-        }
-        for (member, event) in sends {
-            if let Some(m) = self.members.get(&member) {
-                // Unbounded: the member reads its events before anything else.
-                let _ = m.events.try_send(event);
-            }
-        }
+            .find(|(_, m)| m.name == name)
+            .map(|(id, _)| *id)
     }
 
     pub(super) fn wake_members(&self) {
@@ -154,4 +105,21 @@ impl GroupState {
 #[derive(Debug)]
 pub(super) struct Group {
     pub(super) state: Mutex<GroupState>,
+    /// Bumped at every change of the live members or of a partition's owner: the
+    /// coordinators of the members look again.
+    pub(super) changes: watch::Sender<u64>,
+}
+
+impl Group {
+    pub(super) fn new() -> Self {
+        Self {
+            state: Mutex::new(GroupState::default()),
+            changes: watch::channel(0).0,
+        }
+    }
+
+    /// Tells every member's coordinator to look again.
+    pub(super) fn changed(&self) {
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
 }

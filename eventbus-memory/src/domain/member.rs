@@ -1,17 +1,21 @@
-//! A subscription's membership in its group: leaving on drop, pausing partitions, and the
-//! rewind and release of the group protocol.
+//! A subscription's membership in its group: the member registry and the partition leases
+//! the core coordinator runs on, leaving on drop, pausing partitions, and the rewind.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use dualbus_core::group::{LeaseStore, MemberRegistry};
 use dualbus_core::{Error, GroupControl, PartitionControl, Result};
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::group::Group;
+use super::group::{Group, Owner};
 
-/// Leaves the group when the subscription's stream is dropped; the member's partitions go
-/// to the others at once (the pool drops the stream only after its handlers stopped).
+/// Leaves the group when the subscription's stream is dropped; the member's leases end at
+/// once, as a lease ends when its holder's process dies (the pool drops the stream only
+/// after its handlers stopped), and the other members' coordinators take the partitions.
 pub(super) struct MemberGuard {
     pub(super) group: Arc<Group>,
     pub(super) member: u64,
@@ -26,8 +30,9 @@ impl Drop for MemberGuard {
                 *o = None;
             }
         }
-        st.rebalance();
         st.wake_members();
+        drop(st);
+        self.group.changed();
     }
 }
 
@@ -100,12 +105,116 @@ impl GroupControl for MemberControl {
         Ok(())
     }
 
-    async fn release(&self, partition: u32, epoch: u64) -> Result<()> {
+    /// Nothing to do here: the coordinator gives the lease back ([`Coordination`]).
+    async fn release(&self, _partition: u32, _epoch: u64) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The group's member registry and partition leases, in process: members are live from
+/// their join until they leave or their subscription is dropped (no expiry needed: the
+/// group sees a member's end at once), and a partition's lease is its owner entry.
+pub(super) struct Coordination {
+    pub(super) group: Arc<Group>,
+}
+
+impl Coordination {
+    fn set_live(&self, member: &str, live: bool) -> bool {
         let mut st = self.group.state.lock();
-        if st.owned_by(partition, self.member, epoch) {
+        let Some(id) = st.member_id(member) else {
+            return false;
+        };
+        if let Some(m) = st.members.get_mut(&id) {
+            m.live = live;
+        }
+        drop(st);
+        self.group.changed();
+        true
+    }
+}
+
+#[async_trait]
+impl MemberRegistry for Coordination {
+    async fn join(&self, member: &str) -> Result<()> {
+        if self.set_live(member, true) {
+            Ok(())
+        } else {
+            Err(Error::closed("memory group member"))
+        }
+    }
+
+    async fn heartbeat(&self, member: &str) -> Result<bool> {
+        let st = self.group.state.lock();
+        Ok(st
+            .member_id(member)
+            .and_then(|id| st.members.get(&id))
+            .is_some_and(|m| m.live))
+    }
+
+    async fn members(&self) -> Result<Vec<String>> {
+        let st = self.group.state.lock();
+        Ok(st
+            .members
+            .values()
+            .filter(|m| m.live)
+            .map(|m| m.name.clone())
+            .collect())
+    }
+
+    async fn leave(&self, member: &str) -> Result<()> {
+        self.set_live(member, false);
+        Ok(())
+    }
+
+    fn changes(&self) -> BoxStream<'static, ()> {
+        let rx = self.group.changes.subscribe();
+        futures::stream::unfold(rx, |mut rx| async move {
+            rx.changed().await.ok()?;
+            Some(((), rx))
+        })
+        .boxed()
+    }
+}
+
+#[async_trait]
+impl LeaseStore for Coordination {
+    async fn acquire(&self, partition: u32, member: &str) -> Result<Option<u64>> {
+        let mut st = self.group.state.lock();
+        let Some(id) = st.member_id(member) else {
+            return Err(Error::closed("memory group member"));
+        };
+        let p = partition as usize;
+        if p >= st.owners.len() || st.owners[p].is_some() {
+            return Ok(None);
+        }
+        st.epochs[p] += 1;
+        let epoch = st.epochs[p];
+        st.owners[p] = Some(Owner {
+            member: id,
+            epoch,
+            rewound: false,
+        });
+        st.cursors[p].paused = false;
+        Ok(Some(epoch))
+    }
+
+    async fn renew(&self, partition: u32, member: &str, epoch: u64) -> Result<bool> {
+        let st = self.group.state.lock();
+        Ok(st
+            .member_id(member)
+            .is_some_and(|id| st.owned_by(partition, id, epoch)))
+    }
+
+    async fn release(&self, partition: u32, member: &str, epoch: u64) -> Result<()> {
+        let mut st = self.group.state.lock();
+        let Some(id) = st.member_id(member) else {
+            return Ok(());
+        };
+        if st.owned_by(partition, id, epoch) {
             st.owners[partition as usize] = None;
-            st.rebalance();
             st.wake_members();
+            drop(st);
+            self.group.changed();
         }
         Ok(())
     }

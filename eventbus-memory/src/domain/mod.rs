@@ -19,6 +19,7 @@ mod reread;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use dualbus_core::group::{Coordinator, CoordinatorConfig};
 use dualbus_core::partition::partition_for;
 use dualbus_core::{
     DomainCapabilities, DomainSubscription, DomainTransport, Error, GroupMembership,
@@ -26,14 +27,13 @@ use dualbus_core::{
     Topic,
 };
 use futures::StreamExt as _;
-use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use self::cursor::Cursor;
-use self::group::{Group, GroupState, Member};
+use self::group::{Group, Member};
 pub(crate) use self::log::DomainBroker;
 use self::log::{inbound, last_of};
-use self::member::{MemberControl, MemberGuard};
+use self::member::{Coordination, MemberControl, MemberGuard};
 use self::reader::Reader;
 use self::reread::LogReread;
 use crate::Memory;
@@ -79,14 +79,14 @@ impl DomainTransport for Memory {
         out
     }
 
-    /// Joins the group `spec.group` as a new member. Partitions are assigned by rendezvous
-    /// hashing over the live members; the stream of group events says which this member
-    /// owns. Dropping the subscription leaves the group.
+    /// Joins the group `spec.group` as a new member through the core coordinator
+    /// ([`Coordinator`]): partitions go to their rendezvous owners among the live members,
+    /// and the stream of group events says which this member owns. Dropping the
+    /// subscription leaves the group.
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<DomainSubscription> {
         self.check_domain_open()?;
         let topic = self.topic(&spec.topic);
         let partitions = topic.partitions();
-        let (events_tx, events_rx) = async_channel::unbounded();
         let wake = Arc::new(Notify::new());
         // Locks are taken in one order everywhere: logs, then groups, then a group's state.
         let log_lens: Vec<u64> = topic.logs.lock().iter().map(|l| l.len() as u64).collect();
@@ -95,11 +95,7 @@ impl DomainTransport for Memory {
             let created = !groups.contains_key(&spec.group);
             let group = groups
                 .entry(spec.group.clone())
-                .or_insert_with(|| {
-                    Arc::new(Group {
-                        state: Mutex::new(GroupState::default()),
-                    })
-                })
+                .or_insert_with(|| Arc::new(Group::new()))
                 .clone();
             let mut st = group.state.lock();
             if created {
@@ -118,13 +114,17 @@ impl DomainTransport for Memory {
                 member,
                 Member {
                     name: format!("member-{member}"),
-                    events: events_tx,
+                    live: false,
                     wake: wake.clone(),
                 },
             );
-            st.rebalance();
             drop(st);
             (group, member)
+        };
+        // Leaves the group on every way out from here.
+        let guard = MemberGuard {
+            group: group.clone(),
+            member,
         };
         let control = Arc::new(MemberControl {
             group: group.clone(),
@@ -132,29 +132,39 @@ impl DomainTransport for Memory {
             wake: wake.clone(),
             rewind: self.broker.config.rewind,
         });
+        let coordination = Arc::new(Coordination {
+            group: group.clone(),
+        });
+        let membership = Coordinator::join(
+            format!("member-{member}"),
+            coordination.clone(),
+            coordination,
+            control,
+            CoordinatorConfig::new(u32::try_from(partitions).unwrap_or(u32::MAX)),
+        )
+        .await?;
         let reread = Arc::new(LogReread {
             topic: topic.clone(),
             closed: self.handle.domain_closed.clone(),
         });
         let reader = Reader {
             topic,
-            group: group.clone(),
+            group,
             member,
             wake,
             ack_wait: self.broker.config.ack_wait,
         };
         let closed = self.handle.domain_closed.clone();
-        let guard = MemberGuard { group, member };
         let stream = futures::stream::unfold((reader, guard), |(reader, guard)| async move {
             let d = reader.next().await;
             Some((Ok(d), (reader, guard)))
         })
         .take_until(closed.clone().cancelled_owned());
-        let events = events_rx.take_until(closed.cancelled_owned());
+        let events = membership.events.take_until(closed.cancelled_owned());
         Ok(DomainSubscription::new(stream.boxed())
             .with_group(GroupMembership {
                 events: events.boxed(),
-                control,
+                control: membership.control,
             })
             .with_reread(reread))
     }
