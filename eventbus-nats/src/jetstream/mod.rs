@@ -18,6 +18,7 @@
 
 mod ack;
 mod config;
+pub mod coordination;
 mod inbound;
 mod lease;
 mod plan;

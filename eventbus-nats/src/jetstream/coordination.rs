@@ -1,0 +1,338 @@
+//! A consumer group's member registry and partition leases on NATS key-value buckets, for
+//! the core [`Coordinator`](dualbus_core::group::Coordinator).
+//!
+//! - **Members**: one key per live member, `<stream>.<consumer>.<member>`, in a bucket whose
+//!   max age is the member timeout. A heartbeat rewrites the key (compare-and-set on its
+//!   revision, so a member learns that it had expired); a member that stops writing expires.
+//! - **Leases**: one key per partition, created only when absent (the revision of the
+//!   create is the epoch: the bucket's sequence, so every new holder's epoch is greater),
+//!   renewed by compare-and-set, released by a delete on the holder's revision, expired by
+//!   the bucket's max age (the lease TTL) when its holder stops renewing.
+//!
+//! Both report changes through a watch of their keys. On buckets created with limit
+//! markers (nats-server 2.11 and later) an expiry is reported too, as a marker the server
+//! writes, so a standby takes over as soon as the lease expires; on older buckets an
+//! expiry is only found by polling ([`CoordinatorConfig::poll`]).
+//!
+//! [`CoordinatorConfig::poll`]: dualbus_core::group::CoordinatorConfig::poll
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use async_trait::async_trait;
+use bytes::Bytes;
+use dualbus_core::group::{LeaseStore, MemberRegistry};
+use dualbus_core::{Error, Result};
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
+use parking_lot::Mutex;
+
+use super::api_error;
+
+/// How long the server keeps an expiry marker (its minimum).
+const MARKER_TTL: Duration = Duration::from_secs(1);
+
+/// A key-value key from names that may hold `%` (KV keys take no `%`: it becomes `=`).
+fn kv_key(parts: &[&str]) -> String {
+    parts.join(".").replace('%', "=")
+}
+
+/// Opens the bucket `name`, or creates it with entries that expire after `max_age` and
+/// limit markers on. Returns the store and the max age it has (an existing bucket keeps
+/// its own, with a warning when it differs).
+pub async fn open_bucket(
+    js: &jetstream::Context,
+    name: &str,
+    description: &str,
+    max_age: Duration,
+) -> Result<(kv::Store, Duration)> {
+    let store = match js.get_key_value(name).await {
+        Ok(s) => s,
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: name.to_owned(),
+                description: description.to_owned(),
+                history: 1,
+                max_age,
+                limit_markers: Some(MARKER_TTL),
+                ..kv::Config::default()
+            })
+            .await
+            .map_err(api_error)?,
+    };
+    let age = store.status().await.map_err(api_error)?.max_age();
+    if age.is_zero() {
+        return Err(Error::config(
+            "nats.jetstream.consumer",
+            format!("the bucket {name} has no max age: its entries would never expire"),
+        ));
+    }
+    if age != max_age {
+        tracing::warn!(bucket = name, ?age, wanted = ?max_age, "the bucket exists with another max age; using it");
+    }
+    Ok((store, age))
+}
+
+/// Changes of the keys under `filter` (a watch), as the coordinator takes them. A watch that
+/// cannot be opened ends the stream: the coordinator then finds changes by polling.
+fn watch(store: &kv::Store, filter: String) -> BoxStream<'static, ()> {
+    let store = store.clone();
+    futures::stream::once(async move {
+        match store.watch(&filter).await {
+            Ok(w) => w.map(|_| ()).boxed(),
+            Err(e) => {
+                tracing::warn!(filter, error = %e, "cannot watch the group's keys; polling instead");
+                futures::stream::empty().boxed()
+            }
+        }
+    })
+    .flatten()
+    .boxed()
+}
+
+/// The live members of one group (a stream's durable consumer) in a key-value bucket.
+pub struct KvRegistry {
+    store: kv::Store,
+    /// `<stream>.<consumer>.`
+    prefix: String,
+    /// The revision of each member's key as this process last wrote it.
+    revisions: Mutex<HashMap<String, u64>>,
+}
+
+impl KvRegistry {
+    /// The registry of group `consumer` of `stream` in `store` (see [`open_bucket`]).
+    pub fn new(store: kv::Store, stream: &str, consumer: &str) -> Self {
+        Self {
+            store,
+            prefix: format!("{}.", kv_key(&[stream, consumer])),
+            revisions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn key(&self, member: &str) -> String {
+        format!("{}{}", self.prefix, kv_key(&[member]))
+    }
+}
+
+impl std::fmt::Debug for KvRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvRegistry")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl MemberRegistry for KvRegistry {
+    async fn join(&self, member: &str) -> Result<()> {
+        let rev = self
+            .store
+            .put(self.key(member), Bytes::from(member.to_owned()))
+            .await
+            .map_err(api_error)?;
+        self.revisions.lock().insert(member.to_owned(), rev);
+        Ok(())
+    }
+
+    async fn heartbeat(&self, member: &str) -> Result<bool> {
+        let Some(rev) = self.revisions.lock().get(member).copied() else {
+            return Ok(false);
+        };
+        match self
+            .store
+            .update(self.key(member), Bytes::from(member.to_owned()), rev)
+            .await
+        {
+            Ok(rev) => {
+                self.revisions.lock().insert(member.to_owned(), rev);
+                Ok(true)
+            }
+            // Expired (or written by someone else): the caller joins again.
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                self.revisions.lock().remove(member);
+                Ok(false)
+            }
+            Err(e) => Err(api_error(e)),
+        }
+    }
+
+    async fn members(&self) -> Result<Vec<String>> {
+        let mut keys = self.store.keys().await.map_err(api_error)?;
+        let mut out = Vec::new();
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(api_error)?;
+            if let Some(m) = k.strip_prefix(&self.prefix) {
+                out.push(m.to_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    async fn leave(&self, member: &str) -> Result<()> {
+        self.revisions.lock().remove(member);
+        self.store.delete(self.key(member)).await.map_err(api_error)
+    }
+
+    fn changes(&self) -> BoxStream<'static, ()> {
+        watch(&self.store, format!("{}>", self.prefix))
+    }
+}
+
+/// A lease this process holds.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    epoch: u64,
+    /// The revision of the last write (the create or a renewal).
+    revision: u64,
+    /// When the last write was acknowledged.
+    renewed: Instant,
+}
+
+/// The partition leases of one group (a stream's durable consumer) in a key-value bucket
+/// whose max age is the lease TTL.
+pub struct KvLeases {
+    store: kv::Store,
+    /// `<stream>.<consumer>`: the key of the only lease of a single-active group (the key
+    /// earlier releases used), and the prefix of `<stream>.<consumer>.<partition>`.
+    base: String,
+    single: bool,
+    ttl: Duration,
+    held: Mutex<HashMap<u32, Held>>,
+}
+
+impl KvLeases {
+    /// The leases of group `consumer` of `stream` in `store` (see [`open_bucket`]), whose
+    /// entries expire after `ttl`. `single`: the group has one partition, whose lease is the
+    /// key `<stream>.<consumer>` itself.
+    pub fn new(
+        store: kv::Store,
+        stream: &str,
+        consumer: &str,
+        single: bool,
+        ttl: Duration,
+    ) -> Self {
+        Self {
+            store,
+            base: kv_key(&[stream, consumer]),
+            single,
+            ttl,
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn key(&self, partition: u32) -> String {
+        if self.single {
+            self.base.clone()
+        } else {
+            format!("{}.{partition}", self.base)
+        }
+    }
+}
+
+impl std::fmt::Debug for KvLeases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvLeases")
+            .field("base", &self.base)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl LeaseStore for KvLeases {
+    async fn acquire(&self, partition: u32, member: &str) -> Result<Option<u64>> {
+        match self
+            .store
+            .create(self.key(partition), Bytes::from(member.to_owned()))
+            .await
+        {
+            Ok(revision) => {
+                self.held.lock().insert(
+                    partition,
+                    Held {
+                        epoch: revision,
+                        revision,
+                        renewed: Instant::now(),
+                    },
+                );
+                Ok(Some(revision))
+            }
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(api_error(e)),
+        }
+    }
+
+    /// A lease whose renewals failed for the whole TTL counts as lost even without an
+    /// answer from the server: it may have expired there, and another member may hold it.
+    async fn renew(&self, partition: u32, member: &str, epoch: u64) -> Result<bool> {
+        let Some(h) = self
+            .held
+            .lock()
+            .get(&partition)
+            .copied()
+            .filter(|h| h.epoch == epoch)
+        else {
+            return Ok(false);
+        };
+        let r = self
+            .store
+            .update(
+                self.key(partition),
+                Bytes::from(member.to_owned()),
+                h.revision,
+            )
+            .await;
+        match r {
+            Ok(revision) => {
+                if let Some(h) = self.held.lock().get_mut(&partition) {
+                    h.revision = revision;
+                    h.renewed = Instant::now();
+                }
+                Ok(true)
+            }
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                self.held.lock().remove(&partition);
+                Ok(false)
+            }
+            Err(e) if h.renewed.elapsed() >= self.ttl => {
+                tracing::warn!(partition, error = %e, "the lease could not be renewed for its whole TTL");
+                self.held.lock().remove(&partition);
+                Ok(false)
+            }
+            Err(e) => Err(api_error(e)),
+        }
+    }
+
+    async fn release(&self, partition: u32, _member: &str, epoch: u64) -> Result<()> {
+        let held = {
+            let mut held = self.held.lock();
+            match held.get(&partition) {
+                Some(h) if h.epoch == epoch => held.remove(&partition),
+                _ => None,
+            }
+        };
+        let Some(h) = held else {
+            return Ok(());
+        };
+        match self
+            .store
+            .delete_expect_revision(self.key(partition), Some(h.revision))
+            .await
+        {
+            Ok(()) => Ok(()),
+            // Expired or taken meanwhile: nothing of ours to release.
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(()),
+            Err(e) => Err(api_error(e)),
+        }
+    }
+
+    fn changes(&self) -> BoxStream<'static, ()> {
+        let filter = if self.single {
+            self.base.clone()
+        } else {
+            format!("{}.>", self.base)
+        };
+        watch(&self.store, filter)
+    }
+}
