@@ -362,16 +362,30 @@ pub struct SubscriptionSpec {
     pub group: String,
     /// Where a new durable consumer starts.
     pub start: StartPosition,
+    /// On a backend with one active subscriber per group (no partitioned groups), whether a
+    /// subscriber that finds the group taken waits as a standby and takes over when the
+    /// active one's lease is released or expires (`true`, the default), or fails at once
+    /// with [`Error::Conflict`] (`false`). Backends with partitioned groups ignore it.
+    pub standby: bool,
 }
 
 impl SubscriptionSpec {
-    /// A spec starting at the earliest message.
+    /// A spec starting at the earliest message, standing by when the group is taken.
     pub fn new(topic: Topic, group: impl Into<String>) -> Self {
         Self {
             topic,
             group: group.into(),
             start: StartPosition::Earliest,
+            standby: true,
         }
+    }
+
+    /// Same spec standing by (`true`) or failing with [`Error::Conflict`] (`false`) when the
+    /// group is taken (see [`SubscriptionSpec::standby`]).
+    #[must_use]
+    pub fn standby(mut self, standby: bool) -> Self {
+        self.standby = standby;
+        self
     }
 
     /// Same spec with another start position.
@@ -467,8 +481,10 @@ pub struct DomainSubscription {
     ///
     /// [`PoolConfig::max_deferred`]: crate::pool::PoolConfig::max_deferred
     pub reread: Option<Arc<dyn Reread>>,
-    /// Group membership, when [`DomainCapabilities::consumer_groups`] is set. Without it every
-    /// partition counts as owned for the subscription's lifetime.
+    /// Group membership: the partitions this subscriber owns, when the backend has
+    /// [`DomainCapabilities::consumer_groups`], or its one partition (0) while it is the
+    /// active subscriber, when the backend has one active subscriber per group with standbys.
+    /// Without it every partition counts as owned for the subscription's lifetime.
     pub group: Option<GroupMembership>,
 }
 
@@ -524,8 +540,9 @@ pub trait Reread: Send + Sync + 'static {
 ///   persisted). Messages of one key published one after another are stored in that order.
 /// - `subscribe` delivers messages of one partition in stored order; unacknowledged
 ///   messages come back after the ack deadline, after `release`, or to the next subscriber of
-///   the same durable name. A backend without consumer groups refuses a second active
-///   subscriber on one durable name with [`Error::Conflict`].
+///   the same durable name. A backend without consumer groups keeps one subscriber of a
+///   durable name active: another waits as a standby (with the rewind when it takes over),
+///   or, when [`SubscriptionSpec::standby`] is off, is refused with [`Error::Conflict`].
 /// - The delivery stream may go unpolled for a long time: the pool stops polling it while
 ///   it holds `max_in_flight` deliveries (or `max_deferred` deferred ones), for as long as
 ///   its handlers take. Meanwhile the backend keeps the subscription and its group session

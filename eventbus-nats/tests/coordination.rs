@@ -49,10 +49,10 @@ async fn member(
     placement: Placement,
 ) -> GroupMembership {
     let js = async_nats::jetstream::new(async_nats::connect(url).await.expect("connect"));
-    let (lstore, ttl) = open_bucket(&js, leases, "test leases", TTL)
+    let (lstore, ttl) = open_bucket(&js, leases, "test leases", TTL, "test")
         .await
         .expect("leases");
-    let (mstore, _) = open_bucket(&js, members, "test members", TTL)
+    let (mstore, _) = open_bucket(&js, members, "test members", TTL, "test")
         .await
         .expect("members");
     let registry = Arc::new(KvRegistry::new(mstore, "S", "g"));
@@ -196,9 +196,15 @@ async fn an_expired_member_learns_it_at_its_heartbeat() {
     };
     let (_, members) = names();
     let js = async_nats::jetstream::new(async_nats::connect(url).await.expect("connect"));
-    let (store, _) = open_bucket(&js, &members, "test members", Duration::from_secs(1))
-        .await
-        .expect("bucket");
+    let (store, _) = open_bucket(
+        &js,
+        &members,
+        "test members",
+        Duration::from_secs(1),
+        "test",
+    )
+    .await
+    .expect("bucket");
     let registry = KvRegistry::new(store, "S", "g");
     registry.join("m1").await.expect("join");
     registry.join("m2").await.expect("join");

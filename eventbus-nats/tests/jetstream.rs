@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use bytes::Bytes;
-use dualbus_core::conformance::{event, unique_topic, wait_for};
+use dualbus_core::conformance::{event, next_raw, unique_topic, wait_for};
 use dualbus_core::{
     DomainBus, DomainTransport, ErrorKind, Event, HandleError, SubscriptionSpec, handler_fn,
 };
@@ -174,7 +174,7 @@ async fn malformed_messages_from_a_plain_client_are_dead_lettered() {
         .expect("dlq subscribe");
     let mut reasons = Vec::new();
     while reasons.len() < n_bad {
-        let d = tokio::time::timeout(Duration::from_secs(30), dlq.deliveries.next())
+        let d = tokio::time::timeout(Duration::from_secs(30), next_raw(&mut dlq))
             .await
             .expect("dead letters within 30 s")
             .expect("dlq stream open")
@@ -284,8 +284,7 @@ async fn bad_settings_and_missing_jetstream_are_clear_errors() {
 }
 
 /// A subscriber that dies without closing keeps its group until its lease expires; then
-/// the next subscriber takes over and first gets, in order, what the dead one left
-/// unacknowledged.
+/// the standby takes over and first gets, in order, what the dead one left unacknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn takeover_after_a_crash_rewinds_to_the_ack_floor() {
     let Some(url) = shared_url() else { return };
@@ -328,28 +327,23 @@ async fn takeover_after_a_crash_rewinds_to_the_ack_floor() {
             Ok::<_, HandleError>(())
         }
     });
+    // The dead subscriber's lease is still held: a subscriber that does not stand by is
+    // refused; one that does waits and takes over once the lease expired.
+    let e = b2
+        .subscribe(&topic)
+        .standby(false)
+        .start(handler.clone())
+        .await
+        .expect_err("the dead subscriber's lease was free at once");
+    assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
     let started = Instant::now();
-    let mut conflicts = 0;
-    let sub2 = loop {
-        match b2.subscribe(&topic).start(handler.clone()).await {
-            Ok(s) => break s,
-            Err(e) if e.kind() == ErrorKind::Conflict => {
-                conflicts += 1;
-                assert!(
-                    started.elapsed() < Duration::from_secs(30),
-                    "the lease did not expire: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("subscribe: {e}"),
-        }
-    };
-    assert!(
-        conflicts > 0,
-        "the dead subscriber's lease was free at once"
-    );
-    eprintln!("took over after {:?}", started.elapsed());
+    let sub2 = b2
+        .subscribe(&topic)
+        .start(handler.clone())
+        .await
+        .expect("subscribe as a standby");
     wait_for(|| seen2.lock().len() >= 3).await;
+    eprintln!("took over after {:?}", started.elapsed());
     let seen = seen2.lock().clone();
     let versions: Vec<u64> = seen.iter().map(|(v, _)| *v).collect();
     assert_eq!(versions, [3, 4, 5], "{seen:?}");
@@ -500,7 +494,7 @@ async fn a_consumer_with_other_settings_is_refused_unless_update_is_asked() {
         .subscribe(SubscriptionSpec::new(topic.clone(), "billing"))
         .await
         .expect("updated");
-    let d = tokio::time::timeout(Duration::from_secs(10), sub.deliveries.next())
+    let d = tokio::time::timeout(Duration::from_secs(10), next_raw(&mut sub))
         .await
         .expect("a delivery")
         .expect("open")
@@ -513,9 +507,9 @@ async fn a_consumer_with_other_settings_is_refused_unless_update_is_asked() {
     t2.close().await.expect("close");
 }
 
-/// Dropping a subscription and subscribing again at once, in the same process, succeeds:
-/// the new subscription waits for the old one's lease release instead of reporting a
-/// conflict with itself. Repeated, so that the release is still on its way each time.
+/// Dropping a subscription and subscribing again at once, in the same process, succeeds
+/// even for a subscriber that does not stand by: the new subscription waits for the old
+/// one's lease release instead of reporting a conflict with itself. Repeated, so that the release is still on its way each time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resubscribing_right_after_a_drop_succeeds() {
     let Some(url) = shared_url() else { return };
@@ -524,12 +518,14 @@ async fn resubscribing_right_after_a_drop_succeeds() {
     for round in 0..5 {
         let sub = mine
             .subscribe(&topic)
+            .standby(false)
             .start(handler_fn(|_e: Event| async { Ok::<_, HandleError>(()) }))
             .await
             .unwrap_or_else(|e| panic!("subscribe, round {round}: {e}"));
         drop(sub);
     }
-    // Another client still sees the group taken while a subscription is live.
+    // Another client still sees the group taken while a subscription is live (and stands
+    // by unless asked not to).
     let live = mine
         .subscribe(&topic)
         .start(handler_fn(|_e: Event| async { Ok::<_, HandleError>(()) }))
@@ -538,6 +534,7 @@ async fn resubscribing_right_after_a_drop_succeeds() {
     let other = bus(transport(&url).await);
     let e = other
         .subscribe(&topic)
+        .standby(false)
         .start(handler_fn(|_e: Event| async { Ok::<_, HandleError>(()) }))
         .await
         .expect_err("the group is held");

@@ -13,11 +13,10 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dualbus_core::conformance::{event, unique_topic, wait_for};
+use dualbus_core::conformance::{event, next_raw, unique_topic, wait_for};
 use dualbus_core::{DomainBus, DomainTransport, Event, HandleError, SubscriptionSpec, handler_fn};
 use dualbus_nats::JetStream;
 use dualbus_nats::subject::event_subject;
-use futures::StreamExt as _;
 use parking_lot::Mutex;
 use support::{fast_config, shared_url};
 
@@ -182,7 +181,7 @@ async fn an_unreadable_message_is_dead_lettered_and_stops_nothing() {
         .expect("subscribe dead letter");
     let mut dead = Vec::new();
     while dead.len() < 2 {
-        match dlq.deliveries.next().await {
+        match next_raw(&mut dlq).await {
             Some(Ok(d)) => {
                 d.ack().await.expect("ack");
                 dead.push(d.message);

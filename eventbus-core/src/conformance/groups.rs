@@ -447,21 +447,41 @@ pub async fn churn(backend: &dyn Backend) {
     }
 }
 
-/// A backend without consumer groups refuses to let a second member interleave.
+/// A backend without consumer groups never lets two members interleave: a second member
+/// stands by (the default), handles nothing while the first is active, and takes over (with
+/// the rewind) when the first leaves; asked not to stand by, it is refused with `Conflict`.
 pub async fn declared(backend: &dyn Backend) {
-    let bus = member_bus(backend).await;
-    if bus.capabilities().consumer_groups {
+    if has_groups(backend).await {
         return;
     }
     let topic = unique_topic("group-none");
+    let group = "g";
     let checker = OrderChecker::new();
-    let _a = join(backend, &topic, "g", &checker, 0, flaky(0)).await;
+    let mut a = join(backend, &topic, group, &checker, 0, flaky(0)).await;
+    wait_for(|| a.active() > 0).await;
     let other = member_bus(backend).await;
     let e = other
         .subscribe(&topic)
-        .group("g")
+        .group(group)
+        .standby(false)
         .start(handler_fn(|_e: Event| async { Ok::<_, HandleError>(()) }))
         .await
-        .expect_err("a second member without consumer groups");
+        .expect_err("a second member that does not stand by, without consumer groups");
     assert_eq!(e.kind(), ErrorKind::Conflict);
+    other.close().await.expect("close");
+    let b = join(backend, &topic, group, &checker, 1, flaky(0)).await;
+    let aggs = aggregates(10);
+    publish_range(&b.bus, &topic, &checker, &aggs, 1..=10).await;
+    wait_for(|| checker.distinct_ends() == 100).await;
+    assert_eq!(ends_by(&checker, 1), 0, "the standby handled events");
+    assert_eq!(b.active(), 0, "the standby owns a partition");
+    a.leave().await;
+    checker.crash(0);
+    publish_range(&b.bus, &topic, &checker, &aggs, 11..=20).await;
+    wait_for(|| checker.distinct_ends() == 200).await;
+    assert!(ends_by(&checker, 1) >= 100, "the standby did not take over");
+    let r = finish(backend, &b.bus, &topic, group, &checker).await;
+    assert_ok(0, "declared", r, IN_FLIGHT);
+    a.close().await;
+    b.close().await;
 }

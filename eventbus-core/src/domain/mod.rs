@@ -299,6 +299,7 @@ impl DomainBus {
             retry: None,
             start: StartPosition::Earliest,
             observer: None,
+            standby: true,
         }
     }
 

@@ -27,6 +27,7 @@ pub struct DomainSubscribeBuilder {
     pub(super) retry: Option<Backoff>,
     pub(super) start: StartPosition,
     pub(super) observer: Option<Arc<dyn PoolObserver>>,
+    pub(super) standby: bool,
 }
 
 impl fmt::Debug for DomainSubscribeBuilder {
@@ -65,6 +66,16 @@ impl DomainSubscribeBuilder {
     /// Where a new group starts (default: the earliest stored event).
     pub fn start_position(mut self, start: StartPosition) -> Self {
         self.start = start;
+        self
+    }
+
+    /// On a backend with one active subscriber per group (JetStream until partitioned
+    /// groups), whether this subscriber waits as a standby when another is active and takes
+    /// over when that one stops or dies (`true`, the default), or fails at once with
+    /// [`Error::Conflict`](crate::Error::Conflict) (`false`). Backends with partitioned
+    /// groups share the partitions instead and ignore it.
+    pub fn standby(mut self, standby: bool) -> Self {
+        self.standby = standby;
         self
     }
 
@@ -116,7 +127,9 @@ impl DomainSubscribeBuilder {
             ));
         }
 
-        let spec = SubscriptionSpec::new(topic.clone(), group.clone()).starting_at(self.start);
+        let spec = SubscriptionSpec::new(topic.clone(), group.clone())
+            .starting_at(self.start)
+            .standby(self.standby);
         let subscription = bus.inner.transport.subscribe(spec).await?;
         let ack_deadline = bus.capabilities().ack_deadline;
         let drain_deadline = pool.drain_deadline;

@@ -29,7 +29,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::transport::{GroupControl, GroupEvent, GroupMembership, PartitionControl};
 
 /// The live members of one consumer group, as a backend keeps them (memory: in process;
@@ -107,6 +107,10 @@ pub struct CoordinatorConfig {
     /// How often the member set is looked at without a reported change; `None` when the
     /// registry and the lease store report every change.
     pub poll: Option<Duration>,
+    /// Whether a member that gets no partition at its first look stays (a standby, or a
+    /// member of a group with more members than partitions: `true`, the default), or leaves
+    /// at once and [`Coordinator::join`] fails with [`Error::Conflict`](crate::Error::Conflict).
+    pub standby: bool,
 }
 
 impl CoordinatorConfig {
@@ -117,7 +121,16 @@ impl CoordinatorConfig {
             placement: Placement::Balanced,
             renew: None,
             poll: None,
+            standby: true,
         }
+    }
+
+    /// Same configuration standing by (`true`) or failing when the first look assigns
+    /// nothing (`false`).
+    #[must_use]
+    pub fn standby(mut self, standby: bool) -> Self {
+        self.standby = standby;
+        self
     }
 
     /// Same configuration with `placement`.
@@ -292,6 +305,13 @@ impl Coordinator {
         if let Err(e) = sh.step().await {
             sh.leave().await;
             return Err(e);
+        }
+        if !sh.config.standby && sh.held.lock().is_empty() {
+            sh.leave().await;
+            return Err(Error::Conflict(format!(
+                "member {} got no partition: every one of the {} is held by another member",
+                sh.member, sh.config.partitions
+            )));
         }
         let stop = CancellationToken::new();
         tokio::spawn(run(sh.clone(), changes, stop.clone()));
@@ -632,6 +652,17 @@ mod tests {
                 epoch: 1
             }
         );
+        // Failing fast instead of standing by: refused, and gone from the registry.
+        let refused = Coordinator::join(
+            "c",
+            store.clone(),
+            store.clone(),
+            Arc::new(NoControl),
+            config.standby(false),
+        )
+        .await;
+        assert!(matches!(refused, Err(Error::Conflict(_))), "{refused:?}");
+        assert!(!store.state.lock().members.contains("c"));
         let mut standby = join(&store, second, config).await;
         quiet(&mut holder, Duration::from_secs(1)).await;
         quiet(&mut standby, Duration::from_secs(1)).await;

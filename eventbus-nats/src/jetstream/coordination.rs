@@ -41,11 +41,14 @@ fn kv_key(parts: &[&str]) -> String {
 /// Opens the bucket `name`, or creates it with entries that expire after `max_age` and
 /// limit markers on. Returns the store and the max age it has (an existing bucket keeps
 /// its own, with a warning when it differs).
+///
+/// `setting` names the configuration key of `max_age` in errors.
 pub async fn open_bucket(
     js: &jetstream::Context,
     name: &str,
     description: &str,
     max_age: Duration,
+    setting: &str,
 ) -> Result<(kv::Store, Duration)> {
     let store = match js.get_key_value(name).await {
         Ok(s) => s,
@@ -64,7 +67,7 @@ pub async fn open_bucket(
     let age = store.status().await.map_err(api_error)?.max_age();
     if age.is_zero() {
         return Err(Error::config(
-            "nats.jetstream.consumer",
+            setting,
             format!("the bucket {name} has no max age: its entries would never expire"),
         ));
     }

@@ -19,17 +19,17 @@ fn inbound(
     payload: Bytes,
     seq: u64,
 ) -> InboundMessage {
-    let (partition, key) = match parse_subject(topic, subject) {
-        Some((p, k)) => (p, Some(k)),
-        None => (0, None),
-    };
+    // One partition per group until partitioned groups on JetStream: whatever partition
+    // token the subject carries, the position is partition 0, the one the group's lease
+    // covers.
+    let key = parse_subject(topic, subject).map(|(_, k)| k);
     InboundMessage {
         topic: topic.to_owned(),
         key,
         headers: headers::from_nats(headers),
         payload,
         position: Position {
-            partition,
+            partition: 0,
             offset: u128::from(seq),
         },
     }

@@ -1,20 +1,32 @@
-//! The single-active-subscriber lease: one subscriber per durable consumer, held as a key
-//! of the lease bucket and renewed until released or lost.
+//! One active subscriber per durable consumer: the group has one partition (0), whose lease
+//! is a key of the lease bucket, taken and renewed through the core group coordinator.
+//! Other subscribers of the group stand by and take over when the lease is released or
+//! expires, or fail at once with `Conflict` when they asked to.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use async_nats::jetstream::kv;
-use bytes::Bytes;
-use dualbus_core::{Error, Result, SubscriptionSpec};
+use async_trait::async_trait;
+use dualbus_core::group::{Coordinator, CoordinatorConfig, LeaseStore, MemberRegistry, Placement};
+use dualbus_core::{
+    Error, GroupControl, GroupMembership, PartitionControl, Result, SubscriptionSpec,
+};
+use futures::stream::BoxStream;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{Inner, JetStream, api_error};
+use super::coordination::{KvLeases, KvRegistry, open_bucket};
+use super::{Inner, JetStream};
 
 /// The lease key of a durable consumer (KV keys take no `%`: it becomes `=`).
 fn lease_key(stream: &str, consumer: &str) -> String {
     format!("{stream}.{consumer}").replace('%', "=")
 }
+
+/// Which epoch this subscriber may deliver under: `Some` from the pool's rewind at the
+/// assignment until the lease is released or lost. The pull loop pulls only while set.
+pub(super) type Owned = watch::Receiver<Option<u64>>;
 
 impl JetStream {
     async fn lease_bucket(&self) -> Result<(kv::Store, Duration)> {
@@ -23,93 +35,82 @@ impl JetStream {
             .leases
             .get_or_try_init(|| async {
                 let bucket = format!("{}LEASES", self.inner.config.stream.prefix);
-                let wanted = self.inner.config.consumer.lease_ttl;
-                let store = match self.inner.js.get_key_value(&bucket).await {
-                    Ok(s) => s,
-                    Err(_) => self
-                        .inner
-                        .js
-                        .create_key_value(kv::Config {
-                            bucket: bucket.clone(),
-                            description: "dualbus single-active-subscriber leases".into(),
-                            history: 1,
-                            max_age: wanted,
-                            storage: self.inner.config.stream.storage.into(),
-                            num_replicas: self.inner.config.stream.replicas,
-                            ..kv::Config::default()
-                        })
-                        .await
-                        .map_err(api_error)?,
-                };
-                let ttl = store.status().await.map_err(api_error)?.max_age();
-                if ttl != wanted {
-                    tracing::warn!(
-                        bucket,
-                        ?ttl,
-                        ?wanted,
-                        "the lease bucket exists with another TTL; using it"
-                    );
-                }
-                if ttl.is_zero() {
-                    return Err(Error::config(
-                        "nats.jetstream.consumer.lease_ttl",
-                        format!(
-                            "the lease bucket {bucket} has no max age: leases would never expire"
-                        ),
-                    ));
-                }
-                Ok::<_, Error>((store, ttl))
+                open_bucket(
+                    &self.inner.js,
+                    &bucket,
+                    "dualbus single-active-subscriber leases",
+                    self.inner.config.consumer.lease_ttl,
+                    "nats.jetstream.consumer.lease_ttl",
+                )
+                .await
             })
             .await?;
         Ok(r.clone())
     }
 
-    /// Takes the single-active-subscriber lease of a durable consumer.
-    pub(super) async fn acquire_lease(
+    async fn member_bucket(&self) -> Result<kv::Store> {
+        let bucket = format!("{}MEMBERS", self.inner.config.stream.prefix);
+        let (store, _) = open_bucket(
+            &self.inner.js,
+            &bucket,
+            "dualbus group members",
+            self.inner.config.consumer.lease_ttl,
+            "nats.jetstream.consumer.lease_ttl",
+        )
+        .await?;
+        Ok(store)
+    }
+
+    /// Joins the single-active group of durable `consumer` on `stream`: the membership the
+    /// pool consumes, and the ownership the pull loop follows.
+    pub(super) async fn join_group(
         &self,
         stream: &str,
         consumer: &str,
         spec: &SubscriptionSpec,
-    ) -> Result<Lease> {
+    ) -> Result<(GroupMembership, Owned)> {
         let (store, ttl) = self.lease_bucket().await?;
         let key = lease_key(stream, consumer);
-        let token = uuid::Uuid::now_v7().to_string();
-        // A subscription of this client on the same consumer holds the lease until it has
-        // stopped (after its last handler): one that was just dropped releases it in the
-        // background. Wait for that, up to the request timeout, instead of reporting a
-        // conflict with ourselves; a subscription still live gets the conflict after it.
-        let ours = self.inner.held.lock().get(&key).map(|h| h.released.clone());
-        if let Some(released) = ours {
-            let _ =
-                tokio::time::timeout(self.inner.config.request_timeout, released.cancelled()).await;
+        if !spec.standby {
+            // A subscription of this client on the same consumer holds the lease until it
+            // has stopped (after its last handler): one that was just dropped releases it in
+            // the background. Wait for that, up to the request timeout, instead of reporting
+            // a conflict with ourselves.
+            let ours = self.inner.held.lock().get(&key).map(|h| h.released.clone());
+            if let Some(released) = ours {
+                let _ =
+                    tokio::time::timeout(self.inner.config.request_timeout, released.cancelled())
+                        .await;
+            }
         }
-        match store.create(&key, Bytes::from(token.clone())).await {
-            Ok(revision) => {
-                let held = HeldLease {
-                    token,
-                    cancel: CancellationToken::new(),
-                    released: CancellationToken::new(),
-                };
-                let lease = Lease {
-                    store,
-                    key: key.clone(),
-                    token: held.token.clone(),
-                    revision,
-                    ttl,
-                    cancel: held.cancel.clone(),
-                    released: held.released.clone(),
-                    transport: Arc::downgrade(&self.inner),
-                };
-                self.inner.held.lock().insert(key, held);
-                Ok(lease)
-            }
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                Err(Error::Conflict(format!(
-                    "another subscriber of group {:?} on topic {:?} is active (JetStream allows one per durable consumer until consumer groups); its lease ends when it closes or {ttl:?} after it stopped",
-                    spec.group, spec.topic
-                )))
-            }
-            Err(e) => Err(api_error(e)),
+        let member = uuid::Uuid::now_v7().simple().to_string();
+        let registry = Arc::new(KvRegistry::new(
+            self.member_bucket().await?,
+            stream,
+            consumer,
+        ));
+        let (owned_tx, owned_rx) = watch::channel(None);
+        let owned_tx = Arc::new(owned_tx);
+        let leases = Arc::new(SingleLease {
+            kv: KvLeases::new(store, stream, consumer, true, ttl),
+            owned: owned_tx.clone(),
+            key,
+            transport: Arc::downgrade(&self.inner),
+        });
+        let control = Arc::new(SingleControl { owned: owned_tx });
+        let config = CoordinatorConfig::new(1)
+            .placement(Placement::Sticky)
+            .renew_every(ttl / 3)
+            .poll_every(ttl)
+            .standby(spec.standby);
+        let registry: Arc<dyn MemberRegistry> = registry;
+        match Coordinator::join(member, registry, leases, control, config).await {
+            Ok(membership) => Ok((membership, owned_rx)),
+            Err(Error::Conflict(_)) => Err(Error::Conflict(format!(
+                "another subscriber of group {:?} on topic {:?} is active (JetStream keeps one per durable consumer until partitioned groups; subscribe as a standby to wait for it); its lease ends when it closes or {ttl:?} after it stopped",
+                spec.group, spec.topic
+            ))),
+            Err(e) => Err(e),
         }
     }
 
@@ -118,7 +119,6 @@ impl JetStream {
         let held: Vec<(String, HeldLease)> = self.inner.held.lock().drain().collect();
         if let Some((store, _)) = self.inner.leases.get() {
             for (key, lease) in held {
-                lease.cancel.cancel();
                 let _ = tokio::time::timeout(self.inner.config.request_timeout, store.delete(&key))
                     .await;
                 lease.released.cancel();
@@ -129,108 +129,109 @@ impl JetStream {
 
 /// A lease of this client, as the transport tracks it.
 pub(super) struct HeldLease {
-    /// Which acquisition (a new subscription takes a new token).
-    token: String,
-    /// Cancelled when its subscription ends: the lease is being released.
-    cancel: CancellationToken,
-    /// Cancelled once the lease is released on the server.
+    /// The epoch it was taken under.
+    epoch: u64,
+    /// Cancelled once the lease is released on the server (or lost).
     released: CancellationToken,
 }
 
-/// A held single-active-subscriber lease, renewed until dropped or lost.
-pub(super) struct Lease {
-    store: kv::Store,
+/// Delivering under `epoch` ends (if it is still the one delivered under).
+fn end_epoch(owned: &watch::Sender<Option<u64>>, epoch: u64) {
+    owned.send_if_modified(|o| {
+        let ours = *o == Some(epoch);
+        if ours {
+            *o = None;
+        }
+        ours
+    });
+}
+
+/// The lease of a single-active group: the bucket's lease, which also tells the pull loop
+/// when delivering must stop (released or lost) and lets the transport release it at close.
+struct SingleLease {
+    kv: KvLeases,
+    owned: Arc<watch::Sender<Option<u64>>>,
     key: String,
-    token: String,
-    revision: u64,
-    ttl: Duration,
-    cancel: CancellationToken,
-    released: CancellationToken,
-    transport: std::sync::Weak<Inner>,
+    transport: Weak<Inner>,
 }
 
-impl Lease {
-    /// Gives the lease up at once (a subscription that ended, or could not start).
-    pub(super) async fn release(self) {
-        self.cancel.cancel();
-        let _ = tokio::time::timeout(
-            self.ttl,
-            self.store
-                .delete_expect_revision(&self.key, Some(self.revision)),
-        )
-        .await;
-        self.forget();
-    }
-
-    /// Stops tracking the lease as this client's (released, or lost to another holder).
-    fn forget(&self) {
+impl SingleLease {
+    /// Delivering under `epoch` ends, and the transport forgets the lease.
+    fn ended(&self, epoch: u64) {
+        end_epoch(&self.owned, epoch);
         if let Some(inner) = self.transport.upgrade() {
             let mut held = inner.held.lock();
-            if held.get(&self.key).is_some_and(|h| h.token == self.token) {
-                held.remove(&self.key);
+            if held.get(&self.key).is_some_and(|h| h.epoch == epoch)
+                && let Some(h) = held.remove(&self.key)
+            {
+                h.released.cancel();
             }
         }
-        self.released.cancel();
-    }
-
-    /// Renews the lease at a third of its TTL until `cancel`; cancels `lost` if it could not
-    /// be renewed within the TTL or another holder took it.
-    pub(super) fn keep(mut self, lost: CancellationToken) -> LeaseGuard {
-        let guard = LeaseGuard {
-            cancel: self.cancel.clone(),
-        };
-        tokio::spawn(async move {
-            let mut renewed = Instant::now();
-            let period = self.ttl / 3;
-            loop {
-                tokio::select! {
-                    () = self.cancel.cancelled() => break,
-                    () = tokio::time::sleep(period) => {}
-                }
-                match tokio::time::timeout(
-                    period,
-                    self.store
-                        .update(&self.key, Bytes::from_static(b"held"), self.revision),
-                )
-                .await
-                {
-                    Ok(Ok(r)) => {
-                        self.revision = r;
-                        renewed = Instant::now();
-                    }
-                    Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                        tracing::error!(key = %self.key, "single-active-subscriber lease lost to another subscriber; stopping");
-                        lost.cancel();
-                        self.forget();
-                        return;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(key = %self.key, error = %e, "lease renewal failed; retrying")
-                    }
-                    Err(_) => tracing::warn!(key = %self.key, "lease renewal timed out; retrying"),
-                }
-                if renewed.elapsed() >= self.ttl {
-                    tracing::error!(key = %self.key, "single-active-subscriber lease expired (server unreachable); stopping");
-                    lost.cancel();
-                    self.forget();
-                    return;
-                }
-            }
-            // Released: free the group for the next subscriber at once.
-            self.release().await;
-        });
-        guard
     }
 }
 
-/// Releases the lease when the subscription is dropped.
-pub(super) struct LeaseGuard {
-    cancel: CancellationToken,
+#[async_trait]
+impl LeaseStore for SingleLease {
+    async fn acquire(&self, partition: u32, member: &str) -> Result<Option<u64>> {
+        let epoch = self.kv.acquire(partition, member).await?;
+        if let (Some(epoch), Some(inner)) = (epoch, self.transport.upgrade()) {
+            inner.held.lock().insert(
+                self.key.clone(),
+                HeldLease {
+                    epoch,
+                    released: CancellationToken::new(),
+                },
+            );
+        }
+        Ok(epoch)
+    }
+
+    async fn renew(&self, partition: u32, member: &str, epoch: u64) -> Result<bool> {
+        let kept = self.kv.renew(partition, member, epoch).await?;
+        if !kept {
+            tracing::error!(key = %self.key, "single-active-subscriber lease lost (taken, or not renewed for its TTL); delivering stops");
+            self.ended(epoch);
+        }
+        Ok(kept)
+    }
+
+    async fn release(&self, partition: u32, member: &str, epoch: u64) -> Result<()> {
+        self.ended(epoch);
+        self.kv.release(partition, member, epoch).await
+    }
+
+    fn changes(&self) -> BoxStream<'static, ()> {
+        self.kv.changes()
+    }
 }
 
-impl Drop for LeaseGuard {
-    fn drop(&mut self) {
-        self.cancel.cancel();
+/// The pool's control of a single-active group: the rewind at the assignment lets the pull
+/// loop deliver (it rewinds the consumer to its ack floor first).
+struct SingleControl {
+    owned: Arc<watch::Sender<Option<u64>>>,
+}
+
+impl PartitionControl for SingleControl {
+    /// Delivering stops (the pool pauses a revoked partition; a single-active group is
+    /// never revoked, only released or lost).
+    fn pause(&self, _partition: u32) {
+        self.owned.send_replace(None);
+    }
+
+    /// Nothing: delivering starts again only with the next assignment's rewind.
+    fn resume(&self, _partition: u32) {}
+}
+
+#[async_trait]
+impl GroupControl for SingleControl {
+    async fn rewind(&self, _partition: u32, epoch: u64) -> Result<()> {
+        self.owned.send_replace(Some(epoch));
+        Ok(())
+    }
+
+    async fn release(&self, _partition: u32, epoch: u64) -> Result<()> {
+        end_epoch(&self.owned, epoch);
+        Ok(())
     }
 }
 

@@ -16,12 +16,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{BACKEND, unavailable, unreadable};
 
+use super::JetStream;
 use super::ack::SettledAcker;
 use super::inbound::{delivery, stored_inbound};
-use super::lease::LeaseGuard;
+use super::lease::Owned;
 use super::plan::subject_matches;
 use super::reread::StreamReread;
-use super::{JetStream, api_error};
 
 impl JetStream {
     /// `DomainTransport::subscribe`.
@@ -35,40 +35,19 @@ impl JetStream {
         }
         let plan = self.plan(&spec.topic);
         let stream = self.stream(&spec.topic).await?;
-        let mut consumer = self.consumer(&stream, &spec).await?;
+        let consumer = self.consumer(&stream, &spec).await?;
         let stream_name = stream.cached_info().config.name.clone();
-        let lease = self
-            .acquire_lease(
+        // The group: this subscriber delivers only while it holds the group's lease, from the
+        // rewind at its assignment on (the takeover rewind: whatever an earlier subscriber
+        // left unacknowledged comes first, in stream order, before anything new).
+        let (membership, owned) = self
+            .join_group(
                 &stream_name,
                 &plan.consumer(&spec.topic, &spec.group),
                 &spec,
             )
             .await?;
-        // The takeover rewind: whatever an earlier subscriber left unacknowledged comes
-        // first, in stream order, before anything new.
-        let (high_water, floor) = match consumer.info().await {
-            Ok(info) => (
-                info.delivered.stream_sequence,
-                info.ack_floor.stream_sequence,
-            ),
-            Err(e) => {
-                lease.release().await;
-                return Err(api_error(e));
-            }
-        };
-        if let Err(e) = consumer.reset(None).await {
-            lease.release().await;
-            return Err(Error::backend(
-                BACKEND,
-                true,
-                format!(
-                    "resetting consumer {} to its ack floor (nats-server 2.14 or later is needed): {e}",
-                    plan.consumer(&spec.topic, &spec.group)
-                ),
-            ));
-        }
         let lost = self.inner.shutdown.child_token();
-        let guard = lease.keep(lost.clone());
         let c = &self.inner.config.consumer;
         let state = Pulling {
             topic: spec.topic.to_string(),
@@ -79,12 +58,11 @@ impl JetStream {
             messages: None,
             opened_at: 0,
             rewind: false,
-            counts: {
-                let mut c = DeliveryCounter::new();
-                c.delivered_through(high_water);
-                c
-            },
-            last_read: floor,
+            owned,
+            epoch: None,
+            takeover: false,
+            counts: DeliveryCounter::new(),
+            last_read: 0,
             poison: None,
             ready: VecDeque::new(),
             watch: {
@@ -95,7 +73,6 @@ impl JetStream {
             stats: self.inner.client.statistics(),
             quiet_since: tokio::time::Instant::now(),
             lost,
-            _lease: guard,
         };
         let deliveries = futures::stream::unfold(state, |mut s| async move {
             let item = s.next().await?;
@@ -107,7 +84,9 @@ impl JetStream {
             stream: stream_name,
             topic: spec.topic.to_string(),
         });
-        Ok(DomainSubscription::new(deliveries).with_reread(reread))
+        Ok(DomainSubscription::new(deliveries)
+            .with_reread(reread)
+            .with_group(membership))
     }
 }
 
@@ -123,6 +102,12 @@ struct Pulling {
     opened_at: u64,
     /// Rewind the consumer to its ack floor before the next pull.
     rewind: bool,
+    /// The epoch this subscriber may deliver under (set while it holds the group's lease).
+    owned: Owned,
+    /// The epoch of the deliveries now: `None` while standing by.
+    epoch: Option<u64>,
+    /// Rewind to the ack floor before the first pull of the epoch.
+    takeover: bool,
     /// Delivery counts across rewinds: anything at or below the highest stream sequence
     /// delivered before comes again.
     counts: DeliveryCounter,
@@ -138,9 +123,8 @@ struct Pulling {
     /// Since when the open pull has delivered nothing while polled (see [`Pulling::stalled`]).
     quiet_since: tokio::time::Instant,
     stats: Arc<async_nats::Statistics>,
-    /// Cancelled when the lease is lost or the transport closes: the stream ends.
+    /// Cancelled when the transport closes: the stream ends.
     lost: CancellationToken,
-    _lease: LeaseGuard,
 }
 
 /// How the consumer gets past an unreadable message `S` (see [`crate::unreadable`]).
@@ -495,13 +479,79 @@ impl Pulling {
         }
     }
 
-    /// The next delivery, an error to report, or `None` at the end.
+    /// The next delivery, stamped with the ownership epoch it was pulled under, an error to
+    /// report, or `None` at the end.
     async fn next(&mut self) -> Option<Result<Delivery>> {
+        let d = self.next_unstamped().await?;
+        let epoch = self.epoch.unwrap_or(0);
+        Some(d.map(|d| d.with_epoch(epoch)))
+    }
+
+    /// Follows the group's ownership: returns `true` when this subscriber may pull now,
+    /// after waiting while it stands by. A new epoch drops what was pulled under the old
+    /// one (unacknowledged: the rewind delivers it again) and asks for the takeover rewind.
+    async fn owning(&mut self) -> bool {
+        loop {
+            let now = *self.owned.borrow_and_update();
+            if now != self.epoch {
+                self.epoch = now;
+                self.messages = None;
+                self.ready.clear();
+                self.takeover = now.is_some();
+            }
+            if self.epoch.is_some() {
+                return true;
+            }
+            tokio::select! {
+                () = self.lost.cancelled() => return false,
+                r = self.owned.changed() => {
+                    if r.is_err() {
+                        // The group membership is gone: the subscription ended.
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The rewind when this subscriber takes the group over: everything an earlier holder
+    /// left unacknowledged is delivered again first, in stream order, before anything new.
+    async fn take_over(&mut self) -> Result<()> {
+        let (floor, delivered) = self.floor_and_delivered().await?;
+        self.consumer.reset(None).await.map_err(|e| {
+            Error::backend(
+                BACKEND,
+                true,
+                format!(
+                    "resetting consumer {} to its ack floor (nats-server 2.14 or later is needed): {e}",
+                    self.consumer.cached_info().name
+                ),
+            )
+        })?;
+        self.counts.delivered_through(delivered);
+        self.last_read = floor;
+        self.rewind = false;
+        self.takeover = false;
+        Ok(())
+    }
+
+    /// [`Pulling::next`] before the stamp.
+    async fn next_unstamped(&mut self) -> Option<Result<Delivery>> {
         // Quiet time counts within one call: the pool may leave the stream unpolled for long.
         self.quiet_since = tokio::time::Instant::now();
         loop {
-            if self.lost.is_cancelled() {
+            if self.lost.is_cancelled() || !self.owning().await {
                 return None;
+            }
+            if self.takeover {
+                if let Err(e) = self.take_over().await {
+                    if !self.pause().await {
+                        return None;
+                    }
+                    return Some(Err(e));
+                }
+                // The quiet clock starts with the first pull of the new epoch.
+                self.quiet_since = tokio::time::Instant::now();
             }
             if let Some(d) = self.ready.pop_front() {
                 return Some(d);
@@ -554,6 +604,13 @@ impl Pulling {
                 biased;
                 () = self.lost.cancelled() => return None,
                 n = messages.next() => n,
+                // Released or lost (or a new epoch): look at the ownership again.
+                r = self.owned.changed() => {
+                    if r.is_err() {
+                        return None;
+                    }
+                    continue;
+                }
                 // The client reconnects on its own and the pull goes on: notice a reconnect
                 // even while nothing arrives (a message the client cannot read drops the
                 // connection each time it is sent, and never arrives).

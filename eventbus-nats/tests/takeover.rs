@@ -1,0 +1,174 @@
+//! Takeover across processes: the active subscriber's process is killed (SIGKILL), and a
+//! standby in another process takes the group over once the lease expires, first handling
+//! in order what the dead one left unacknowledged. The killed process is this test binary,
+//! run again as its child on the ignored test `holder`.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // Test code.
+
+mod support;
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dualbus_core::conformance::{event, unique_topic, wait_for};
+use dualbus_core::{DomainBus, Event, HandleError, handler_fn};
+use dualbus_nats::JetStream;
+use parking_lot::Mutex;
+use support::{fast_config, shared_url};
+
+/// The lease TTL in this test (fresh buckets: their own stream prefix).
+const TTL: Duration = Duration::from_secs(3);
+
+async fn bus(url: &str, prefix: &str) -> DomainBus {
+    let mut config = fast_config(url.to_owned());
+    config.jetstream.stream.prefix = prefix.to_owned();
+    config.jetstream.consumer.lease_ttl = TTL;
+    let t = JetStream::connect(config).await.expect("connect");
+    DomainBus::builder(t)
+        .source("takeover")
+        .build()
+        .expect("build")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_process_takes_over_from_a_killed_one() {
+    let Some(url) = shared_url() else { return };
+    let topic = unique_topic("js-kill").to_string();
+    let prefix = format!("TK{}_", uuid::Uuid::now_v7().simple());
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--ignored",
+            "--exact",
+            "holder",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("DUALBUS_TAKEOVER", format!("{url} {prefix} {topic}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn the holder process");
+    // The child's lines, as they come.
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let out = child.stdout.take().expect("stdout");
+    let l = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            l.lock().push(line);
+        }
+    });
+    let said = |what: &'static str| {
+        let lines = lines.clone();
+        // The test harness may print "test holder ... " before the first line.
+        move || lines.lock().iter().any(|l| l.ends_with(what))
+    };
+    wait_for(said("active")).await;
+
+    let bus = bus(&url, &prefix).await;
+    let seen = Arc::new(Mutex::new(Vec::<(u64, u32, Instant)>::new()));
+    let s = seen.clone();
+    let sub = bus
+        .subscribe(&topic)
+        .start(handler_fn(move |e: Event| {
+            let s = s.clone();
+            async move {
+                s.lock()
+                    .push((e.event_version, e.delivery_count, Instant::now()));
+                Ok::<_, HandleError>(())
+            }
+        }))
+        .await
+        .expect("subscribe as a standby");
+    for v in 1..=5 {
+        bus.publish(&topic, &event("agg", v))
+            .await
+            .expect("publish");
+    }
+    // The holder handles 1 and 2 and hangs in 3; the standby handles nothing meanwhile.
+    wait_for(said("blocked 3")).await;
+    assert!(
+        seen.lock().is_empty(),
+        "the standby handled events: {seen:?}",
+        seen = seen.lock()
+    );
+    child.kill().expect("kill -9 the holder");
+    let killed = Instant::now();
+    let _ = child.wait();
+    // The lease expires one TTL after the holder's last renewal, as the server stored it.
+    let renewed = last_write(&url, &format!("{prefix}LEASES")).await;
+    for v in 6..=10 {
+        bus.publish(&topic, &event("agg", v))
+            .await
+            .expect("publish");
+    }
+    wait_for(|| seen.lock().len() >= 8).await;
+    let seen = seen.lock().clone();
+    let versions: Vec<u64> = seen.iter().map(|(v, _, _)| *v).collect();
+    assert_eq!(versions, (3..=10).collect::<Vec<_>>(), "{seen:?}");
+    assert!(
+        seen[0].1 >= 2,
+        "v3 was delivered to the holder before: {seen:?}"
+    );
+    let expired = renewed + TTL;
+    println!(
+        "standby took over {:?} after kill -9 of the holder's process, {:?} after its lease expired (lease TTL {TTL:?})",
+        seen[0].2 - killed,
+        std::time::SystemTime::now()
+            .duration_since(expired)
+            .unwrap_or_default()
+            .saturating_sub(seen[0].2.elapsed())
+    );
+    drop(sub);
+    bus.close().await.expect("close");
+}
+
+/// When the only key of `bucket` was last written, by the server's clock.
+async fn last_write(url: &str, bucket: &str) -> std::time::SystemTime {
+    let js = async_nats::jetstream::new(async_nats::connect(url).await.expect("connect"));
+    let store = js.get_key_value(bucket).await.expect("bucket");
+    let key = futures::StreamExt::next(&mut store.keys().await.expect("keys"))
+        .await
+        .expect("a lease")
+        .expect("key");
+    let created = store
+        .entry(key)
+        .await
+        .expect("entry")
+        .expect("the lease is still there")
+        .created
+        .unix_timestamp_nanos();
+    std::time::UNIX_EPOCH + Duration::from_nanos(u64::try_from(created).expect("after 1970"))
+}
+
+/// The holder: run only as the child process of the test above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the child process of a_standby_process_takes_over_from_a_killed_one"]
+async fn holder() {
+    let Ok(args) = std::env::var("DUALBUS_TAKEOVER") else {
+        return;
+    };
+    let mut args = args.split(' ');
+    let (url, prefix, topic) = (
+        args.next().expect("url"),
+        args.next().expect("prefix"),
+        args.next().expect("topic").to_owned(),
+    );
+    let bus = bus(url, prefix).await;
+    let sub = bus
+        .subscribe(&topic)
+        .start(handler_fn(move |e: Event| async move {
+            if e.event_version == 3 {
+                println!("blocked 3");
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, HandleError>(())
+        }))
+        .await
+        .expect("subscribe");
+    wait_for(|| !sub.active_partitions().is_empty()).await;
+    println!("active");
+    // Until killed.
+    std::future::pending::<()>().await;
+}
