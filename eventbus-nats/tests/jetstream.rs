@@ -543,3 +543,32 @@ async fn resubscribing_right_after_a_drop_succeeds() {
     mine.close().await.expect("close");
     other.close().await.expect("close");
 }
+
+/// The member timeout is the max age of the group's member bucket: a subscriber's
+/// registration expires that long after its last heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_member_bucket_expires_after_the_member_timeout() {
+    let Some(url) = shared_url() else { return };
+    let prefix = format!("MT{}_", uuid::Uuid::now_v7().simple());
+    let mut config = fast_config(url.clone());
+    config.jetstream.stream.prefix = prefix.clone();
+    config.jetstream.consumer.member_timeout = Duration::from_millis(1500);
+    let b = bus(JetStream::connect(config).await.expect("connect"));
+    let topic = unique_topic("js-members");
+    let sub = b
+        .subscribe(&topic)
+        .start(handler_fn(|_e: Event| async { Ok::<_, HandleError>(()) }))
+        .await
+        .expect("subscribe");
+    let members = plain(&url)
+        .await
+        .get_key_value(format!("{prefix}MEMBERS"))
+        .await
+        .expect("the member bucket");
+    let status = members.status().await.expect("status");
+    assert_eq!(status.max_age(), Duration::from_millis(1500));
+    let mut keys = members.keys().await.expect("keys");
+    assert!(keys.next().await.is_some(), "the subscriber is registered");
+    drop(sub);
+    b.close().await.expect("close");
+}

@@ -17,7 +17,8 @@
 //!   group: { name: orders-service, partitions: 16, drain_deadline: 10s }
 //!   # group names: [A-Za-z0-9_-] tokens separated by single dots, at most 200 bytes
 //!   # partitions (here and per topic): backends with partitioned groups only (not nats yet)
-//!   # member_timeout: recognised but refused until the group coordinator lands
+//!   # member_timeout: 10s: a member's registration expires this long after its last
+//!   #   heartbeat (nats: the member bucket; memory sees a member's end at once)
 //!   topics: { payments: { partitions: 32 } }   # per-topic overrides
 //!   # type: nats, with (see dualbus_nats::NatsConfig):
 //!   # nats:
@@ -43,9 +44,9 @@
 //! builds only the backends that `type` names (with memory on both buses and no
 //! `simple.memory`, one broker serves both).
 //!
-//! `domain.group.member_timeout` is refused for now ("not supported yet"): no backend of this
-//! release has a member registry to apply it to. The group coordinator's registry (NATS,
-//! Redis) will read it.
+//! `domain.group.member_timeout` goes to the group coordinator's member registry of the
+//! backend: on `nats` it sets `jetstream.consumer.member_timeout` (overriding the `nats`
+//! section's); memory sees a member's end at once and needs none.
 
 use std::path::Path;
 use std::time::Duration;
@@ -129,10 +130,10 @@ pub struct GroupSection {
     /// Default: `pool.drain_deadline`.
     #[serde(with = "dualbus_core::config::duration::option")]
     pub drain_deadline: Option<Duration>,
-    /// After how long without a sign of life a member counts as gone. **Not supported
-    /// yet**: [`Config::validate`] refuses it. The key is recognised for the member registry
-    /// of the group coordinator (NATS, Redis; memory and Kafka detect departures
-    /// themselves), which will use it.
+    /// After how long without a heartbeat a member's registration in its group expires
+    /// (at least 300 ms). NATS: the member bucket's max age
+    /// (`jetstream.consumer.member_timeout`, which this overrides; default 10 s). Memory
+    /// sees a member's end at once and ignores it.
     #[serde(with = "dualbus_core::config::duration::option")]
     pub member_timeout: Option<Duration>,
 }
@@ -376,11 +377,13 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if d.group.member_timeout.is_some() {
+        if d.group
+            .member_timeout
+            .is_some_and(|t| t < Duration::from_millis(300))
+        {
             return Err(Error::config(
                 "domain.group.member_timeout",
-                "not supported yet: no backend of this release has a group member registry; \
-                 the group coordinator's registry will use it (remove the key)",
+                "must be at least 300ms",
             ));
         }
         for (topic, t) in &d.topics {

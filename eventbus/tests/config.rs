@@ -333,34 +333,32 @@ fn group_and_topic_settings() {
     });
 }
 
-/// `group.member_timeout` is a known key, refused until the group coordinator's member
-/// registry uses it: from a file and from the environment, whatever the backend.
+/// `group.member_timeout` is read from a file and from the environment, whatever the
+/// backend, and checked: a bad value and one below 300 ms are errors at its path.
 #[test]
-fn member_timeout_is_not_supported_yet() {
+fn member_timeout_is_read_and_checked() {
     figment::Jail::expect_with(|jail| {
-        for yaml in [
-            "domain:\n  group: { member_timeout: 5s }\n",
-            "domain:\n  group: { name: billing, member_timeout: 500ms }\n",
-        ] {
-            let (path, message) = config_error(Config::from_yaml(yaml));
-            assert_eq!(path, "domain.group.member_timeout", "{yaml}");
-            assert!(message.contains("not supported yet"), "{message}");
-            assert!(!message.contains("unknown key"), "{message}");
-        }
-        let (path, _) = config_error(Config::from_toml(
-            "[domain.group]\nmember_timeout = \"5s\"\n",
+        let c = Config::from_yaml("domain:\n  group: { member_timeout: 5s }\n").unwrap();
+        assert_eq!(c.domain.group.member_timeout, Some(Duration::from_secs(5)));
+        let c = Config::from_toml("[domain.group]\nmember_timeout = \"500ms\"\n").unwrap();
+        assert_eq!(
+            c.domain.group.member_timeout,
+            Some(Duration::from_millis(500))
+        );
+        let (path, message) = config_error(Config::from_yaml(
+            "domain:\n  group: { member_timeout: 100ms }\n",
         ));
         assert_eq!(path, "domain.group.member_timeout");
-        // A bad value is still reported as such.
+        assert!(message.contains("300ms"), "{message}");
+        // A bad value is reported as such.
         let (path, message) = config_error(Config::from_yaml(
             "domain:\n  group: { member_timeout: soon }\n",
         ));
         assert_eq!(path, "domain.group.member_timeout");
         assert!(message.contains("30s"), "{message}");
-        jail.set_env("DUALBUS__DOMAIN__GROUP__MEMBER_TIMEOUT", "5s");
-        let (path, message) = config_error(Config::from_yaml("{}"));
-        assert_eq!(path, "domain.group.member_timeout");
-        assert!(message.contains("not supported yet"), "{message}");
+        jail.set_env("DUALBUS__DOMAIN__GROUP__MEMBER_TIMEOUT", "7s");
+        let c = Config::from_yaml("{}").unwrap();
+        assert_eq!(c.domain.group.member_timeout, Some(Duration::from_secs(7)));
         Ok(())
     });
 }

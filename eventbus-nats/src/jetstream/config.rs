@@ -106,6 +106,11 @@ pub struct ConsumerSettings {
     /// this long. Default 10 s. The lease bucket keeps the value it was created with.
     #[serde(with = "dualbus_core::config::duration")]
     pub lease_ttl: Duration,
+    /// A subscriber's registration in its group expires this long after its last
+    /// heartbeat (the facade's `domain.group.member_timeout`). Default 10 s. The member
+    /// bucket keeps the value it was created with.
+    #[serde(with = "dualbus_core::config::duration")]
+    pub member_timeout: Duration,
     /// Update an existing consumer whose settings differ, instead of refusing to start.
     pub update_existing: bool,
 }
@@ -117,6 +122,7 @@ impl Default for ConsumerSettings {
             max_ack_pending: 50_000,
             batch: 256,
             lease_ttl: Duration::from_secs(10),
+            member_timeout: Duration::from_secs(10),
             update_existing: false,
         }
     }
@@ -195,6 +201,12 @@ pub(super) fn validate(c: &JetStreamConfig) -> Result<()> {
     if c.consumer.lease_ttl < Duration::from_millis(300) {
         return Err(Error::config(
             "nats.jetstream.consumer.lease_ttl",
+            "must be at least 300ms",
+        ));
+    }
+    if c.consumer.member_timeout < Duration::from_millis(300) {
+        return Err(Error::config(
+            "nats.jetstream.consumer.member_timeout",
             "must be at least 300ms",
         ));
     }

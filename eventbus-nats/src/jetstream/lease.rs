@@ -48,17 +48,17 @@ impl JetStream {
         Ok(r.clone())
     }
 
-    async fn member_bucket(&self) -> Result<kv::Store> {
+    /// The member bucket and the member timeout it has.
+    async fn member_bucket(&self) -> Result<(kv::Store, Duration)> {
         let bucket = format!("{}MEMBERS", self.inner.config.stream.prefix);
-        let (store, _) = open_bucket(
+        open_bucket(
             &self.inner.js,
             &bucket,
             "dualbus group members",
-            self.inner.config.consumer.lease_ttl,
-            "nats.jetstream.consumer.lease_ttl",
+            self.inner.config.consumer.member_timeout,
+            "nats.jetstream.consumer.member_timeout",
         )
-        .await?;
-        Ok(store)
+        .await
     }
 
     /// Joins the single-active group of durable `consumer` on `stream`: the membership the
@@ -84,11 +84,8 @@ impl JetStream {
             }
         }
         let member = uuid::Uuid::now_v7().simple().to_string();
-        let registry = Arc::new(KvRegistry::new(
-            self.member_bucket().await?,
-            stream,
-            consumer,
-        ));
+        let (members, member_timeout) = self.member_bucket().await?;
+        let registry = Arc::new(KvRegistry::new(members, stream, consumer));
         let (owned_tx, owned_rx) = watch::channel(None);
         let owned_tx = Arc::new(owned_tx);
         let leases = Arc::new(SingleLease {
@@ -100,7 +97,8 @@ impl JetStream {
         let control = Arc::new(SingleControl { owned: owned_tx });
         let config = CoordinatorConfig::new(1)
             .placement(Placement::Sticky)
-            .renew_every(ttl / 3)
+            // Renewals carry the heartbeat: often enough for both to stay alive.
+            .renew_every(ttl.min(member_timeout) / 3)
             .poll_every(ttl)
             .standby(spec.standby);
         let registry: Arc<dyn MemberRegistry> = registry;

@@ -33,11 +33,21 @@ fn config(raw: Option<&Raw>, bus: Bus) -> Result<NatsConfig> {
     }
 }
 
+/// The domain bus's NATS configuration: its `nats` section, with the group settings that
+/// apply to it (`domain.group.member_timeout`).
+fn domain_config(config: &crate::Config) -> Result<NatsConfig> {
+    let mut nats = self::config(config.domain.nats.as_ref(), Bus::Domain)?;
+    if let Some(t) = config.domain.group.member_timeout {
+        nats.jetstream.consumer.member_timeout = t;
+    }
+    Ok(nats)
+}
+
 fn build(b: Build<'_>) -> BoxFuture<'_, Result<Built>> {
     Box::pin(async move {
         let mut built = Built::default();
         if b.domain {
-            let config = config(b.config.domain.nats.as_ref(), Bus::Domain)?;
+            let config = domain_config(b.config)?;
             built.domain = Some(Arc::new(JetStream::connect(config).await?));
         }
         if b.simple {
@@ -46,4 +56,35 @@ fn build(b: Build<'_>) -> BoxFuture<'_, Result<Built>> {
         }
         Ok(built)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn the_group_member_timeout_reaches_the_member_registry() {
+        let c =
+            crate::Config::from_yaml("domain:\n  type: nats\n  group: { member_timeout: 4s }\n")
+                .expect("config");
+        let nats = domain_config(&c).expect("nats config");
+        assert_eq!(
+            nats.jetstream.consumer.member_timeout,
+            Duration::from_secs(4)
+        );
+        let c = crate::Config::from_yaml(
+            "domain:\n  type: nats\n  nats: { jetstream: { consumer: { member_timeout: 7s } } }\n",
+        )
+        .expect("config");
+        assert_eq!(
+            domain_config(&c)
+                .expect("nats config")
+                .jetstream
+                .consumer
+                .member_timeout,
+            Duration::from_secs(7)
+        );
+    }
 }
