@@ -224,9 +224,16 @@ impl Shared {
     /// Renews every held lease and the member's registration; a lease that cannot be
     /// renewed is lost.
     async fn renew(&self) -> Result<()> {
+        // Leases first, each on its own: a failing registry must not keep them from being
+        // renewed (or from being found lost).
+        self.renew_leases().await;
         if !self.registry.heartbeat(&self.member).await? {
             self.registry.join(&self.member).await?;
         }
+        Ok(())
+    }
+
+    async fn renew_leases(&self) {
         let held: Vec<(u32, u64)> = self
             .held
             .lock()
@@ -234,8 +241,14 @@ impl Shared {
             .map(|(p, h)| (*p, h.epoch))
             .collect();
         for (partition, epoch) in held {
-            if self.leases.renew(partition, &self.member, epoch).await? {
-                continue;
+            match self.leases.renew(partition, &self.member, epoch).await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    // The store says when a lease whose renewals keep failing counts as lost.
+                    tracing::warn!(member = %self.member, partition, error = %e, "renewing a lease failed");
+                    continue;
+                }
             }
             // Released meanwhile by the pool (then nothing is lost), or gone.
             let lost = {
@@ -251,7 +264,6 @@ impl Shared {
                 self.emit(GroupEvent::Lost { partition, epoch });
             }
         }
-        Ok(())
     }
 
     /// Gives up everything: the leases still held and the registration.
@@ -349,12 +361,13 @@ async fn run(sh: Arc<Shared>, mut changes: BoxStream<'static, ()>, stop: Cancell
         let look = tokio::select! {
             biased;
             () = stop.cancelled() => break,
+            // Renewals first: a stream of changes must not starve them.
+            () = tick_of(&mut renew) => false,
             () = sh.wake.notified() => true,
             c = changes.next(), if changes_open => {
                 changes_open = c.is_some();
                 true
             }
-            () = tick_of(&mut renew) => false,
             () = tick_of(&mut poll) => true,
         };
         let r = if look {
@@ -411,16 +424,20 @@ impl GroupControl for LeasedControl {
             }
             ours
         };
-        self.inner.release(partition, epoch).await?;
+        let stopped = self.inner.release(partition, epoch).await;
         if held {
-            self.sh
+            // Given back even when the backend's release failed: the partition is no
+            // longer this member's either way.
+            let released = self
+                .sh
                 .leases
                 .release(partition, &self.sh.member, epoch)
-                .await?;
+                .await;
             // This member may own it again (the member that outranked it left meanwhile).
             self.sh.wake.notify_one();
+            released?;
         }
-        Ok(())
+        stopped
     }
 }
 

@@ -77,13 +77,15 @@ pub async fn open_bucket(
     Ok((store, age))
 }
 
-/// Changes of the keys under `filter` (a watch), as the coordinator takes them. A watch that
-/// cannot be opened ends the stream: the coordinator then finds changes by polling.
+/// Changes of the keys under `filter` (a watch), as the coordinator takes them. The watch
+/// reports changes from its opening on, so the stream also yields once when it is open (a
+/// change before that is then seen by the look that follows). A watch that cannot be
+/// opened ends the stream: the coordinator then finds changes by polling.
 fn watch(store: &kv::Store, filter: String) -> BoxStream<'static, ()> {
     let store = store.clone();
     futures::stream::once(async move {
         match store.watch(&filter).await {
-            Ok(w) => w.map(|_| ()).boxed(),
+            Ok(w) => futures::stream::once(async {}).chain(w.map(|_| ())).boxed(),
             Err(e) => {
                 tracing::warn!(filter, error = %e, "cannot watch the group's keys; polling instead");
                 futures::stream::empty().boxed()
@@ -266,8 +268,9 @@ impl LeaseStore for KvLeases {
         }
     }
 
-    /// A lease whose renewals failed for the whole TTL counts as lost even without an
-    /// answer from the server: it may have expired there, and another member may hold it.
+    /// A lease whose renewals failed for two thirds of the TTL counts as lost even without
+    /// an answer from the server: it expires there a third of the TTL later, and another
+    /// member may then take it. Each renewal waits at most a sixth of the TTL.
     async fn renew(&self, partition: u32, member: &str, epoch: u64) -> Result<bool> {
         let Some(h) = self
             .held
@@ -278,32 +281,46 @@ impl LeaseStore for KvLeases {
         else {
             return Ok(false);
         };
-        let r = self
-            .store
-            .update(
+        // The server's copy is at most this old once the update is acknowledged.
+        let sent = Instant::now();
+        let r = tokio::time::timeout(
+            self.ttl / 6,
+            self.store.update(
                 self.key(partition),
                 Bytes::from(member.to_owned()),
                 h.revision,
-            )
-            .await;
+            ),
+        )
+        .await
+        .map_err(|_| Error::Timeout {
+            operation: "renewing a group lease",
+            after: self.ttl / 6,
+        });
+        let r = match r {
+            Ok(Ok(revision)) => Ok(revision),
+            Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                self.held.lock().remove(&partition);
+                return Ok(false);
+            }
+            Ok(Err(e)) => Err(api_error(e)),
+            Err(e) => Err(e),
+        };
         match r {
             Ok(revision) => {
                 if let Some(h) = self.held.lock().get_mut(&partition) {
                     h.revision = revision;
-                    h.renewed = Instant::now();
+                    h.renewed = sent;
                 }
                 Ok(true)
             }
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+            // Lost well before the server may expire it (a third of the TTL early): another
+            // member must never find it free while this one still delivers.
+            Err(e) if h.renewed.elapsed() >= self.ttl * 2 / 3 => {
+                tracing::warn!(partition, error = %e, "the lease could not be renewed for two thirds of its TTL");
                 self.held.lock().remove(&partition);
                 Ok(false)
             }
-            Err(e) if h.renewed.elapsed() >= self.ttl => {
-                tracing::warn!(partition, error = %e, "the lease could not be renewed for its whole TTL");
-                self.held.lock().remove(&partition);
-                Ok(false)
-            }
-            Err(e) => Err(api_error(e)),
+            Err(e) => Err(e),
         }
     }
 

@@ -13,6 +13,7 @@ use dualbus_core::{
     Error, GroupControl, GroupMembership, PartitionControl, Result, SubscriptionSpec,
 };
 use futures::stream::BoxStream;
+use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -87,14 +88,18 @@ impl JetStream {
         let (members, member_timeout) = self.member_bucket().await?;
         let registry = Arc::new(KvRegistry::new(members, stream, consumer));
         let (owned_tx, owned_rx) = watch::channel(None);
-        let owned_tx = Arc::new(owned_tx);
+        let epoch = Arc::new(Epoch {
+            leased: Mutex::new(None),
+            owned: owned_tx,
+        });
         let leases = Arc::new(SingleLease {
             kv: KvLeases::new(store, stream, consumer, true, ttl),
-            owned: owned_tx.clone(),
+            epoch: epoch.clone(),
             key,
+            member: member.clone(),
             transport: Arc::downgrade(&self.inner),
         });
-        let control = Arc::new(SingleControl { owned: owned_tx });
+        let control = Arc::new(SingleControl { epoch });
         let config = CoordinatorConfig::new(1)
             .placement(Placement::Sticky)
             // Renewals carry the heartbeat: often enough for both to stay alive.
@@ -117,8 +122,16 @@ impl JetStream {
         let held: Vec<(String, HeldLease)> = self.inner.held.lock().drain().collect();
         if let Some((store, _)) = self.inner.leases.get() {
             for (key, lease) in held {
-                let _ = tokio::time::timeout(self.inner.config.request_timeout, store.delete(&key))
-                    .await;
+                // Only while it is still ours: it may have expired and been taken meanwhile.
+                let release = async {
+                    if let Ok(Some(e)) = store.entry(&key).await
+                        && e.operation == kv::Operation::Put
+                        && e.value == lease.member.as_bytes()
+                    {
+                        let _ = store.delete_expect_revision(&key, Some(e.revision)).await;
+                    }
+                };
+                let _ = tokio::time::timeout(self.inner.config.request_timeout, release).await;
                 lease.released.cancel();
             }
         }
@@ -129,34 +142,73 @@ impl JetStream {
 pub(super) struct HeldLease {
     /// The epoch it was taken under.
     epoch: u64,
+    /// The member holding it (the value of its key).
+    member: String,
     /// Cancelled once the lease is released on the server (or lost).
     released: CancellationToken,
 }
 
-/// Delivering under `epoch` ends (if it is still the one delivered under).
-fn end_epoch(owned: &watch::Sender<Option<u64>>, epoch: u64) {
-    owned.send_if_modified(|o| {
-        let ours = *o == Some(epoch);
-        if ours {
-            *o = None;
+/// The lease's epoch as this subscriber holds it, and the epoch it delivers under. The pull
+/// loop delivers only under an epoch whose lease is held: the rewind starts delivering only
+/// for the lease held now, and the lease's end stops it, under one lock.
+struct Epoch {
+    /// The epoch of the lease held, if any.
+    leased: Mutex<Option<u64>>,
+    owned: watch::Sender<Option<u64>>,
+}
+
+impl Epoch {
+    /// The lease of `epoch` is held from now on.
+    fn leased(&self, epoch: u64) {
+        *self.leased.lock() = Some(epoch);
+    }
+
+    /// The lease of `epoch` ended (released or lost): delivering under it stops.
+    fn ended(&self, epoch: u64) {
+        let mut leased = self.leased.lock();
+        if *leased == Some(epoch) {
+            *leased = None;
         }
-        ours
-    });
+        self.stop(epoch);
+    }
+
+    /// Delivering under `epoch` stops (if it is the one delivered under).
+    fn stop(&self, epoch: u64) {
+        self.owned.send_if_modified(|o| {
+            let ours = *o == Some(epoch);
+            if ours {
+                *o = None;
+            }
+            ours
+        });
+    }
+
+    /// Delivering under `epoch` starts, if its lease is still held.
+    fn start(&self, epoch: u64) -> bool {
+        let leased = self.leased.lock();
+        if *leased != Some(epoch) {
+            return false;
+        }
+        self.owned.send_replace(Some(epoch));
+        true
+    }
 }
 
 /// The lease of a single-active group: the bucket's lease, which also tells the pull loop
 /// when delivering must stop (released or lost) and lets the transport release it at close.
 struct SingleLease {
     kv: KvLeases,
-    owned: Arc<watch::Sender<Option<u64>>>,
+    epoch: Arc<Epoch>,
     key: String,
+    /// This subscriber's member id, the value of its lease key.
+    member: String,
     transport: Weak<Inner>,
 }
 
 impl SingleLease {
     /// Delivering under `epoch` ends, and the transport forgets the lease.
     fn ended(&self, epoch: u64) {
-        end_epoch(&self.owned, epoch);
+        self.epoch.ended(epoch);
         if let Some(inner) = self.transport.upgrade() {
             let mut held = inner.held.lock();
             if held.get(&self.key).is_some_and(|h| h.epoch == epoch)
@@ -171,12 +223,22 @@ impl SingleLease {
 #[async_trait]
 impl LeaseStore for SingleLease {
     async fn acquire(&self, partition: u32, member: &str) -> Result<Option<u64>> {
+        // A closed transport takes no lease: nothing would renew or release it.
+        let Some(inner) = self
+            .transport
+            .upgrade()
+            .filter(|i| !i.shutdown.is_cancelled())
+        else {
+            return Ok(None);
+        };
         let epoch = self.kv.acquire(partition, member).await?;
-        if let (Some(epoch), Some(inner)) = (epoch, self.transport.upgrade()) {
+        if let Some(epoch) = epoch {
+            self.epoch.leased(epoch);
             inner.held.lock().insert(
                 self.key.clone(),
                 HeldLease {
                     epoch,
+                    member: self.member.clone(),
                     released: CancellationToken::new(),
                 },
             );
@@ -206,14 +268,14 @@ impl LeaseStore for SingleLease {
 /// The pool's control of a single-active group: the rewind at the assignment lets the pull
 /// loop deliver (it rewinds the consumer to its ack floor first).
 struct SingleControl {
-    owned: Arc<watch::Sender<Option<u64>>>,
+    epoch: Arc<Epoch>,
 }
 
 impl PartitionControl for SingleControl {
     /// Delivering stops (the pool pauses a revoked partition; a single-active group is
     /// never revoked, only released or lost).
     fn pause(&self, _partition: u32) {
-        self.owned.send_replace(None);
+        self.epoch.owned.send_replace(None);
     }
 
     /// Nothing: delivering starts again only with the next assignment's rewind.
@@ -222,13 +284,20 @@ impl PartitionControl for SingleControl {
 
 #[async_trait]
 impl GroupControl for SingleControl {
-    async fn rewind(&self, _partition: u32, epoch: u64) -> Result<()> {
-        self.owned.send_replace(Some(epoch));
-        Ok(())
+    /// Lets the pull loop deliver under `epoch` (it rewinds the consumer first), unless
+    /// the lease of `epoch` ended meanwhile: then the partition is lost.
+    async fn rewind(&self, partition: u32, epoch: u64) -> Result<()> {
+        if self.epoch.start(epoch) {
+            Ok(())
+        } else {
+            Err(Error::Conflict(format!(
+                "partition {partition}: the lease of epoch {epoch} ended before its rewind"
+            )))
+        }
     }
 
     async fn release(&self, _partition: u32, epoch: u64) -> Result<()> {
-        end_epoch(&self.owned, epoch);
+        self.epoch.stop(epoch);
         Ok(())
     }
 }

@@ -390,6 +390,14 @@ impl Pulling {
                 tokio::select! {
                     () = self.lost.cancelled() => return Err(Error::closed("subscription")),
                     () = settled.cancelled() => {}
+                    // The lease ended or changed hands: the pool dropped the delivery without
+                    // settling it. Start over; the next reconnect finds the message again.
+                    _ = self.owned.changed() => {
+                        self.poison = None;
+                        self.messages = None;
+                        self.rewind = true;
+                        return Ok(Step::Again);
+                    }
                 }
                 // Dead-lettered: acknowledge it while it is still pending (a hand-built
                 // ack subject: there is no delivery to ack through), then rewind.
@@ -497,6 +505,7 @@ impl Pulling {
                 self.epoch = now;
                 self.messages = None;
                 self.ready.clear();
+                self.poison = None;
                 self.takeover = now.is_some();
             }
             if self.epoch.is_some() {
