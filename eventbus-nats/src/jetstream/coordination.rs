@@ -204,6 +204,9 @@ pub struct KvLeases {
     single: bool,
     ttl: Duration,
     held: Mutex<HashMap<u32, Held>>,
+    /// Renewals and releases one at a time: a release racing a renewal would find the
+    /// revision moved and leave the lease to expire.
+    writes: tokio::sync::Mutex<()>,
 }
 
 impl KvLeases {
@@ -223,6 +226,7 @@ impl KvLeases {
             single,
             ttl,
             held: Mutex::new(HashMap::new()),
+            writes: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -272,6 +276,7 @@ impl LeaseStore for KvLeases {
     /// an answer from the server: it expires there a third of the TTL later, and another
     /// member may then take it. Each renewal waits at most a sixth of the TTL.
     async fn renew(&self, partition: u32, member: &str, epoch: u64) -> Result<bool> {
+        let _write = self.writes.lock().await;
         let Some(h) = self
             .held
             .lock()
@@ -325,6 +330,7 @@ impl LeaseStore for KvLeases {
     }
 
     async fn release(&self, partition: u32, _member: &str, epoch: u64) -> Result<()> {
+        let _write = self.writes.lock().await;
         let held = {
             let mut held = self.held.lock();
             match held.get(&partition) {
