@@ -237,6 +237,22 @@ pub(super) struct Finished {
     pub(super) empty: bool,
 }
 
+/// Queues `entry` last in its key's queue `q`. Returns the key when it had no work before:
+/// the caller puts it in the ready queue.
+fn enqueue(q: hash_map::Entry<'_, Key, VecDeque<Entry>>, entry: Entry) -> Option<Key> {
+    match q {
+        hash_map::Entry::Occupied(mut q) => {
+            q.get_mut().push_back(entry);
+            None
+        }
+        hash_map::Entry::Vacant(q) => {
+            let key = q.key().clone();
+            q.insert(VecDeque::from([entry]));
+            Some(key)
+        }
+    }
+}
+
 /// The per-key queues and the held deliveries. See the module docs.
 pub(super) struct Schedule {
     keys: HashMap<Key, VecDeque<Entry>>,
@@ -273,14 +289,14 @@ impl Schedule {
             hash_map::Entry::Vacant(v) => v,
         };
         match keys.entry(item.key.clone()) {
-            hash_map::Entry::Occupied(mut q) => {
+            hash_map::Entry::Occupied(q) => {
                 if q.get().len() >= *max_per_key {
                     return Admitted::OverCap(item);
                 }
                 held.insert(Held::new(item.delivery.acker(), false, false));
                 counts.add(false);
-                q.get_mut().push_back(Entry::Whole(item));
-                Admitted::Queued { schedule: None }
+                let schedule = enqueue(hash_map::Entry::Occupied(q), Entry::Whole(item));
+                Admitted::Queued { schedule }
             }
             hash_map::Entry::Vacant(q) => {
                 let start = slot.filter(|_| item.decoded.is_ok());
@@ -291,13 +307,9 @@ impl Schedule {
                         q.insert(VecDeque::new());
                         Admitted::Start(item, slot)
                     }
-                    None => {
-                        let key = q.key().clone();
-                        q.insert(VecDeque::from([Entry::Whole(item)]));
-                        Admitted::Queued {
-                            schedule: Some(key),
-                        }
-                    }
+                    None => Admitted::Queued {
+                        schedule: enqueue(hash_map::Entry::Vacant(q), Entry::Whole(item)),
+                    },
                 }
             }
         }
@@ -314,19 +326,8 @@ impl Schedule {
             }
         }
         self.counts.add(true);
-        match self.keys.entry(entry.key().clone()) {
-            hash_map::Entry::Occupied(mut q) => {
-                q.get_mut().push_back(entry);
-                AdmittedDeferred::Queued { schedule: None }
-            }
-            hash_map::Entry::Vacant(q) => {
-                let key = q.key().clone();
-                q.insert(VecDeque::from([entry]));
-                AdmittedDeferred::Queued {
-                    schedule: Some(key),
-                }
-            }
-        }
+        let schedule = enqueue(self.keys.entry(entry.key().clone()), entry);
+        AdmittedDeferred::Queued { schedule }
     }
 
     /// Puts back an item the caller meant to start itself: its key is scheduled already
