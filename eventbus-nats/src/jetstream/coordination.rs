@@ -230,7 +230,8 @@ impl KvLeases {
         }
     }
 
-    fn key(&self, partition: u32) -> String {
+    /// The key of `partition`'s lease.
+    pub(crate) fn key(&self, partition: u32) -> String {
         if self.single {
             self.base.clone()
         } else {
@@ -296,37 +297,33 @@ impl LeaseStore for KvLeases {
                 h.revision,
             ),
         )
-        .await
-        .map_err(|_| Error::Timeout {
-            operation: "renewing a group lease",
-            after: self.ttl / 6,
-        });
-        let r = match r {
-            Ok(Ok(revision)) => Ok(revision),
-            Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                self.held.lock().remove(&partition);
-                return Ok(false);
-            }
-            Ok(Err(e)) => Err(api_error(e)),
-            Err(e) => Err(e),
-        };
-        match r {
-            Ok(revision) => {
+        .await;
+        let e = match r {
+            Ok(Ok(revision)) => {
                 if let Some(h) = self.held.lock().get_mut(&partition) {
                     h.revision = revision;
                     h.renewed = sent;
                 }
-                Ok(true)
+                return Ok(true);
             }
-            // Lost well before the server may expire it (a third of the TTL early): another
-            // member must never find it free while this one still delivers.
-            Err(e) if h.renewed.elapsed() >= self.ttl * 2 / 3 => {
-                tracing::warn!(partition, error = %e, "the lease could not be renewed for two thirds of its TTL");
+            Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                 self.held.lock().remove(&partition);
-                Ok(false)
+                return Ok(false);
             }
-            Err(e) => Err(e),
+            Ok(Err(e)) => api_error(e),
+            Err(_) => Error::Timeout {
+                operation: "renewing a group lease",
+                after: self.ttl / 6,
+            },
+        };
+        // Lost well before the server may expire it (a third of the TTL early): another
+        // member must never find it free while this one still delivers.
+        if h.renewed.elapsed() >= self.ttl * 2 / 3 {
+            tracing::warn!(partition, error = %e, "the lease could not be renewed for two thirds of its TTL");
+            self.held.lock().remove(&partition);
+            return Ok(false);
         }
+        Err(e)
     }
 
     async fn release(&self, partition: u32, _member: &str, epoch: u64) -> Result<()> {
@@ -360,5 +357,21 @@ impl LeaseStore for KvLeases {
             format!("{}.>", self.base)
         };
         watch(&self.store, filter)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_valid_kv_keys() {
+        let k = kv_key(&["DUALBUS_orders%2Ev1", "billing"]);
+        assert_eq!(k, "DUALBUS_orders=2Ev1.billing");
+        assert!(
+            k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-/_=.".contains(&b)),
+            "{k}"
+        );
     }
 }

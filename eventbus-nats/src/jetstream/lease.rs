@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use async_trait::async_trait;
-use dualbus_core::group::{Coordinator, CoordinatorConfig, LeaseStore, MemberRegistry, Placement};
+use dualbus_core::group::{Coordinator, CoordinatorConfig, LeaseStore, Placement};
 use dualbus_core::{
     Error, GroupControl, GroupMembership, PartitionControl, Result, SubscriptionSpec,
 };
@@ -20,43 +20,50 @@ use tokio_util::sync::CancellationToken;
 use super::coordination::{KvLeases, KvRegistry, open_bucket};
 use super::{Inner, JetStream};
 
-/// The lease key of a durable consumer (KV keys take no `%`: it becomes `=`).
-fn lease_key(stream: &str, consumer: &str) -> String {
-    format!("{stream}.{consumer}").replace('%', "=")
-}
-
 /// Which epoch this subscriber may deliver under: `Some` from the pool's rewind at the
 /// assignment until the lease is released or lost. The pull loop pulls only while set.
 pub(super) type Owned = watch::Receiver<Option<u64>>;
 
 impl JetStream {
-    async fn lease_bucket(&self) -> Result<(kv::Store, Duration)> {
-        let r = self
-            .inner
-            .leases
+    /// The bucket `<prefix><suffix>` and the max age it has, opened once per transport.
+    async fn bucket(
+        &self,
+        cell: &tokio::sync::OnceCell<(kv::Store, Duration)>,
+        suffix: &str,
+        description: &str,
+        max_age: Duration,
+        setting: &str,
+    ) -> Result<(kv::Store, Duration)> {
+        let r = cell
             .get_or_try_init(|| async {
-                let bucket = format!("{}LEASES", self.inner.config.stream.prefix);
-                open_bucket(
-                    &self.inner.js,
-                    &bucket,
-                    "dualbus single-active-subscriber leases",
-                    self.inner.config.consumer.lease_ttl,
-                    "nats.jetstream.consumer.lease_ttl",
-                )
-                .await
+                let bucket = format!("{}{suffix}", self.inner.config.stream.prefix);
+                open_bucket(&self.inner.js, &bucket, description, max_age, setting).await
             })
             .await?;
         Ok(r.clone())
     }
 
+    /// The lease bucket and the lease TTL it has.
+    async fn lease_bucket(&self) -> Result<(kv::Store, Duration)> {
+        let c = &self.inner.config.consumer;
+        self.bucket(
+            &self.inner.leases,
+            "LEASES",
+            "dualbus single-active-subscriber leases",
+            c.lease_ttl,
+            "nats.jetstream.consumer.lease_ttl",
+        )
+        .await
+    }
+
     /// The member bucket and the member timeout it has.
     async fn member_bucket(&self) -> Result<(kv::Store, Duration)> {
-        let bucket = format!("{}MEMBERS", self.inner.config.stream.prefix);
-        open_bucket(
-            &self.inner.js,
-            &bucket,
+        let c = &self.inner.config.consumer;
+        self.bucket(
+            &self.inner.members,
+            "MEMBERS",
             "dualbus group members",
-            self.inner.config.consumer.member_timeout,
+            c.member_timeout,
             "nats.jetstream.consumer.member_timeout",
         )
         .await
@@ -71,7 +78,8 @@ impl JetStream {
         spec: &SubscriptionSpec,
     ) -> Result<(GroupMembership, Owned)> {
         let (store, ttl) = self.lease_bucket().await?;
-        let key = lease_key(stream, consumer);
+        let kv = KvLeases::new(store, stream, consumer, true, ttl);
+        let key = kv.key(0);
         if !spec.standby {
             // A subscription of this client on the same consumer holds the lease until it
             // has stopped (after its last handler): one that was just dropped releases it in
@@ -93,7 +101,7 @@ impl JetStream {
             owned: owned_tx,
         });
         let leases = Arc::new(SingleLease {
-            kv: KvLeases::new(store, stream, consumer, true, ttl),
+            kv,
             epoch: epoch.clone(),
             key,
             member: member.clone(),
@@ -106,7 +114,6 @@ impl JetStream {
             .renew_every(ttl.min(member_timeout) / 3)
             .poll_every(ttl)
             .standby(spec.standby);
-        let registry: Arc<dyn MemberRegistry> = registry;
         match Coordinator::join(member, registry, leases, control, config).await {
             Ok(membership) => Ok((membership, owned_rx)),
             Err(Error::Conflict(_)) => Err(Error::Conflict(format!(
@@ -299,20 +306,5 @@ impl GroupControl for SingleControl {
     async fn release(&self, _partition: u32, epoch: u64) -> Result<()> {
         self.epoch.stop(epoch);
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lease_keys_are_valid_kv_keys() {
-        let k = lease_key("DUALBUS_orders%2Ev1", "billing");
-        assert!(
-            k.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-/_=.".contains(&b)),
-            "{k}"
-        );
     }
 }

@@ -83,6 +83,8 @@ struct Inner {
     ready: parking_lot::RwLock<HashMap<String, Arc<Plan>>>,
     /// The lease bucket, once opened.
     leases: tokio::sync::OnceCell<(kv::Store, Duration)>,
+    /// The member bucket, once opened.
+    members: tokio::sync::OnceCell<(kv::Store, Duration)>,
     /// Leases held by this client's subscriptions, by key.
     held: Mutex<HashMap<String, HeldLease>>,
 }
@@ -148,6 +150,7 @@ impl JetStream {
                 streams: tokio::sync::Mutex::new(HashMap::new()),
                 ready: parking_lot::RwLock::new(HashMap::new()),
                 leases: tokio::sync::OnceCell::new(),
+                members: tokio::sync::OnceCell::new(),
                 held: Mutex::new(HashMap::new()),
             }),
         })
