@@ -350,6 +350,15 @@ fn member_timeout_is_read_and_checked() {
         ));
         assert_eq!(path, "domain.group.member_timeout");
         assert!(message.contains("300ms"), "{message}");
+        let (path, _) = config_error(Config::from_yaml(
+            "domain:\n  group: { member_timeout: 299ms }\n",
+        ));
+        assert_eq!(path, "domain.group.member_timeout");
+        for ok in ["300ms", "301ms"] {
+            let c = Config::from_yaml(&format!("domain:\n  group: {{ member_timeout: {ok} }}\n"))
+                .unwrap();
+            assert!(c.domain.group.member_timeout.is_some(), "{ok}");
+        }
         // A bad value is reported as such.
         let (path, message) = config_error(Config::from_yaml(
             "domain:\n  group: { member_timeout: soon }\n",

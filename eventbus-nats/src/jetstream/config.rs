@@ -271,5 +271,17 @@ mod tests {
         let mut c = JetStreamConfig::default();
         c.consumer.lease_ttl = Duration::from_millis(1);
         assert!(matches!(validate(&c), Err(Error::Config { .. })));
+        let mut c = JetStreamConfig::default();
+        for (ms, ok) in [(299, false), (300, true), (301, true)] {
+            c.consumer.member_timeout = Duration::from_millis(ms);
+            match validate(&c) {
+                Ok(()) => assert!(ok, "{ms} ms accepted"),
+                Err(Error::Config { path, .. }) => {
+                    assert!(!ok, "{ms} ms refused");
+                    assert_eq!(path, "nats.jetstream.consumer.member_timeout");
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
     }
 }
