@@ -38,6 +38,9 @@ pub struct Event {
     /// groups). It grows with every change of owner: a handler that writes elsewhere can
     /// make its writes conditional on it to fence off a paused former owner.
     pub epoch: u64,
+    /// Per-attempt data from the handler layers to the handler (a span, a timer), keyed
+    /// by type; empty at the start of every attempt.
+    pub extensions: crate::pipeline::Extensions,
 }
 
 impl Event {
@@ -50,6 +53,7 @@ impl Event {
             delivery_count: 1,
             position,
             epoch: 0,
+            extensions: crate::pipeline::Extensions::new(),
         }
     }
 

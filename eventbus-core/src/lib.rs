@@ -31,7 +31,10 @@
 //! - [`DomainBus`]: publish envelopes; subscribe with a keyed pool (order per aggregate,
 //!   retry in place, dead letter, ack after success). [`SimpleBus`]: raw payloads, concurrent
 //!   handlers, queue groups, request-reply.
-//! - [`middleware`]: timeout, panic catching, hooks (trace context and metrics), publish retry.
+//! - [`pipeline`]: every write of both buses (events, batches, appends, dead letters,
+//!   simple publishes, requests and replies) as one request type through one layered
+//!   service. [`middleware`]: timeout, panic catching, hooks (trace context and metrics),
+//!   publish retry.
 //! - `conformance` (feature): the suite every backend runs.
 //!
 //! ## Features
@@ -59,6 +62,7 @@ mod message;
 pub mod middleware;
 pub mod offsets;
 pub mod partition;
+pub mod pipeline;
 pub mod pool;
 pub mod retry;
 mod simple;
@@ -70,10 +74,7 @@ mod transport;
 pub mod conformance;
 
 pub use codec::{Codec, DecodeError, HeaderStyle};
-pub use domain::{
-    BoxPublishService, DomainBus, DomainBusBuilder, DomainSubscribeBuilder, PublishRequest,
-    Subscription,
-};
+pub use domain::{DomainBus, DomainBusBuilder, DomainSubscribeBuilder, Subscription};
 pub use envelope::{Envelope, EnvelopeError, MAX_AGGREGATE_ID_LEN, MAX_ID_LEN};
 pub use error::{BoxError, Disposition, Error, ErrorKind, Failure, HandleError, Result};
 pub use handler::{
@@ -84,6 +85,10 @@ pub use headers::{
 };
 pub use message::{
     EncodedMessage, InboundMessage, Message, OutboundMessage, Position, Receipt, SimpleOutbound,
+};
+pub use pipeline::{
+    BoxPublishService, Extensions, HandlerLayer, PublishBody, PublishKind, PublishLayer,
+    PublishRequest, PublishResponse,
 };
 pub use pool::{
     DeadLetterKind, DeadLetterPolicy, PartitionState, PoolConfig, PoolEvent, PoolObserver,

@@ -9,7 +9,11 @@ use crate::topic::validate_topic;
 use crate::transport::{DomainCapabilities, SimpleCapabilities, Write};
 
 /// A simple-bus message: topic, headers and raw payload.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Two messages are equal when their topic, headers, payload and reply address are:
+/// [`extensions`](Self::extensions) hold per-call data, not content, and are not compared.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Message {
     /// The topic it was published to.
     pub topic: String,
@@ -19,7 +23,22 @@ pub struct Message {
     pub payload: Bytes,
     /// Where a reply goes, for request-reply.
     pub reply_to: Option<String>,
+    /// Per-call data, never sent: on publish it becomes the publish request's
+    /// [`extensions`](crate::pipeline::PublishRequest::extensions); a handler receives what
+    /// the handler layers put there.
+    pub extensions: crate::pipeline::Extensions,
 }
+
+impl PartialEq for Message {
+    fn eq(&self, other: &Self) -> bool {
+        self.topic == other.topic
+            && self.headers == other.headers
+            && self.payload == other.payload
+            && self.reply_to == other.reply_to
+    }
+}
+
+impl Eq for Message {}
 
 impl Message {
     /// A message without headers.
@@ -29,7 +48,15 @@ impl Message {
             headers: Headers::new(),
             payload: payload.into(),
             reply_to: None,
+            extensions: crate::pipeline::Extensions::new(),
         }
+    }
+
+    /// Same message with replies going to `reply_to` (request-reply).
+    #[must_use]
+    pub fn with_reply_to(mut self, reply_to: impl Into<String>) -> Self {
+        self.reply_to = Some(reply_to.into());
+        self
     }
 
     /// Same message with headers.

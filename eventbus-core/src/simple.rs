@@ -16,18 +16,19 @@ use tower::Service;
 use crate::error::{Error, HandleError, Result};
 use crate::guard::Guarded;
 use crate::handler::{BoxMessageHandler, BoxRequestHandler};
-use crate::headers::Headers;
-use crate::message::{Message, Receipt, SimpleOutbound};
-use crate::middleware::{BusKind, Hook, HookLayer, PublishInfo};
-use crate::middleware::{finish_publish, publish_scopes};
-use crate::topic::{IntoTopic, Topic, validate_group, validate_topic};
+use crate::message::Message;
+use crate::middleware::{Hook, HookLayer};
+use crate::pipeline::simple::SimpleSink;
+use crate::pipeline::{HandlerLayer, Pipeline, PublishKind, PublishLayer, Stack};
+use crate::topic::{IntoTopic, Topic, validate_group};
 use crate::transport::{DynSimpleTransport, SimpleCapabilities, SimpleTransport};
 
 /// Builds a [`SimpleBus`].
 #[must_use]
 pub struct SimpleBusBuilder {
     transport: DynSimpleTransport,
-    hooks: Vec<Arc<dyn Hook>>,
+    handler_layers: Stack<dyn HandlerLayer<Message>>,
+    publish_layers: Stack<dyn PublishLayer>,
     max_concurrency: usize,
 }
 
@@ -50,14 +51,38 @@ impl SimpleBusBuilder {
     pub fn from_dyn(transport: DynSimpleTransport) -> Self {
         Self {
             transport,
-            hooks: Vec::new(),
+            handler_layers: Stack::default(),
+            publish_layers: Stack::default(),
             max_concurrency: 1024,
         }
     }
 
-    /// Adds a hook run around every publish and handler call.
-    pub fn hook(mut self, hook: Arc<dyn Hook>) -> Self {
-        self.hooks.push(hook);
+    /// Adds a hook around every write (publishes, requests, replies) and every handler
+    /// call: a [`HookLayer`] added as a publish layer and as a handler layer, in this
+    /// place of their orders.
+    pub fn hook(self, hook: Arc<dyn Hook>) -> Self {
+        self.layer(HookLayer::new([hook]))
+    }
+
+    /// Adds a layer around each handler call (and each [`SimpleBus::serve`] handler, its
+    /// reply included). The first layer added is outermost.
+    pub fn handler_layer(mut self, layer: impl HandlerLayer<Message>) -> Self {
+        self.handler_layers.push(Arc::new(layer));
+        self
+    }
+
+    /// Adds a layer to the publish pipeline: around every publish, request and reply of
+    /// this bus (see [`crate::pipeline`]). The first layer added is outermost.
+    pub fn publish_layer(mut self, layer: impl PublishLayer) -> Self {
+        self.publish_layers.push(Arc::new(layer));
+        self
+    }
+
+    /// Adds `layer` both to the publish pipeline and around each handler call.
+    pub fn layer<L: PublishLayer + HandlerLayer<Message>>(mut self, layer: L) -> Self {
+        let layer = Arc::new(layer);
+        self.publish_layers.push(layer.clone());
+        self.handler_layers.push(layer);
         self
     }
 
@@ -78,8 +103,8 @@ impl SimpleBusBuilder {
         }
         Ok(SimpleBus {
             inner: Arc::new(Inner {
-                transport: self.transport,
-                hooks: self.hooks.into(),
+                pipeline: Pipeline::new(SimpleSink::new(self.transport), &self.publish_layers),
+                handler_layers: self.handler_layers,
                 max_concurrency: self.max_concurrency,
                 closed: AtomicBool::new(false),
                 subscriptions: Mutex::new(Vec::new()),
@@ -89,8 +114,8 @@ impl SimpleBusBuilder {
 }
 
 struct Inner {
-    transport: DynSimpleTransport,
-    hooks: Arc<[Arc<dyn Hook>]>,
+    pipeline: Pipeline<SimpleSink>,
+    handler_layers: Stack<dyn HandlerLayer<Message>>,
     max_concurrency: usize,
     closed: AtomicBool,
     subscriptions: Mutex<Vec<std::sync::Weak<SubInner>>>,
@@ -118,7 +143,7 @@ impl SimpleBus {
 
     /// What the backend offers.
     pub fn capabilities(&self) -> &SimpleCapabilities {
-        self.inner.transport.capabilities()
+        self.inner.pipeline.sink.caps()
     }
 
     fn check_open(&self) -> Result<()> {
@@ -129,42 +154,21 @@ impl SimpleBus {
         }
     }
 
-    /// Checks the topic, runs the publish hooks, then checks the headers and the size:
-    /// everything before the broker.
-    fn prepare(
-        &self,
-        mut message: Message,
-    ) -> Result<(
-        SimpleOutbound,
-        Vec<Box<dyn crate::middleware::PublishScope>>,
-    )> {
-        self.check_open()?;
-        validate_topic(&message.topic)?;
-        let caps = self.capabilities();
-        let info = PublishInfo {
-            bus: BusKind::Simple,
-            backend: caps.backend,
-            topic: &message.topic,
-            key: None,
-            event_type: None,
-            payload_len: message.payload.len(),
-        };
-        let scopes = publish_scopes(&self.inner.hooks, &info, &mut message.headers);
-        Ok((SimpleOutbound::with_valid_topic(message, caps)?, scopes))
-    }
-
     /// Publishes `payload` to `topic` without headers.
     pub async fn publish(&self, topic: &str, payload: impl Into<Bytes>) -> Result<()> {
         self.publish_message(Message::new(topic, payload)).await
     }
 
-    /// Publishes a message with headers.
+    /// Publishes a message with headers, through the publish pipeline (its
+    /// [`extensions`](Message::extensions) become the request's). Errors:
+    /// [`Error::InvalidTopic`], [`Error::InvalidHeader`], [`Error::PayloadTooLarge`] and
+    /// [`Error::Closed`] before anything is sent; the backend's errors after.
     pub async fn publish_message(&self, message: Message) -> Result<()> {
-        let (message, scopes) = self.prepare(message)?;
-        let result = self.inner.transport.publish(message).await;
-        let receipt = Receipt::accepted();
-        finish_publish(scopes, result.as_ref().map(|()| &receipt));
-        result
+        self.check_open()?;
+        self.inner
+            .pipeline
+            .publish(message, PublishKind::Message)
+            .await
     }
 
     /// Sends a request and waits up to `timeout` for the reply.
@@ -174,11 +178,11 @@ impl SimpleBus {
         payload: impl Into<Bytes>,
         timeout: Duration,
     ) -> Result<Message> {
-        let (message, scopes) = self.prepare(Message::new(topic, payload))?;
-        let result = self.inner.transport.request(message, timeout).await;
-        let receipt = Receipt::accepted();
-        finish_publish(scopes, result.as_ref().map(|_| &receipt));
-        result
+        self.check_open()?;
+        self.inner
+            .pipeline
+            .request(Message::new(topic, payload), timeout)
+            .await
     }
 
     /// Subscribes to `topic`; see [`SimpleSubscribeBuilder`]. An invalid topic is reported
@@ -224,23 +228,25 @@ impl SimpleBus {
             let bus = bus.clone();
             async move {
                 let reply_to = request.reply_to.clone();
+                // What the handler layers left for this call goes on with the reply.
+                let extensions = request.extensions.clone();
                 let payload = crate::handler::call_once(&handler, request).await?;
                 let Some(to) = reply_to else {
                     return Ok(());
                 };
-                let reply = Message {
-                    topic: to,
-                    headers: Headers::new(),
-                    payload,
-                    reply_to: None,
-                };
-                let reply = SimpleOutbound::new(reply, bus.capabilities())
-                    .map_err(HandleError::permanent)?;
+                let mut reply = Message::new(to, payload);
+                reply.extensions = extensions;
                 bus.inner
-                    .transport
-                    .publish(reply)
+                    .pipeline
+                    .publish(reply, PublishKind::Reply)
                     .await
-                    .map_err(HandleError::retryable)
+                    .map_err(|e| {
+                        if e.is_retryable() {
+                            HandleError::retryable(e)
+                        } else {
+                            HandleError::permanent(e)
+                        }
+                    })
             }
         });
         let mut b = self.subscribe(topic);
@@ -266,7 +272,7 @@ impl SimpleBus {
         for s in subs {
             s.stop(Duration::from_secs(10)).await;
         }
-        self.inner.transport.close().await
+        self.inner.pipeline.sink.transport().close().await
     }
 
     /// Whether [`SimpleBus::close`] was called.
@@ -330,16 +336,17 @@ impl SimpleSubscribeBuilder {
             }
             validate_group("queue_group", q)?;
         }
-        let mut svc = BoxMessageHandler::new(handler);
-        if !bus.inner.hooks.is_empty() {
-            svc = BoxMessageHandler::new(tower::Layer::layer(
-                &HookLayer::new(bus.inner.hooks.iter().cloned()),
-                svc,
-            ));
-        }
+        let svc = bus
+            .inner
+            .handler_layers
+            .apply(BoxMessageHandler::new(handler), |layer, inner| {
+                layer.layer_handler(inner)
+            });
         let stream = bus
             .inner
-            .transport
+            .pipeline
+            .sink
+            .transport()
             .subscribe(&topic, self.queue.as_deref())
             .await?;
         let inner = Arc::new(SubInner {

@@ -67,12 +67,10 @@ impl Nats {
 }
 
 fn from_nats(message: async_nats::Message) -> Message {
-    Message {
-        topic: message.subject.to_string(),
-        headers: headers::from_nats(message.headers.as_ref()),
-        payload: message.payload,
-        reply_to: message.reply.map(|r| r.to_string()),
-    }
+    let mut m = Message::new(message.subject.as_str(), message.payload)
+        .with_headers(headers::from_nats(message.headers.as_ref()));
+    m.reply_to = message.reply.map(|r| r.to_string());
+    m
 }
 
 #[async_trait]

@@ -4,12 +4,13 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dualbus_core::middleware::Hook;
+use dualbus_core::middleware::{Hook, HookLayer};
 use dualbus_core::{
-    Backoff, Codec, DeadLetterPolicy, DomainBus, DomainBusBuilder, DomainTransport,
-    DynDomainTransport, DynSimpleTransport, PoolConfig, Result, SimpleBus, SimpleBusBuilder,
-    SimpleTransport,
+    Backoff, BoxPublishService, Codec, DeadLetterPolicy, DomainBus, DomainBusBuilder,
+    DomainTransport, DynDomainTransport, DynSimpleTransport, Event, HandleError, HandlerLayer,
+    Message, PoolConfig, PublishLayer, Result, SimpleBus, SimpleBusBuilder, SimpleTransport,
 };
+use tower::util::BoxCloneSyncService;
 
 /// The two buses of a service: [`Buses::domain`] for domain events, [`Buses::simple`] for
 /// simple messages. Cheap to clone.
@@ -55,7 +56,7 @@ pub struct BusesBuilder {
     pool: Option<PoolConfig>,
     retry: Option<Backoff>,
     dead_letter: Option<DeadLetterPolicy>,
-    hooks: Vec<Arc<dyn Hook>>,
+    layers: Vec<LayerStep>,
     handler_timeout: Option<Duration>,
     simple_max_concurrency: Option<usize>,
     default_group: Option<String>,
@@ -74,6 +75,7 @@ impl fmt::Debug for BusesBuilder {
             )
             .field("source", &self.source)
             .field("codec", &self.codec)
+            .field("layers", &self.layers.len())
             .finish_non_exhaustive()
     }
 }
@@ -143,9 +145,42 @@ impl BusesBuilder {
         self
     }
 
-    /// A hook on both buses (publish and handle): tracing, metrics.
-    pub fn hook(mut self, hook: Arc<dyn Hook>) -> Self {
-        self.hooks.push(hook);
+    /// A hook on both buses, around every write and every handler call: a [`HookLayer`]
+    /// added with [`layer`](Self::layer).
+    pub fn hook(self, hook: Arc<dyn Hook>) -> Self {
+        self.layer(HookLayer::new([hook]))
+    }
+
+    /// A layer in the publish pipeline of both buses: around every write (domain events,
+    /// batches, appends, dead letters; simple publishes, requests, replies). Layers keep
+    /// the order they were added in, the first outermost.
+    pub fn publish_layer<L: PublishLayer>(mut self, layer: L) -> Self {
+        let layer = Shared(Arc::new(layer));
+        self.layers.push(Box::new(move |d, s| {
+            (d.publish_layer(layer.clone()), s.publish_layer(layer))
+        }));
+        self
+    }
+
+    /// A layer around every handler call of both buses (domain attempts, simple handlers).
+    pub fn handler_layer<L: HandlerLayer<Event> + HandlerLayer<Message>>(mut self, layer: L) -> Self {
+        let layer = Shared(Arc::new(layer));
+        self.layers.push(Box::new(move |d, s| {
+            (d.handler_layer(layer.clone()), s.handler_layer(layer))
+        }));
+        self
+    }
+
+    /// A layer on both sides of both buses: in the publish pipelines and around every
+    /// handler call (tracing, metrics, hooks).
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: PublishLayer + HandlerLayer<Event> + HandlerLayer<Message>,
+    {
+        let layer = Shared(Arc::new(layer));
+        self.layers.push(Box::new(move |d, s| {
+            (d.layer(layer.clone()), s.layer(layer))
+        }));
         self
     }
 
@@ -187,9 +222,8 @@ impl BusesBuilder {
         if let Some(n) = self.simple_max_concurrency {
             simple = simple.max_concurrency(n);
         }
-        for h in self.hooks {
-            domain = domain.hook(h.clone());
-            simple = simple.hook(h);
+        for step in self.layers {
+            (domain, simple) = step(domain, simple);
         }
         Ok(Buses {
             domain: domain.build()?,
@@ -220,5 +254,35 @@ impl BusesBuilder {
             self.domain.clone().ok_or_else(|| missing("domain"))?,
             self.simple.clone().ok_or_else(|| missing("simple"))?,
         ))
+    }
+}
+
+/// Adds one layer to the two bus builders.
+type LayerStep =
+    Box<dyn FnOnce(DomainBusBuilder, SimpleBusBuilder) -> (DomainBusBuilder, SimpleBusBuilder) + Send>;
+
+/// One layer shared by both buses.
+struct Shared<L>(Arc<L>);
+
+impl<L> Clone for Shared<L> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<L: PublishLayer> tower::Layer<BoxPublishService> for Shared<L> {
+    type Service = BoxPublishService;
+    fn layer(&self, inner: BoxPublishService) -> BoxPublishService {
+        self.0.layer_publish(inner)
+    }
+}
+
+impl<L: HandlerLayer<R>, R> tower::Layer<BoxCloneSyncService<R, (), HandleError>> for Shared<L> {
+    type Service = BoxCloneSyncService<R, (), HandleError>;
+    fn layer(
+        &self,
+        inner: BoxCloneSyncService<R, (), HandleError>,
+    ) -> BoxCloneSyncService<R, (), HandleError> {
+        self.0.layer_handler(inner)
     }
 }

@@ -1,5 +1,5 @@
 //! Building a [`DomainBus`]: transport, source, codec, pool and retry defaults, dead letters,
-//! hooks and layers.
+//! publish and handler layers (hooks among them).
 
 use std::fmt;
 use std::sync::Arc;
@@ -7,22 +7,19 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tower::Service;
 
 use crate::codec::Codec;
-use crate::error::{Error, HandleError, Result};
-use crate::handler::{BoxEventHandler, Event};
-use crate::message::Receipt;
-use crate::middleware::Hook;
+use crate::error::{Error, Result};
+use crate::handler::Event;
+use crate::middleware::{Hook, HookLayer};
+use crate::pipeline::domain::DomainSink;
+use crate::pipeline::{HandlerLayer, Pipeline, PublishLayer, Stack};
 use crate::pool::{DeadLetterPolicy, PoolConfig};
 use crate::retry::Backoff;
 use crate::topic::{group_from_source, validate_group};
 use crate::transport::{DomainTransport, DynDomainTransport};
 
-use super::{
-    BoxPublishService, DomainBus, HandlerLayerFn, Inner, PublishLayerFn, PublishRequest,
-    TransportPublish,
-};
+use super::{DomainBus, Inner};
 
 /// Builds a [`DomainBus`].
 #[must_use]
@@ -33,9 +30,8 @@ pub struct DomainBusBuilder {
     pool: PoolConfig,
     retry: Backoff,
     dead_letter: DeadLetterPolicy,
-    hooks: Vec<Arc<dyn Hook>>,
-    handler_layers: Vec<HandlerLayerFn>,
-    publish_layers: Vec<PublishLayerFn>,
+    handler_layers: Stack<dyn HandlerLayer<Event>>,
+    publish_layers: Stack<dyn PublishLayer>,
     handler_timeout: Option<Duration>,
     default_group: Option<String>,
 }
@@ -67,9 +63,8 @@ impl DomainBusBuilder {
             pool: PoolConfig::default(),
             retry: Backoff::default(),
             dead_letter: DeadLetterPolicy::default(),
-            hooks: Vec::new(),
-            handler_layers: Vec::new(),
-            publish_layers: Vec::new(),
+            handler_layers: Stack::default(),
+            publish_layers: Stack::default(),
             handler_timeout: None,
             default_group: None,
         }
@@ -118,46 +113,41 @@ impl DomainBusBuilder {
         self
     }
 
-    /// Adds a hook run around every publish and handler attempt.
-    pub fn hook(mut self, hook: Arc<dyn Hook>) -> Self {
-        self.hooks.push(hook);
-        self
+    /// Adds a hook around every write (one call per message) and every handler attempt:
+    /// a [`HookLayer`] added as a publish layer and as a handler layer, in this place of
+    /// their orders.
+    pub fn hook(self, hook: Arc<dyn Hook>) -> Self {
+        self.layer(HookLayer::new([hook]))
     }
 
-    /// Cuts off each handler attempt after `after` (a retryable failure).
+    /// Cuts off each handler attempt after `after` (a retryable failure). The timeout wraps
+    /// the handler alone, inside every handler layer, so that they see its error.
     pub fn handler_timeout(mut self, after: Duration) -> Self {
         self.handler_timeout = Some(after);
         self
     }
 
-    /// Adds a layer around each handler attempt (innermost first added).
-    pub fn handler_layer<L>(mut self, layer: L) -> Self
-    where
-        L: tower::Layer<BoxEventHandler> + Send + Sync + 'static,
-        L::Service:
-            Service<Event, Response = (), Error = HandleError> + Clone + Send + Sync + 'static,
-        <L::Service as Service<Event>>::Future: Send + 'static,
-    {
-        self.handler_layers.push(Arc::new(move |inner| {
-            BoxEventHandler::new(layer.layer(inner))
-        }));
+    /// Adds a layer around each handler attempt. The first layer added is outermost (it
+    /// sees the event first and the outcome last), as in [`tower::ServiceBuilder`].
+    pub fn handler_layer(mut self, layer: impl HandlerLayer<Event>) -> Self {
+        self.handler_layers.push(Arc::new(layer));
         self
     }
 
-    /// Adds a layer around each publish (e.g. [`crate::middleware::PublishRetryLayer`]).
-    pub fn publish_layer<L>(mut self, layer: L) -> Self
-    where
-        L: tower::Layer<BoxPublishService> + Send + Sync + 'static,
-        L::Service: Service<PublishRequest, Response = Receipt, Error = Error>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        <L::Service as Service<PublishRequest>>::Future: Send + 'static,
-    {
-        self.publish_layers.push(Arc::new(move |inner| {
-            BoxPublishService::new(layer.layer(inner))
-        }));
+    /// Adds a layer to the publish pipeline: around every write of this bus (events,
+    /// batches, appends and the pool's dead letters; see [`crate::pipeline`]). The first
+    /// layer added is outermost. E.g. [`crate::middleware::PublishRetryLayer`].
+    pub fn publish_layer(mut self, layer: impl PublishLayer) -> Self {
+        self.publish_layers.push(Arc::new(layer));
+        self
+    }
+
+    /// Adds `layer` both to the publish pipeline and around each handler attempt (a layer
+    /// that observes both sides, such as tracing or a [`HookLayer`]).
+    pub fn layer<L: PublishLayer + HandlerLayer<Event>>(mut self, layer: L) -> Self {
+        let layer = Arc::new(layer);
+        self.publish_layers.push(layer.clone());
+        self.handler_layers.push(layer);
         self
     }
 
@@ -175,14 +165,10 @@ impl DomainBusBuilder {
                 "the domain bus runs on a non-durable backend: events live only as long as this process"
             );
         }
-        // Without publish layers the transport is called directly (no boxing per publish).
-        let publish = (!self.publish_layers.is_empty()).then(|| {
-            let mut publish = BoxPublishService::new(TransportPublish(self.transport.clone()));
-            for layer in &self.publish_layers {
-                publish = layer(publish);
-            }
-            publish
-        });
+        let pipeline = Pipeline::new(
+            DomainSink::new(self.transport.clone(), self.codec, &self.source),
+            &self.publish_layers,
+        );
         // The default group: as set (and then a valid group name), or the source mapped to
         // one (see `group_from_source`).
         let default_group = match self.default_group {
@@ -211,10 +197,9 @@ impl DomainBusBuilder {
                 pool: self.pool,
                 retry: self.retry,
                 dead_letter: self.dead_letter,
-                hooks: self.hooks.into(),
                 handler_layers: self.handler_layers,
                 handler_timeout: self.handler_timeout,
-                publish,
+                pipeline,
                 closed: AtomicBool::new(false),
                 pools: Mutex::new(Vec::new()),
             }),

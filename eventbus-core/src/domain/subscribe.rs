@@ -9,7 +9,7 @@ use tower::Service;
 
 use crate::error::{Error, HandleError, Result};
 use crate::handler::{BoxEventHandler, Event};
-use crate::middleware::{HookLayer, TimeoutLayer};
+use crate::middleware::TimeoutLayer;
 use crate::pool::{Pool, PoolConfig, PoolObserver, PoolParams, PoolStats, ShutdownReport};
 use crate::retry::Backoff;
 use crate::topic::{Topic, validate_group};
@@ -87,9 +87,10 @@ impl DomainSubscribeBuilder {
 
     /// Opens the subscription and starts handling with `handler`.
     ///
-    /// The handler runs inside the bus's layers: hooks (outermost), the handler timeout and
-    /// the added handler layers; the pool catches panics around the whole stack (a panic is a
-    /// permanent failure).
+    /// The handler runs inside the bus's handler layers (hooks among them; the first added
+    /// outermost), with the handler timeout directly around it; the pool catches panics
+    /// around the whole stack (a panic is a permanent failure). Its dead letters go through
+    /// the bus's publish pipeline.
     pub async fn start<H>(self, handler: H) -> Result<Subscription>
     where
         H: Service<Event, Response = (), Error = HandleError> + Clone + Send + Sync + 'static,
@@ -114,18 +115,13 @@ impl DomainSubscribeBuilder {
         let dlq = topic.dead_letter(&bus.inner.dead_letter.suffix)?;
 
         let mut svc = BoxEventHandler::new(handler);
-        for layer in &bus.inner.handler_layers {
-            svc = layer(svc);
-        }
         if let Some(t) = bus.inner.handler_timeout {
             svc = BoxEventHandler::new(tower::Layer::layer(&TimeoutLayer::new(t), svc));
         }
-        if !bus.inner.hooks.is_empty() {
-            svc = BoxEventHandler::new(tower::Layer::layer(
-                &HookLayer::new(bus.inner.hooks.iter().cloned()),
-                svc,
-            ));
-        }
+        let svc = bus
+            .inner
+            .handler_layers
+            .apply(svc, |layer, inner| layer.layer_handler(inner));
 
         let spec = SubscriptionSpec::new(topic.clone(), group.clone())
             .starting_at(self.start)
@@ -138,7 +134,7 @@ impl DomainSubscribeBuilder {
                 topic: topic.clone(),
                 dead_letter_topic: dlq,
                 handler: svc,
-                transport: bus.inner.transport.clone(),
+                pipeline: bus.inner.pipeline.clone(),
                 config: pool,
                 retry,
                 observer: self.observer,

@@ -9,6 +9,7 @@ use crate::error::{Error, HandleError};
 use crate::handler::Event;
 use crate::headers::Headers;
 use crate::message::{Message, Receipt};
+use crate::pipeline::{PublishKind, PublishRequest, PublishResponse};
 
 /// Which bus a message travels on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -19,21 +20,27 @@ pub enum BusKind {
     Simple,
 }
 
-/// What a hook learns about a publish.
+/// What a hook learns about one message of a write (a batch calls the hook once per
+/// message).
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
 pub struct PublishInfo<'a> {
     /// The bus.
     pub bus: BusKind,
+    /// Which write: an event, a batch, an append, a dead letter, a simple message, a
+    /// request or a reply.
+    pub kind: PublishKind,
     /// The backend's name.
     pub backend: &'static str,
     /// The topic.
     pub topic: &'a str,
     /// The aggregate id (domain bus).
     pub key: Option<&'a str>,
-    /// The event type (domain bus).
+    /// The event type (domain events).
     pub event_type: Option<&'a str>,
-    /// The payload's size in bytes.
+    /// The message id: the event id, or a dead letter's deduplication id.
+    pub id: Option<&'a str>,
+    /// The payload's size in bytes, before encoding.
     pub payload_len: usize,
 }
 
@@ -73,13 +80,15 @@ pub trait HandleScope: Send {
     fn finish(self: Box<Self>, result: Result<(), &HandleError>);
 }
 
-/// Reads and writes headers around every publish and every handler attempt, on both buses:
-/// the seam for tracing (W3C `traceparent`) and metrics.
+/// Reads and writes headers around every write and every handler attempt, on both buses:
+/// the seam for tracing (W3C `traceparent`) and metrics, run by a [`HookLayer`] in the
+/// publish pipeline and in the handler stack like any other layer.
 ///
 /// Both methods are called on the hot path: keep them cheap. Returning `None` means the hook
 /// has nothing to finish.
 pub trait Hook: Send + Sync + 'static {
-    /// Before a publish: may add headers (they are validated afterwards).
+    /// Before a write, once per message: may add headers (they are checked after the last
+    /// layer, and count against the broker's size limit).
     fn on_publish(
         &self,
         info: &PublishInfo<'_>,
@@ -134,7 +143,8 @@ impl HookedRequest for Message {
     }
 }
 
-/// Runs a set of [`Hook`]s around each handler attempt.
+/// Runs a set of [`Hook`]s around each write of the publish pipeline (one `on_publish` per
+/// message) and each handler attempt.
 #[derive(Clone)]
 pub struct HookLayer {
     hooks: Arc<[Arc<dyn Hook>]>,
@@ -223,24 +233,66 @@ where
     }
 }
 
-/// Calls `on_publish` of every hook; returns the scopes to finish after the publish.
-pub(crate) fn publish_scopes(
-    hooks: &[Arc<dyn Hook>],
-    info: &PublishInfo<'_>,
-    headers: &mut Headers,
-) -> Vec<Box<dyn PublishScope>> {
-    if hooks.is_empty() {
-        return Vec::new();
-    }
-    hooks
-        .iter()
-        .filter_map(|h| h.on_publish(info, headers))
-        .collect()
-}
+impl<S> Service<PublishRequest> for HookService<S>
+where
+    S: Service<PublishRequest, Response = PublishResponse, Error = Error>,
+    S::Future: Send + 'static,
+{
+    type Response = PublishResponse;
+    type Error = Error;
+    type Future = BoxFuture<'static, Result<PublishResponse, Error>>;
 
-/// Finishes publish scopes, innermost first.
-pub(crate) fn finish_publish(scopes: Vec<Box<dyn PublishScope>>, result: Result<&Receipt, &Error>) {
-    for scope in scopes.into_iter().rev() {
-        scope.finish(result);
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: PublishRequest) -> Self::Future {
+        if self.hooks.is_empty() {
+            return Box::pin(self.inner.call(req));
+        }
+        let (bus, backend) = (req.bus(), req.backend);
+        let mut scopes: Vec<(usize, Box<dyn PublishScope>)> = Vec::new();
+        let mut index = 0;
+        let hooks = &self.hooks;
+        req.for_each_message(|m, headers| {
+            let info = PublishInfo {
+                bus,
+                kind: m.kind,
+                backend,
+                topic: m.topic,
+                key: m.key,
+                event_type: m.event_type,
+                id: m.id,
+                payload_len: m.payload_len,
+            };
+            for hook in hooks.iter() {
+                if let Some(scope) = hook.on_publish(&info, headers) {
+                    scopes.push((index, scope));
+                }
+            }
+            index += 1;
+        });
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let result = fut.await;
+            // Innermost first; each message's scope gets that message's result.
+            for (i, scope) in scopes.into_iter().rev() {
+                match &result {
+                    Ok(response) => match response.result(i) {
+                        Some(Ok(receipt)) => scope.finish(Ok(&receipt)),
+                        Some(Err(e)) => scope.finish(Err(e)),
+                        None => scope.finish(Err(&Error::backend(
+                            "publish pipeline",
+                            false,
+                            crate::error::Failure(format!(
+                                "no result for message {i} of the write"
+                            )),
+                        ))),
+                    },
+                    Err(e) => scope.finish(Err(e)),
+                }
+            }
+            result
+        })
     }
 }

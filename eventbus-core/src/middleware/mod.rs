@@ -1,10 +1,12 @@
-//! Layers that wrap one handler attempt or one publish.
+//! Layers that wrap one handler attempt or one write of the publish pipeline.
 //!
 //! Each layer has the shape of a [`tower::Layer`] with a matching [`tower::Service`]
-//! wrapper. Layers return classified errors ([`crate::HandleError`] for handlers,
-//! [`crate::Error`] for publishes) and never loop over consumption: retry and dead letter
+//! wrapper. Handler layers take an [`Event`](crate::Event) or a [`Message`](crate::Message)
+//! and return classified errors ([`crate::HandleError`]); publish layers take a
+//! [`PublishRequest`](crate::pipeline::PublishRequest) (see [`crate::pipeline`]) and return
+//! [`crate::Error`]s. Handler layers never loop over consumption: retry and dead letter
 //! belong to the keyed pool. The publish side has its own [`PublishRetryLayer`] for
-//! retryable publish errors.
+//! retryable write errors, on the kinds of write where a repeat is safe.
 
 mod catch_panic;
 mod hook;
@@ -17,6 +19,5 @@ pub use hook::{
     BusKind, HandleInfo, HandleScope, Hook, HookLayer, HookService, HookedRequest, PublishInfo,
     PublishScope,
 };
-pub(crate) use hook::{finish_publish, publish_scopes};
 pub use retry::{PublishRetry, PublishRetryLayer};
 pub use timeout::{FromTimeout, Timeout, TimeoutLayer};

@@ -25,6 +25,7 @@ pub(super) fn event(sh: &Shared, item: &Item, envelope: &Arc<Envelope>, attempt:
         delivery_count: item.delivery.delivery_count,
         position: item.delivery.position(),
         epoch: item.delivery.epoch,
+        extensions: crate::pipeline::Extensions::new(),
     }
 }
 

@@ -55,7 +55,7 @@ use self::stats::Counters;
 use crate::handler::BoxEventHandler;
 use crate::retry::Backoff;
 use crate::topic::Topic;
-use crate::transport::{DynDomainTransport, GroupControl, Reread};
+use crate::transport::{GroupControl, Reread};
 
 #[derive(Debug, Clone, Copy)]
 struct Part {
@@ -110,7 +110,8 @@ pub(crate) struct PoolParams {
     pub(crate) topic: Topic,
     pub(crate) dead_letter_topic: Topic,
     pub(crate) handler: BoxEventHandler,
-    pub(crate) transport: DynDomainTransport,
+    /// The bus's publish pipeline, for dead letters.
+    pub(crate) pipeline: crate::pipeline::Pipeline<crate::pipeline::domain::DomainSink>,
     pub(crate) config: PoolConfig,
     pub(crate) retry: Backoff,
     pub(crate) observer: Option<Arc<dyn PoolObserver>>,

@@ -4,16 +4,14 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-
 use super::keys::Item;
 use super::stats::bump;
 use super::{DeadLetterKind, PoolEvent, Shared, dlq_headers, observe};
 use crate::envelope::Envelope;
-use crate::error::{Error, Result};
+use crate::error::Error;
 use crate::headers::{Headers, validate_header};
-use crate::message::{EncodedMessage, OutboundMessage};
-use crate::transport::Write;
+use crate::message::EncodedMessage;
+use crate::pipeline::DeadLetter;
 
 /// Whether the item's partition is still owned under the epoch it was delivered in. If
 /// not, nothing more is sent for it (a stale acknowledgement or dead letter of an earlier
@@ -66,19 +64,16 @@ fn clip(text: &str, max: usize) -> String {
     out
 }
 
-/// The dead-letter record of `item`: a full copy (original headers and body) with the
-/// `dualbus-dlq-*` headers, or, when that is over the broker's size limit, the first
-/// reduced record that fits: without the original headers, then without the body (its
-/// length in a header), then without both. Returns whether it was reduced; an error if
-/// even the smallest record is over the limit (a limit below
-/// the `dualbus-dlq-*` headers' [`BUDGET`](super::dlq_headers::BUDGET)).
-fn dead_letter_message(
+/// The dead-letter record of `item` as the pipeline takes it: the original body and key
+/// with the `dualbus-dlq-*` headers, and the original headers every backend can carry. The
+/// sink sends it whole or reduced to fit the broker's limit, after the publish layers.
+fn dead_letter_of(
     sh: &Shared,
     item: &Item,
     kind: DeadLetterKind,
     reason: &str,
     attempts: u32,
-) -> Result<(OutboundMessage, bool)> {
+) -> DeadLetter {
     let m = &item.delivery.message;
     let mut dlq = Headers::with_capacity(9);
     dlq.insert(dlq_headers::REASON, clip(reason, 1024));
@@ -91,58 +86,25 @@ fn dead_letter_message(
         dlq_headers::DELIVERY_COUNT,
         item.delivery.delivery_count.to_string(),
     );
-    // One dead letter per source position: a retried dead-letter publish is stored once.
-    let id = format!(
-        "dlq:{}:{}:{}",
-        sh.p.topic, m.position.partition, m.position.offset
-    );
-    let build = |keep_headers: bool, keep_body: bool| {
-        let mut headers = Headers::with_capacity(m.headers.len() + dlq.len() + 2);
-        if keep_headers {
-            // The original headers that every backend can carry (a malformed message may
-            // have others: they are dropped rather than blocking the dead letter).
-            for (n, v) in m.headers.iter() {
-                if validate_header(n, v).is_ok() && !n.starts_with("dualbus-dlq-") {
-                    headers.insert(n.to_owned(), v);
-                }
-            }
-        }
-        for (n, v) in dlq.iter() {
-            headers.insert(n.to_owned(), v);
-        }
-        match (keep_headers, keep_body) {
-            (true, true) => {}
-            (false, true) => headers.insert(dlq_headers::REDUCED, "headers"),
-            (true, false) => headers.insert(dlq_headers::REDUCED, "body"),
-            (false, false) => headers.insert(dlq_headers::REDUCED, "headers,body"),
-        }
-        if !keep_body {
-            headers.insert(dlq_headers::ORIGINAL_LENGTH, m.payload.len().to_string());
-        }
-        EncodedMessage {
-            key: item.key.to_string(),
-            headers,
-            payload: if keep_body {
-                m.payload.clone()
-            } else {
-                Bytes::new()
-            },
-            id: Some(id.clone()),
-        }
+    // The original headers that every backend can carry (a malformed message may have
+    // others: they are dropped rather than blocking the dead letter).
+    let original: Headers = m
+        .headers
+        .iter()
+        .filter(|(n, v)| validate_header(n, v).is_ok() && !n.starts_with("dualbus-dlq-"))
+        .map(|(n, v)| (n.to_owned(), v.to_owned()))
+        .collect();
+    let record = EncodedMessage {
+        key: item.key.to_string(),
+        headers: dlq,
+        payload: m.payload.clone(),
+        // One dead letter per source position: a retried dead-letter publish is stored once.
+        id: Some(format!(
+            "dlq:{}:{}:{}",
+            sh.p.topic, m.position.partition, m.position.offset
+        )),
     };
-    // Every header is valid: the original ones passed `validate_header`, the others are
-    // constants with values core wrote (the reason clipped and cleaned by `clip`).
-    let caps = sh.p.transport.capabilities();
-    let check = |m| OutboundMessage::with_valid_headers(m, caps, Write::Publish);
-    if let Ok(full) = check(build(true, true)) {
-        return Ok((full, false));
-    }
-    for (keep_headers, keep_body) in [(false, true), (true, false)] {
-        if let Ok(reduced) = check(build(keep_headers, keep_body)) {
-            return Ok((reduced, true));
-        }
-    }
-    check(build(false, false)).map(|m| (m, true))
+    DeadLetter::new(record, original, kind)
 }
 
 /// The dead letter was refused for good (even the reduced record): retrying cannot help.
@@ -169,31 +131,23 @@ pub(super) async fn dead_letter(
     if !still_owned(sh, item) {
         return;
     }
-    let (message, reduced) = match dead_letter_message(sh, item, kind, reason, attempts) {
-        Ok(built) => built,
-        Err(error) => {
-            // Even the smallest record is over the limit: nothing can be sent.
-            bump(&sh.counters.dead_letter_failures);
-            sh.state.lock().sched.set_parked(&item.id(), true);
-            refused(sh, position, &error).await;
-            return;
-        }
-    };
+    let record = dead_letter_of(sh, item, kind, reason, attempts);
     let mut failures = 0u32;
-    loop {
+    let reduced = loop {
         match sh
             .p
-            .transport
-            .publish(&sh.p.dead_letter_topic, message.clone())
+            .pipeline
+            .dead_letter(&sh.p.dead_letter_topic, record.clone())
             .await
         {
-            Ok(_) => break,
+            Ok((_, reduced)) => break reduced.is_some(),
             Err(error) => {
                 failures += 1;
                 bump(&sh.counters.dead_letter_failures);
                 if failures == 1 {
                     sh.state.lock().sched.set_parked(&item.id(), true);
                 }
+                // Permanent: e.g. even the smallest record is over the broker's limit.
                 if !error.is_retryable() {
                     refused(sh, position, &error).await;
                     return;
@@ -209,7 +163,7 @@ pub(super) async fn dead_letter(
                 tokio::time::sleep(delay).await;
             }
         }
-    }
+    };
     if failures > 0 {
         sh.state.lock().sched.set_parked(&item.id(), false);
     }

@@ -1,0 +1,563 @@
+//! The publish pipeline: every write either bus makes to its broker, as one request type
+//! through one layered service.
+//!
+//! A [`PublishRequest`] carries its kind in its [`PublishBody`]: a single event, a batch of
+//! events (one request, so a layer sees the whole batch and its per-message results), a
+//! conditional append, a dead letter written by the keyed pool, and the simple bus's
+//! publishes, requests and replies. Layers ([`PublishLayer`]) wrap the bus's sink, which
+//! encodes envelopes, checks every message against the backend (headers, size: after the
+//! layers, so what they add is counted) and calls the transport. [`PublishRequest::extensions`]
+//! carries data from one layer to the next.
+//!
+//! ```text
+//!  DomainBus::publish / publish_batch / append ─┐
+//!  the pool's dead letters ─────────────────────┤
+//!  SimpleBus::publish / request / serve replies ┴─► layer 1 ─► … ─► layer n ─► sink ─► transport
+//!                                                   (first added is outermost)  (encode, check)
+//! ```
+//!
+//! Without layers a bus calls its sink directly: no request is built and nothing is boxed.
+
+pub(crate) mod domain;
+pub(crate) mod simple;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, Service};
+
+use crate::envelope::Envelope;
+use crate::error::{Error, HandleError, Result};
+use crate::headers::Headers;
+use crate::message::{EncodedMessage, Message, Receipt};
+use crate::middleware::BusKind;
+use crate::pool::DeadLetterKind;
+use crate::topic::Topic;
+
+/// Per-request data one layer leaves for the next (a span, a timer, a deadline), keyed by
+/// type. The same type rides on handler requests ([`Event::extensions`](crate::Event::extensions),
+/// [`Message::extensions`]) so that handler layers can pass data to the handler.
+pub use http::Extensions;
+
+/// The boxed publish pipeline: layers over a bus's sink.
+pub type BoxPublishService = BoxCloneSyncService<PublishRequest, PublishResponse, Error>;
+
+/// Which write a [`PublishRequest`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PublishKind {
+    /// One event ([`DomainBus::publish`](crate::DomainBus::publish)).
+    Event,
+    /// Many events in one request ([`DomainBus::publish_batch`](crate::DomainBus::publish_batch)).
+    Batch,
+    /// An event appended only at an expected version ([`DomainBus::append`](crate::DomainBus::append)).
+    Append,
+    /// A dead-letter record written by the keyed pool.
+    DeadLetter,
+    /// A simple-bus message ([`SimpleBus::publish`](crate::SimpleBus::publish)).
+    Message,
+    /// A simple-bus request that waits for its reply ([`SimpleBus::request`](crate::SimpleBus::request)).
+    Request,
+    /// A reply to a simple-bus request ([`SimpleBus::serve`](crate::SimpleBus::serve)).
+    Reply,
+}
+
+impl PublishKind {
+    /// The bus that writes it.
+    pub fn bus(self) -> BusKind {
+        match self {
+            Self::Event | Self::Batch | Self::Append | Self::DeadLetter => BusKind::Domain,
+            Self::Message | Self::Request | Self::Reply => BusKind::Simple,
+        }
+    }
+
+    /// A short name for logs and metrics: `event`, `batch`, `append`, `dead_letter`,
+    /// `message`, `request`, `reply`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Event => "event",
+            Self::Batch => "batch",
+            Self::Append => "append",
+            Self::DeadLetter => "dead_letter",
+            Self::Message => "message",
+            Self::Request => "request",
+            Self::Reply => "reply",
+        }
+    }
+
+    /// Whether repeating the write after a retryable failure is safe, which is when a
+    /// repeat is recognised by its event id: a domain event or batch (brokers with
+    /// [`DomainCapabilities::dedup`](crate::DomainCapabilities::dedup) drop the copy; on
+    /// others consumers see a redelivery with the same event id, which at-least-once
+    /// allows) and an append (a repeat that finds its own event id as the aggregate's last
+    /// event returns that event's receipt, marked duplicate, instead of a conflict).
+    ///
+    /// Not safe, so [`PublishRetryLayer`](crate::middleware::PublishRetryLayer) passes them
+    /// through: simple-bus messages, requests and replies (no id; a repeat could deliver
+    /// twice on an at-most-once bus, and a request may have been acted upon). Dead letters
+    /// carry an id and are safe to repeat, but the pool retries them itself, with the
+    /// aggregate parked, until they are stored or refused.
+    pub fn retry_safe(self) -> bool {
+        matches!(self, Self::Event | Self::Batch | Self::Append)
+    }
+}
+
+impl fmt::Display for PublishKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a [`PublishRequest`] writes.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum PublishBody {
+    /// One event. Layers may change it (its headers, its trace and correlation ids): the
+    /// sink encodes it after them.
+    Event(Envelope),
+    /// Many events, published pipelined with each aggregate's order kept; the response is
+    /// [`PublishResponse::Batch`] with one result per event, in order.
+    Batch(Vec<Envelope>),
+    /// An event appended only if its aggregate is at `expected_version`.
+    Append {
+        /// The event; it carries `expected_version + 1`.
+        envelope: Envelope,
+        /// The aggregate's version the append expects (0: no event yet).
+        expected_version: u64,
+    },
+    /// A dead-letter record.
+    DeadLetter(DeadLetter),
+    /// A simple-bus message.
+    Message(SimpleBody),
+    /// A simple-bus request; the response is [`PublishResponse::Reply`].
+    Request {
+        /// The request.
+        body: SimpleBody,
+        /// How long to wait for the reply.
+        timeout: Duration,
+    },
+    /// A reply to a simple-bus request; the request's topic is the requester's inbox.
+    Reply(SimpleBody),
+}
+
+/// The headers and payload of a simple-bus write (its topic is the request's).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SimpleBody {
+    /// Headers (trace context, application metadata).
+    pub headers: Headers,
+    /// The payload, opaque to the bus.
+    pub payload: Bytes,
+    /// Where replies go, for a message published with a reply address (a request gets
+    /// its inbox from the transport).
+    pub reply_to: Option<String>,
+}
+
+impl SimpleBody {
+    /// A body with these headers and payload.
+    pub fn new(headers: Headers, payload: impl Into<Bytes>) -> Self {
+        Self {
+            headers,
+            payload: payload.into(),
+            reply_to: None,
+        }
+    }
+
+    /// The topic, body and per-call data of `message`.
+    pub(crate) fn split(message: Message) -> (String, Self, Extensions) {
+        let body = Self {
+            headers: message.headers,
+            payload: message.payload,
+            reply_to: message.reply_to,
+        };
+        (message.topic, body, message.extensions)
+    }
+}
+
+/// A dead-letter record as the keyed pool hands it to the pipeline.
+///
+/// The record is `record` (the `dualbus-dlq-*` reason headers, the original body, and
+/// whatever layers add) sent with `original_headers` ahead of its own headers. The sink
+/// checks it against the broker's limit after the layers and, if it does not fit, sends
+/// the first reduced record that does: without the original headers, then without the
+/// body (its length in `dualbus-dlq-original-length`), then without both, marked in
+/// `dualbus-dlq-reduced`. Headers layers added are kept in every form.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// The record: key (the original's), reason headers, the original body, and the
+    /// deduplication id `dlq:<topic>:<partition>:<offset>` (one record per source position).
+    pub record: EncodedMessage,
+    /// The original message's headers that every backend can carry, without any
+    /// `dualbus-dlq-*` header (e.g. its `traceparent`, to link the dead letter to it).
+    pub original_headers: Headers,
+    /// Why the message was dead-lettered.
+    pub kind: DeadLetterKind,
+}
+
+impl DeadLetter {
+    pub(crate) fn new(
+        record: EncodedMessage,
+        original_headers: Headers,
+        kind: DeadLetterKind,
+    ) -> Self {
+        Self {
+            record,
+            original_headers,
+            kind,
+        }
+    }
+}
+
+/// One write through the publish pipeline: what publish layers see.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PublishRequest {
+    /// The topic (for a reply: the requester's inbox).
+    pub topic: Topic,
+    /// The backend's name ([`DomainCapabilities::backend`](crate::DomainCapabilities::backend)).
+    pub backend: &'static str,
+    /// What is written.
+    pub body: PublishBody,
+    /// Data layers pass to the layers inside them.
+    pub extensions: Extensions,
+}
+
+impl PublishRequest {
+    /// A request to write `body` to `topic` on `backend`, with no extensions.
+    pub fn new(topic: Topic, backend: &'static str, body: PublishBody) -> Self {
+        Self {
+            topic,
+            backend,
+            body,
+            extensions: Extensions::new(),
+        }
+    }
+
+    /// Same request with these extensions.
+    #[must_use]
+    pub fn with_extensions(mut self, extensions: Extensions) -> Self {
+        self.extensions = extensions;
+        self
+    }
+
+    /// Which write it is.
+    pub fn kind(&self) -> PublishKind {
+        match &self.body {
+            PublishBody::Event(_) => PublishKind::Event,
+            PublishBody::Batch(_) => PublishKind::Batch,
+            PublishBody::Append { .. } => PublishKind::Append,
+            PublishBody::DeadLetter(_) => PublishKind::DeadLetter,
+            PublishBody::Message(_) => PublishKind::Message,
+            PublishBody::Request { .. } => PublishKind::Request,
+            PublishBody::Reply(_) => PublishKind::Reply,
+        }
+    }
+
+    /// The bus that writes it.
+    pub fn bus(&self) -> BusKind {
+        self.kind().bus()
+    }
+
+    /// How many messages it writes (a batch: its length; otherwise 1).
+    pub fn len(&self) -> usize {
+        match &self.body {
+            PublishBody::Batch(b) => b.len(),
+            _ => 1,
+        }
+    }
+
+    /// Whether it writes no message (an empty batch).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Calls `f` for each message the request writes, in order, with what is known of it
+    /// and its headers to read or add to (e.g. a W3C `traceparent`). Headers added here
+    /// are checked by the sink, after every layer, and count against the broker's size
+    /// limit.
+    pub fn for_each_message(&mut self, mut f: impl FnMut(MessageInfo<'_>, &mut Headers)) {
+        let topic = &self.topic;
+        let kind = self.kind();
+        let domain = |e: &mut Envelope, f: &mut dyn FnMut(MessageInfo<'_>, &mut Headers)| {
+            let info = MessageInfo {
+                kind,
+                topic,
+                key: Some(&e.aggregate_id),
+                event_type: Some(&e.event_type),
+                id: Some(&e.event_id),
+                payload_len: e.payload.len(),
+            };
+            f(info, &mut e.headers);
+        };
+        match &mut self.body {
+            PublishBody::Event(e) | PublishBody::Append { envelope: e, .. } => domain(e, &mut f),
+            PublishBody::Batch(b) => {
+                for e in b {
+                    domain(e, &mut f);
+                }
+            }
+            PublishBody::DeadLetter(d) => {
+                let info = MessageInfo {
+                    kind,
+                    topic,
+                    key: Some(&d.record.key),
+                    event_type: None,
+                    id: d.record.id.as_deref(),
+                    payload_len: d.record.payload.len(),
+                };
+                f(info, &mut d.record.headers);
+            }
+            PublishBody::Message(b)
+            | PublishBody::Request { body: b, .. }
+            | PublishBody::Reply(b) => {
+                let info = MessageInfo {
+                    kind,
+                    topic,
+                    key: None,
+                    event_type: None,
+                    id: None,
+                    payload_len: b.payload.len(),
+                };
+                f(info, &mut b.headers);
+            }
+        }
+    }
+}
+
+/// What a layer learns about one message of a [`PublishRequest`].
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct MessageInfo<'a> {
+    /// The request's kind.
+    pub kind: PublishKind,
+    /// The topic.
+    pub topic: &'a Topic,
+    /// The aggregate id (domain bus).
+    pub key: Option<&'a str>,
+    /// The event type (domain events).
+    pub event_type: Option<&'a str>,
+    /// The message id: the event id, or a dead letter's deduplication id.
+    pub id: Option<&'a str>,
+    /// The payload's size in bytes, before encoding.
+    pub payload_len: usize,
+}
+
+/// What the pipeline answers.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum PublishResponse {
+    /// An event, an append, a simple message or a reply was accepted.
+    Receipt(Receipt),
+    /// A batch: one result per event, in the request's order.
+    Batch(Vec<Result<Receipt>>),
+    /// A dead letter was stored; `reduced` names what was left out to fit the broker's
+    /// limit (`headers`, `body` or `headers,body`), as its `dualbus-dlq-reduced` header says.
+    DeadLetter {
+        /// The broker's receipt.
+        receipt: Receipt,
+        /// What was left out, if anything.
+        reduced: Option<&'static str>,
+    },
+    /// The reply to a request.
+    Reply(Message),
+}
+
+impl PublishResponse {
+    /// The number of messages this response reports on: a batch's length, else 1.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Batch(b) => b.len(),
+            _ => 1,
+        }
+    }
+
+    /// Whether it reports on no message (an empty batch).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The result of message `index` (0 for a single write): its receipt, a batch entry's
+    /// error, or `None` past the end. A reply counts as accepted.
+    pub fn result(&self, index: usize) -> Option<std::result::Result<Receipt, &Error>> {
+        match self {
+            Self::Receipt(r) | Self::DeadLetter { receipt: r, .. } => {
+                (index == 0).then_some(Ok(*r))
+            }
+            Self::Batch(b) => b.get(index).map(|r| r.as_ref().copied()),
+            Self::Reply(_) => (index == 0).then_some(Ok(Receipt::accepted())),
+        }
+    }
+
+    /// The receipt of a single write; an error naming `kind` if a layer answered with
+    /// another response.
+    pub(crate) fn into_receipt(self, kind: PublishKind) -> Result<Receipt> {
+        match self {
+            Self::Receipt(r) | Self::DeadLetter { receipt: r, .. } => Ok(r),
+            other => Err(mismatch(kind, &other)),
+        }
+    }
+
+    pub(crate) fn into_batch(self, len: usize) -> Result<Vec<Result<Receipt>>> {
+        match self {
+            Self::Batch(b) if b.len() == len => Ok(b),
+            other => Err(mismatch(PublishKind::Batch, &other)),
+        }
+    }
+
+    pub(crate) fn into_reply(self) -> Result<Message> {
+        match self {
+            Self::Reply(m) => Ok(m),
+            other => Err(mismatch(PublishKind::Request, &other)),
+        }
+    }
+}
+
+/// A layer answered a write with a response of another kind (or a batch of another
+/// length): a defect of that layer, reported rather than guessed around.
+fn mismatch(kind: PublishKind, got: &PublishResponse) -> Error {
+    Error::backend(
+        "publish pipeline",
+        false,
+        crate::error::Failure(format!(
+            "a publish layer answered a {kind} write with {}",
+            match got {
+                PublishResponse::Receipt(_) => "a receipt".to_owned(),
+                PublishResponse::Batch(b) => format!("a batch of {} results", b.len()),
+                PublishResponse::DeadLetter { .. } => "a dead-letter receipt".to_owned(),
+                PublishResponse::Reply(_) => "a reply".to_owned(),
+            }
+        )),
+    )
+}
+
+/// A layer over the publish pipeline. Implemented for every [`tower::Layer`] whose service
+/// takes a [`PublishRequest`] and answers a [`PublishResponse`] or an [`Error`].
+pub trait PublishLayer: Send + Sync + 'static {
+    /// Wraps `inner`.
+    fn layer_publish(&self, inner: BoxPublishService) -> BoxPublishService;
+}
+
+impl<L> PublishLayer for L
+where
+    L: Layer<BoxPublishService> + Send + Sync + 'static,
+    L::Service: Service<PublishRequest, Response = PublishResponse, Error = Error>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    <L::Service as Service<PublishRequest>>::Future: Send + 'static,
+{
+    fn layer_publish(&self, inner: BoxPublishService) -> BoxPublishService {
+        BoxPublishService::new(self.layer(inner))
+    }
+}
+
+/// A layer over handlers of requests `R` ([`Event`](crate::Event) on the domain bus,
+/// [`Message`] on the simple bus). Implemented for every [`tower::Layer`] whose service
+/// takes `R` and answers `()` or a [`HandleError`].
+pub trait HandlerLayer<R>: Send + Sync + 'static {
+    /// Wraps `inner`.
+    fn layer_handler(
+        &self,
+        inner: BoxCloneSyncService<R, (), HandleError>,
+    ) -> BoxCloneSyncService<R, (), HandleError>;
+}
+
+impl<L, R> HandlerLayer<R> for L
+where
+    L: Layer<BoxCloneSyncService<R, (), HandleError>> + Send + Sync + 'static,
+    L::Service: Service<R, Response = (), Error = HandleError> + Clone + Send + Sync + 'static,
+    <L::Service as Service<R>>::Future: Send + 'static,
+    R: 'static,
+{
+    fn layer_handler(
+        &self,
+        inner: BoxCloneSyncService<R, (), HandleError>,
+    ) -> BoxCloneSyncService<R, (), HandleError> {
+        BoxCloneSyncService::new(self.layer(inner))
+    }
+}
+
+/// Layers in the order they were added; the first added is outermost (it sees a request
+/// first and its response last), as in [`tower::ServiceBuilder`].
+pub(crate) struct Stack<L: ?Sized>(Vec<Arc<L>>);
+
+impl<L: ?Sized> Clone for Stack<L> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<L: ?Sized> Default for Stack<L> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<L: ?Sized> fmt::Debug for Stack<L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} layers", self.0.len())
+    }
+}
+
+impl<L: ?Sized> Stack<L> {
+    pub(crate) fn push(&mut self, layer: Arc<L>) {
+        self.0.push(layer);
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Wraps `inner` in every layer, the first added outermost.
+    pub(crate) fn apply<S>(&self, mut inner: S, wrap: impl Fn(&L, S) -> S) -> S {
+        for layer in self.0.iter().rev() {
+            inner = wrap(layer, inner);
+        }
+        inner
+    }
+}
+
+/// A bus's way to its broker: the layered service, or the sink alone when there are no
+/// layers (then a write is not turned into a request at all).
+#[derive(Clone)]
+pub(crate) struct Pipeline<S> {
+    pub(crate) sink: S,
+    layered: Option<BoxPublishService>,
+}
+
+impl<S> Pipeline<S>
+where
+    S: Service<PublishRequest, Response = PublishResponse, Error = Error>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    pub(crate) fn new(sink: S, layers: &Stack<dyn PublishLayer>) -> Self {
+        let layered = (!layers.is_empty()).then(|| {
+            layers.apply(BoxPublishService::new(sink.clone()), |l, s| {
+                l.layer_publish(s)
+            })
+        });
+        Self { sink, layered }
+    }
+
+    /// The layered service, if there are layers.
+    pub(crate) fn layered(&self) -> Option<&BoxPublishService> {
+        self.layered.as_ref()
+    }
+}
+
+impl<S> fmt::Debug for Pipeline<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("layered", &self.layered.is_some())
+            .finish_non_exhaustive()
+    }
+}
