@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use dualbus_core::PublishKind;
 use dualbus_core::middleware::{
     HandleInfo, HandleScope, Hook, PublishInfo, PublishRetryLayer, PublishScope, TimeoutLayer,
 };
@@ -140,15 +141,18 @@ async fn publish_retry_layer_retries_retryable_errors_only() {
 
 #[derive(Default)]
 struct Recorder {
-    published: Mutex<Vec<(String, bool)>>,
+    published: Mutex<Vec<(String, PublishKind, bool)>>,
     handled: Mutex<Vec<(String, Option<String>, bool)>>,
     wrapped: AtomicUsize,
 }
 
-struct PubScope(Arc<Recorder>, String);
+struct PubScope(Arc<Recorder>, String, PublishKind);
 impl PublishScope for PubScope {
     fn finish(self: Box<Self>, result: std::result::Result<&Receipt, &Error>) {
-        self.0.published.lock().push((self.1, result.is_ok()));
+        self.0
+            .published
+            .lock()
+            .push((self.1, self.2, result.is_ok()));
     }
 }
 
@@ -177,7 +181,11 @@ impl Hook for TraceHook {
             "traceparent",
             format!("00-{:032x}-{:016x}-01", info.payload_len, 7),
         );
-        Some(Box::new(PubScope(self.0.clone(), info.topic.to_owned())))
+        Some(Box::new(PubScope(
+            self.0.clone(),
+            info.topic.to_owned(),
+            info.kind,
+        )))
     }
     fn on_handle(&self, info: &HandleInfo<'_>, headers: &Headers) -> Option<Box<dyn HandleScope>> {
         Some(Box::new(HandScope(
@@ -245,9 +253,134 @@ async fn hooks_write_and_read_headers_on_both_buses() {
     );
     assert!(handled.iter().any(|h| h.0 == "notes" && h.1.is_some()));
     assert!(rec.wrapped.load(Ordering::SeqCst) >= 3);
+    // A batch: one scope per message, each with its own result.
+    let batch = [
+        Envelope::new("b", "T", 1, "{}").unwrap(),
+        Envelope::new("b", "T", 2, "{}").unwrap(),
+    ];
+    domain.publish_batch("orders", &batch).await.unwrap();
+    wait_for(|| d.stats().acked == 4).await;
     let published = rec.published.lock().clone();
-    assert!(published.iter().filter(|p| p.0 == "orders").all(|p| p.1));
-    assert!(published.iter().any(|p| p.0 == "notes"));
+    let of = |topic: &str, kind| {
+        published
+            .iter()
+            .filter(|p| p.0 == topic && p.1 == kind)
+            .map(|p| p.2)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of("orders", PublishKind::Event), vec![true, true]);
+    assert_eq!(of("orders", PublishKind::Batch), vec![true, true]);
+    // The dead letters of the failed v2s (of `a` and of `b`) pass the hook too.
+    assert_eq!(of("orders.dlq", PublishKind::DeadLetter), vec![true, true]);
+    assert!(!of("notes", PublishKind::Message).is_empty());
+}
+
+/// Layers of every kind, added to one builder, run in the order they were added (the
+/// first outermost), hooks among them, on both sides of both buses.
+#[tokio::test]
+async fn layers_run_in_the_order_added() {
+    let log: Arc<Mutex<Vec<String>>> = Arc::default();
+    let tag = |name: &'static str| Tag {
+        name,
+        log: log.clone(),
+    };
+    let memory = Memory::new();
+    let domain = DomainBus::builder(memory.clone())
+        .layer(tag("a"))
+        .publish_layer(tag("p"))
+        .handler_layer(tag("h"))
+        .layer(tag("b"))
+        .build()
+        .unwrap();
+    let simple = SimpleBus::builder(memory)
+        .layer(tag("a"))
+        .publish_layer(tag("p"))
+        .handler_layer(tag("h"))
+        .layer(tag("b"))
+        .build()
+        .unwrap();
+    let d = domain
+        .subscribe("ordered")
+        .start(handler_fn(|_e: Event| async { Ok::<_, HandleError>(()) }))
+        .await
+        .unwrap();
+    let s = simple
+        .subscribe("ordered")
+        .start(handler_fn(|_m: Message| async { Ok::<_, HandleError>(()) }))
+        .await
+        .unwrap();
+    domain
+        .publish("ordered", &Envelope::new("a", "T", 1, "{}").unwrap())
+        .await
+        .unwrap();
+    wait_for(|| d.stats().acked == 1).await;
+    assert_eq!(
+        log.lock().drain(..).collect::<Vec<_>>(),
+        [
+            "a:PublishRequest",
+            "p:PublishRequest",
+            "b:PublishRequest",
+            "a:Event",
+            "h:Event",
+            "b:Event"
+        ]
+    );
+    simple.publish("ordered", "x").await.unwrap();
+    wait_for(|| s.stats().handled == 1).await;
+    assert_eq!(
+        log.lock().drain(..).collect::<Vec<_>>(),
+        [
+            "a:PublishRequest",
+            "p:PublishRequest",
+            "b:PublishRequest",
+            "a:Message",
+            "h:Message",
+            "b:Message"
+        ]
+    );
+}
+
+/// Logs `name:Request` on every call, for any request type.
+#[derive(Clone)]
+struct Tag {
+    name: &'static str,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl<S> tower::Layer<S> for Tag {
+    type Service = TagService<S>;
+    fn layer(&self, inner: S) -> TagService<S> {
+        TagService {
+            inner,
+            tag: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct TagService<S> {
+    inner: S,
+    tag: Tag,
+}
+
+impl<S: tower::Service<R>, R> tower::Service<R> for TagService<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::result::Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+    fn call(&mut self, req: R) -> S::Future {
+        let ty = std::any::type_name::<R>()
+            .rsplit("::")
+            .next()
+            .unwrap_or("?");
+        self.tag.log.lock().push(format!("{}:{ty}", self.tag.name));
+        self.inner.call(req)
+    }
 }
 
 /// A handler behind a tower concurrency limit: readiness comes only when a running call

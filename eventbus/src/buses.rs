@@ -163,7 +163,10 @@ impl BusesBuilder {
     }
 
     /// A layer around every handler call of both buses (domain attempts, simple handlers).
-    pub fn handler_layer<L: HandlerLayer<Event> + HandlerLayer<Message>>(mut self, layer: L) -> Self {
+    pub fn handler_layer<L: HandlerLayer<Event> + HandlerLayer<Message>>(
+        mut self,
+        layer: L,
+    ) -> Self {
         let layer = Shared(Arc::new(layer));
         self.layers.push(Box::new(move |d, s| {
             (d.handler_layer(layer.clone()), s.handler_layer(layer))
@@ -258,8 +261,9 @@ impl BusesBuilder {
 }
 
 /// Adds one layer to the two bus builders.
-type LayerStep =
-    Box<dyn FnOnce(DomainBusBuilder, SimpleBusBuilder) -> (DomainBusBuilder, SimpleBusBuilder) + Send>;
+type LayerStep = Box<
+    dyn FnOnce(DomainBusBuilder, SimpleBusBuilder) -> (DomainBusBuilder, SimpleBusBuilder) + Send,
+>;
 
 /// One layer shared by both buses.
 struct Shared<L>(Arc<L>);

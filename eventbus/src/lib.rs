@@ -96,13 +96,16 @@ pub use buses::{Buses, BusesBuilder};
 #[cfg(feature = "config")]
 pub use config::Config;
 
-/// Layers around one handler attempt or one publish.
+/// Layers around one handler attempt or one write of the publish pipeline.
 pub use dualbus_core::middleware;
+/// Every write of both buses as one request type through one layered service.
+pub use dualbus_core::pipeline;
 pub use dualbus_core::{
     Backoff, BoxError, Codec, DeadLetterKind, DeadLetterPolicy, Disposition, DomainBus,
     DomainBusBuilder, DomainCapabilities, DomainSubscribeBuilder, DomainTransport, Envelope,
-    EnvelopeError, Error, ErrorKind, Event, Failure, HandleError, HeaderStyle, Headers, IntoTopic,
-    Message, PartitionState, PoolConfig, PoolEvent, PoolObserver, PoolStats, Position, Receipt,
+    EnvelopeError, Error, ErrorKind, Event, Extensions, Failure, HandleError, HandlerLayer,
+    HeaderStyle, Headers, IntoTopic, Message, PartitionState, PoolConfig, PoolEvent, PoolObserver,
+    PoolStats, Position, PublishKind, PublishLayer, PublishRequest, PublishResponse, Receipt,
     Result, ShutdownReport, SimpleBus, SimpleBusBuilder, SimpleCapabilities, SimpleStats,
     SimpleSubscribeBuilder, SimpleSubscription, SimpleTransport, StartPosition, Subscription,
     Topic, handler_fn,

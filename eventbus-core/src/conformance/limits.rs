@@ -10,6 +10,7 @@ use crate::domain::DomainBus;
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, HandleError};
 use crate::handler::{Event, handler_fn};
+use crate::pipeline::{PublishKind, PublishRequest};
 use crate::pool::dlq_headers;
 
 /// An event whose encoded size depends only on `len`: fixed time, id length and aggregate
@@ -136,12 +137,64 @@ pub async fn size_limits(backend: &dyn Backend) {
 /// (body dropped, its length and the source position kept); one that leaves room for the
 /// `dualbus-dlq-*` headers' budget is dead-lettered whole. Nothing retries forever.
 pub async fn dead_letter_at_limit(backend: &dyn Backend) {
-    let bus = bus_with(backend, |b| b.retry(fast_retry(2))).await;
+    dead_letter_at_limit_padded(backend, 0).await;
+}
+
+/// The same with a publish layer that adds a 600-byte header to every write, dead letters
+/// included: the size check runs after the layers, so the publish limit shrinks by the
+/// header's cost, and the dead letters still fit (whole with room for the budget and the
+/// header, reduced at the limit), carrying the header.
+pub async fn dead_letter_at_limit_with_layers(backend: &dyn Backend) {
+    dead_letter_at_limit_padded(backend, 600).await;
+}
+
+/// The header the padding layer adds to events.
+const PAD: &str = "x-conformance-pad";
+/// The header the padding layer adds to dead letters.
+const PAD_DLQ: &str = "x-conformance-pad-dlq";
+
+async fn dead_letter_at_limit_padded(backend: &dyn Backend, pad: usize) {
+    let plain = bus(backend).await;
+    let bus = bus_with(backend, |b| {
+        let b = b.retry(fast_retry(2));
+        if pad == 0 {
+            return b;
+        }
+        let value = "p".repeat(pad);
+        b.publish_layer(tower::util::MapRequestLayer::new(
+            move |mut req: PublishRequest| {
+                let name = match req.kind() {
+                    PublishKind::DeadLetter => PAD_DLQ,
+                    _ => PAD,
+                };
+                req.for_each_message(|_, headers| headers.insert(name, value.as_str()));
+                req
+            },
+        ))
+    })
+    .await;
     let topic = unique_topic("domain-dlq-size");
     let at = limit_len(&bus, &topic, "fullcp", false).await;
     let caps = bus.capabilities().clone();
-    // Room for every dead-letter header at its longest, with the backend's framing.
-    let roomy = at - dlq_headers::BUDGET - 9 * caps.wire.per_header - caps.wire.header_block;
+    let cost = |name: &str| {
+        if pad == 0 {
+            0
+        } else {
+            name.len() + pad + caps.wire.per_header
+        }
+    };
+    assert_eq!(
+        limit_len(&plain, &topic, "fullcp", false).await - at,
+        cost(PAD),
+        "the size check counts the headers layers add"
+    );
+    // Room for every dead-letter header at its longest and the dead-letter pad, with the
+    // backend's framing: exactly what a full copy needs.
+    let roomy = at
+        - dlq_headers::BUDGET
+        - 9 * caps.wire.per_header
+        - caps.wire.header_block
+        - cost(PAD_DLQ);
     bus.publish(&topic, &sized("fullcp", 1, roomy))
         .await
         .expect("publish with room for the dead-letter headers");
@@ -180,6 +233,13 @@ pub async fn dead_letter_at_limit(backend: &dyn Backend) {
         assert!(h(dlq_headers::PARTITION).is_some());
         assert!(h(dlq_headers::OFFSET).is_some());
         assert_eq!(h(dlq_headers::KIND).as_deref(), Some("permanent"));
+        if pad > 0 {
+            assert_eq!(
+                h(PAD_DLQ).map(|v| v.len()),
+                Some(pad),
+                "the layer's header is kept"
+            );
+        }
         match m.key.as_deref() {
             Some("fullcp") | None if m.payload.len() == roomy => {
                 assert_eq!(h(dlq_headers::REDUCED), None, "a full copy");

@@ -20,6 +20,7 @@ pub mod domain;
 pub mod group_names;
 pub mod groups;
 pub mod limits;
+pub mod pipeline;
 pub mod simple;
 
 use std::future::Future;
@@ -208,6 +209,7 @@ macro_rules! conformance_tests {
             simple_handler_failures => simple::handler_failures,
             simple_bad_input => simple::bad_input,
             simple_close => simple::close,
+            simple_pipeline_writes => pipeline::simple_writes,
         );
     };
     (@domain $attr:meta; $make:expr) => {
@@ -237,6 +239,8 @@ macro_rules! conformance_tests {
             domain_expected_version => domain::expected_version,
             domain_size_limits => limits::size_limits,
             domain_dead_letter_at_limit => limits::dead_letter_at_limit,
+            domain_dead_letter_at_limit_with_layers => limits::dead_letter_at_limit_with_layers,
+            domain_pipeline_writes => pipeline::domain_writes,
             group_declared => groups::declared,
             group_load_sharing => groups::load_sharing,
             group_graceful_leave => groups::graceful_leave,

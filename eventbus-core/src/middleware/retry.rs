@@ -163,3 +163,236 @@ fn to_republish(envelopes: &[crate::Envelope], results: &[Result<Receipt>]) -> V
         .map(|(i, _)| i)
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use parking_lot::Mutex;
+    use tower::ServiceExt as _;
+
+    use super::*;
+    use crate::envelope::Envelope;
+    use crate::message::Position;
+    use crate::pipeline::SimpleBody;
+    use crate::topic::Topic;
+
+    fn unavailable() -> Error {
+        Error::Unavailable {
+            backend: "test",
+            source: "connection reset".into(),
+        }
+    }
+
+    fn backoff() -> Backoff {
+        Backoff::new(4, Duration::from_millis(1), Duration::from_millis(5))
+    }
+
+    fn event(aggregate: &str, version: u64) -> Envelope {
+        Envelope::new(aggregate, "T", version, "{}").unwrap()
+    }
+
+    fn request(body: PublishBody) -> PublishRequest {
+        PublishRequest::new(Topic::new("t").unwrap(), "test", body)
+    }
+
+    type Calls = Arc<Mutex<Vec<Vec<String>>>>;
+
+    /// Answers with `answer(call number, request)`; records each request's events as
+    /// `aggregate/version` (or the kind for other writes).
+    fn inner<F>(
+        answer: F,
+    ) -> (
+        impl Service<PublishRequest, Response = PublishResponse, Error = Error, Future = impl Send>
+        + Clone
+        + Send
+        + 'static,
+        Calls,
+    )
+    where
+        F: Fn(usize, &PublishRequest) -> Result<PublishResponse> + Clone + Send + Sync + 'static,
+    {
+        let calls: Calls = Arc::default();
+        let c = calls.clone();
+        let svc = tower::service_fn(move |req: PublishRequest| {
+            let seen = match &req.body {
+                PublishBody::Batch(b) => b
+                    .iter()
+                    .map(|e| format!("{}/{}", e.aggregate_id, e.event_version))
+                    .collect(),
+                _ => vec![req.kind().to_string()],
+            };
+            let n = {
+                let mut c = c.lock();
+                c.push(seen);
+                c.len()
+            };
+            let r = answer(n, &req);
+            async move { r }
+        });
+        (svc, calls)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_and_appends_are_retried_until_they_succeed() {
+        let bodies = [
+            PublishBody::Event(event("a", 1)),
+            PublishBody::Append {
+                envelope: event("a", 1),
+                expected_version: 0,
+            },
+        ];
+        for body in bodies {
+            let (svc, calls) = inner(|n, _| {
+                if n < 3 {
+                    Err(unavailable())
+                } else {
+                    Ok(PublishResponse::Receipt(Receipt::accepted()))
+                }
+            });
+            let r = PublishRetryLayer::new(backoff())
+                .layer(svc)
+                .oneshot(request(body))
+                .await;
+            assert!(matches!(r, Ok(PublishResponse::Receipt(_))));
+            assert_eq!(calls.lock().len(), 3);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unsafe_kinds_pass_through_once() {
+        let bodies = [
+            PublishBody::Message(SimpleBody::new(Default::default(), "x")),
+            PublishBody::Request {
+                body: SimpleBody::new(Default::default(), "x"),
+                timeout: Duration::from_secs(1),
+            },
+            PublishBody::Reply(SimpleBody::new(Default::default(), "x")),
+        ];
+        for body in bodies {
+            let kind = request(body.clone()).kind();
+            assert!(!kind.retry_safe());
+            let (svc, calls) = inner(|_, _| Err(unavailable()));
+            let e = PublishRetryLayer::new(backoff())
+                .layer(svc)
+                .oneshot(request(body))
+                .await
+                .expect_err("not retried");
+            assert!(e.is_retryable());
+            assert_eq!(calls.lock().len(), 1, "{kind}");
+        }
+        assert!(!PublishKind::DeadLetter.retry_safe());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permanent_errors_are_not_retried() {
+        let (svc, calls) = inner(|_, _| Err(Error::Conflict("moved".into())));
+        let e = PublishRetryLayer::new(backoff())
+            .layer(svc)
+            .oneshot(request(PublishBody::Event(event("a", 1))))
+            .await
+            .expect_err("a conflict");
+        assert!(matches!(e, Error::Conflict(_)));
+        assert_eq!(calls.lock().len(), 1);
+    }
+
+    /// `a` fails retryably at v2 (v3 stored anyway), `b` fails for good at v1, `c` is
+    /// stored: only `a` is republished, from v2 on, and its new results replace the old.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_republishes_each_failed_aggregate_from_its_first_failure() {
+        let batch = vec![
+            event("a", 1),
+            event("a", 2),
+            event("b", 1),
+            event("c", 1),
+            event("a", 3),
+            event("b", 2),
+        ];
+        let at = |o: u128| {
+            Ok(Receipt::at(Position {
+                partition: 0,
+                offset: o,
+            }))
+        };
+        let (svc, calls) = inner(move |n, req| {
+            let PublishBody::Batch(b) = &req.body else {
+                unreachable!("a batch")
+            };
+            Ok(PublishResponse::Batch(if n == 1 {
+                vec![
+                    at(1),
+                    Err(unavailable()),
+                    Err(Error::Conflict("refused".into())),
+                    at(2),
+                    at(3),
+                    Err(unavailable()),
+                ]
+            } else if n == 2 {
+                // The first retry fails again for v2 only.
+                b.iter()
+                    .map(|e| {
+                        if e.event_version == 2 {
+                            Err(unavailable())
+                        } else {
+                            at(10)
+                        }
+                    })
+                    .collect()
+            } else {
+                (0..b.len()).map(|i| at(20 + i as u128)).collect()
+            }))
+        });
+        let response = PublishRetryLayer::new(backoff())
+            .layer(svc)
+            .oneshot(request(PublishBody::Batch(batch)))
+            .await
+            .expect("a batch response");
+        let PublishResponse::Batch(results) = response else {
+            panic!("a batch")
+        };
+        let calls = calls.lock().clone();
+        assert_eq!(
+            calls,
+            vec![
+                vec!["a/1", "a/2", "b/1", "c/1", "a/3", "b/2"],
+                vec!["a/2", "a/3"],
+                vec!["a/2", "a/3"],
+            ]
+        );
+        let offsets: Vec<Option<u128>> = results
+            .iter()
+            .map(|r| r.as_ref().ok().and_then(|r| r.position).map(|p| p.offset))
+            .collect();
+        assert_eq!(
+            offsets,
+            vec![Some(1), Some(20), None, Some(2), Some(21), None]
+        );
+        assert!(matches!(results[2], Err(Error::Conflict(_))));
+        assert!(
+            results[5].as_ref().is_err_and(Error::is_retryable),
+            "b is left as it was"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_stops_when_attempts_run_out() {
+        let (svc, calls) = inner(|_, req| {
+            Ok(PublishResponse::Batch(
+                (0..req.len()).map(|_| Err(unavailable())).collect(),
+            ))
+        });
+        let response = PublishRetryLayer::new(backoff())
+            .layer(svc)
+            .oneshot(request(PublishBody::Batch(vec![
+                event("a", 1),
+                event("a", 2),
+            ])))
+            .await
+            .expect("a batch response");
+        assert_eq!(calls.lock().len(), 4, "four attempts in all");
+        assert!(matches!(response, PublishResponse::Batch(r) if r.iter().all(Result::is_err)));
+    }
+}

@@ -42,6 +42,13 @@ impl SimpleSink {
 
     /// Sends a request and waits up to `timeout` for its reply.
     pub(crate) async fn request(&self, message: Message, timeout: Duration) -> Result<Message> {
+        let caps = self.caps();
+        if !caps.request_reply {
+            return Err(Error::NotSupported {
+                operation: "request-reply",
+                backend: caps.backend,
+            });
+        }
         let message = SimpleOutbound::new(message, self.caps())?;
         self.transport.request(message, timeout).await
     }

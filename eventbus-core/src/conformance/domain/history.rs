@@ -66,9 +66,22 @@ pub async fn expected_version(backend: &dyn Backend) {
         assert_eq!(e.kind(), ErrorKind::NotSupported);
         return;
     }
-    bus.append(&topic, &event("acc", 1), 0)
+    let v1 = event("acc", 1);
+    let first = bus
+        .append(&topic, &v1, 0)
         .await
         .expect("v1 on a new aggregate");
+    assert!(!first.duplicate);
+    // The same append again (an answer lost, a retry): its own event is recognised by
+    // its id and its receipt returned, marked duplicate; another v1 is a conflict.
+    let again = bus.append(&topic, &v1, 0).await.expect("a repeat of v1");
+    assert!(again.duplicate, "{again:?}");
+    assert_eq!(again.position, first.position.or(again.position));
+    let other_v1 = bus.append(&topic, &event("acc", 1), 0).await;
+    assert_eq!(
+        other_v1.expect_err("another v1").kind(),
+        ErrorKind::Conflict
+    );
     bus.append(&topic, &event("acc", 2), 1)
         .await
         .expect("v2 after v1");
