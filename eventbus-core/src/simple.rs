@@ -19,7 +19,7 @@ use crate::handler::{BoxMessageHandler, BoxRequestHandler};
 use crate::message::Message;
 use crate::middleware::{Hook, HookLayer};
 use crate::pipeline::simple::SimpleSink;
-use crate::pipeline::{HandlerLayer, Pipeline, PublishKind, PublishLayer, Stack};
+use crate::pipeline::{HandlerLayer, Layers, Pipeline, PublishKind, PublishLayer, Stack};
 use crate::topic::{IntoTopic, Topic, validate_group};
 use crate::transport::{DynSimpleTransport, SimpleCapabilities, SimpleTransport};
 
@@ -27,8 +27,7 @@ use crate::transport::{DynSimpleTransport, SimpleCapabilities, SimpleTransport};
 #[must_use]
 pub struct SimpleBusBuilder {
     transport: DynSimpleTransport,
-    handler_layers: Stack<dyn HandlerLayer<Message>>,
-    publish_layers: Stack<dyn PublishLayer>,
+    layers: Layers<Message>,
     max_concurrency: usize,
 }
 
@@ -51,8 +50,7 @@ impl SimpleBusBuilder {
     pub fn from_dyn(transport: DynSimpleTransport) -> Self {
         Self {
             transport,
-            handler_layers: Stack::default(),
-            publish_layers: Stack::default(),
+            layers: Layers::default(),
             max_concurrency: 1024,
         }
     }
@@ -67,22 +65,20 @@ impl SimpleBusBuilder {
     /// Adds a layer around each handler call (and each [`SimpleBus::serve`] handler, its
     /// reply included). The first layer added is outermost.
     pub fn handler_layer(mut self, layer: impl HandlerLayer<Message>) -> Self {
-        self.handler_layers.push(Arc::new(layer));
+        self.layers.add_handler(layer);
         self
     }
 
     /// Adds a layer to the publish pipeline: around every publish, request and reply of
     /// this bus (see [`crate::pipeline`]). The first layer added is outermost.
     pub fn publish_layer(mut self, layer: impl PublishLayer) -> Self {
-        self.publish_layers.push(Arc::new(layer));
+        self.layers.add_publish(layer);
         self
     }
 
     /// Adds `layer` both to the publish pipeline and around each handler call.
     pub fn layer<L: PublishLayer + HandlerLayer<Message>>(mut self, layer: L) -> Self {
-        let layer = Arc::new(layer);
-        self.publish_layers.push(layer.clone());
-        self.handler_layers.push(layer);
+        self.layers.add_both(layer);
         self
     }
 
@@ -103,8 +99,8 @@ impl SimpleBusBuilder {
         }
         Ok(SimpleBus {
             inner: Arc::new(Inner {
-                pipeline: Pipeline::new(SimpleSink::new(self.transport), &self.publish_layers),
-                handler_layers: self.handler_layers,
+                pipeline: Pipeline::new(SimpleSink::new(self.transport), &self.layers.publish),
+                handler_layers: self.layers.handler,
                 max_concurrency: self.max_concurrency,
                 closed: AtomicBool::new(false),
                 subscriptions: Mutex::new(Vec::new()),

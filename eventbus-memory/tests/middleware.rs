@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dualbus_core::PublishKind;
+use dualbus_core::conformance::pipeline::Tag;
 use dualbus_core::middleware::{
     HandleInfo, HandleScope, Hook, PublishInfo, PublishRetryLayer, PublishScope, TimeoutLayer,
 };
@@ -280,10 +281,7 @@ async fn hooks_write_and_read_headers_on_both_buses() {
 #[tokio::test]
 async fn layers_run_in_the_order_added() {
     let log: Arc<Mutex<Vec<String>>> = Arc::default();
-    let tag = |name: &'static str| Tag {
-        name,
-        log: log.clone(),
-    };
+    let tag = |name| Tag::new(name, &log);
     let memory = Memory::new();
     let domain = DomainBus::builder(memory.clone())
         .layer(tag("a"))
@@ -338,49 +336,6 @@ async fn layers_run_in_the_order_added() {
             "b:Message"
         ]
     );
-}
-
-/// Logs `name:Request` on every call, for any request type.
-#[derive(Clone)]
-struct Tag {
-    name: &'static str,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl<S> tower::Layer<S> for Tag {
-    type Service = TagService<S>;
-    fn layer(&self, inner: S) -> TagService<S> {
-        TagService {
-            inner,
-            tag: self.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-struct TagService<S> {
-    inner: S,
-    tag: Tag,
-}
-
-impl<S: tower::Service<R>, R> tower::Service<R> for TagService<S> {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::result::Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-    fn call(&mut self, req: R) -> S::Future {
-        let ty = std::any::type_name::<R>()
-            .rsplit("::")
-            .next()
-            .unwrap_or("?");
-        self.tag.log.lock().push(format!("{}:{ty}", self.tag.name));
-        self.inner.call(req)
-    }
 }
 
 /// A handler behind a tower concurrency limit: readiness comes only when a running call

@@ -8,52 +8,10 @@ use std::time::Duration;
 
 use dualbus::middleware::{Hook, PublishInfo, PublishScope};
 use dualbus::{Buses, Envelope, Event, HandleError, Headers, Message, handler_fn};
+use dualbus_core::conformance::pipeline::Tag;
 use parking_lot::Mutex;
 
 type Log = Arc<Mutex<Vec<String>>>;
-
-/// Logs `name:Request` on every call, for any request type.
-#[derive(Clone)]
-struct Tag {
-    name: &'static str,
-    log: Log,
-}
-
-impl<S> tower::Layer<S> for Tag {
-    type Service = TagService<S>;
-    fn layer(&self, inner: S) -> TagService<S> {
-        TagService {
-            inner,
-            tag: self.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-struct TagService<S> {
-    inner: S,
-    tag: Tag,
-}
-
-impl<S: tower::Service<R>, R> tower::Service<R> for TagService<S> {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-    fn call(&mut self, req: R) -> S::Future {
-        let ty = std::any::type_name::<R>()
-            .rsplit("::")
-            .next()
-            .unwrap_or("?");
-        self.tag.log.lock().push(format!("{}:{ty}", self.tag.name));
-        self.inner.call(req)
-    }
-}
 
 /// Logs `hook:<kind>` for every message written.
 struct KindHook(Log);
@@ -82,10 +40,7 @@ async fn wait_for(mut cond: impl FnMut() -> bool) {
 #[tokio::test]
 async fn builder_layers_reach_both_buses_in_order() {
     let log: Log = Arc::default();
-    let tag = |name| Tag {
-        name,
-        log: log.clone(),
-    };
+    let tag = |name| Tag::new(name, &log);
     let buses = Buses::builder()
         .layer(tag("both"))
         .publish_layer(tag("pub"))

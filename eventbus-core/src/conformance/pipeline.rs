@@ -145,13 +145,10 @@ where
         Box::pin(async move {
             let result = fut.await;
             let results = (0..n)
-                .map(|i| match &result {
-                    Ok(r) => match r.result(i) {
-                        Some(Ok(_)) => Ok(()),
-                        Some(Err(e)) => Err(e.kind()),
-                        None => Err(ErrorKind::Backend),
-                    },
-                    Err(e) => Err(e.kind()),
+                .map(|i| match PublishResponse::outcome(&result, i) {
+                    Some(Ok(_)) => Ok(()),
+                    Some(Err(e)) => Err(e.kind()),
+                    None => Err(ErrorKind::Backend),
                 })
                 .collect();
             seen.writes.lock().push(Write {
@@ -208,6 +205,61 @@ fn message_headers(m: &Message) -> &crate::headers::Headers {
 
 probe_handler!(Event, event_headers);
 probe_handler!(Message, message_headers);
+
+/// A layer for any request type that logs `name:Request` (the request type's last path
+/// segment, e.g. `a:PublishRequest`, `a:Event`) on every call: shows where a layer sits
+/// and what it sees.
+#[derive(Clone, Debug)]
+pub struct Tag {
+    name: &'static str,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Tag {
+    /// A layer logging as `name` into `log`.
+    pub fn new(name: &'static str, log: &Arc<Mutex<Vec<String>>>) -> Self {
+        Self {
+            name,
+            log: log.clone(),
+        }
+    }
+}
+
+impl<S> Layer<S> for Tag {
+    type Service = TagService<S>;
+    fn layer(&self, inner: S) -> TagService<S> {
+        TagService {
+            inner,
+            tag: self.clone(),
+        }
+    }
+}
+
+/// The service of [`Tag`].
+#[derive(Clone, Debug)]
+pub struct TagService<S> {
+    inner: S,
+    tag: Tag,
+}
+
+impl<S: Service<R>, R> Service<R> for TagService<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: R) -> S::Future {
+        let ty = std::any::type_name::<R>()
+            .rsplit("::")
+            .next()
+            .unwrap_or("?");
+        self.tag.log.lock().push(format!("{}:{ty}", self.tag.name));
+        self.inner.call(req)
+    }
+}
 
 /// Domain bus: an event, a batch of three, an append (or its refusal where the backend
 /// does not declare appends) and a dead letter each pass the recording layer once, as

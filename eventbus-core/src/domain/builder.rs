@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::handler::Event;
 use crate::middleware::{Hook, HookLayer};
 use crate::pipeline::domain::DomainSink;
-use crate::pipeline::{HandlerLayer, Pipeline, PublishLayer, Stack};
+use crate::pipeline::{HandlerLayer, Layers, Pipeline, PublishLayer};
 use crate::pool::{DeadLetterPolicy, PoolConfig};
 use crate::retry::Backoff;
 use crate::topic::{group_from_source, validate_group};
@@ -30,8 +30,7 @@ pub struct DomainBusBuilder {
     pool: PoolConfig,
     retry: Backoff,
     dead_letter: DeadLetterPolicy,
-    handler_layers: Stack<dyn HandlerLayer<Event>>,
-    publish_layers: Stack<dyn PublishLayer>,
+    layers: Layers<Event>,
     handler_timeout: Option<Duration>,
     default_group: Option<String>,
 }
@@ -63,8 +62,7 @@ impl DomainBusBuilder {
             pool: PoolConfig::default(),
             retry: Backoff::default(),
             dead_letter: DeadLetterPolicy::default(),
-            handler_layers: Stack::default(),
-            publish_layers: Stack::default(),
+            layers: Layers::default(),
             handler_timeout: None,
             default_group: None,
         }
@@ -130,7 +128,7 @@ impl DomainBusBuilder {
     /// Adds a layer around each handler attempt. The first layer added is outermost (it
     /// sees the event first and the outcome last), as in [`tower::ServiceBuilder`].
     pub fn handler_layer(mut self, layer: impl HandlerLayer<Event>) -> Self {
-        self.handler_layers.push(Arc::new(layer));
+        self.layers.add_handler(layer);
         self
     }
 
@@ -138,16 +136,14 @@ impl DomainBusBuilder {
     /// batches, appends and the pool's dead letters; see [`crate::pipeline`]). The first
     /// layer added is outermost. E.g. [`crate::middleware::PublishRetryLayer`].
     pub fn publish_layer(mut self, layer: impl PublishLayer) -> Self {
-        self.publish_layers.push(Arc::new(layer));
+        self.layers.add_publish(layer);
         self
     }
 
     /// Adds `layer` both to the publish pipeline and around each handler attempt (a layer
     /// that observes both sides, such as tracing or a [`HookLayer`]).
     pub fn layer<L: PublishLayer + HandlerLayer<Event>>(mut self, layer: L) -> Self {
-        let layer = Arc::new(layer);
-        self.publish_layers.push(layer.clone());
-        self.handler_layers.push(layer);
+        self.layers.add_both(layer);
         self
     }
 
@@ -167,7 +163,7 @@ impl DomainBusBuilder {
         }
         let pipeline = Pipeline::new(
             DomainSink::new(self.transport.clone(), self.codec, &self.source),
-            &self.publish_layers,
+            &self.layers.publish,
         );
         // The default group: as set (and then a valid group name), or the source mapped to
         // one (see `group_from_source`).
@@ -197,7 +193,7 @@ impl DomainBusBuilder {
                 pool: self.pool,
                 retry: self.retry,
                 dead_letter: self.dead_letter,
-                handler_layers: self.handler_layers,
+                handler_layers: self.layers.handler,
                 handler_timeout: self.handler_timeout,
                 pipeline,
                 closed: AtomicBool::new(false),

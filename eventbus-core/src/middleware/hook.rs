@@ -250,21 +250,10 @@ where
         if self.hooks.is_empty() {
             return Box::pin(self.inner.call(req));
         }
-        let (bus, backend) = (req.bus(), req.backend);
         let mut scopes: Vec<(usize, Box<dyn PublishScope>)> = Vec::new();
         let mut index = 0;
         let hooks = &self.hooks;
-        req.for_each_message(|m, headers| {
-            let info = PublishInfo {
-                bus,
-                kind: m.kind,
-                backend,
-                topic: m.topic,
-                key: m.key,
-                event_type: m.event_type,
-                id: m.id,
-                payload_len: m.payload_len,
-            };
+        req.for_each_message(|info, headers| {
             for hook in hooks.iter() {
                 if let Some(scope) = hook.on_publish(&info, headers) {
                     scopes.push((index, scope));

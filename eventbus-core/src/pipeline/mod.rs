@@ -33,7 +33,7 @@ use crate::envelope::Envelope;
 use crate::error::{Error, HandleError, Result};
 use crate::headers::Headers;
 use crate::message::{EncodedMessage, Message, Receipt};
-use crate::middleware::BusKind;
+use crate::middleware::{BusKind, PublishInfo};
 use crate::pool::DeadLetterKind;
 use crate::topic::Topic;
 
@@ -279,71 +279,51 @@ impl PublishRequest {
     /// and its headers to read or add to (e.g. a W3C `traceparent`). Headers added here
     /// are checked by the sink, after every layer, and count against the broker's size
     /// limit.
-    pub fn for_each_message(&mut self, mut f: impl FnMut(MessageInfo<'_>, &mut Headers)) {
-        let topic = &self.topic;
+    pub fn for_each_message(&mut self, mut f: impl FnMut(PublishInfo<'_>, &mut Headers)) {
         let kind = self.kind();
-        let domain = |e: &mut Envelope, f: &mut dyn FnMut(MessageInfo<'_>, &mut Headers)| {
-            let info = MessageInfo {
-                kind,
-                topic,
+        let base = PublishInfo {
+            bus: kind.bus(),
+            kind,
+            backend: self.backend,
+            topic: self.topic.as_str(),
+            key: None,
+            event_type: None,
+            id: None,
+            payload_len: 0,
+        };
+        let mut domain = |e: &mut Envelope| {
+            let info = PublishInfo {
                 key: Some(&e.aggregate_id),
                 event_type: Some(&e.event_type),
                 id: Some(&e.event_id),
                 payload_len: e.payload.len(),
+                ..base
             };
             f(info, &mut e.headers);
         };
         match &mut self.body {
-            PublishBody::Event(e) | PublishBody::Append { envelope: e, .. } => domain(e, &mut f),
-            PublishBody::Batch(b) => {
-                for e in b {
-                    domain(e, &mut f);
-                }
-            }
+            PublishBody::Event(e) | PublishBody::Append { envelope: e, .. } => domain(e),
+            PublishBody::Batch(b) => b.iter_mut().for_each(domain),
             PublishBody::DeadLetter(d) => {
-                let info = MessageInfo {
-                    kind,
-                    topic,
+                let info = PublishInfo {
                     key: Some(&d.record.key),
-                    event_type: None,
                     id: d.record.id.as_deref(),
                     payload_len: d.record.payload.len(),
+                    ..base
                 };
                 f(info, &mut d.record.headers);
             }
             PublishBody::Message(b)
             | PublishBody::Request { body: b, .. }
             | PublishBody::Reply(b) => {
-                let info = MessageInfo {
-                    kind,
-                    topic,
-                    key: None,
-                    event_type: None,
-                    id: None,
+                let info = PublishInfo {
                     payload_len: b.payload.len(),
+                    ..base
                 };
                 f(info, &mut b.headers);
             }
         }
     }
-}
-
-/// What a layer learns about one message of a [`PublishRequest`].
-#[derive(Debug, Clone, Copy)]
-#[non_exhaustive]
-pub struct MessageInfo<'a> {
-    /// The request's kind.
-    pub kind: PublishKind,
-    /// The topic.
-    pub topic: &'a Topic,
-    /// The aggregate id (domain bus).
-    pub key: Option<&'a str>,
-    /// The event type (domain events).
-    pub event_type: Option<&'a str>,
-    /// The message id: the event id, or a dead letter's deduplication id.
-    pub id: Option<&'a str>,
-    /// The payload's size in bytes, before encoding.
-    pub payload_len: usize,
 }
 
 /// What the pipeline answers.
@@ -389,6 +369,18 @@ impl PublishResponse {
             }
             Self::Batch(b) => b.get(index).map(|r| r.as_ref().copied()),
             Self::Reply(_) => (index == 0).then_some(Ok(Receipt::accepted())),
+        }
+    }
+
+    /// The outcome of message `index` of a write whose pipeline answered `result`: the
+    /// whole write's error, or [`result`](Self::result) of its response.
+    pub fn outcome(
+        result: &Result<Self>,
+        index: usize,
+    ) -> Option<std::result::Result<Receipt, &Error>> {
+        match result {
+            Ok(response) => response.result(index),
+            Err(e) => Some(Err(e)),
         }
     }
 
@@ -519,6 +511,38 @@ impl<L: ?Sized> Stack<L> {
             inner = wrap(layer, inner);
         }
         inner
+    }
+}
+
+/// What a bus builder collects: its publish layers and its layers over handlers of `R`.
+pub(crate) struct Layers<R> {
+    pub(crate) publish: Stack<dyn PublishLayer>,
+    pub(crate) handler: Stack<dyn HandlerLayer<R>>,
+}
+
+impl<R> Default for Layers<R> {
+    fn default() -> Self {
+        Self {
+            publish: Stack::default(),
+            handler: Stack::default(),
+        }
+    }
+}
+
+impl<R: 'static> Layers<R> {
+    pub(crate) fn add_publish(&mut self, layer: impl PublishLayer) {
+        self.publish.push(Arc::new(layer));
+    }
+
+    pub(crate) fn add_handler(&mut self, layer: impl HandlerLayer<R>) {
+        self.handler.push(Arc::new(layer));
+    }
+
+    /// One layer on both sides, shared.
+    pub(crate) fn add_both<L: PublishLayer + HandlerLayer<R>>(&mut self, layer: L) {
+        let layer = Arc::new(layer);
+        self.publish.push(layer.clone());
+        self.handler.push(layer);
     }
 }
 
