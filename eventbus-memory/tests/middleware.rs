@@ -128,16 +128,34 @@ async fn publish_retry_layer_retries_retryable_errors_only() {
         .expect_err("3 attempts");
     assert_eq!(e.kind(), ErrorKind::Unavailable);
 
-    // A permanent error is not retried.
+    // Permanent errors from inside the pipeline (the sink's size check, a conflicting
+    // append) are not retried: the layer inside the retry layer sees one call each.
+    let log: Arc<Mutex<Vec<String>>> = Arc::default();
     let plain = DomainBus::builder(Memory::new())
+        .publish_layer(PublishRetryLayer::new(Backoff::new(
+            3,
+            Duration::from_millis(10),
+            Duration::from_millis(50),
+        )))
+        .publish_layer(Tag::new("inner", &log))
         .publish_layer(TimeoutLayer::new(Duration::from_secs(1)))
         .build()
         .unwrap();
-    let e = plain
-        .publish("bad topic", &Envelope::new("a", "T", 1, "{}").unwrap())
-        .await
-        .expect_err("invalid");
+    let huge = Envelope::new("a", "T", 1, vec![b'x'; 2 * 1024 * 1024]).unwrap();
+    let e = plain.publish("t", &huge).await.expect_err("too large");
     assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    assert_eq!(log.lock().len(), 1, "{:?}", log.lock());
+    plain
+        .append("t", &Envelope::new("b", "T", 1, "{}").unwrap(), 0)
+        .await
+        .unwrap();
+    log.lock().clear();
+    let e = plain
+        .append("t", &Envelope::new("b", "T", 1, "{}").unwrap(), 0)
+        .await
+        .expect_err("another v1");
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+    assert_eq!(log.lock().len(), 1, "{:?}", log.lock());
 }
 
 #[derive(Default)]

@@ -11,7 +11,10 @@
 //! 4. skew: one aggregate gets 1% of the events and its handler sleeps 10 ms per event:
 //!    throughput of the other aggregates with and without the slow one, for the keyed pool
 //!    (`max_per_key` 20, so that the slow aggregate's backlog goes far past its cap) and
-//!    for the hash-to-N baseline.
+//!    for the hash-to-N baseline;
+//! 5. layers: both buses with one pass-through layer on both sides (publish pipeline and
+//!    handlers) against the same buses without layers: what the pipeline itself costs
+//!    (the request, the envelope's clone, the boxed services).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A benchmark binary.
 
@@ -26,6 +29,7 @@ use dualbus::{
     handler_fn,
 };
 use dualbus_core::{InboundMessage, Position};
+use tower::layer::util::Identity;
 
 struct Run {
     name: String,
@@ -62,6 +66,10 @@ fn median(mut runs: Vec<Run>) -> Run {
 }
 
 fn report(bus: &Run, raw: &Run) {
+    report_as(bus, raw, "bus/raw");
+}
+
+fn report_as(bus: &Run, raw: &Run, ratio: &str) {
     for r in [bus, raw] {
         println!(
             "  {:<44} {:>10.0} msg/s  {:>8.0} ns/msg  p50 {:>10.1?}  p99 {:>10.1?}",
@@ -73,7 +81,7 @@ fn report(bus: &Run, raw: &Run) {
         );
     }
     println!(
-        "  ratio bus/raw {:.2}x, overhead {:+.0} ns/msg",
+        "  ratio {ratio} {:.2}x, overhead {:+.0} ns/msg",
         bus.rate() / raw.rate(),
         bus.ns_per_msg() - raw.ns_per_msg()
     );
@@ -125,7 +133,16 @@ fn index(payload: &[u8]) -> usize {
 }
 
 async fn simple_bus(n: usize) -> Run {
-    let bus = SimpleBus::builder(Memory::new()).build().unwrap();
+    simple_bus_with(n, false).await
+}
+
+/// With `layered`, one pass-through layer on both sides.
+async fn simple_bus_with(n: usize, layered: bool) -> Run {
+    let mut builder = SimpleBus::builder(Memory::new());
+    if layered {
+        builder = builder.layer(Identity::new());
+    }
+    let bus = builder.build().unwrap();
     let stamps = Stamps::new(n);
     let s = stamps.clone();
     let sub = bus
@@ -149,7 +166,10 @@ async fn simple_bus(n: usize) -> Run {
     drop(sub);
     bus.close().await.unwrap();
     Run {
-        name: "simple bus (memory) publish -> handler".into(),
+        name: format!(
+            "simple bus (memory) publish -> handler{}",
+            if layered { ", 1 layer" } else { "" }
+        ),
         n,
         elapsed,
         latencies: stamps.latencies(),
@@ -225,26 +245,31 @@ async fn domain_bus(evs: &[Envelope], load: Load, count_only_others: bool) -> Ru
         load,
         count_only_others,
         PoolConfig::default().max_per_key,
+        false,
     )
     .await
 }
 
+/// With `layered`, one pass-through layer on both sides.
 async fn domain_bus_with(
     evs: &[Envelope],
     load: Load,
     count_only_others: bool,
     max_per_key: usize,
+    layered: bool,
 ) -> Run {
     let n = evs.len();
-    let bus = DomainBus::builder(Memory::new())
+    let mut builder = DomainBus::builder(Memory::new())
         .source("bench")
         .pool(PoolConfig {
             max_in_flight: 10_000,
             max_per_key,
             ..PoolConfig::default()
-        })
-        .build()
-        .unwrap();
+        });
+    if layered {
+        builder = builder.layer(Identity::new());
+    }
+    let bus = builder.build().unwrap();
     let stamps = Stamps::new(n);
     let s = stamps.clone();
     let sub = bus
@@ -282,7 +307,10 @@ async fn domain_bus_with(
     let mut latencies = stamps.latencies();
     latencies.retain(|l| *l > 0);
     Run {
-        name: "domain bus (memory, keyed pool, CloudEvents)".into(),
+        name: format!(
+            "domain bus (memory, keyed pool, CloudEvents){}",
+            if layered { ", 1 layer" } else { "" }
+        ),
         n: target,
         elapsed,
         latencies,
@@ -477,7 +505,7 @@ const SKEW_CAP: usize = 20;
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    // `--only=simple|domain|handover|skew` runs one part (for profiling).
+    // `--only=simple|domain|handover|layers|skew` runs one part (for profiling).
     let only = std::env::args().find_map(|a| a.strip_prefix("--only=").map(str::to_owned));
     let run = |part: &str| only.as_deref().is_none_or(|o| o == part);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -537,6 +565,21 @@ fn main() {
                 dups[dups.len() - 1]
             );
         }
+        if run("layers") {
+            println!("\n5. one pass-through layer on both sides of both buses vs none, {n_simple} simple messages, {n_domain} envelopes");
+            let evs = envelopes(n_domain, 10_000);
+            let mut runs: [Vec<Run>; 4] = Default::default();
+            for _ in 0..rounds {
+                runs[0].push(simple_bus_with(n_simple, false).await);
+                runs[1].push(simple_bus_with(n_simple, true).await);
+                let max_per_key = PoolConfig::default().max_per_key;
+                runs[2].push(domain_bus_with(&evs, Load::Plain, false, max_per_key, false).await);
+                runs[3].push(domain_bus_with(&evs, Load::Plain, false, max_per_key, true).await);
+            }
+            let [simple_plain, simple_layered, domain_plain, domain_layered] = runs.map(median);
+            report_as(&simple_layered, &simple_plain, "layered/plain");
+            report_as(&domain_layered, &domain_plain, "layered/plain");
+        }
         if !run("skew") {
             return;
         }
@@ -548,8 +591,8 @@ fn main() {
         let evs = skewed(n_skew);
         let mut runs: [Vec<Run>; 4] = Default::default();
         for _ in 0..rounds {
-            runs[0].push(domain_bus_with(&evs, Load::Plain, true, cap).await);
-            runs[1].push(domain_bus_with(&evs, Load::SlowFirst, true, cap).await);
+            runs[0].push(domain_bus_with(&evs, Load::Plain, true, cap, false).await);
+            runs[1].push(domain_bus_with(&evs, Load::SlowFirst, true, cap, false).await);
             runs[2].push(domain_raw(&evs, 64, Load::Plain, true).await);
             runs[3].push(domain_raw(&evs, 64, Load::SlowFirst, true).await);
         }

@@ -6,11 +6,10 @@ use std::time::Duration;
 
 use dualbus_core::middleware::{Hook, HookLayer};
 use dualbus_core::{
-    Backoff, BoxPublishService, Codec, DeadLetterPolicy, DomainBus, DomainBusBuilder,
-    DomainTransport, DynDomainTransport, DynSimpleTransport, Event, HandleError, HandlerLayer,
-    Message, PoolConfig, PublishLayer, Result, SimpleBus, SimpleBusBuilder, SimpleTransport,
+    Backoff, Codec, DeadLetterPolicy, DomainBus, DomainBusBuilder, DomainTransport,
+    DynDomainTransport, DynSimpleTransport, Event, HandlerLayer, Message, PoolConfig, PublishLayer,
+    Result, SimpleBus, SimpleBusBuilder, SimpleTransport,
 };
-use tower::util::BoxCloneSyncService;
 
 /// The two buses of a service: [`Buses::domain`] for domain events, [`Buses::simple`] for
 /// simple messages. Cheap to clone.
@@ -153,9 +152,8 @@ impl BusesBuilder {
 
     /// A layer in the publish pipeline of both buses: around every write (domain events,
     /// batches, appends, dead letters; simple publishes, requests, replies). Layers keep
-    /// the order they were added in, the first outermost.
-    pub fn publish_layer<L: PublishLayer>(mut self, layer: L) -> Self {
-        let layer = Shared(Arc::new(layer));
+    /// the order they were added in, the first outermost. Each bus gets its own clone.
+    pub fn publish_layer<L: PublishLayer + Clone>(mut self, layer: L) -> Self {
         self.layers.push(Box::new(move |d, s| {
             (d.publish_layer(layer.clone()), s.publish_layer(layer))
         }));
@@ -163,11 +161,10 @@ impl BusesBuilder {
     }
 
     /// A layer around every handler call of both buses (domain attempts, simple handlers).
-    pub fn handler_layer<L: HandlerLayer<Event> + HandlerLayer<Message>>(
-        mut self,
-        layer: L,
-    ) -> Self {
-        let layer = Shared(Arc::new(layer));
+    pub fn handler_layer<L>(mut self, layer: L) -> Self
+    where
+        L: HandlerLayer<Event> + HandlerLayer<Message> + Clone,
+    {
         self.layers.push(Box::new(move |d, s| {
             (d.handler_layer(layer.clone()), s.handler_layer(layer))
         }));
@@ -178,9 +175,8 @@ impl BusesBuilder {
     /// handler call (tracing, metrics, hooks).
     pub fn layer<L>(mut self, layer: L) -> Self
     where
-        L: PublishLayer + HandlerLayer<Event> + HandlerLayer<Message>,
+        L: PublishLayer + HandlerLayer<Event> + HandlerLayer<Message> + Clone,
     {
-        let layer = Shared(Arc::new(layer));
         self.layers.push(Box::new(move |d, s| {
             (d.layer(layer.clone()), s.layer(layer))
         }));
@@ -264,29 +260,3 @@ impl BusesBuilder {
 type LayerStep = Box<
     dyn FnOnce(DomainBusBuilder, SimpleBusBuilder) -> (DomainBusBuilder, SimpleBusBuilder) + Send,
 >;
-
-/// One layer shared by both buses.
-struct Shared<L>(Arc<L>);
-
-impl<L> Clone for Shared<L> {
-    fn clone(&self) -> Self {
-        Self(self.0.clone())
-    }
-}
-
-impl<L: PublishLayer> tower::Layer<BoxPublishService> for Shared<L> {
-    type Service = BoxPublishService;
-    fn layer(&self, inner: BoxPublishService) -> BoxPublishService {
-        self.0.layer_publish(inner)
-    }
-}
-
-impl<L: HandlerLayer<R>, R> tower::Layer<BoxCloneSyncService<R, (), HandleError>> for Shared<L> {
-    type Service = BoxCloneSyncService<R, (), HandleError>;
-    fn layer(
-        &self,
-        inner: BoxCloneSyncService<R, (), HandleError>,
-    ) -> BoxCloneSyncService<R, (), HandleError> {
-        self.0.layer_handler(inner)
-    }
-}

@@ -101,12 +101,12 @@ pub use dualbus_core::middleware;
 /// Every write of both buses as one request type through one layered service.
 pub use dualbus_core::pipeline;
 pub use dualbus_core::{
-    Backoff, BoxError, Codec, DeadLetterKind, DeadLetterPolicy, Disposition, DomainBus,
-    DomainBusBuilder, DomainCapabilities, DomainSubscribeBuilder, DomainTransport, Envelope,
-    EnvelopeError, Error, ErrorKind, Event, Extensions, Failure, HandleError, HandlerLayer,
-    HeaderStyle, Headers, IntoTopic, Message, PartitionState, PoolConfig, PoolEvent, PoolObserver,
-    PoolStats, Position, PublishKind, PublishLayer, PublishRequest, PublishResponse, Receipt,
-    Result, ShutdownReport, SimpleBus, SimpleBusBuilder, SimpleCapabilities, SimpleStats,
+    Backoff, BoxError, BoxPublishService, Codec, DeadLetterKind, DeadLetterPolicy, Disposition,
+    DomainBus, DomainBusBuilder, DomainCapabilities, DomainSubscribeBuilder, DomainTransport,
+    Envelope, EnvelopeError, Error, ErrorKind, Event, Extensions, Failure, HandleError,
+    HandlerLayer, HeaderStyle, Headers, IntoTopic, Message, PartitionState, PoolConfig, PoolEvent,
+    PoolObserver, PoolStats, Position, PublishKind, PublishLayer, PublishRequest, PublishResponse,
+    Receipt, Result, ShutdownReport, SimpleBus, SimpleBusBuilder, SimpleCapabilities, SimpleStats,
     SimpleSubscribeBuilder, SimpleSubscription, SimpleTransport, StartPosition, Subscription,
     Topic, handler_fn,
 };

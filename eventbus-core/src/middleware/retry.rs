@@ -111,6 +111,11 @@ where
     let PublishBody::Batch(envelopes) = &req.body else {
         return results;
     };
+    // A response of another length is a defect of a layer inside this one: handed on as
+    // it is, for the bus to report.
+    if results.len() != envelopes.len() {
+        return results;
+    }
     while attempt < backoff.attempts {
         let again = to_republish(envelopes, &results);
         if again.is_empty() {
@@ -284,7 +289,25 @@ mod tests {
             assert!(e.is_retryable());
             assert_eq!(calls.lock().len(), 1, "{kind}");
         }
-        assert!(!PublishKind::DeadLetter.retry_safe());
+        // A dead letter is safe to repeat but the pool's to retry: passed through too.
+        let record = crate::message::EncodedMessage {
+            key: "a".into(),
+            headers: Default::default(),
+            payload: "x".into(),
+            id: Some("dlq:t:0:1".into()),
+        };
+        let body = PublishBody::DeadLetter(crate::pipeline::DeadLetter::new(
+            record,
+            Default::default(),
+            crate::pool::DeadLetterKind::Permanent,
+        ));
+        let (svc, calls) = inner(|_, _| Err(unavailable()));
+        PublishRetryLayer::new(backoff())
+            .layer(svc)
+            .oneshot(request(body))
+            .await
+            .expect_err("not retried");
+        assert_eq!(calls.lock().len(), 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -375,6 +398,22 @@ mod tests {
             results[5].as_ref().is_err_and(Error::is_retryable),
             "b is left as it was"
         );
+    }
+
+    /// A layer inside that answers a batch with fewer results: handed on, not indexed.
+    #[tokio::test(start_paused = true)]
+    async fn a_short_batch_response_is_handed_on() {
+        let (svc, calls) = inner(|_, _| Ok(PublishResponse::Batch(vec![Err(unavailable())])));
+        let response = PublishRetryLayer::new(backoff())
+            .layer(svc)
+            .oneshot(request(PublishBody::Batch(vec![
+                event("a", 1),
+                event("a", 2),
+            ])))
+            .await
+            .expect("a batch response");
+        assert_eq!(calls.lock().len(), 1);
+        assert_eq!(response.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -151,26 +151,25 @@ impl DomainSink {
         &self,
         dl: &DeadLetter,
     ) -> Result<(OutboundMessage, Option<&'static str>)> {
-        // Layers may have added any header to the record: checked once here. The original
-        // headers passed `validate_header` when the pool took them; the reduction headers
-        // are constants with numbers as values.
-        dl.record.headers.validate()?;
-        if let Some(id) = &dl.record.id {
-            crate::headers::validate_header(self.caps().wire.id_header.unwrap_or("id"), id)?;
+        let caps = self.caps();
+        let r = &dl.record;
+        // The whole record, checked in full: layers may have written any header.
+        match OutboundMessage::new(r.clone(), caps, Write::Publish) {
+            Ok(full) => return Ok((full, None)),
+            Err(Error::PayloadTooLarge { .. }) => {}
+            Err(other) => return Err(other),
         }
+        // An original header still as the original had it (not added or changed by a
+        // layer): what the reduced forms leave out.
+        let original = |n: &str, v: &str| dl.original_headers.get(n) == Some(v);
+        // Every reduced form holds some of the record's headers, now known to be valid,
+        // and the reduction headers: constant names, numbers or constants as values.
         let build = |keep_headers: bool, keep_body: bool| {
-            let r = &dl.record;
-            let mut headers =
-                Headers::with_capacity(dl.original_headers.len() + r.headers.len() + 2);
-            if keep_headers {
-                for (n, v) in dl.original_headers.iter() {
-                    if !r.headers.contains(n) {
-                        headers.insert(n.to_owned(), v);
-                    }
-                }
-            }
+            let mut headers = Headers::with_capacity(r.headers.len() + 2);
             for (n, v) in r.headers.iter() {
-                headers.insert(n.to_owned(), v);
+                if keep_headers || !original(n, v) {
+                    headers.insert(n.to_owned(), v);
+                }
             }
             let reduced = match (keep_headers, keep_body) {
                 (true, true) => None,
@@ -194,26 +193,18 @@ impl DomainSink {
                 },
                 id: r.id.clone(),
             };
-            (message, reduced)
-        };
-        let caps = self.caps();
-        let check = |(m, reduced)| {
-            OutboundMessage::with_valid_headers(m, caps, Write::Publish).map(|m| (m, reduced))
+            OutboundMessage::with_valid_headers(message, caps, Write::Publish).map(|m| (m, reduced))
         };
         // Without original headers, dropping them changes nothing: only the body can go.
-        let has_original = !dl.original_headers.is_empty();
-        if let Ok(fits) = check(build(true, true)) {
-            return Ok(fits);
-        }
+        let has_original = r.headers.iter().any(|(n, v)| original(n, v));
         if has_original {
-            if let Ok(fits) = check(build(false, true)) {
-                return Ok(fits);
-            }
-            if let Ok(fits) = check(build(true, false)) {
-                return Ok(fits);
+            for (keep_headers, keep_body) in [(false, true), (true, false)] {
+                if let Ok(fits) = build(keep_headers, keep_body) {
+                    return Ok(fits);
+                }
             }
         }
-        check(build(!has_original, false))
+        build(!has_original, false)
     }
 }
 
@@ -235,6 +226,8 @@ impl Pipeline<DomainSink> {
                 );
                 match call_once(layers, req).await? {
                     PublishResponse::DeadLetter { receipt, reduced } => Ok((receipt, reduced)),
+                    // A layer that answered with a plain receipt: stored, reduction unknown.
+                    PublishResponse::Receipt(receipt) => Ok((receipt, None)),
                     other => Err(super::mismatch(PublishKind::DeadLetter, &other)),
                 }
             }
@@ -278,5 +271,123 @@ impl Service<PublishRequest> for DomainSink {
                 }
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::Arc;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::pool::DeadLetterKind;
+    use crate::transport::{DomainSubscription, DomainTransport, SubscriptionSpec};
+
+    /// A transport that only declares its limit.
+    struct Limit(DomainCapabilities);
+
+    #[async_trait]
+    impl DomainTransport for Limit {
+        fn capabilities(&self) -> &DomainCapabilities {
+            &self.0
+        }
+        async fn publish(&self, _topic: &Topic, _message: OutboundMessage) -> Result<Receipt> {
+            Ok(Receipt::accepted())
+        }
+        async fn subscribe(&self, _spec: SubscriptionSpec) -> Result<DomainSubscription> {
+            Err(Error::closed("test transport"))
+        }
+        async fn close(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn sink(max_payload: usize) -> DomainSink {
+        let mut caps = DomainCapabilities::new("limit");
+        caps.max_payload = max_payload;
+        DomainSink::new(Arc::new(Limit(caps)), Codec::CloudEvents, "tests")
+    }
+
+    /// A record as the pool makes it, after a layer replaced the original `traceparent`
+    /// and added a header of its own.
+    fn dead_letter() -> DeadLetter {
+        let original: Headers = [
+            ("traceparent", "00-original"),
+            ("x-app", "a".repeat(100).as_str()),
+        ]
+        .into_iter()
+        .collect();
+        let mut headers = original.clone();
+        headers.insert(dlq_headers::KIND, "permanent");
+        headers.insert(dlq_headers::REASON, "refused");
+        headers.insert("traceparent", "00-layer");
+        headers.insert("x-layer", "added");
+        let record = EncodedMessage {
+            key: "k".into(),
+            headers,
+            payload: Bytes::from(vec![b'x'; 200]),
+            id: Some("dlq:t:0:1".into()),
+        };
+        DeadLetter::new(record, original, DeadLetterKind::Permanent)
+    }
+
+    /// From a roomy limit down to none, the record shrinks form by form, keeping what the
+    /// layer added or changed in every form, and ends in a clear error, never a panic.
+    #[test]
+    fn dead_letters_shrink_form_by_form_keeping_what_layers_wrote() {
+        let dl = dead_letter();
+        let full = sink(usize::MAX).dead_letter_record(&dl).unwrap().0;
+        let full_size =
+            DomainCapabilities::new("x").wire_size(&full.clone().into_parts(), Write::Publish);
+        let mut forms: Vec<Option<&'static str>> = Vec::new();
+        let mut refused_below = None;
+        for max in (0..=full_size + 1).rev() {
+            match sink(max).dead_letter_record(&dl) {
+                Ok((m, reduced)) => {
+                    assert!(
+                        refused_below.is_none(),
+                        "a form fits at {max} after none did"
+                    );
+                    assert!(m.headers().get("x-layer") == Some("added"), "{reduced:?}");
+                    assert_eq!(m.headers().get("traceparent"), Some("00-layer"));
+                    assert_eq!(m.headers().get(dlq_headers::REDUCED), reduced);
+                    let keeps_original = m.headers().contains("x-app");
+                    assert_eq!(
+                        keeps_original,
+                        !matches!(reduced, Some("headers" | "headers,body"))
+                    );
+                    assert_eq!(
+                        m.payload().is_empty(),
+                        matches!(reduced, Some("body" | "headers,body"))
+                    );
+                    if forms.last() != Some(&reduced) {
+                        forms.push(reduced);
+                    }
+                }
+                Err(e) => {
+                    assert!(matches!(e, Error::PayloadTooLarge { .. }), "{e}");
+                    refused_below.get_or_insert(max);
+                }
+            }
+        }
+        assert_eq!(
+            forms,
+            vec![None, Some("headers"), Some("body"), Some("headers,body")]
+        );
+        assert!(refused_below.is_some());
+    }
+
+    /// A header a layer wrote that no backend can carry is an error naming it.
+    #[test]
+    fn an_invalid_header_from_a_layer_is_refused() {
+        let mut dl = dead_letter();
+        dl.record.headers.insert("bad header", "x");
+        let e = sink(usize::MAX)
+            .dead_letter_record(&dl)
+            .expect_err("invalid");
+        assert!(matches!(e, Error::InvalidHeader { .. }), "{e}");
     }
 }

@@ -179,20 +179,25 @@ impl SimpleBody {
 
 /// A dead-letter record as the keyed pool hands it to the pipeline.
 ///
-/// The record is `record` (the `dualbus-dlq-*` reason headers, the original body, and
-/// whatever layers add) sent with `original_headers` ahead of its own headers. The sink
-/// checks it against the broker's limit after the layers and, if it does not fit, sends
-/// the first reduced record that does: without the original headers, then without the
-/// body (its length in `dualbus-dlq-original-length`), then without both, marked in
-/// `dualbus-dlq-reduced`. Headers layers added are kept in every form.
+/// The record is a copy of the original message (its key, its headers that every backend
+/// can carry, its body) with the `dualbus-dlq-*` reason headers, and whatever layers add.
+/// Layers see and may change every header; one that writes a header the original had (a
+/// tracing layer's `traceparent`) replaces it in the record, and the original value stays
+/// in [`original_headers`](Self::original_headers). The sink checks the record against
+/// the broker's limit after the layers and, if it does not fit, sends the first reduced
+/// form that does: without the original headers (those a layer left as they were), then
+/// without the body (its length in `dualbus-dlq-original-length`), then without both,
+/// marked in `dualbus-dlq-reduced`. What layers added or changed is kept in every form.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct DeadLetter {
-    /// The record: key (the original's), reason headers, the original body, and the
-    /// deduplication id `dlq:<topic>:<partition>:<offset>` (one record per source position).
+    /// The record: key, headers (the original's and the reason headers), the original
+    /// body, and the deduplication id `dlq:<topic>:<partition>:<offset>` (one record per
+    /// source position).
     pub record: EncodedMessage,
-    /// The original message's headers that every backend can carry, without any
-    /// `dualbus-dlq-*` header (e.g. its `traceparent`, to link the dead letter to it).
+    /// The original message's headers as they were (without any `dualbus-dlq-*` header and
+    /// without headers some backend could not carry), e.g. its `traceparent`, to link the
+    /// dead letter to it. Read only: the sink compares the record's headers with them.
     pub original_headers: Headers,
     /// Why the message was dead-lettered.
     pub kind: DeadLetterKind,

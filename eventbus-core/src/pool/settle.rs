@@ -64,9 +64,9 @@ fn clip(text: &str, max: usize) -> String {
     out
 }
 
-/// The dead-letter record of `item` as the pipeline takes it: the original body and key
-/// with the `dualbus-dlq-*` headers, and the original headers every backend can carry. The
-/// sink sends it whole or reduced to fit the broker's limit, after the publish layers.
+/// The dead-letter record of `item` as the pipeline takes it: the original key, headers
+/// (those every backend can carry) and body, with the `dualbus-dlq-*` headers. The sink
+/// sends it whole or reduced to fit the broker's limit, after the publish layers.
 fn dead_letter_of(
     sh: &Shared,
     item: &Item,
@@ -75,17 +75,6 @@ fn dead_letter_of(
     attempts: u32,
 ) -> DeadLetter {
     let m = &item.delivery.message;
-    let mut dlq = Headers::with_capacity(9);
-    dlq.insert(dlq_headers::REASON, clip(reason, 1024));
-    dlq.insert(dlq_headers::KIND, kind.as_str());
-    dlq.insert(dlq_headers::ATTEMPTS, attempts.to_string());
-    dlq.insert(dlq_headers::TOPIC, sh.p.topic.to_string());
-    dlq.insert(dlq_headers::PARTITION, m.position.partition.to_string());
-    dlq.insert(dlq_headers::OFFSET, m.position.offset.to_string());
-    dlq.insert(
-        dlq_headers::DELIVERY_COUNT,
-        item.delivery.delivery_count.to_string(),
-    );
     // The original headers that every backend can carry (a malformed message may have
     // others: they are dropped rather than blocking the dead letter).
     let original: Headers = m
@@ -94,9 +83,21 @@ fn dead_letter_of(
         .filter(|(n, v)| validate_header(n, v).is_ok() && !n.starts_with("dualbus-dlq-"))
         .map(|(n, v)| (n.to_owned(), v.to_owned()))
         .collect();
+    let mut headers = Headers::with_capacity(original.len() + 9);
+    headers.extend(original.iter().map(|(n, v)| (n.to_owned(), v.to_owned())));
+    headers.insert(dlq_headers::REASON, clip(reason, 1024));
+    headers.insert(dlq_headers::KIND, kind.as_str());
+    headers.insert(dlq_headers::ATTEMPTS, attempts.to_string());
+    headers.insert(dlq_headers::TOPIC, sh.p.topic.to_string());
+    headers.insert(dlq_headers::PARTITION, m.position.partition.to_string());
+    headers.insert(dlq_headers::OFFSET, m.position.offset.to_string());
+    headers.insert(
+        dlq_headers::DELIVERY_COUNT,
+        item.delivery.delivery_count.to_string(),
+    );
     let record = EncodedMessage {
         key: item.key.to_string(),
-        headers: dlq,
+        headers,
         payload: m.payload.clone(),
         // One dead letter per source position: a retried dead-letter publish is stored once.
         id: Some(format!(
