@@ -89,6 +89,10 @@ cargo run -q -p dualbus --example dual_bus > "$servers_dir/dual_bus.out" 2>&1 ||
 cat "$servers_dir/dual_bus.out"
 no_escapes "$servers_dir/dual_bus.out"
 
+step "example of a layer on every write"
+cargo run -q -p dualbus --example write_audit > "$servers_dir/write_audit.out" 2>&1 || { cat "$servers_dir/write_audit.out"; exit 1; }
+cat "$servers_dir/write_audit.out"
+
 step "example on NATS, output piped"
 NATS_URL="$DUALBUS_TEST_NATS_URL" cargo run -q -p dualbus --features nats --example nats_domain_events > "$servers_dir/nats_example.out" 2>&1 || { cat "$servers_dir/nats_example.out"; exit 1; }
 cat "$servers_dir/nats_example.out"
