@@ -27,10 +27,18 @@ use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use tower::{Layer, Service};
 
-/// Writes and messages per kind, failed messages, and the total time of the writes.
+/// Of one kind of write: writes, messages, failed messages, and the writes' total time.
+#[derive(Default, Clone, Copy)]
+struct Tally {
+    writes: u64,
+    messages: u64,
+    failed: u64,
+    time: Duration,
+}
+
 #[derive(Default)]
 struct Audit {
-    per_kind: Mutex<BTreeMap<&'static str, (u64, u64, u64, Duration)>>,
+    per_kind: Mutex<BTreeMap<&'static str, Tally>>,
 }
 
 /// The outer layer: stamps, times and counts every write.
@@ -85,10 +93,10 @@ where
                 .count();
             let mut per_kind = audit.per_kind.lock();
             let entry = per_kind.entry(kind.as_str()).or_default();
-            entry.0 += 1;
-            entry.1 += messages as u64;
-            entry.2 += failed as u64;
-            entry.3 += started.elapsed();
+            entry.writes += 1;
+            entry.messages += messages as u64;
+            entry.failed += failed as u64;
+            entry.time += started.elapsed();
             result
         })
     }
@@ -221,12 +229,14 @@ async fn main() -> anyhow::Result<()> {
         PublishKind::Reply,
     ] {
         let per_kind = audit.per_kind.lock();
-        let (writes, messages, failed, time) =
-            per_kind.get(kind.as_str()).copied().unwrap_or_default();
+        let t = per_kind.get(kind.as_str()).copied().unwrap_or_default();
         println!(
-            "{:<12} {writes:>7} {messages:>9} {failed:>7} {:>12.1?}",
+            "{:<12} {:>7} {:>9} {:>7} {:>12.1?}",
             kind.as_str(),
-            time
+            t.writes,
+            t.messages,
+            t.failed,
+            t.time
         );
     }
     drop((orders, notes));
