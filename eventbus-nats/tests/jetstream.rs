@@ -15,7 +15,9 @@ use dualbus_core::conformance::{event, next_raw, unique_topic, wait_for};
 use dualbus_core::{
     DomainBus, DomainTransport, ErrorKind, Event, HandleError, SubscriptionSpec, handler_fn,
 };
-use dualbus_nats::subject::{encode_key, event_subject};
+use dualbus_nats::subject::{
+    encode_key, event_subject, parse_subject, partition_of, publish_subject,
+};
 use dualbus_nats::{JetStream, JetStreamConfig, NatsConfig};
 use futures::StreamExt as _;
 use parking_lot::Mutex;
@@ -38,8 +40,10 @@ async fn plain(url: &str) -> jetstream::Context {
     jetstream::new(async_nats::connect(url).await.expect("plain connect"))
 }
 
-/// Aggregate ids with characters special in subjects are stored on their encoded subject,
-/// where a plain client finds them, and replay reads each aggregate's history back in order.
+/// Aggregate ids with characters special in subjects are stored on their encoded subject in
+/// the partition the client computes, where a plain client finds them; a plain client that
+/// publishes on the plain subject lands on the same stored subject; replay reads each
+/// aggregate's history back in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn special_aggregate_ids_are_encoded_and_replayed() {
     let Some(url) = shared_url() else { return };
@@ -66,8 +70,9 @@ async fn special_aggregate_ids_are_encoded_and_replayed() {
         .await
         .expect("stream");
     for id in ids {
-        let subject = event_subject(&topic, 0, id);
-        assert_eq!(subject, format!("{topic}.0.{}", encode_key(id)));
+        let p = partition_of(id, 16);
+        let subject = event_subject(&topic, p, id);
+        assert_eq!(subject, format!("{topic}.{p}.{}", encode_key(id)));
         let last = stream
             .get_last_raw_message_by_subject(&subject)
             .await
@@ -87,6 +92,20 @@ async fn special_aggregate_ids_are_encoded_and_replayed() {
             })
             .collect();
         assert_eq!(versions, ["1", "2", "3"], "{id:?}");
+    }
+    // A plain client publishing on the plain subject: the server stores it where we look.
+    for id in ids {
+        let ack = js
+            .publish(publish_subject(&topic, id), Bytes::from_static(b"plain"))
+            .await
+            .expect("plain publish")
+            .await
+            .expect("stored");
+        let last = stream
+            .get_last_raw_message_by_subject(&event_subject(&topic, partition_of(id, 16), id))
+            .await
+            .expect("on the computed subject");
+        assert_eq!(last.sequence, ack.sequence, "{id:?}");
     }
     assert!(
         t.replay(&topic, "never-seen")
@@ -125,15 +144,15 @@ async fn malformed_messages_from_a_plain_client_are_dead_lettered() {
     ce.insert("ce-aggregateversion", "1");
     // ce-id missing.
     let cases: Vec<(String, Option<async_nats::HeaderMap>, &'static [u8])> = vec![
-        (format!("{topic}.0.bad-none"), None, b"not an envelope"),
-        (format!("{topic}.0.bad-ce"), Some(ce), b"{}"),
+        (format!("{topic}.bad-none"), None, b"not an envelope"),
+        (format!("{topic}.bad-ce"), Some(ce), b"{}"),
         (
-            format!("{topic}.0.bad-jxt"),
+            format!("{topic}.bad-jxt"),
             None,
             br#"{"event_id":"e","event_type":"T","event_version":1,"timestamp":"2026-01-01T00:00:00Z","payload":{}}"#,
         ),
-        (format!("{topic}.0.bad%zz"), None, b"{}"),
-        (format!("{topic}.x.bad-partition"), None, b"{}"),
+        // A token that is not a valid encoding: no key.
+        (format!("{topic}.bad%zz"), None, b"{}"),
     ];
     let n_bad = cases.len();
     for (subject, headers, body) in cases {
@@ -206,7 +225,8 @@ async fn a_stream_with_other_settings_is_refused_unless_update_is_asked() {
     let js = plain(&url).await;
     js.create_stream(jetstream::stream::Config {
         name: dualbus_nats::jetstream::stream_name("DUALBUS_", &topic),
-        subjects: vec![format!("{topic}.*.*")],
+        subjects: vec![format!("{topic}.*")],
+        subject_transform: Some(partitioned(&topic, 16)),
         max_age: Duration::from_secs(3600),
         ..Default::default()
     })
@@ -227,6 +247,82 @@ async fn a_stream_with_other_settings_is_refused_unless_update_is_asked() {
         .expect("updated");
     t.close().await.expect("close");
     t2.close().await.expect("close");
+}
+
+/// The subject transform of a topic's stream with `partitions` partitions.
+fn partitioned(topic: &str, partitions: u32) -> jetstream::stream::SubjectTransform {
+    jetstream::stream::SubjectTransform {
+        source: format!("{topic}.*"),
+        destination: format!("{topic}.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}"),
+    }
+}
+
+/// A stream of another partition count, or of the older layout without the transform, is
+/// refused with the migration to follow, even with `update_existing`: changing the
+/// partitioning moves aggregates between partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_another_partitioning_is_refused_with_the_migration() {
+    let Some(url) = shared_url() else { return };
+    let js = plain(&url).await;
+    let older = unique_topic("js-older");
+    js.create_stream(jetstream::stream::Config {
+        name: dualbus_nats::jetstream::stream_name("DUALBUS_", &older),
+        subjects: vec![format!("{older}.*.*")],
+        ..Default::default()
+    })
+    .await
+    .expect("create stream");
+    let four = unique_topic("js-four");
+    js.create_stream(jetstream::stream::Config {
+        name: dualbus_nats::jetstream::stream_name("DUALBUS_", &four),
+        subjects: vec![format!("{four}.*")],
+        subject_transform: Some(partitioned(&four, 4)),
+        ..Default::default()
+    })
+    .await
+    .expect("create stream");
+    let mut config = fast_config(url.clone());
+    config.jetstream.stream.update_existing = true;
+    config.jetstream.consumer.update_existing = true;
+    let t = JetStream::connect(config.clone()).await.expect("connect");
+    for topic in [&older, &four] {
+        let e = t
+            .publish(topic, outbound(&t, "k"))
+            .await
+            .expect_err("another partitioning");
+        let text = e.to_string();
+        assert!(matches!(e, dualbus_core::Error::Config { .. }), "{e}");
+        assert!(text.contains("nats.jetstream.partitions"), "{text}");
+        assert!(text.contains("drain"), "{text}");
+        assert!(text.contains("16 partitions"), "{text}");
+        let e = t
+            .subscribe(SubscriptionSpec::new(topic.clone(), "g"))
+            .await
+            .expect_err("subscribing is refused too");
+        assert!(matches!(e, dualbus_core::Error::Config { .. }), "{e}");
+    }
+    t.close().await.expect("close");
+    // The topic's own count matches the stream: accepted, events land by that count.
+    let mut settings = dualbus_nats::jetstream::TopicSettings::default();
+    settings.partitions = Some(4);
+    config.jetstream.topics.insert(four.to_string(), settings);
+    let t = JetStream::connect(config).await.expect("connect");
+    let stream = js
+        .get_stream(dualbus_nats::jetstream::stream_name("DUALBUS_", &four))
+        .await
+        .expect("stream");
+    for i in 0..64 {
+        let key = format!("agg.{i}/ü");
+        let r = t.publish(&four, outbound(&t, &key)).await.expect("publish");
+        let seq = u64::try_from(r.position.expect("position").offset).expect("u64");
+        let stored = stream.get_raw_message(seq).await.expect("stored");
+        assert_eq!(
+            parse_subject(&four, &stored.subject),
+            Some((partition_of(&key, 4), key.clone())),
+            "the server's partition is the client's"
+        );
+    }
+    t.close().await.expect("close");
 }
 
 /// An event as the domain bus would hand it to `t`.

@@ -16,7 +16,7 @@ use std::time::Duration;
 use dualbus_core::conformance::{event, next_raw, unique_topic, wait_for};
 use dualbus_core::{DomainBus, DomainTransport, Event, HandleError, SubscriptionSpec, handler_fn};
 use dualbus_nats::JetStream;
-use dualbus_nats::subject::event_subject;
+use dualbus_nats::subject::publish_subject;
 use parking_lot::Mutex;
 use support::{fast_config, shared_url};
 
@@ -119,7 +119,7 @@ async fn an_unreadable_message_is_dead_lettered_and_stops_nothing() {
     // Version 4 of a-1 arrives unreadable; b-1 ends its history with one.
     raw_hpub(
         &url,
-        &event_subject(&topic, 0, "a-1"),
+        &publish_subject(&topic, "a-1"),
         &poisoned_block("a-1", 4),
         br#"{"aggregate":"a-1","version":4}"#,
     );
@@ -128,7 +128,7 @@ async fn an_unreadable_message_is_dead_lettered_and_stops_nothing() {
         .expect("publish");
     raw_hpub(
         &url,
-        &event_subject(&topic, 0, "b-1"),
+        &publish_subject(&topic, "b-1"),
         &poisoned_block("b-1", 2),
         br#"{"aggregate":"b-1","version":2}"#,
     );

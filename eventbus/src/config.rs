@@ -16,7 +16,8 @@
 //!   handler_timeout: 30s
 //!   group: { name: orders-service, partitions: 16, drain_deadline: 10s }
 //!   # group names: [A-Za-z0-9_-] tokens separated by single dots, at most 200 bytes
-//!   # partitions (here and per topic): backends with partitioned groups only (not nats yet)
+//!   # partitions (here and per topic): memory and nats (part of a JetStream topic's
+//!   #   stream: changing it needs a migration, see docs/backends/nats.md)
 //!   # member_timeout: 10s: a member's registration expires this long after its last
 //!   #   heartbeat (nats: the member bucket; memory sees a member's end at once)
 //!   topics: { payments: { partitions: 32 } }   # per-topic overrides
@@ -124,7 +125,7 @@ pub struct GroupSection {
     /// [`dualbus_core::group_from_source`]; distinct sources may map to one name).
     pub name: Option<String>,
     /// Partitions per domain topic (Kafka: the topic's own). Default: the backend's (16 in
-    /// memory).
+    /// memory and on NATS, where the count is part of the topic's stream).
     pub partitions: Option<u32>,
     /// How long a revoked partition (and a shutdown) may take to finish started handlers.
     /// Default: `pool.drain_deadline`.

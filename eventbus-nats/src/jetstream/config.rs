@@ -156,6 +156,8 @@ pub struct TopicSettings {
     pub stream: Option<String>,
     /// The subjects of `stream` when it has to be created. Default: the topic's own.
     pub stream_subjects: Vec<String>,
+    /// The topic's partition count, overriding [`JetStreamConfig::partitions`]; see there.
+    pub partitions: Option<u32>,
 }
 
 /// JetStream settings of the domain transport.
@@ -173,11 +175,20 @@ pub struct JetStreamConfig {
     pub request_timeout: Duration,
     /// Publishes of one batch awaiting their acknowledgement at once. Default 512.
     pub publish_window: usize,
+    /// Partitions of a topic's stream (the facade's `domain.group.partitions`): the server
+    /// stores each event under `<topic>.<partition>.<token>` by its subject transform, and a
+    /// consumer group spreads the partitions over its members. Default 16, at most
+    /// [`MAX_PARTITIONS`]. It is part of the stream: a stream created with another count is
+    /// refused with the migration to follow (see `docs/backends/nats.md`).
+    pub partitions: u32,
     /// Per-topic settings. A topic without an entry that falls inside the subjects of a
     /// configured topic's `stream` uses that topic's layout and stream (so its dead-letter
     /// topic lands beside it); any other topic is partitioned on its own stream.
     pub topics: BTreeMap<String, TopicSettings>,
 }
+
+/// The most partitions a topic may have.
+pub const MAX_PARTITIONS: u32 = 1024;
 
 impl Default for JetStreamConfig {
     fn default() -> Self {
@@ -186,6 +197,7 @@ impl Default for JetStreamConfig {
             consumer: ConsumerSettings::default(),
             request_timeout: Duration::from_secs(5),
             publish_window: 512,
+            partitions: 16,
             topics: BTreeMap::new(),
         }
     }
@@ -246,6 +258,20 @@ pub(super) fn validate(c: &JetStreamConfig) -> Result<()> {
             "must be non-empty and of [A-Za-z0-9_-]",
         ));
     }
+    let partitions = std::iter::once(("nats.jetstream.partitions".to_owned(), c.partitions)).chain(
+        c.topics.iter().filter_map(|(t, s)| {
+            s.partitions
+                .map(|p| (format!("nats.jetstream.topics.{t}.partitions"), p))
+        }),
+    );
+    for (path, p) in partitions {
+        if !(1..=MAX_PARTITIONS).contains(&p) {
+            return Err(Error::config(
+                path,
+                format!("must be 1 to {MAX_PARTITIONS}, not {p}"),
+            ));
+        }
+    }
     if c.request_timeout.is_zero() {
         return Err(Error::config(
             "nats.jetstream.request_timeout",
@@ -271,6 +297,35 @@ mod tests {
         let mut c = JetStreamConfig::default();
         c.consumer.lease_ttl = Duration::from_millis(1);
         assert!(matches!(validate(&c), Err(Error::Config { .. })));
+        for (p, ok) in [
+            (0, false),
+            (1, true),
+            (1023, true),
+            (1024, true),
+            (1025, false),
+        ] {
+            let c = JetStreamConfig {
+                partitions: p,
+                ..JetStreamConfig::default()
+            };
+            assert_eq!(validate(&c).is_ok(), ok, "{p} partitions");
+            let mut c = JetStreamConfig::default();
+            c.topics.insert(
+                "orders".into(),
+                TopicSettings {
+                    partitions: Some(p),
+                    ..TopicSettings::default()
+                },
+            );
+            match validate(&c) {
+                Ok(()) => assert!(ok, "{p} partitions of a topic accepted"),
+                Err(Error::Config { path, .. }) => {
+                    assert!(!ok);
+                    assert_eq!(path, "nats.jetstream.topics.orders.partitions");
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
         let mut c = JetStreamConfig::default();
         for (ms, ok) in [(299, false), (300, true), (301, true)] {
             c.consumer.member_timeout = Duration::from_millis(ms);

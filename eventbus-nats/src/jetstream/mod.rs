@@ -1,10 +1,12 @@
 //! The domain-event transport on JetStream.
 //!
 //! - One stream per domain topic, named `<prefix><encoded topic>` (default prefix
-//!   `DUALBUS_`), taking the subjects `<topic>.*.*`; an event is stored on
-//!   `<topic>.<partition>.<encoded aggregate id>` (see [`crate::subject`]). Streams are
-//!   created at first use; an existing stream whose settings differ is a configuration error
-//!   unless [`StreamSettings::update_existing`] is set.
+//!   `DUALBUS_`), taking the subjects `<topic>.*`; an event is published on
+//!   `<topic>.<encoded aggregate id>` and stored by the stream's subject transform on
+//!   `<topic>.<partition>.<encoded aggregate id>` (see [`crate::subject`];
+//!   [`JetStreamConfig::partitions`]). Streams are created at first use; an existing stream
+//!   whose settings differ is a configuration error unless
+//!   [`StreamSettings::update_existing`] is set, and one of another partitioning always is.
 //! - Publishing waits for the server's acknowledgement; `Nats-Msg-Id` carries the event id,
 //!   so a retried publish within the stream's duplicate window is stored once.
 //! - A domain subscription is a durable pull consumer named after the group, with explicit
@@ -45,7 +47,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{BACKEND, NatsConfig, headers, unavailable};
 
 pub use config::{
-    ConsumerSettings, JetStreamConfig, Layout, Retention, Storage, StreamSettings, TopicSettings,
+    ConsumerSettings, JetStreamConfig, Layout, MAX_PARTITIONS, Retention, Storage, StreamSettings,
+    TopicSettings,
 };
 pub use plan::{consumer_name, stream_name};
 

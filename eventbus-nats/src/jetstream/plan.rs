@@ -1,6 +1,9 @@
 //! Where a topic lives: its subject layout, stream, subjects and durable consumer names.
 
-use crate::subject::{encode_key, event_subject, stream_subjects};
+use crate::subject::{
+    encode_key, event_subject, partition_of, partition_transform, publish_subject, stored_subjects,
+    stream_subjects,
+};
 
 use super::config::{JetStreamConfig, Layout, TopicSettings};
 
@@ -14,10 +17,20 @@ pub(super) struct Plan {
     pub(super) shared: bool,
     /// Subjects of the stream when we create it.
     pub(super) subjects: Vec<String>,
+    /// The partition count (partitioned layout).
+    pub(super) partitions: u32,
+    /// The destination of the stream's subject transform (from its one subject), on the
+    /// streams we own with the partitioned layout: the server stores each event under its
+    /// partition. A shared stream has none: publishers write the stored subject directly.
+    pub(super) transform: Option<String>,
 }
 
 impl Plan {
     pub(super) fn of(config: &JetStreamConfig, topic: &str) -> Self {
+        let settings = config.topics.get(topic);
+        let partitions = settings
+            .and_then(|s| s.partitions)
+            .unwrap_or(config.partitions);
         let own = |layout: Layout| Self {
             layout,
             stream: stream_name(&config.stream.prefix, topic),
@@ -26,6 +39,9 @@ impl Plan {
                 Layout::Partitioned => stream_subjects(topic),
                 Layout::Subject => topic.to_owned(),
             }],
+            partitions,
+            transform: (layout == Layout::Partitioned)
+                .then(|| partition_transform(topic, partitions)),
         };
         let shared = |t: &str, s: &TopicSettings, name: &String| Self {
             layout: s.layout,
@@ -33,14 +49,16 @@ impl Plan {
             shared: true,
             subjects: if s.stream_subjects.is_empty() {
                 vec![match s.layout {
-                    Layout::Partitioned => stream_subjects(t),
+                    Layout::Partitioned => stored_subjects(t),
                     Layout::Subject => t.to_owned(),
                 }]
             } else {
                 s.stream_subjects.clone()
             },
+            partitions,
+            transform: None,
         };
-        if let Some(s) = config.topics.get(topic) {
+        if let Some(s) = settings {
             return match &s.stream {
                 Some(name) => shared(topic, s, name),
                 None => own(s.layout),
@@ -63,18 +81,29 @@ impl Plan {
         own(Layout::Partitioned)
     }
 
-    /// The subject an event of `key` is published on.
+    /// The subject an event of `key` is published on: the plain subject where the
+    /// stream's transform partitions it, the stored subject on a shared stream.
     pub(super) fn subject(&self, topic: &str, key: &str) -> String {
+        match (self.layout, &self.transform) {
+            (Layout::Partitioned, Some(_)) => publish_subject(topic, key),
+            (Layout::Partitioned, None) => self.stored_subject(topic, key),
+            (Layout::Subject, _) => topic.to_owned(),
+        }
+    }
+
+    /// The subject the events of `key` are stored under (the whole topic in the subject
+    /// layout).
+    pub(super) fn stored_subject(&self, topic: &str, key: &str) -> String {
         match self.layout {
-            Layout::Partitioned => event_subject(topic, 0, key),
+            Layout::Partitioned => event_subject(topic, partition_of(key, self.partitions), key),
             Layout::Subject => topic.to_owned(),
         }
     }
 
-    /// The subjects of `topic` within its stream.
+    /// The stored subjects of `topic` within its stream.
     pub(super) fn filter(&self, topic: &str) -> String {
         match self.layout {
-            Layout::Partitioned => stream_subjects(topic),
+            Layout::Partitioned => stored_subjects(topic),
             Layout::Subject => topic.to_owned(),
         }
     }
@@ -145,19 +174,44 @@ mod tests {
         let own = Plan::of(&c, "orders");
         assert_eq!(own.layout, Layout::Partitioned);
         assert_eq!(own.stream, "DUALBUS_orders");
-        assert_eq!(own.subjects, ["orders.*.*"]);
-        assert_eq!(own.subject("orders", "a.b"), "orders.0.a%2Eb");
+        assert_eq!(own.subjects, ["orders.*"]);
+        assert_eq!(
+            own.transform.as_deref(),
+            Some("orders.{{partition(16,1)}}.{{wildcard(1)}}")
+        );
+        assert_eq!(own.subject("orders", "a.b"), "orders.a%2Eb");
+        assert_eq!(
+            own.stored_subject("orders", "a.b"),
+            format!("orders.{}.a%2Eb", partition_of("a.b", 16))
+        );
+        assert_eq!(own.filter("orders"), "orders.*.*");
         assert_eq!(own.consumer("orders", "billing"), "billing");
+        // A topic's own partition count.
+        c.topics.insert(
+            "payments".into(),
+            TopicSettings {
+                partitions: Some(4),
+                ..TopicSettings::default()
+            },
+        );
+        let payments = Plan::of(&c, "payments");
+        assert_eq!(payments.partitions, 4);
+        assert_eq!(
+            payments.transform.as_deref(),
+            Some("payments.{{partition(4,1)}}.{{wildcard(1)}}")
+        );
         let jxt = TopicSettings {
             layout: Layout::Subject,
             stream: Some("BUSINESS_STREAM".into()),
             stream_subjects: vec!["business.>".into()],
+            partitions: None,
         };
         c.topics.insert("business.orders".into(), jxt);
         let p = Plan::of(&c, "business.orders");
         assert_eq!(p.layout, Layout::Subject);
         assert_eq!(p.stream, "BUSINESS_STREAM");
         assert_eq!(p.subject("business.orders", "order-1"), "business.orders");
+        assert_eq!(p.transform, None);
         assert_eq!(p.filter("business.orders"), "business.orders");
         assert_eq!(
             p.consumer("business.orders", "billing"),
@@ -169,5 +223,22 @@ mod tests {
         assert_eq!(dlq.stream, "BUSINESS_STREAM");
         // Other topics keep their own streams.
         assert_eq!(Plan::of(&c, "orders"), own);
+        // A partitioned topic on a shared stream: no transform, the stored subject is
+        // published directly.
+        c.topics.insert(
+            "shared.orders".into(),
+            TopicSettings {
+                stream: Some("SHARED".into()),
+                partitions: Some(8),
+                ..TopicSettings::default()
+            },
+        );
+        let shared = Plan::of(&c, "shared.orders");
+        assert_eq!(shared.subjects, ["shared.orders.*.*"]);
+        assert_eq!(shared.transform, None);
+        assert_eq!(
+            shared.subject("shared.orders", "k"),
+            format!("shared.orders.{}.k", partition_of("k", 8))
+        );
     }
 }

@@ -13,6 +13,7 @@ use crate::{BACKEND, unavailable};
 use super::config::Retention;
 use super::plan::{Plan, subject_matches};
 use super::{JetStream, api_error};
+use crate::subject::stream_subjects;
 
 impl JetStream {
     fn stream_config(&self, topic: &str, plan: &Plan) -> stream::Config {
@@ -20,6 +21,13 @@ impl JetStream {
         stream::Config {
             name: plan.stream.clone(),
             subjects: plan.subjects.clone(),
+            subject_transform: plan
+                .transform
+                .as_ref()
+                .map(|dest| stream::SubjectTransform {
+                    source: stream_subjects(topic),
+                    destination: dest.clone(),
+                }),
             storage: s.storage.into(),
             retention: match s.retention {
                 Retention::Limits => RetentionPolicy::Limits,
@@ -61,6 +69,23 @@ impl JetStream {
             }
             Ok(existing) => {
                 let have = &existing.cached_info().config;
+                // The subjects and the partitioning are not settings to update in place:
+                // changing them moves aggregates between partitions.
+                if have.subjects != want.subjects
+                    || have.subject_transform != want.subject_transform
+                {
+                    let path = match self
+                        .inner
+                        .config
+                        .topics
+                        .get(topic)
+                        .and_then(|s| s.partitions)
+                    {
+                        Some(_) => format!("nats.jetstream.topics.{topic}.partitions"),
+                        None => "nats.jetstream.partitions".to_owned(),
+                    };
+                    return Err(layout_changed(path, topic, &plan, have, &want));
+                }
                 let diff = stream_differences(have, &want);
                 if diff.is_empty() {
                     existing
@@ -231,9 +256,41 @@ fn differ<T: PartialEq + std::fmt::Debug>(diff: &mut Vec<String>, name: &str, ha
     }
 }
 
+/// The refusal of a stream whose subjects or partitioning differ from the topic's: the
+/// partition count changed, or the stream is of an older layout.
+fn layout_changed(
+    path: String,
+    topic: &str,
+    plan: &Plan,
+    have: &stream::Config,
+    want: &stream::Config,
+) -> Error {
+    let show = |c: &stream::Config| match &c.subject_transform {
+        Some(t) => format!(
+            "subjects {:?}, transform {} -> {}",
+            c.subjects, t.source, t.destination
+        ),
+        None => format!("subjects {:?}, no transform", c.subjects),
+    };
+    Error::config(
+        path,
+        format!(
+            "stream {} of topic {topic} has {}, and the topic with {} partitions needs {}. \
+             Changing the partitioning moves aggregates between partitions, so their order \
+             holds only if nothing of the old layout is left to consume: stop the publishers, \
+             let every group of the topic drain (nothing pending), edit the stream's subjects \
+             and transform to the ones needed (e.g. nats stream edit), then start again with \
+             the new count (see docs/backends/nats.md, \"Changing the partition count\")",
+            want.name,
+            show(have),
+            plan.partitions,
+            show(want),
+        ),
+    )
+}
+
 fn stream_differences(have: &stream::Config, want: &stream::Config) -> Vec<String> {
     let mut d = Vec::new();
-    differ(&mut d, "subjects", &have.subjects, &want.subjects);
     differ(&mut d, "storage", &have.storage, &want.storage);
     differ(&mut d, "retention", &have.retention, &want.retention);
     differ(

@@ -22,7 +22,7 @@ impl JetStream {
         // a stored message the client cannot read would drop the connection (see
         // `unreadable`); here its headers are decoded lossily instead.
         // Subject layout: the whole topic, filtered by the body's aggregate id below.
-        let subject = plan.subject(topic, key);
+        let subject = plan.stored_subject(topic, key);
         let name = &stream.cached_info().config.name;
         let mut out = Vec::new();
         let mut seq = 1;
@@ -62,7 +62,7 @@ impl JetStream {
         let Some(stream) = self.existing_stream(topic).await? else {
             return Ok(None);
         };
-        let subject = plan.subject(topic, key);
+        let subject = plan.stored_subject(topic, key);
         let name = &stream.cached_info().config.name;
         Ok(
             unreadable::get(&self.inner.js, name, unreadable::Which::LastOn(&subject))

@@ -12,7 +12,7 @@ use crate::config::{BackendKind, prefix};
 /// The entry of the table.
 pub(super) const BACKEND: Backend = Backend {
     kind: BackendKind::Memory,
-    partitioned_groups: true,
+    takes_partitions: true,
     // The bus sections hold `memory` typed (`MemoryConfig`), checked by serde.
     check: None,
     build,

@@ -104,9 +104,9 @@ pub(crate) struct Backend {
     /// The backend type.
     pub(crate) kind: BackendKind,
     /// Whether it takes the partition settings `domain.group.partitions` and
-    /// `domain.topics.<name>.partitions` (partitioned consumer groups); a backend that does
+    /// `domain.topics.<name>.partitions` (its topics are partitioned); a backend that does
     /// not is refused them when it runs the domain bus.
-    pub(crate) partitioned_groups: bool,
+    pub(crate) takes_partitions: bool,
     /// Checks its section, as far as that is possible without connecting, when the section
     /// is held as a [`Raw`] value (names the path under `<bus>.<name>`); `None` when the bus
     /// sections hold it typed, read and checked by serde (memory).
@@ -216,7 +216,7 @@ pub(crate) fn check_sections<'a>(
 
 /// Refuses the partition settings of `config.domain` when its backend takes none.
 pub(crate) fn check_partitions(backend: &Backend, config: &Config) -> Result<()> {
-    if backend.partitioned_groups {
+    if backend.takes_partitions {
         return Ok(());
     }
     let d = &config.domain;
@@ -235,7 +235,7 @@ pub(crate) fn check_partitions(backend: &Backend, config: &Config) -> Result<()>
     Err(Error::config(
         path,
         format!(
-            "the {} backend has no partitioned consumer groups yet (one active subscriber per group)",
+            "the {} backend has no partitioned topics",
             backend.kind.name()
         ),
     ))
@@ -416,7 +416,7 @@ mod tests {
             let mut config = Config::default();
             config.domain.group.partitions = Some(4);
             let r = check_partitions(backend, &config);
-            assert_eq!(r.is_ok(), backend.partitioned_groups, "{:?}", backend.kind);
+            assert_eq!(r.is_ok(), backend.takes_partitions, "{:?}", backend.kind);
             config.domain.group.partitions = None;
             config
                 .domain
@@ -425,9 +425,9 @@ mod tests {
                 .or_default()
                 .partitions = Some(2);
             match check_partitions(backend, &config) {
-                Ok(()) => assert!(backend.partitioned_groups),
+                Ok(()) => assert!(backend.takes_partitions),
                 Err(e) => {
-                    assert!(!backend.partitioned_groups);
+                    assert!(!backend.takes_partitions);
                     assert!(
                         e.to_string().contains("domain.topics.payments.partitions"),
                         "{e}"

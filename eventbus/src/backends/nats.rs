@@ -13,9 +13,9 @@ use crate::config::Raw;
 /// The entry of the table.
 pub(super) const BACKEND: Backend = Backend {
     kind: BackendKind::Nats,
-    // Partitioned consumer groups on JetStream are not offered yet: one active subscriber
-    // per group and topic.
-    partitioned_groups: false,
+    // A topic's stream is partitioned by the server's subject transform (the partition
+    // count is part of the stream).
+    takes_partitions: true,
     check: Some(check),
     build,
 };
@@ -33,12 +33,38 @@ fn config(raw: Option<&Raw>, bus: Bus) -> Result<NatsConfig> {
     }
 }
 
-/// The domain bus's NATS configuration: its `nats` section, with the group settings that
-/// apply to it (`domain.group.member_timeout`).
+/// The domain bus's NATS configuration: its `nats` section, with the group and topic
+/// settings that apply to it (`domain.group.member_timeout`, `domain.group.partitions`,
+/// `domain.topics.<name>.partitions`), which override the section's.
 fn domain_config(config: &crate::Config) -> Result<NatsConfig> {
     let mut nats = self::config(config.domain.nats.as_ref(), Bus::Domain)?;
-    if let Some(t) = config.domain.group.member_timeout {
+    let group = &config.domain.group;
+    if let Some(t) = group.member_timeout {
         nats.jetstream.consumer.member_timeout = t;
+    }
+    let in_range = |path: String, p: u32| {
+        let max = dualbus_nats::jetstream::MAX_PARTITIONS;
+        if p > max {
+            Err(dualbus_core::Error::config(
+                path,
+                format!("at most {max} on nats, not {p}"),
+            ))
+        } else {
+            Ok(p)
+        }
+    };
+    if let Some(p) = group.partitions {
+        nats.jetstream.partitions = in_range("domain.group.partitions".to_owned(), p)?;
+    }
+    for (topic, t) in &config.domain.topics {
+        if let Some(p) = t.partitions {
+            let p = in_range(format!("domain.topics.{topic}.partitions"), p)?;
+            nats.jetstream
+                .topics
+                .entry(topic.clone())
+                .or_default()
+                .partitions = Some(p);
+        }
     }
     Ok(nats)
 }
@@ -63,6 +89,43 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn partition_counts_reach_the_streams() {
+        let c = crate::Config::from_yaml(
+            "domain:\n  type: nats\n  group: { partitions: 8 }\n  topics: { payments: { partitions: 2 } }\n  nats: { jetstream: { partitions: 4, topics: { orders: { layout: partitioned } } } }\n",
+        )
+        .expect("config");
+        let nats = domain_config(&c).expect("nats config");
+        assert_eq!(nats.jetstream.partitions, 8, "the group setting wins");
+        assert_eq!(nats.jetstream.topics["payments"].partitions, Some(2));
+        assert_eq!(nats.jetstream.topics["orders"].partitions, None);
+        // Past the most a NATS topic takes: refused, naming the setting.
+        for (yaml, path) in [
+            (
+                "domain:\n  type: nats\n  topics: { payments: { partitions: 1025 } }\n",
+                "domain.topics.payments.partitions",
+            ),
+            (
+                "domain:\n  type: nats\n  group: { partitions: 1025 }\n",
+                "domain.group.partitions",
+            ),
+        ] {
+            let c = crate::Config::from_yaml(yaml).expect("config");
+            match domain_config(&c) {
+                Err(dualbus_core::Error::Config { path: p, .. }) => assert_eq!(p, path),
+                other => panic!("{other:?}"),
+            }
+        }
+        let c = crate::Config::from_yaml(
+            "domain:\n  type: nats\n  topics: { payments: { partitions: 1024 } }\n",
+        )
+        .expect("config");
+        assert_eq!(
+            domain_config(&c).expect("at the limit").jetstream.topics["payments"].partitions,
+            Some(1024)
+        );
+    }
 
     #[test]
     fn the_group_member_timeout_reaches_the_member_registry() {
