@@ -162,9 +162,7 @@ async fn balanced_members_split_partitions_through_revoke_and_release() {
         }
     }
     let mut b = member(&url, &buckets, "b", P, Placement::Balanced).await;
-    let moving: Vec<u32> = (0..P)
-        .filter(|p| dualbus_core::group::owner(*p, ["a", "b"]) == Some("b"))
-        .collect();
+    let moving: Vec<u32> = dualbus_core::group::assignment(P, &["a", "b"])["b"].clone();
     let mut revoked = Vec::new();
     for _ in &moving {
         match next(&mut a).await {

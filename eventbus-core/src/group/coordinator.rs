@@ -81,9 +81,10 @@ pub trait LeaseStore: Send + Sync + 'static {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Placement {
-    /// Each partition goes to its rendezvous owner among the live members
-    /// ([`owner`](super::owner)): a member that joins takes its share from the others
-    /// (revoked, drained, released, then assigned to it).
+    /// Each partition goes to its owner in the bounded-load rendezvous assignment of the
+    /// live members ([`assignment`](super::assignment)): every member gets its share, and
+    /// a member that joins takes it from the others (revoked, drained, released, then
+    /// assigned to it).
     #[default]
     Balanced,
     /// A partition stays with its holder while its lease lives; a free one goes to the first
@@ -191,8 +192,16 @@ impl Shared {
         }
         let me = Some(&*self.member);
         let balanced = self.config.placement == Placement::Balanced;
+        let members: Vec<&str> = live.iter().map(String::as_str).collect();
+        let assigned = super::assignment(self.config.partitions, &members);
+        let owner_of = |partition: u32| {
+            assigned
+                .iter()
+                .find(|(_, owned)| owned.binary_search(&partition).is_ok())
+                .map(|(m, _)| *m)
+        };
         for partition in 0..self.config.partitions {
-            let desired = super::owner(partition, live.iter().map(String::as_str));
+            let desired = owner_of(partition);
             // Held: `Some`, with the epoch to revoke now if it is to move (marked revoking
             // under the same lock, so that it is revoked once).
             let held = self.held.lock().get_mut(&partition).map(|h| {
@@ -449,7 +458,7 @@ mod tests {
     use tokio::sync::watch;
 
     use super::*;
-    use crate::group::owner;
+    use crate::group::assignment;
 
     /// A registry and lease store in process whose leases can be made to expire.
     #[derive(Default)]
@@ -603,10 +612,8 @@ mod tests {
             ));
         }
         let mut b = join(&store, "b", CoordinatorConfig::new(P)).await;
-        let moving: Vec<u32> = (0..P)
-            .filter(|p| owner(*p, ["a", "b"]) == Some("b"))
-            .collect();
-        assert!(!moving.is_empty() && moving.len() < P as usize);
+        let moving: Vec<u32> = assignment(P, &["a", "b"])["b"].clone();
+        assert_eq!(moving.len(), P as usize / 2, "b gets its share");
         // "a" is told to give up exactly the partitions whose owner is now "b"...
         let mut revoked = Vec::new();
         for _ in &moving {
@@ -654,8 +661,8 @@ mod tests {
     async fn sticky_standby_takes_over_when_the_holder_leaves() {
         let store = Store::new();
         let config = CoordinatorConfig::new(1).placement(Placement::Sticky);
-        // Whichever member the rendezvous hash prefers, the first holder keeps it.
-        let first = if owner(0, ["a", "b"]) == Some("a") {
+        // Whichever member the assignment prefers, the first holder keeps it.
+        let first = if assignment(1, &["a", "b"])["a"] == [0] {
             "b"
         } else {
             "a"

@@ -3,11 +3,15 @@
 //! and the [`Coordinator`] that runs a member's side of the group over a backend's
 //! [`MemberRegistry`] and [`LeaseStore`].
 //!
-//! Rendezvous (highest random weight) hashing: each partition goes to the member with the
-//! highest weight `w(member, partition)`. Every member computes the same assignment from the
-//! same member set without talking to the others, and when a member joins or leaves only
-//! the partitions it gains or loses move. The ranking also names the *standby* for each
-//! partition (the second highest), which takes over when the owner goes.
+//! Rendezvous (highest random weight) hashing with bounded load: every (member, partition)
+//! pair has a weight `w(member, partition)`; [`assignment`] goes through the pairs from the
+//! heaviest down and gives a partition to the member of the pair while that member is under
+//! its share (`P / N` partitions, one more for the first `P % N` members that reach it).
+//! Every member computes the same assignment from the same member set without talking to
+//! the others; every member gets its share (plain rendezvous hashing leaves a member
+//! without any partition now and then: with 4 partitions and 2 members one time in 8), and
+//! a join or a leave moves few partitions besides the ones it must. The ranking names the
+//! *standby* for each partition (the second highest).
 //!
 //! The weight is language-neutral so that services in other languages can join a group:
 //! FNV-1a 64 over the member id's UTF-8 bytes followed by the partition as 4 little-endian
@@ -53,13 +57,51 @@ pub fn owner<'a>(partition: u32, members: impl IntoIterator<Item = &'a str>) -> 
         .map(|(_, m)| m)
 }
 
-/// The partitions each member owns, for partitions `0..partitions`.
+/// The partitions each member owns, for partitions `0..partitions`: rendezvous weights
+/// with bounded load (see the module documentation). Each member gets `P / N` or
+/// `P / N + 1` partitions; the order of `members` (and repeats in it) does not matter.
+///
+/// Language-neutral: the pairs are taken by weight, heaviest first, ties by member id and
+/// then by partition, ascending.
 pub fn assignment<'a>(partitions: u32, members: &[&'a str]) -> BTreeMap<&'a str, Vec<u32>> {
-    let mut out: BTreeMap<&str, Vec<u32>> = members.iter().map(|m| (*m, Vec::new())).collect();
-    for p in 0..partitions {
-        if let Some(m) = owner(p, members.iter().copied()) {
-            out.entry(m).or_default().push(p);
+    let mut ids: Vec<&str> = members.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut out: BTreeMap<&str, Vec<u32>> = ids.iter().map(|m| (*m, Vec::new())).collect();
+    let n = ids.len();
+    if n == 0 {
+        return out;
+    }
+    let total = partitions as usize;
+    let (share, extra) = (total / n, total % n);
+    let mut pairs: Vec<(u64, &str, u32)> = Vec::with_capacity(n * total);
+    for m in &ids {
+        for p in 0..partitions {
+            pairs.push((weight(m, p), m, p));
         }
+    }
+    pairs.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)).then(a.2.cmp(&b.2)));
+    let mut taken = vec![false; total];
+    let mut over_share = 0;
+    for (_, m, p) in pairs {
+        let slot = &mut taken[p as usize];
+        if *slot {
+            continue;
+        }
+        let Some(owned) = out.get_mut(m) else {
+            continue;
+        };
+        let fits = owned.len() < share || (owned.len() == share && over_share < extra);
+        if fits {
+            if owned.len() == share {
+                over_share += 1;
+            }
+            owned.push(p);
+            *slot = true;
+        }
+    }
+    for owned in out.values_mut() {
+        owned.sort_unstable();
     }
     out
 }
@@ -67,6 +109,41 @@ pub fn assignment<'a>(partitions: u32, members: &[&'a str]) -> BTreeMap<&'a str,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every partition has one owner, every member its share, whatever the member ids.
+    #[test]
+    fn every_member_gets_its_share() {
+        for partitions in 0..=40u32 {
+            for n in 1..=9usize {
+                for round in 0..4 {
+                    let ids: Vec<String> = (0..n)
+                        .map(|i| format!("{:032x}", weight(&format!("{round}-{i}"), partitions)))
+                        .collect();
+                    let members: Vec<&str> = ids.iter().map(String::as_str).collect();
+                    let a = assignment(partitions, &members);
+                    let mut all: Vec<u32> = a.values().flatten().copied().collect();
+                    all.sort_unstable();
+                    assert_eq!(
+                        all,
+                        (0..partitions).collect::<Vec<_>>(),
+                        "{partitions} over {n}"
+                    );
+                    let share = partitions as usize / n;
+                    for (m, owned) in &a {
+                        assert!(
+                            owned.len() == share || owned.len() == share + 1,
+                            "{m}: {} of {partitions} over {n}",
+                            owned.len()
+                        );
+                    }
+                    let mut reversed = members.clone();
+                    reversed.reverse();
+                    reversed.push(members[0]);
+                    assert_eq!(assignment(partitions, &reversed), a, "order and repeats");
+                }
+            }
+        }
+    }
 
     #[test]
     fn stable_and_balanced() {
@@ -79,20 +156,33 @@ mod tests {
         );
         let sizes: Vec<usize> = a1.values().map(Vec::len).collect();
         assert_eq!(sizes.iter().sum::<usize>(), 64);
-        assert!(sizes.iter().all(|n| *n >= 10), "unbalanced: {sizes:?}");
-        // A leaver's partitions move; nobody else's do.
+        assert!(
+            sizes.iter().all(|n| *n == 21 || *n == 22),
+            "unbalanced: {sizes:?}"
+        );
+        // A leave or a join moves the partitions it must and few others.
+        fn of(a: &BTreeMap<&str, Vec<u32>>, p: u32) -> Option<String> {
+            a.iter()
+                .find(|(_, v)| v.contains(&p))
+                .map(|(m, _)| (*m).to_owned())
+        }
+        let moved = |x: &BTreeMap<&str, Vec<u32>>, y: &BTreeMap<&str, Vec<u32>>| {
+            (0..64u32).filter(|&p| of(x, p) != of(y, p)).count()
+        };
         let a2 = assignment(64, &["a", "b"]);
-        for m in ["a", "b"] {
-            for p in &a1[m] {
-                assert!(a2[m].contains(p), "partition {p} moved away from {m}");
-            }
-        }
-        // A joiner takes some partitions and only from others.
+        let must = a1["c"].len();
+        assert!(
+            moved(&a1, &a2) <= must + must / 2,
+            "{} moved for {must}",
+            moved(&a1, &a2)
+        );
         let a3 = assignment(64, &["a", "b", "c", "d"]);
-        assert!(!a3["d"].is_empty());
-        for m in members {
-            assert!(a3[m].iter().all(|p| a1[m].contains(p)));
-        }
+        assert_eq!(a3["d"].len(), 16);
+        assert!(
+            moved(&a1, &a3) <= 16 + 8,
+            "{} moved for 16",
+            moved(&a1, &a3)
+        );
         assert_eq!(
             ranking(7, ["a", "b", "c"])[0],
             owner(7, ["a", "b", "c"]).unwrap()
