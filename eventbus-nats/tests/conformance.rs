@@ -22,6 +22,9 @@ mod support;
 fn test_config(url: String) -> NatsConfig {
     let mut c = support::fast_config(url);
     c.jetstream.consumer.lease_ttl = Duration::from_secs(2);
+    // Four partitions: groups of up to four members share them; fewer consumers per group
+    // than the default 16 keep the many seeds quick on one server.
+    c.jetstream.partitions = 4;
     c.jetstream.request_timeout = Duration::from_secs(5);
     c
 }
@@ -50,7 +53,8 @@ impl Backend for NatsBackend {
 
     fn settings(&self) -> Settings {
         let mut s = Settings::default();
-        s.deadline = Duration::from_secs(60);
+        // The group tests run 20 seeds against a real server, beside the other tests.
+        s.deadline = Duration::from_secs(240);
         s
     }
 

@@ -561,7 +561,14 @@ async fn a_deleted_stream_is_created_again() {
 async fn a_consumer_with_other_settings_is_refused_unless_update_is_asked() {
     let Some(url) = shared_url() else { return };
     let topic = unique_topic("js-consumer");
-    let t = transport(&url).await;
+    // One partition: the group's one consumer is named after the group.
+    let one = |mut c: NatsConfig| {
+        c.jetstream.partitions = 1;
+        c
+    };
+    let t = JetStream::connect(one(fast_config(url.clone())))
+        .await
+        .expect("connect");
     t.publish(&topic, outbound(&t, "k")).await.expect("publish");
     let stream = plain(&url)
         .await
@@ -583,7 +590,7 @@ async fn a_consumer_with_other_settings_is_refused_unless_update_is_asked() {
         .expect_err("other settings");
     assert!(matches!(e, dualbus_core::Error::Config { .. }), "{e}");
     assert!(e.to_string().contains("ack_wait"), "{e}");
-    let mut config = fast_config(url.clone());
+    let mut config = one(fast_config(url.clone()));
     config.jetstream.consumer.update_existing = true;
     let t2 = JetStream::connect(config).await.expect("connect");
     let mut sub = t2
@@ -609,7 +616,13 @@ async fn a_consumer_with_other_settings_is_refused_unless_update_is_asked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resubscribing_right_after_a_drop_succeeds() {
     let Some(url) = shared_url() else { return };
-    let mine = bus(transport(&url).await);
+    // One partition: one active subscriber per group.
+    let single = || async {
+        let mut c = fast_config(url.clone());
+        c.jetstream.partitions = 1;
+        JetStream::connect(c).await.expect("connect")
+    };
+    let mine = bus(single().await);
     let topic = unique_topic("js-resub");
     for round in 0..5 {
         let sub = mine
@@ -627,7 +640,7 @@ async fn resubscribing_right_after_a_drop_succeeds() {
         .start(handler_fn(|_e: Event| async { Ok::<_, HandleError>(()) }))
         .await
         .expect("subscribe");
-    let other = bus(transport(&url).await);
+    let other = bus(single().await);
     let e = other
         .subscribe(&topic)
         .standby(false)

@@ -102,7 +102,7 @@ pub struct ConsumerSettings {
     pub max_ack_pending: i64,
     /// Messages asked for per pull request. Default 256.
     pub batch: usize,
-    /// The single-active-subscriber lease: a crashed subscriber's group is free again after
+    /// The partition leases of groups: a crashed member's partitions are free again after
     /// this long. Default 10 s. The lease bucket keeps the value it was created with.
     #[serde(with = "dualbus_core::config::duration")]
     pub lease_ttl: Duration,

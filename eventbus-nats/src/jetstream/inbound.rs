@@ -12,16 +12,17 @@ use crate::{BACKEND, headers, unreadable};
 
 use super::ack::JsAcker;
 
+/// The position's partition is the one the message was consumed from: the group's
+/// partition, which is the subject's in a group of several partitions and 0 in a group of
+/// one (whose one consumer reads every partition of the stream).
 fn inbound(
     topic: &str,
     subject: &str,
     headers: Option<&async_nats::HeaderMap>,
     payload: Bytes,
     seq: u64,
+    partition: u32,
 ) -> InboundMessage {
-    // One partition per group until partitioned groups on JetStream: whatever partition
-    // token the subject carries, the position is partition 0, the one the group's lease
-    // covers.
     let key = parse_subject(topic, subject).map(|(_, k)| k);
     InboundMessage {
         topic: topic.to_owned(),
@@ -29,17 +30,22 @@ fn inbound(
         headers: headers::from_nats(headers),
         payload,
         position: Position {
-            partition: 0,
+            partition,
             offset: u128::from(seq),
         },
     }
 }
 
-/// A message read through the message-get API, its headers decoded lossily.
-pub(super) fn stored_inbound(topic: &str, m: &unreadable::Stored) -> InboundMessage {
+/// A message read through the message-get API, its headers decoded lossily, as consumed
+/// from `partition`.
+pub(super) fn stored_inbound(
+    topic: &str,
+    m: &unreadable::Stored,
+    partition: u32,
+) -> InboundMessage {
     InboundMessage {
         headers: m.headers(),
-        ..inbound(topic, &m.subject, None, m.payload.clone(), m.seq)
+        ..inbound(topic, &m.subject, None, m.payload.clone(), m.seq, partition)
     }
 }
 
@@ -50,6 +56,7 @@ pub(super) fn delivery(
     topic: &str,
     m: jetstream::Message,
     counts: &mut DeliveryCounter,
+    partition: u32,
 ) -> Result<Delivery> {
     let (seq, delivered) = match m.info() {
         Ok(i) => (i.stream_sequence, i.delivered),
@@ -65,6 +72,7 @@ pub(super) fn delivery(
         m.headers.as_ref(),
         m.payload,
         seq,
+        partition,
     );
     Ok(Delivery::new(message, delivered, Arc::new(JsAcker(acker))))
 }

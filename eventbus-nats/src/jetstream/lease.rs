@@ -1,7 +1,11 @@
-//! One active subscriber per durable consumer: the group has one partition (0), whose lease
-//! is a key of the lease bucket, taken and renewed through the core group coordinator.
-//! Other subscribers of the group stand by and take over when the lease is released or
-//! expires, or fail at once with `Conflict` when they asked to.
+//! A group's partitions and their leases, run by the core group coordinator: each partition
+//! has a lease, a key of the lease bucket, taken and renewed through the coordinator, and
+//! its own durable consumer, which the member pulls only while it holds the lease.
+//!
+//! With one partition (a topic of one partition, or of the subject layout) one subscriber
+//! is active and the others stand by (sticky placement), taking over when the lease is
+//! released or expires, or fail at once with `Conflict` when they asked to. With more, the
+//! members share the partitions (balanced placement).
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -20,8 +24,9 @@ use tokio_util::sync::CancellationToken;
 use super::coordination::{KvLeases, KvRegistry, open_bucket};
 use super::{Inner, JetStream};
 
-/// Which epoch this subscriber may deliver under: `Some` from the pool's rewind at the
-/// assignment until the lease is released or lost. The pull loop pulls only while set.
+/// Which epoch this subscriber may deliver a partition's messages under: `Some` from the
+/// pool's rewind at the assignment until the lease is released or lost. The partition's
+/// pull loop pulls only while set.
 pub(super) type Owned = watch::Receiver<Option<u64>>;
 
 impl JetStream {
@@ -69,24 +74,30 @@ impl JetStream {
         .await
     }
 
-    /// Joins the single-active group of durable `consumer` on `stream`: the membership the
-    /// pool consumes, and the ownership the pull loop follows.
+    /// Joins the group of durable `consumer` on `stream` with `partitions` partitions: the
+    /// membership the pool consumes, and per partition the ownership its pull loop follows.
     pub(super) async fn join_group(
         &self,
         stream: &str,
         consumer: &str,
         spec: &SubscriptionSpec,
-    ) -> Result<(GroupMembership, Owned)> {
+        partitions: u32,
+    ) -> Result<(GroupMembership, Vec<Owned>)> {
         let (store, ttl) = self.lease_bucket().await?;
-        let kv = KvLeases::new(store, stream, consumer, true, ttl);
-        let key = kv.key(0);
+        let kv = KvLeases::new(store, stream, consumer, partitions == 1, ttl);
+        let keys: Vec<String> = (0..partitions).map(|p| kv.key(p)).collect();
         if !spec.standby {
             // A subscription of this client on the same consumer holds the lease until it
             // has stopped (after its last handler): one that was just dropped releases it in
             // the background. Wait for that, up to the request timeout, instead of reporting
             // a conflict with ourselves.
-            let ours = self.inner.held.lock().get(&key).map(|h| h.released.clone());
-            if let Some(released) = ours {
+            let ours: Vec<CancellationToken> = {
+                let held = self.inner.held.lock();
+                keys.iter()
+                    .filter_map(|k| held.get(k).map(|h| h.released.clone()))
+                    .collect()
+            };
+            for released in ours {
                 let _ =
                     tokio::time::timeout(self.inner.config.request_timeout, released.cancelled())
                         .await;
@@ -95,29 +106,43 @@ impl JetStream {
         let member = uuid::Uuid::now_v7().simple().to_string();
         let (members, member_timeout) = self.member_bucket().await?;
         let registry = Arc::new(KvRegistry::new(members, stream, consumer));
-        let (owned_tx, owned_rx) = watch::channel(None);
-        let epoch = Arc::new(Epoch {
-            leased: Mutex::new(None),
-            owned: owned_tx,
-        });
-        let leases = Arc::new(SingleLease {
+        let (epochs, owned): (Vec<Arc<Epoch>>, Vec<Owned>) = (0..partitions)
+            .map(|_| {
+                let (tx, rx) = watch::channel(None);
+                let epoch = Arc::new(Epoch {
+                    leased: Mutex::new(None),
+                    owned: tx,
+                });
+                (epoch, rx)
+            })
+            .unzip();
+        let epochs: Arc<[Arc<Epoch>]> = epochs.into();
+        let leases = Arc::new(Leases {
             kv,
-            epoch: epoch.clone(),
-            key,
+            epochs: epochs.clone(),
+            keys,
             member: member.clone(),
             transport: Arc::downgrade(&self.inner),
         });
-        let control = Arc::new(SingleControl { epoch });
-        let config = CoordinatorConfig::new(1)
-            .placement(Placement::Sticky)
+        let control = Arc::new(Control { epochs });
+        let config = CoordinatorConfig::new(partitions)
+            .placement(if partitions == 1 {
+                Placement::Sticky
+            } else {
+                Placement::Balanced
+            })
             // Renewals carry the heartbeat: often enough for both to stay alive.
             .renew_every(ttl.min(member_timeout) / 3)
             .poll_every(ttl)
             .standby(spec.standby);
         match Coordinator::join(member, registry, leases, control, config).await {
-            Ok(membership) => Ok((membership, owned_rx)),
+            Ok(membership) => Ok((membership, owned)),
+            Err(Error::Conflict(_)) if partitions == 1 => Err(Error::Conflict(format!(
+                "another subscriber of group {:?} on topic {:?} is active (the topic has one partition: one subscriber per group; subscribe as a standby to wait for it); its lease ends when it closes or {ttl:?} after it stopped",
+                spec.group, spec.topic
+            ))),
             Err(Error::Conflict(_)) => Err(Error::Conflict(format!(
-                "another subscriber of group {:?} on topic {:?} is active (JetStream keeps one per durable consumer until partitioned groups; subscribe as a standby to wait for it); its lease ends when it closes or {ttl:?} after it stopped",
+                "the members of group {:?} on topic {:?} own all its {partitions} partitions (subscribe as a standby to wait for one)",
                 spec.group, spec.topic
             ))),
             Err(e) => Err(e),
@@ -201,25 +226,47 @@ impl Epoch {
     }
 }
 
-/// The lease of a single-active group: the bucket's lease, which also tells the pull loop
-/// when delivering must stop (released or lost) and lets the transport release it at close.
-struct SingleLease {
+/// The leases of a group's partitions in the lease bucket, which also tell each partition's
+/// pull loop when delivering must stop (released or lost) and let the transport release
+/// them at close.
+struct Leases {
     kv: KvLeases,
-    epoch: Arc<Epoch>,
-    key: String,
-    /// This subscriber's member id, the value of its lease key.
+    /// Per partition.
+    epochs: Arc<[Arc<Epoch>]>,
+    /// Per partition: its lease's key.
+    keys: Vec<String>,
+    /// This subscriber's member id, the value of its lease keys.
     member: String,
     transport: Weak<Inner>,
 }
 
-impl SingleLease {
-    /// Delivering under `epoch` ends, and the transport forgets the lease.
-    fn ended(&self, epoch: u64) {
-        self.epoch.ended(epoch);
+/// The epoch state of `partition`, if the group has it (the coordinator only asks for
+/// partitions below the count it was given: the same count made `epochs`).
+fn epoch_of(epochs: &[Arc<Epoch>], partition: u32) -> Result<&Arc<Epoch>> {
+    usize::try_from(partition)
+        .ok()
+        .and_then(|p| epochs.get(p))
+        .ok_or_else(|| Error::Conflict(format!("the group has no partition {partition}")))
+}
+
+impl Leases {
+    fn key(&self, partition: u32) -> &str {
+        usize::try_from(partition)
+            .ok()
+            .and_then(|p| self.keys.get(p))
+            .map_or("", String::as_str)
+    }
+
+    /// Delivering `partition` under `epoch` ends, and the transport forgets the lease.
+    fn ended(&self, partition: u32, epoch: u64) {
+        if let Ok(e) = epoch_of(&self.epochs, partition) {
+            e.ended(epoch);
+        }
         if let Some(inner) = self.transport.upgrade() {
+            let key = self.key(partition);
             let mut held = inner.held.lock();
-            if held.get(&self.key).is_some_and(|h| h.epoch == epoch)
-                && let Some(h) = held.remove(&self.key)
+            if held.get(key).is_some_and(|h| h.epoch == epoch)
+                && let Some(h) = held.remove(key)
             {
                 h.released.cancel();
             }
@@ -228,7 +275,7 @@ impl SingleLease {
 }
 
 #[async_trait]
-impl LeaseStore for SingleLease {
+impl LeaseStore for Leases {
     async fn acquire(&self, partition: u32, member: &str) -> Result<Option<u64>> {
         // A closed transport takes no lease: nothing would renew or release it.
         let Some(inner) = self
@@ -238,11 +285,12 @@ impl LeaseStore for SingleLease {
         else {
             return Ok(None);
         };
+        let state = epoch_of(&self.epochs, partition)?;
         let epoch = self.kv.acquire(partition, member).await?;
         if let Some(epoch) = epoch {
-            self.epoch.leased(epoch);
+            state.leased(epoch);
             inner.held.lock().insert(
-                self.key.clone(),
+                self.key(partition).to_owned(),
                 HeldLease {
                     epoch,
                     member: self.member.clone(),
@@ -256,14 +304,14 @@ impl LeaseStore for SingleLease {
     async fn renew(&self, partition: u32, member: &str, epoch: u64) -> Result<bool> {
         let kept = self.kv.renew(partition, member, epoch).await?;
         if !kept {
-            tracing::error!(key = %self.key, "single-active-subscriber lease lost (taken, or not renewed for its TTL); delivering stops");
-            self.ended(epoch);
+            tracing::error!(key = %self.key(partition), partition, "partition lease lost (taken, or not renewed for its TTL); delivering it stops");
+            self.ended(partition, epoch);
         }
         Ok(kept)
     }
 
     async fn release(&self, partition: u32, member: &str, epoch: u64) -> Result<()> {
-        self.ended(epoch);
+        self.ended(partition, epoch);
         self.kv.release(partition, member, epoch).await
     }
 
@@ -272,17 +320,18 @@ impl LeaseStore for SingleLease {
     }
 }
 
-/// The pool's control of a single-active group: the rewind at the assignment lets the pull
-/// loop deliver (it rewinds the consumer to its ack floor first).
-struct SingleControl {
-    epoch: Arc<Epoch>,
+/// The pool's control of a group's partitions: the rewind at an assignment lets the
+/// partition's pull loop deliver (it rewinds the consumer to its ack floor first).
+struct Control {
+    epochs: Arc<[Arc<Epoch>]>,
 }
 
-impl PartitionControl for SingleControl {
-    /// Delivering stops (the pool pauses a revoked partition; a single-active group is
-    /// never revoked, only released or lost).
-    fn pause(&self, _partition: u32) {
-        self.epoch.owned.send_replace(None);
+impl PartitionControl for Control {
+    /// Delivering the partition stops (the pool pauses a revoked partition).
+    fn pause(&self, partition: u32) {
+        if let Ok(e) = epoch_of(&self.epochs, partition) {
+            e.owned.send_replace(None);
+        }
     }
 
     /// Nothing: delivering starts again only with the next assignment's rewind.
@@ -290,11 +339,11 @@ impl PartitionControl for SingleControl {
 }
 
 #[async_trait]
-impl GroupControl for SingleControl {
-    /// Lets the pull loop deliver under `epoch` (it rewinds the consumer first), unless
-    /// the lease of `epoch` ended meanwhile: then the partition is lost.
+impl GroupControl for Control {
+    /// Lets the partition's pull loop deliver under `epoch` (it rewinds the consumer
+    /// first), unless the lease of `epoch` ended meanwhile: then the partition is lost.
     async fn rewind(&self, partition: u32, epoch: u64) -> Result<()> {
-        if self.epoch.start(epoch) {
+        if epoch_of(&self.epochs, partition)?.start(epoch) {
             Ok(())
         } else {
             Err(Error::Conflict(format!(
@@ -303,8 +352,8 @@ impl GroupControl for SingleControl {
         }
     }
 
-    async fn release(&self, _partition: u32, epoch: u64) -> Result<()> {
-        self.epoch.stop(epoch);
+    async fn release(&self, partition: u32, epoch: u64) -> Result<()> {
+        epoch_of(&self.epochs, partition)?.stop(epoch);
         Ok(())
     }
 }

@@ -12,11 +12,12 @@
 //! - A domain subscription is a durable pull consumer named after the group, with explicit
 //!   acks, unlimited server-side deliveries (attempts are counted by the keyed pool, which
 //!   dead-letters itself) and an ack wait the pool keeps extending for what it holds.
-//! - One active subscriber per durable consumer: a subscriber holds a lease (a key in the
-//!   KV bucket `<prefix>LEASES`, expiring after [`ConsumerSettings::lease_ttl`] unless
-//!   renewed). A second subscriber gets [`Error::Conflict`]. Every subscriber, before its
-//!   first pull, resets the consumer to its ack floor: whatever an earlier holder left
-//!   unacknowledged is delivered again, first and in order.
+//! - Consumer groups: each partition has a durable consumer per group and a lease (a key in
+//!   the KV bucket `<prefix>LEASES`, expiring after [`ConsumerSettings::lease_ttl`] unless
+//!   renewed); the core coordinator shares the partitions among the live members, and a
+//!   member pulls a partition only while it holds its lease, after resetting the consumer
+//!   to its ack floor: whatever an earlier owner left unacknowledged is delivered again,
+//!   first and in order. A topic of one partition has one active subscriber and standbys.
 
 mod ack;
 mod config;
@@ -127,6 +128,9 @@ impl JetStream {
         let mut caps = DomainCapabilities::new(BACKEND);
         caps.durable = js_config.stream.storage == Storage::File;
         caps.ordered_per_key = true;
+        // A topic's partitions are shared by the members of a group (a topic of one
+        // partition, or of the subject layout, has one active member).
+        caps.consumer_groups = true;
         caps.replay = true;
         caps.dedup = true;
         caps.expected_version = true;

@@ -1,8 +1,8 @@
 //! Where a topic lives: its subject layout, stream, subjects and durable consumer names.
 
 use crate::subject::{
-    encode_key, event_subject, partition_of, partition_transform, publish_subject, stored_subjects,
-    stream_subjects,
+    encode_key, event_subject, partition_of, partition_subjects, partition_transform,
+    publish_subject, stored_subjects, stream_subjects,
 };
 
 use super::config::{JetStreamConfig, Layout, TopicSettings};
@@ -108,6 +108,35 @@ impl Plan {
         }
     }
 
+    /// The partitions a group consumes separately: the topic's partitions, or one where
+    /// the subjects carry none (the subject layout).
+    pub(super) fn group_partitions(&self) -> u32 {
+        match self.layout {
+            Layout::Partitioned => self.partitions,
+            Layout::Subject => 1,
+        }
+    }
+
+    /// The durable consumer of `group` for `partition` of `topic`, and its filter: with one
+    /// partition the group's consumer over the whole topic, with more
+    /// `<consumer>-<partition>` over the partition's stored subjects.
+    pub(super) fn partition_consumer(
+        &self,
+        topic: &str,
+        group: &str,
+        partition: u32,
+    ) -> (String, String) {
+        let consumer = self.consumer(topic, group);
+        if self.group_partitions() == 1 {
+            (consumer, self.filter(topic))
+        } else {
+            (
+                format!("{consumer}-{partition}"),
+                partition_subjects(topic, partition),
+            )
+        }
+    }
+
     /// The durable consumer of `group` for `topic`: on a shared stream the topic is part of
     /// the name, as several topics share the stream.
     pub(super) fn consumer(&self, topic: &str, group: &str) -> String {
@@ -185,6 +214,11 @@ mod tests {
             format!("orders.{}.a%2Eb", partition_of("a.b", 16))
         );
         assert_eq!(own.filter("orders"), "orders.*.*");
+        assert_eq!(own.group_partitions(), 16);
+        assert_eq!(
+            own.partition_consumer("orders", "billing", 3),
+            ("billing-3".to_owned(), "orders.3.*".to_owned())
+        );
         assert_eq!(own.consumer("orders", "billing"), "billing");
         // A topic's own partition count.
         c.topics.insert(

@@ -161,18 +161,20 @@ impl JetStream {
         Ok(plan)
     }
 
-    /// The durable consumer of `spec`, created if missing, checked if not.
+    /// The durable consumer `name` of `spec` on the subjects `filter`, created if missing,
+    /// checked if not.
     pub(super) async fn consumer(
         &self,
         stream: &stream::Stream,
         spec: &SubscriptionSpec,
+        name: &str,
+        filter: String,
     ) -> Result<PullConsumer> {
         let c = &self.inner.config.consumer;
-        let plan = self.plan(&spec.topic);
-        let name = plan.consumer(&spec.topic, &spec.group);
+        let name = name.to_owned();
         let want = pull::Config {
             durable_name: Some(name.clone()),
-            filter_subject: plan.filter(&spec.topic),
+            filter_subject: filter,
             description: Some(format!("dualbus group {} on {}", spec.group, spec.topic)),
             ack_policy: AckPolicy::Explicit,
             ack_wait: c.ack_wait,

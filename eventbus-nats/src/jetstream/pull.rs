@@ -35,50 +35,65 @@ impl JetStream {
         }
         let plan = self.plan(&spec.topic);
         let stream = self.stream(&spec.topic).await?;
-        let consumer = self.consumer(&stream, &spec).await?;
+        let partitions = plan.group_partitions();
+        let mut consumers = Vec::with_capacity(partitions as usize);
+        for p in 0..partitions {
+            let (name, filter) = plan.partition_consumer(&spec.topic, &spec.group, p);
+            consumers.push(self.consumer(&stream, &spec, &name, filter).await?);
+        }
         let stream_name = stream.cached_info().config.name.clone();
-        // The group: this subscriber delivers only while it holds the group's lease, from the
-        // rewind at its assignment on (the takeover rewind: whatever an earlier subscriber
-        // left unacknowledged comes first, in stream order, before anything new).
+        // The group: this subscriber delivers a partition only while it holds its lease,
+        // from the rewind at its assignment on (the takeover rewind: whatever an earlier
+        // owner left unacknowledged comes first, in stream order, before anything new).
         let (membership, owned) = self
             .join_group(
                 &stream_name,
                 &plan.consumer(&spec.topic, &spec.group),
                 &spec,
+                partitions,
             )
             .await?;
         let lost = self.inner.shutdown.child_token();
         let c = &self.inner.config.consumer;
-        let state = Pulling {
-            topic: spec.topic.to_string(),
-            js: self.inner.js.clone(),
-            consumer,
-            batch: c.batch,
-            ack_wait: c.ack_wait,
-            messages: None,
-            opened_at: 0,
-            rewind: false,
-            owned,
-            epoch: None,
-            takeover: false,
-            counts: DeliveryCounter::new(),
-            last_read: 0,
-            poison: None,
-            ready: VecDeque::new(),
-            watch: {
-                let mut w = tokio::time::interval(Duration::from_millis(100));
-                w.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                w
-            },
-            stats: self.inner.client.statistics(),
-            quiet_since: tokio::time::Instant::now(),
-            lost,
-        };
-        let deliveries = futures::stream::unfold(state, |mut s| async move {
-            let item = s.next().await?;
-            Some((item, s))
-        })
-        .boxed();
+        let pulls =
+            consumers
+                .into_iter()
+                .zip(owned)
+                .zip(0..)
+                .map(|((consumer, owned), partition)| {
+                    let state = Pulling {
+                        topic: spec.topic.to_string(),
+                        partition,
+                        js: self.inner.js.clone(),
+                        consumer,
+                        batch: c.batch,
+                        ack_wait: c.ack_wait,
+                        messages: None,
+                        opened_at: 0,
+                        rewind: false,
+                        owned,
+                        epoch: None,
+                        takeover: false,
+                        counts: DeliveryCounter::new(),
+                        last_read: 0,
+                        poison: None,
+                        ready: VecDeque::new(),
+                        watch: {
+                            let mut w = tokio::time::interval(Duration::from_millis(100));
+                            w.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                            w
+                        },
+                        stats: self.inner.client.statistics(),
+                        quiet_since: tokio::time::Instant::now(),
+                        lost: lost.clone(),
+                    };
+                    futures::stream::unfold(state, |mut s| async move {
+                        let item = s.next().await?;
+                        Some((item, s))
+                    })
+                    .boxed()
+                });
+        let deliveries = futures::stream::select_all(pulls).boxed();
         let reread = Arc::new(StreamReread {
             js: self.inner.js.clone(),
             stream: stream_name,
@@ -90,9 +105,11 @@ impl JetStream {
     }
 }
 
-/// State of a subscription's delivery stream.
+/// State of the delivery stream of one partition of a subscription.
 struct Pulling {
     topic: String,
+    /// The group's partition this consumer delivers (its deliveries' positions).
+    partition: u32,
     js: jetstream::Context,
     consumer: PullConsumer,
     batch: usize,
@@ -376,7 +393,7 @@ impl Pulling {
         match &mut p.phase {
             Phase::Hand => {
                 let settled = CancellationToken::new();
-                let message = stored_inbound(&self.topic, &p.stored);
+                let message = stored_inbound(&self.topic, &p.stored, self.partition);
                 let delivery =
                     Delivery::new(message, 1, Arc::new(SettledAcker(settled.clone()))).unreadable(
                         format!("the NATS client cannot read this message: {}", p.why),
@@ -445,7 +462,7 @@ impl Pulling {
                             return Err(Error::backend(BACKEND, true, e));
                         }
                     };
-                    let d = delivery(&self.topic, m, &mut self.counts)?;
+                    let d = delivery(&self.topic, m, &mut self.counts, self.partition)?;
                     let seq = u64::try_from(d.position().offset).unwrap_or(u64::MAX);
                     self.last_read = self.last_read.max(seq);
                     got += 1;
@@ -642,7 +659,7 @@ impl Pulling {
                     if let Ok(info) = m.info() {
                         self.last_read = self.last_read.max(info.stream_sequence);
                     }
-                    return Some(delivery(&self.topic, m, &mut self.counts));
+                    return Some(delivery(&self.topic, m, &mut self.counts, self.partition));
                 }
                 Some(Err(e)) => {
                     if !matches!(e.kind(), pull::MessagesErrorKind::MissingHeartbeat) {

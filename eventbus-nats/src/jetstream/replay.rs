@@ -34,7 +34,7 @@ impl JetStream {
         .await?
         {
             seq = m.seq + 1;
-            let mut message = stored_inbound(topic, &m);
+            let mut message = stored_inbound(topic, &m, 0);
             match plan.layout {
                 Layout::Partitioned => out.push(message),
                 Layout::Subject => {
@@ -67,7 +67,7 @@ impl JetStream {
         Ok(
             unreadable::get(&self.inner.js, name, unreadable::Which::LastOn(&subject))
                 .await?
-                .map(|m| stored_inbound(topic, &m)),
+                .map(|m| stored_inbound(topic, &m, 0)),
         )
     }
 
@@ -77,13 +77,19 @@ impl JetStream {
         let Some(stream) = self.existing_stream(topic).await? else {
             return Ok(None);
         };
-        match stream
-            .consumer_info(self.plan(topic).consumer(topic, group))
-            .await
-        {
-            Ok(info) => Ok(Some(info.num_pending + info.num_ack_pending as u64)),
-            Err(e) if is_consumer_not_found(&e) => Ok(None),
-            Err(e) => Err(api_error(e)),
+        // Every partition's consumer of the group; none yet: the broker cannot tell.
+        let plan = self.plan(topic);
+        let mut total = None;
+        for p in 0..plan.group_partitions() {
+            let (name, _) = plan.partition_consumer(topic, group, p);
+            match stream.consumer_info(name).await {
+                Ok(info) => {
+                    *total.get_or_insert(0) += info.num_pending + info.num_ack_pending as u64;
+                }
+                Err(e) if is_consumer_not_found(&e) => {}
+                Err(e) => return Err(api_error(e)),
+            }
         }
+        Ok(total)
     }
 }

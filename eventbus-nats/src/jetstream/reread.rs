@@ -30,7 +30,7 @@ impl Reread for StreamReread {
         };
         let seq = u64::try_from(position.offset).map_err(|_| gone("not a sequence"))?;
         match unreadable::get(&self.js, &self.stream, unreadable::Which::At(seq)).await? {
-            Some(m) if m.seq == seq => Ok(stored_inbound(&self.topic, &m)),
+            Some(m) if m.seq == seq => Ok(stored_inbound(&self.topic, &m, position.partition)),
             _ => Err(gone("deleted or expired")),
         }
     }
