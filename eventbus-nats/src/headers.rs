@@ -56,6 +56,28 @@ pub(crate) fn from_nats(map: Option<&HeaderMap>) -> Headers {
     headers
 }
 
+/// The headers of a message delivered by a `pinned_client` consumer as ours: the server
+/// appends its pin id as the last `Nats-Pin-Id`, which is not the message's (a value the
+/// publisher set, before it, stays).
+pub(crate) fn from_nats_pinned(map: Option<&HeaderMap>, pin_header: &str) -> Headers {
+    let Some(h) = map else {
+        return Headers::new();
+    };
+    let mut headers = Headers::with_capacity(h.len());
+    for (name, values) in h.iter() {
+        let n: &str = name.as_ref();
+        let values = if n.eq_ignore_ascii_case(pin_header) {
+            values.split_last().map_or(&[][..], |(_, rest)| rest)
+        } else {
+            values.as_slice()
+        };
+        if let Some(v) = values.last() {
+            headers.insert(name.to_string(), v.as_str());
+        }
+    }
+    headers
+}
+
 /// A stored header block as ours, decoded lossily: invalid UTF-8 becomes U+FFFD, lines
 /// without a colon are skipped.
 pub(crate) fn from_block_lossy(block: &[u8]) -> Headers {
@@ -116,6 +138,19 @@ mod tests {
         );
         assert_ours(&h);
         assert_ours(&from_nats(Some(&to_nats_with_id(&ours(), None))));
+    }
+
+    #[test]
+    fn the_servers_pin_id_is_not_a_message_header() {
+        let mut map = to_nats(&ours());
+        map.append("Nats-Pin-Id", "server");
+        assert_ours(&from_nats_pinned(Some(&map), "Nats-Pin-Id"));
+        let mut map = to_nats(&ours());
+        map.append("Nats-Pin-Id", "publisher");
+        map.append("Nats-Pin-Id", "server");
+        let mut h = from_nats_pinned(Some(&map), "Nats-Pin-Id");
+        assert_eq!(h.remove("Nats-Pin-Id").as_deref(), Some("publisher"));
+        assert_ours(&h);
     }
 
     #[test]

@@ -681,3 +681,115 @@ async fn the_member_bucket_expires_after_the_member_timeout() {
     drop(sub);
     b.close().await.expect("close");
 }
+
+/// The pin of the consumer as the server reports it.
+async fn pinned_client(js: &jetstream::Context, stream: &str, consumer: &str) -> Option<String> {
+    let info = js
+        .get_stream(stream)
+        .await
+        .expect("stream")
+        .consumer_info(consumer)
+        .await
+        .expect("consumer info")
+        .clone();
+    info.priority_groups
+        .first()
+        .and_then(|g| g.pinned_client_id.clone())
+}
+
+/// The pin fences a former owner that missed the end of its lease. The lease moves on the
+/// server to another holder, which moves the pin (`unpin`) and pulls with a plain client;
+/// the former owner's next pull is refused (`423`), it asks the server whether the lease
+/// is still its own, learns it is not and pulls no more, long before its next renewal
+/// would have told it. It must not pull again without its pin id: that would take the pin
+/// back. Everything published after the move reaches the new holder only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pin_fences_a_former_owner_that_missed_its_lease_end() {
+    let Some(url) = shared_url() else { return };
+    let topic = unique_topic("js-pin");
+    let mut config = fast_config(url.clone());
+    config.jetstream.partitions = 1;
+    // Renewals every 10 s: the former owner does not find the loss by renewing during the
+    // test.
+    config.jetstream.consumer.lease_ttl = Duration::from_secs(30);
+    let a = bus(JetStream::connect(config).await.expect("connect"));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let sub = a
+        .subscribe(&topic)
+        .start(handler_fn(move |e: Event| {
+            let s = s.clone();
+            async move {
+                s.lock().push(e.event_version);
+                Ok::<_, HandleError>(())
+            }
+        }))
+        .await
+        .expect("subscribe");
+    a.publish(&topic, &event("agg", 1)).await.expect("publish");
+    wait_for(|| seen.lock().len() == 1).await;
+
+    let js = plain(&url).await;
+    let stream_name = dualbus_nats::jetstream::stream_name("DUALBUS_", &topic);
+    let consumer_name = dualbus_nats::jetstream::consumer_name("js-tests");
+    let stream = js.get_stream(&stream_name).await.expect("stream");
+    let pin_a = pinned_client(&js, &stream_name, &consumer_name)
+        .await
+        .expect("the first message pinned the owner");
+    // The lease changes hands on the server while its holder lives on (as after a pause
+    // longer than the lease), and the new holder moves the pin.
+    let leases = js
+        .get_key_value("DUALBUS_LEASES")
+        .await
+        .expect("lease bucket");
+    let mut keys = leases.keys().await.expect("keys");
+    let mut key = None;
+    while let Some(k) = keys.next().await {
+        let k = k.expect("key");
+        if k.starts_with(&stream_name.replace('%', "=")) {
+            key = Some(k);
+        }
+    }
+    let key = key.expect("the lease key");
+    leases
+        .put(&key, Bytes::from_static(b"another member"))
+        .await
+        .expect("take the lease");
+    stream
+        .unpin_consumer(&consumer_name, "dualbus")
+        .await
+        .expect("unpin");
+    for v in 2..=5 {
+        a.publish(&topic, &event("agg", v)).await.expect("publish");
+    }
+    // The new holder pulls without a pin id and takes the pin with the first message.
+    let consumer: jetstream::consumer::PullConsumer =
+        stream.get_consumer(&consumer_name).await.expect("consumer");
+    let mut messages = consumer
+        .stream()
+        .group("dualbus")
+        .expires(Duration::from_secs(1))
+        .messages()
+        .await
+        .expect("pull");
+    let mut theirs = Vec::new();
+    while theirs.len() < 4 {
+        let m = tokio::time::timeout(Duration::from_secs(20), messages.next())
+            .await
+            .expect("the new holder got nothing: the former owner took the pin back")
+            .expect("a message")
+            .expect("message");
+        theirs.push(m.info().expect("info").stream_sequence);
+        m.ack().await.expect("ack");
+    }
+    assert_eq!(theirs, [2, 3, 4, 5], "in stream order");
+    assert_eq!(
+        *seen.lock(),
+        [1],
+        "the former owner handled events after the pin moved"
+    );
+    let pin_now = pinned_client(&js, &stream_name, &consumer_name).await;
+    assert!(pin_now.is_some() && pin_now != Some(pin_a), "{pin_now:?}");
+    drop(sub);
+    a.close().await.expect("close");
+}

@@ -25,6 +25,9 @@ async fn bus(url: &str, prefix: &str) -> DomainBus {
     let mut config = fast_config(url.to_owned());
     config.jetstream.stream.prefix = prefix.to_owned();
     config.jetstream.consumer.lease_ttl = TTL;
+    // One partition: one active subscriber, the other stands by (with more, the two would
+    // share the partitions).
+    config.jetstream.partitions = 1;
     let t = JetStream::connect(config).await.expect("connect");
     DomainBus::builder(t)
         .source("takeover")

@@ -112,9 +112,19 @@ pub async fn with_deadline<F: Future<Output = ()>>(backend: &dyn Backend, what: 
     }
 }
 
-/// Polls `cond` every few milliseconds until it holds (the test's deadline bounds it).
+/// How long [`wait_for`] waits, in real time, before it fails the test.
+pub const WAIT_LIMIT: Duration = Duration::from_secs(120);
+
+/// Polls `cond` every few milliseconds until it holds. Panics when it did not hold within
+/// [`WAIT_LIMIT`] of real time (a test that would hang fails instead; a paused tokio clock
+/// does not count against it).
 pub async fn wait_for(mut cond: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
     while !cond() {
+        assert!(
+            started.elapsed() < WAIT_LIMIT,
+            "the condition waited for did not hold within {WAIT_LIMIT:?}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

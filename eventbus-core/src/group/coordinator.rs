@@ -249,8 +249,15 @@ impl Shared {
             .iter()
             .map(|(p, h)| (*p, h.epoch))
             .collect();
-        for (partition, epoch) in held {
-            match self.leases.renew(partition, &self.member, epoch).await {
+        // All at once: one renewal waiting on an unreachable server must not hold up the
+        // others until their leases expire.
+        let renewed = futures::future::join_all(
+            held.iter()
+                .map(|&(partition, epoch)| self.leases.renew(partition, &self.member, epoch)),
+        )
+        .await;
+        for ((partition, epoch), renewed) in held.into_iter().zip(renewed) {
+            match renewed {
                 Ok(true) => continue,
                 Ok(false) => {}
                 Err(e) => {

@@ -230,6 +230,36 @@ impl KvLeases {
         }
     }
 
+    /// Whether this process holds `partition`'s lease under `epoch` with time to spare: its
+    /// last renewal was sent less than two thirds of the TTL ago (the point where a lease
+    /// whose renewals fail counts as lost, see [`LeaseStore::renew`]). No request.
+    pub(crate) fn valid(&self, partition: u32, epoch: u64) -> bool {
+        self.held
+            .lock()
+            .get(&partition)
+            .is_some_and(|h| h.epoch == epoch && h.renewed.elapsed() < self.ttl * 2 / 3)
+    }
+
+    /// Whether the server still has `partition`'s lease as this process last wrote it under
+    /// `epoch` (and it is [`valid`](Self::valid)): no other member can have taken it.
+    pub(crate) async fn holds(&self, partition: u32, epoch: u64) -> Result<bool> {
+        let _write = self.writes.lock().await;
+        let Some(h) = self
+            .held
+            .lock()
+            .get(&partition)
+            .copied()
+            .filter(|h| h.epoch == epoch && h.renewed.elapsed() < self.ttl * 2 / 3)
+        else {
+            return Ok(false);
+        };
+        match self.store.entry(self.key(partition)).await {
+            Ok(Some(e)) => Ok(e.operation == kv::Operation::Put && e.revision == h.revision),
+            Ok(None) => Ok(false),
+            Err(e) => Err(api_error(e)),
+        }
+    }
+
     /// The key of `partition`'s lease.
     pub(crate) fn key(&self, partition: u32) -> String {
         if self.single {

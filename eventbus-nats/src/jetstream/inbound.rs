@@ -11,6 +11,7 @@ use crate::subject::parse_subject;
 use crate::{BACKEND, headers, unreadable};
 
 use super::ack::JsAcker;
+use super::pinned::PIN_HEADER;
 
 /// The position's partition is the one the message was consumed from: the group's
 /// partition, which is the subject's in a group of several partitions and 0 in a group of
@@ -27,7 +28,8 @@ fn inbound(
     InboundMessage {
         topic: topic.to_owned(),
         key,
-        headers: headers::from_nats(headers),
+        // Delivered by a group's consumer, which is pinned.
+        headers: headers::from_nats_pinned(headers, PIN_HEADER),
         payload,
         position: Position {
             partition,

@@ -82,9 +82,9 @@ impl JetStream {
         consumer: &str,
         spec: &SubscriptionSpec,
         partitions: u32,
-    ) -> Result<(GroupMembership, Vec<Owned>)> {
+    ) -> Result<(GroupMembership, Vec<Owned>, Arc<KvLeases>)> {
         let (store, ttl) = self.lease_bucket().await?;
-        let kv = KvLeases::new(store, stream, consumer, partitions == 1, ttl);
+        let kv = Arc::new(KvLeases::new(store, stream, consumer, partitions == 1, ttl));
         let keys: Vec<String> = (0..partitions).map(|p| kv.key(p)).collect();
         if !spec.standby {
             // A subscription of this client on the same consumer holds the lease until it
@@ -118,7 +118,7 @@ impl JetStream {
             .unzip();
         let epochs: Arc<[Arc<Epoch>]> = epochs.into();
         let leases = Arc::new(Leases {
-            kv,
+            kv: kv.clone(),
             epochs: epochs.clone(),
             keys,
             member: member.clone(),
@@ -136,7 +136,7 @@ impl JetStream {
             .poll_every(ttl)
             .standby(spec.standby);
         match Coordinator::join(member, registry, leases, control, config).await {
-            Ok(membership) => Ok((membership, owned)),
+            Ok(membership) => Ok((membership, owned, kv)),
             Err(Error::Conflict(_)) if partitions == 1 => Err(Error::Conflict(format!(
                 "another subscriber of group {:?} on topic {:?} is active (the topic has one partition: one subscriber per group; subscribe as a standby to wait for it); its lease ends when it closes or {ttl:?} after it stopped",
                 spec.group, spec.topic
@@ -230,7 +230,7 @@ impl Epoch {
 /// pull loop when delivering must stop (released or lost) and let the transport release
 /// them at close.
 struct Leases {
-    kv: KvLeases,
+    kv: Arc<KvLeases>,
     /// Per partition.
     epochs: Arc<[Arc<Epoch>]>,
     /// Per partition: its lease's key.

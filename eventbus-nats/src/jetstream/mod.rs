@@ -24,6 +24,7 @@ mod config;
 pub mod coordination;
 mod inbound;
 mod lease;
+mod pinned;
 mod plan;
 mod provision;
 mod publish;

@@ -4,13 +4,16 @@
 use std::sync::Arc;
 
 use async_nats::jetstream;
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::consumer::{
+    AckPolicy, DeliverPolicy, PriorityPolicy, PullConsumer, pull,
+};
 use async_nats::jetstream::stream::{self, RetentionPolicy};
 use dualbus_core::{Error, Result, StartPosition, SubscriptionSpec};
 
 use crate::{BACKEND, unavailable};
 
 use super::config::Retention;
+use super::pinned;
 use super::plan::{Plan, subject_matches};
 use super::{JetStream, api_error};
 use crate::subject::stream_subjects;
@@ -186,6 +189,12 @@ impl JetStream {
                 StartPosition::Latest => DeliverPolicy::New,
                 _ => DeliverPolicy::All,
             },
+            // The server delivers to the pinned client only: the member holding the
+            // partition's lease, which moves the pin at takeover (see `pinned`). The pin
+            // outlives a pause of its keepalive as long as the lease would.
+            priority_policy: PriorityPolicy::PinnedClient,
+            priority_groups: vec![pinned::GROUP.to_owned()],
+            priority_timeout: c.lease_ttl,
             ..pull::Config::default()
         };
         let existing = match stream.get_consumer::<pull::Config>(&name).await {
@@ -212,6 +221,24 @@ impl JetStream {
                     "filter_subject",
                     &have.filter_subject,
                     &want.filter_subject,
+                );
+                differ(
+                    &mut diff,
+                    "priority_policy",
+                    &have.priority_policy,
+                    &want.priority_policy,
+                );
+                differ(
+                    &mut diff,
+                    "priority_groups",
+                    &have.priority_groups,
+                    &want.priority_groups,
+                );
+                differ(
+                    &mut diff,
+                    "priority_timeout",
+                    &have.priority_timeout,
+                    &want.priority_timeout,
                 );
                 if have.max_deliver > 0 {
                     diff.push(format!("max_deliver {} (want unlimited)", have.max_deliver));

@@ -7,19 +7,22 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use async_nats::jetstream::consumer::{PullConsumer, pull};
+use async_nats::jetstream::consumer::PullConsumer;
 use bytes::Bytes;
 use dualbus_core::offsets::DeliveryCounter;
 use dualbus_core::{Delivery, DomainSubscription, Error, Result, SubscriptionSpec};
 use futures::StreamExt as _;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::{BACKEND, unavailable, unreadable};
+use crate::{BACKEND, unreadable};
 
 use super::JetStream;
 use super::ack::SettledAcker;
+use super::coordination::KvLeases;
 use super::inbound::{delivery, stored_inbound};
 use super::lease::Owned;
+use super::pinned::{self, Pin, PinnedPull, PullSettings, Pulled};
 use super::plan::subject_matches;
 use super::reread::StreamReread;
 
@@ -45,7 +48,7 @@ impl JetStream {
         // The group: this subscriber delivers a partition only while it holds its lease,
         // from the rewind at its assignment on (the takeover rewind: whatever an earlier
         // owner left unacknowledged comes first, in stream order, before anything new).
-        let (membership, owned) = self
+        let (membership, owned, leases) = self
             .join_group(
                 &stream_name,
                 &plan.consumer(&spec.topic, &spec.group),
@@ -55,17 +58,34 @@ impl JetStream {
             .await?;
         let lost = self.inner.shutdown.child_token();
         let c = &self.inner.config.consumer;
+        let request_timeout = self.inner.config.request_timeout;
         let pulls =
             consumers
                 .into_iter()
                 .zip(owned)
                 .zip(0..)
                 .map(|((consumer, owned), partition)| {
+                    let pin = Pin::default();
+                    let (moves, moved) = watch::channel(0);
+                    let keepalive = keep_pinned(
+                        self.inner.js.clone(),
+                        &consumer,
+                        pin.clone(),
+                        moves,
+                        request_timeout,
+                        lost.child_token(),
+                    );
                     let state = Pulling {
                         topic: spec.topic.to_string(),
                         partition,
                         js: self.inner.js.clone(),
+                        stream: stream.clone(),
                         consumer,
+                        pin,
+                        moved,
+                        _keepalive: keepalive,
+                        lease: leases.clone(),
+                        suspect: false,
                         batch: c.batch,
                         ack_wait: c.ack_wait,
                         messages: None,
@@ -111,10 +131,24 @@ struct Pulling {
     /// The group's partition this consumer delivers (its deliveries' positions).
     partition: u32,
     js: jetstream::Context,
+    /// The stream (to move the consumer's pin).
+    stream: jetstream::stream::Stream,
     consumer: PullConsumer,
+    /// The consumer's pin this subscriber holds, if any.
+    pin: Pin,
+    /// Changes when the keepalive found the pin gone.
+    moved: watch::Receiver<u64>,
+    /// Stops the keepalive with the subscription.
+    _keepalive: DropGuard,
+    /// The group's leases, to confirm the partition's.
+    lease: Arc<KvLeases>,
+    /// The pin moved or the lease's time ran out: nothing is pulled until the server
+    /// confirms the lease (the pin was cleared, not taken: take over again) or the
+    /// ownership changes.
+    suspect: bool,
     batch: usize,
     ack_wait: Duration,
-    messages: Option<pull::Stream>,
+    messages: Option<PinnedPull>,
     /// Connections of the client when `messages` was opened.
     opened_at: u64,
     /// Rewind the consumer to its ack floor before the next pull.
@@ -198,19 +232,68 @@ impl Pulling {
         &self.consumer.cached_info().stream_name
     }
 
-    async fn open(&self) -> Result<pull::Stream> {
-        self.consumer
-            .stream()
-            .max_messages_per_batch(self.batch)
-            .expires(self.expires())
-            .heartbeat(
-                self.ack_wait
-                    .clamp(Duration::from_millis(500), Duration::from_secs(5))
-                    / 2,
-            )
-            .messages()
-            .await
-            .map_err(unavailable)
+    /// Opens the pulls of the consumer under this subscriber's pin: continuous, or one
+    /// request of `once` messages.
+    async fn open(&self, once: Option<usize>) -> Result<PinnedPull> {
+        let settings = PullSettings {
+            batch: once.unwrap_or(self.batch),
+            expires: self.expires(),
+            heartbeat: self
+                .ack_wait
+                .clamp(Duration::from_millis(500), Duration::from_secs(5))
+                / 2,
+        };
+        PinnedPull::open(
+            &self.js,
+            self.stream_name(),
+            &self.consumer.cached_info().name,
+            self.pin.clone(),
+            &settings,
+            once.is_some(),
+        )
+        .await
+    }
+
+    /// Stops pulling until the lease is confirmed (see [`Pulling::suspect`]): what was
+    /// pulled and not handed out is dropped (unacknowledged: the rewind brings it again).
+    fn suspect(&mut self, why: &'static str) {
+        if !self.suspect {
+            tracing::warn!(topic = %self.topic, partition = self.partition, epoch = ?self.epoch, why, "pulling the partition stops until its lease is confirmed");
+        }
+        self.suspect = true;
+        self.messages = None;
+        self.ready.clear();
+        self.poison = None;
+    }
+
+    /// While suspect: asks the server whether the lease is still this subscriber's, every
+    /// sixth of the lease's time, until it is (then the takeover again: unpin, rewind,
+    /// pin) or the ownership changes. `false` when the subscription ends.
+    async fn confirm(&mut self) -> bool {
+        let every = self.consumer.cached_info().config.priority_timeout / 6;
+        loop {
+            let Some(epoch) = self.epoch else {
+                self.suspect = false;
+                return true;
+            };
+            match self.lease.holds(self.partition, epoch).await {
+                Ok(true) => {
+                    tracing::info!(topic = %self.topic, partition = self.partition, epoch, "the lease is still held: taking the partition over again");
+                    self.suspect = false;
+                    self.takeover = true;
+                    return true;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::debug!(topic = %self.topic, partition = self.partition, error = %e, "confirming the lease failed");
+                }
+            }
+            tokio::select! {
+                () = self.lost.cancelled() => return false,
+                r = self.owned.changed() => return r.is_ok(),
+                () = tokio::time::sleep(every.max(Duration::from_millis(50))) => {}
+            }
+        }
     }
 
     fn expires(&self) -> Duration {
@@ -234,6 +317,11 @@ impl Pulling {
                     topic = %self.topic, pending = info.num_pending, ?quiet,
                     "the pull delivered nothing although the consumer has messages; pulling again"
                 );
+                if self.pin.get().is_none() {
+                    // Never pinned: another client may hold the pin (a former owner whose
+                    // request came first). Moved back once the lease is confirmed.
+                    self.suspect("the consumer's pin is held elsewhere");
+                }
                 true
             }
             _ => false,
@@ -440,28 +528,26 @@ impl Pulling {
                     return Ok(Step::Again);
                 }
                 let n = remaining.len().min(self.batch);
-                let mut batch = self
-                    .consumer
-                    .batch()
-                    .max_messages(n)
-                    .expires(self.expires())
-                    .messages()
-                    .await
-                    .map_err(unavailable)?;
+                let mut batch = self.open(Some(n)).await?;
                 let connects = self.connects();
                 let mut got = 0;
-                while let Some(m) = batch.next().await {
+                loop {
+                    let m = match batch.next().await {
+                        Ok(Pulled::Message(m)) => m,
+                        Ok(Pulled::Done) => break,
+                        Ok(Pulled::Moved) => {
+                            self.suspect("the consumer's pin moved");
+                            return Ok(Step::Again);
+                        }
+                        Err(e) => {
+                            self.rewind = true;
+                            return Err(e);
+                        }
+                    };
                     if self.connects() != connects {
                         self.rewind = true;
                         return Ok(Step::Again);
                     }
-                    let m = match m {
-                        Ok(m) => m,
-                        Err(e) => {
-                            self.rewind = true;
-                            return Err(Error::backend(BACKEND, true, e));
-                        }
-                    };
                     let d = delivery(&self.topic, m, &mut self.counts, self.partition)?;
                     let seq = u64::try_from(d.position().offset).unwrap_or(u64::MAX);
                     self.last_read = self.last_read.max(seq);
@@ -523,7 +609,10 @@ impl Pulling {
                 self.messages = None;
                 self.ready.clear();
                 self.poison = None;
+                self.suspect = false;
                 self.takeover = now.is_some();
+                // Not renewed any more (a new epoch moves it first).
+                self.pin.clear();
             }
             if self.epoch.is_some() {
                 return true;
@@ -540,10 +629,26 @@ impl Pulling {
         }
     }
 
-    /// The rewind when this subscriber takes the group over: everything an earlier holder
-    /// left unacknowledged is delivered again first, in stream order, before anything new.
+    /// The takeover, once the lease is held: the consumer's pin is moved off any earlier
+    /// holder (whose pulls get `423` from now on), the consumer rewound to its ack floor
+    /// (everything an earlier holder left unacknowledged is delivered again first, in stream
+    /// order, before anything new), and the first pull without a pin id takes the pin.
     async fn take_over(&mut self) -> Result<()> {
         let (floor, delivered) = self.floor_and_delivered().await?;
+        self.pin.clear();
+        let name = self.consumer.cached_info().name.clone();
+        self.stream
+            .unpin_consumer(&name, pinned::GROUP)
+            .await
+            .map_err(|e| {
+                Error::backend(
+                    BACKEND,
+                    true,
+                    format!("moving the pin of consumer {name} (nats-server 2.11 or later is needed): {e}"),
+                )
+            })?;
+        // Pins the keepalive found gone before now are not this epoch's.
+        self.moved.borrow_and_update();
         self.consumer.reset(None).await.map_err(|e| {
             Error::backend(
                 BACKEND,
@@ -568,6 +673,12 @@ impl Pulling {
         loop {
             if self.lost.is_cancelled() || !self.owning().await {
                 return None;
+            }
+            if self.suspect {
+                if !self.confirm().await {
+                    return None;
+                }
+                continue;
             }
             if self.takeover {
                 if let Err(e) = self.take_over().await {
@@ -608,7 +719,7 @@ impl Pulling {
             }
             if self.messages.is_none() {
                 let connects = self.connects();
-                match self.open().await {
+                match self.open(None).await {
                     Ok(m) => {
                         self.messages = Some(m);
                         self.opened_at = connects;
@@ -630,6 +741,13 @@ impl Pulling {
                 biased;
                 () = self.lost.cancelled() => return None,
                 n = messages.next() => n,
+                // The keepalive found the pin gone.
+                r = self.moved.changed() => {
+                    if r.is_ok() {
+                        self.suspect("the consumer's pin moved");
+                    }
+                    continue;
+                }
                 // Released or lost (or a new epoch): look at the ownership again.
                 r = self.owned.changed() => {
                     if r.is_err() {
@@ -649,11 +767,19 @@ impl Pulling {
                 }
             };
             match next {
-                Some(Ok(m)) => {
+                Ok(Pulled::Message(m)) => {
                     if self.connects() != self.opened_at {
                         // Read across a reconnect: the rewind delivers it again, in order.
                         // (Not counted as read: the pull goes on after a reconnect past a
                         // message the client could not read.)
+                        continue;
+                    }
+                    if let Some(epoch) = self.epoch
+                        && !self.lease.valid(self.partition, epoch)
+                    {
+                        // Not renewed for two thirds of its time: another member may have
+                        // it soon. Stop before it can expire.
+                        self.suspect("the lease could not be renewed in time");
                         continue;
                     }
                     if let Ok(info) = m.info() {
@@ -661,21 +787,51 @@ impl Pulling {
                     }
                     return Some(delivery(&self.topic, m, &mut self.counts, self.partition));
                 }
-                Some(Err(e)) => {
-                    if !matches!(e.kind(), pull::MessagesErrorKind::MissingHeartbeat) {
-                        self.messages = None;
-                        self.rewind = true;
-                    }
+                Ok(Pulled::Moved) => self.suspect("the consumer's pin moved"),
+                Ok(Pulled::Done) => {
+                    self.messages = None;
+                    self.rewind = true;
+                }
+                Err(e) => {
+                    self.messages = None;
+                    self.rewind = true;
                     if self.lost.is_cancelled() {
                         return None;
                     }
-                    return Some(Err(unavailable(e)));
-                }
-                None => {
-                    self.messages = None;
-                    self.rewind = true;
+                    return Some(Err(e));
                 }
             }
         }
     }
+}
+
+/// Renews the pin of `consumer` while the subscription lives, at a third of the consumer's
+/// `priority_timeout` (the server renews a pin only when a request with its id arrives,
+/// and the pull loop may be held up by a busy pool). Reports through `moves` when the
+/// server answers that the pin is not this subscriber's any more.
+fn keep_pinned(
+    js: jetstream::Context,
+    consumer: &PullConsumer,
+    pin: Pin,
+    moves: watch::Sender<u64>,
+    timeout: Duration,
+    stop: CancellationToken,
+) -> DropGuard {
+    let info = consumer.cached_info();
+    let stream = info.stream_name.clone();
+    let name = info.name.clone();
+    let every = (info.config.priority_timeout / 3).max(Duration::from_millis(50));
+    let guard = stop.clone().drop_guard();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            if !pinned::keep_pin(&js, &stream, &name, &pin, timeout.min(every)).await {
+                moves.send_modify(|n| *n += 1);
+            }
+        }
+    });
+    guard
 }
