@@ -185,6 +185,24 @@ pub struct JetStreamConfig {
     /// configured topic's `stream` uses that topic's layout and stream (so its dead-letter
     /// topic lands beside it); any other topic is partitioned on its own stream.
     pub topics: BTreeMap<String, TopicSettings>,
+    /// Whether a new owner rewinds a partition's consumer to its ack floor (always, except
+    /// in the conformance suite's mutant check).
+    #[serde(skip)]
+    pub(crate) rewind: bool,
+}
+
+impl JetStreamConfig {
+    /// **Test only**: a new owner of a partition does *not* rewind its consumer at the
+    /// takeover (it still moves the pin), so the earlier owner's unacknowledged messages
+    /// come back only after the ack wait. This is the naive handover the conformance
+    /// suite's order checker must catch.
+    #[cfg(feature = "conformance")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
+    #[must_use]
+    pub fn without_rewind(mut self) -> Self {
+        self.rewind = false;
+        self
+    }
 }
 
 /// The most partitions a topic may have.
@@ -199,6 +217,7 @@ impl Default for JetStreamConfig {
             publish_window: 512,
             partitions: 16,
             topics: BTreeMap::new(),
+            rewind: true,
         }
     }
 }

@@ -17,6 +17,7 @@
 //! [`CoordinatorConfig::poll`]: dualbus_core::group::CoordinatorConfig::poll
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv};
@@ -204,9 +205,10 @@ pub struct KvLeases {
     single: bool,
     ttl: Duration,
     held: Mutex<HashMap<u32, Held>>,
-    /// Renewals and releases one at a time: a release racing a renewal would find the
-    /// revision moved and leave the lease to expire.
-    writes: tokio::sync::Mutex<()>,
+    /// Per partition, its renewals, releases and checks one at a time: a release racing a
+    /// renewal would find the revision moved and leave the lease to expire. (Partitions
+    /// apart: one renewal waiting on the server must not hold up the others.)
+    writes: Mutex<HashMap<u32, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl KvLeases {
@@ -226,7 +228,7 @@ impl KvLeases {
             single,
             ttl,
             held: Mutex::new(HashMap::new()),
-            writes: tokio::sync::Mutex::new(()),
+            writes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -243,7 +245,8 @@ impl KvLeases {
     /// Whether the server still has `partition`'s lease as this process last wrote it under
     /// `epoch` (and it is [`valid`](Self::valid)): no other member can have taken it.
     pub(crate) async fn holds(&self, partition: u32, epoch: u64) -> Result<bool> {
-        let _write = self.writes.lock().await;
+        let writes = self.writes(partition);
+        let _write = writes.lock().await;
         let Some(h) = self
             .held
             .lock()
@@ -258,6 +261,11 @@ impl KvLeases {
             Ok(None) => Ok(false),
             Err(e) => Err(api_error(e)),
         }
+    }
+
+    /// The lock of `partition`'s writes.
+    fn writes(&self, partition: u32) -> Arc<tokio::sync::Mutex<()>> {
+        self.writes.lock().entry(partition).or_default().clone()
     }
 
     /// The key of `partition`'s lease.
@@ -307,7 +315,8 @@ impl LeaseStore for KvLeases {
     /// an answer from the server: it expires there a third of the TTL later, and another
     /// member may then take it. Each renewal waits at most a sixth of the TTL.
     async fn renew(&self, partition: u32, member: &str, epoch: u64) -> Result<bool> {
-        let _write = self.writes.lock().await;
+        let writes = self.writes(partition);
+        let _write = writes.lock().await;
         let Some(h) = self
             .held
             .lock()
@@ -357,7 +366,8 @@ impl LeaseStore for KvLeases {
     }
 
     async fn release(&self, partition: u32, _member: &str, epoch: u64) -> Result<()> {
-        let _write = self.writes.lock().await;
+        let writes = self.writes(partition);
+        let _write = writes.lock().await;
         let held = {
             let mut held = self.held.lock();
             match held.get(&partition) {

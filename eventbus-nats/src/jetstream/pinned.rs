@@ -6,9 +6,14 @@
 //! carries that id; the server renews the pin when such a request arrives (not on acks),
 //! and answers `423` to a request whose id is not the consumer's pin any more: the pin was
 //! moved (`unpin` by a new owner of the partition's lease), it timed out, or a new
-//! consumer leader cleared it. A request that gets a `423` is not repeated without its id:
-//! that would take the pin back from the new owner. The partition's pull loop decides
-//! (see `Pulling::pin_moved`).
+//! consumer leader cleared it.
+//!
+//! A request goes without a pin id only when claiming the pin, right after this member
+//! moved it at its takeover; the first message of a claim is not delivered: it says the
+//! pin is ours ([`Pulled::Pinned`]), and the consumer is rewound once more, so that
+//! whatever another client got between the move and the claim comes again. A request that
+//! got a `423` is never repeated without its id: that would take the pin back from the
+//! new owner. The partition's pull loop decides what a `423` means.
 //!
 //! The pull requests are written here rather than through the client's pull stream, which
 //! repeats a request without its id after a `423` and reports nothing.
@@ -94,6 +99,8 @@ pub(super) enum Pulled {
     Message(jetstream::Message),
     /// `423`: the request's pin is not the consumer's pin any more.
     Moved,
+    /// The claim took the pin (its first message is dropped: the caller rewinds).
+    Pinned,
     /// The single request of a bounded pull is over.
     Done,
 }
@@ -116,6 +123,8 @@ pub(super) struct PinnedPull {
     /// One request of `batch` messages only.
     once: bool,
     sent: bool,
+    /// Requests without a pin id, to take the pin.
+    claim: bool,
 }
 
 /// How a pull asks.
@@ -126,8 +135,9 @@ pub(super) struct PullSettings {
 }
 
 impl PinnedPull {
-    /// Opens the inbox of pulls of `consumer` on `stream` under `pin`; `once`: a single
-    /// request (a bounded pull).
+    /// Opens the inbox of pulls of `consumer` on `stream` under `pin`, or claiming it
+    /// (`claim`: only right after this member moved the pin); `once`: a single request (a
+    /// bounded pull).
     pub(super) async fn open(
         js: &jetstream::Context,
         stream: &str,
@@ -135,6 +145,7 @@ impl PinnedPull {
         pin: Pin,
         settings: &PullSettings,
         once: bool,
+        claim: bool,
     ) -> Result<Self> {
         let client = js.client();
         let inbox = client.new_inbox();
@@ -154,11 +165,19 @@ impl PinnedPull {
             heard: Instant::now(),
             once,
             sent: false,
+            claim,
         })
     }
 
     async fn request(&mut self) -> Result<()> {
-        let pin = self.pin.get();
+        let pin = if self.claim { None } else { self.pin.get() };
+        if pin.is_none() && !self.claim {
+            return Err(Error::backend(
+                BACKEND,
+                true,
+                "no pin to pull the consumer with",
+            ));
+        }
         let body = serde_json::to_vec(&PullRequest {
             batch: self.batch,
             expires: nanos(self.expires),
@@ -173,6 +192,7 @@ impl PinnedPull {
             .publish_with_reply(self.subject.clone(), self.inbox.clone(), body.into())
             .await
             .map_err(|e| Error::backend(BACKEND, true, format!("sending a pull request: {e}")))?;
+        tracing::debug!(subject = %self.subject, batch = self.batch, pin = ?pin, "pull request");
         self.outstanding += self.batch;
         self.heard = Instant::now();
         self.sent = true;
@@ -211,12 +231,21 @@ impl PinnedPull {
                 return Err(Error::closed("subscription"));
             };
             self.heard = Instant::now();
+            if m.status
+                .is_some_and(|s| s != StatusCode::OK && s != StatusCode::IDLE_HEARTBEAT)
+            {
+                tracing::debug!(subject = %self.subject, status = ?m.status, description = ?m.description, outstanding = self.outstanding, "pull status");
+            }
             match m.status {
                 None | Some(StatusCode::OK) => {
-                    if let Some(id) = m.headers.as_ref().and_then(|h| h.get_last(PIN_HEADER)) {
-                        self.pin.set(id.as_str());
-                    }
                     self.outstanding = self.outstanding.saturating_sub(1);
+                    if self.claim
+                        && let Some(id) = m.headers.as_ref().and_then(|h| h.get_last(PIN_HEADER))
+                    {
+                        self.pin.set(id.as_str());
+                        self.claim = false;
+                        return Ok(Pulled::Pinned);
+                    }
                     return Ok(Pulled::Message(jetstream::Message {
                         message: m,
                         context: self.js.clone(),
@@ -273,9 +302,9 @@ fn cancelled(m: &async_nats::Message, batch: usize) -> usize {
 }
 
 /// Renews `pin` on `consumer` of `stream`: a request with the pin's id that cannot take a
-/// message (`max_bytes: 1`). Returns `false` when the server answered `423` (the pin is not
-/// this client's any more); `true` otherwise, also when nothing was renewed (no pin held,
-/// or no answer: the pulls find out).
+/// message (`max_bytes: 1`). Returns `false` when the server answered `423` while the pin
+/// was still this one (it is not this client's any more); `true` otherwise, also when
+/// nothing was renewed (no pin held, or no answer: the pulls find out).
 pub(super) async fn keep_pin(
     js: &jetstream::Context,
     stream: &str,
@@ -304,14 +333,9 @@ pub(super) async fn keep_pin(
         .send_request(next_subject(stream, consumer), request)
         .await
     {
+        // Unless the pull loop took a new pin meanwhile.
         Ok(reply) if reply.status == Some(StatusCode::PIN_ID_MISMATCH) => {
-            // Only if no pull learnt a new pin meanwhile.
-            let mut p = pin.0.lock();
-            if p.as_deref() == Some(id.as_str()) {
-                *p = None;
-                return false;
-            }
-            true
+            pin.get().as_deref() != Some(id.as_str())
         }
         _ => true,
     }

@@ -199,10 +199,17 @@ impl JetStream {
         };
         let existing = match stream.get_consumer::<pull::Config>(&name).await {
             Ok(c) => Some(c),
-            // Classify the failure: missing (create it) or anything else.
+            // Classify the failure: missing (create it), created meanwhile (by another
+            // member starting at the same time: read it again), or anything else.
             Err(e) => match stream.consumer_info(&name).await {
                 Err(i) if is_consumer_not_found(&i) => None,
-                _ => return Err(Error::backend(BACKEND, true, e)),
+                Ok(_) => Some(
+                    stream
+                        .get_consumer::<pull::Config>(&name)
+                        .await
+                        .map_err(|e| Error::backend(BACKEND, true, e))?,
+                ),
+                Err(_) => return Err(Error::backend(BACKEND, true, e)),
             },
         };
         match existing {

@@ -84,8 +84,12 @@ impl JetStream {
                         pin,
                         moved,
                         _keepalive: keepalive,
+                        keepalive_open: true,
                         lease: leases.clone(),
                         suspect: false,
+                        claiming: false,
+                        claimed: false,
+                        rewinds: self.inner.config.rewind,
                         batch: c.batch,
                         ack_wait: c.ack_wait,
                         messages: None,
@@ -140,12 +144,20 @@ struct Pulling {
     moved: watch::Receiver<u64>,
     /// Stops the keepalive with the subscription.
     _keepalive: DropGuard,
+    /// The keepalive still runs (`moved` can change).
+    keepalive_open: bool,
     /// The group's leases, to confirm the partition's.
     lease: Arc<KvLeases>,
-    /// The pin moved or the lease's time ran out: nothing is pulled until the server
-    /// confirms the lease (the pin was cleared, not taken: take over again) or the
-    /// ownership changes.
+    /// The pin moved, or is unknown, or the lease's time ran out: nothing is pulled until
+    /// the server confirms the lease (then the takeover again) or the ownership changes.
     suspect: bool,
+    /// This member moved the pin and pulls without a pin id until the first message
+    /// tells it the pin is its own.
+    claiming: bool,
+    /// The claim took the pin: the rewind that follows counts nothing as delivered.
+    claimed: bool,
+    /// Whether takeovers rewind (always, except in the mutant check).
+    rewinds: bool,
     batch: usize,
     ack_wait: Duration,
     messages: Option<PinnedPull>,
@@ -232,26 +244,31 @@ impl Pulling {
         &self.consumer.cached_info().stream_name
     }
 
-    /// Opens the pulls of the consumer under this subscriber's pin: continuous, or one
-    /// request of `once` messages.
-    async fn open(&self, once: Option<usize>) -> Result<PinnedPull> {
+    /// Opens the pulls of the consumer under this subscriber's pin (or claiming it):
+    /// continuous, or one request of `once` messages. `None` when there is neither a pin
+    /// nor a claim: the caller suspects.
+    async fn open(&self, once: Option<usize>) -> Option<Result<PinnedPull>> {
+        if !self.claiming && self.pin.get().is_none() {
+            return None;
+        }
+        let expires = self.expires();
         let settings = PullSettings {
             batch: once.unwrap_or(self.batch),
-            expires: self.expires(),
-            heartbeat: self
-                .ack_wait
-                .clamp(Duration::from_millis(500), Duration::from_secs(5))
-                / 2,
+            expires,
+            heartbeat: (expires / 4).max(Duration::from_millis(100)),
         };
-        PinnedPull::open(
-            &self.js,
-            self.stream_name(),
-            &self.consumer.cached_info().name,
-            self.pin.clone(),
-            &settings,
-            once.is_some(),
+        Some(
+            PinnedPull::open(
+                &self.js,
+                self.stream_name(),
+                &self.consumer.cached_info().name,
+                self.pin.clone(),
+                &settings,
+                once.is_some(),
+                self.claiming,
+            )
+            .await,
         )
-        .await
     }
 
     /// Stops pulling until the lease is confirmed (see [`Pulling::suspect`]): what was
@@ -261,6 +278,8 @@ impl Pulling {
             tracing::warn!(topic = %self.topic, partition = self.partition, epoch = ?self.epoch, why, "pulling the partition stops until its lease is confirmed");
         }
         self.suspect = true;
+        self.claiming = false;
+        self.pin.clear();
         self.messages = None;
         self.ready.clear();
         self.poison = None;
@@ -296,8 +315,13 @@ impl Pulling {
         }
     }
 
+    /// How long a pull request waits at the server: at most a quarter of the pin's
+    /// timeout, so that the requests of a member that froze are gone before its lease can
+    /// expire (a waiting request without a pin id could otherwise take the pin from the
+    /// next owner).
     fn expires(&self) -> Duration {
         self.ack_wait
+            .min(self.consumer.cached_info().config.priority_timeout / 4)
             .clamp(Duration::from_secs(1), Duration::from_secs(30))
     }
 
@@ -317,9 +341,9 @@ impl Pulling {
                     topic = %self.topic, pending = info.num_pending, ?quiet,
                     "the pull delivered nothing although the consumer has messages; pulling again"
                 );
-                if self.pin.get().is_none() {
-                    // Never pinned: another client may hold the pin (a former owner whose
-                    // request came first). Moved back once the lease is confirmed.
+                if self.claiming || self.pin.get().is_none() {
+                    // Not pinned yet: another client may hold the pin (a former owner's
+                    // request that came first). Moved again once the lease is confirmed.
                     self.suspect("the consumer's pin is held elsewhere");
                 }
                 true
@@ -425,9 +449,27 @@ impl Pulling {
 
     /// The rewind after a reconnect, with an unreadable message in the way or not.
     async fn rewind(&mut self) -> Result<()> {
+        if self.claiming {
+            // The claim may have taken the pin with a message that never arrived (the
+            // connection dropped, the request was lost): the server keeps the pin for a
+            // request that is gone. Move it again, if the lease is still this member's.
+            let held = match self.epoch {
+                Some(epoch) => self.lease.holds(self.partition, epoch).await?,
+                None => false,
+            };
+            if !held {
+                self.suspect("the lease is not confirmed while claiming the pin");
+                return Ok(());
+            }
+            self.move_pin().await?;
+        }
         let (floor, delivered) = self.floor_and_delivered().await?;
         self.detect(floor, delivered).await?;
-        self.counts.delivered_through(delivered);
+        // What the claim got was dropped, not handed out: not a delivery.
+        let claimed = std::mem::take(&mut self.claimed);
+        if !claimed {
+            self.counts.delivered_through(delivered);
+        }
         if let Some(seq) = self.poison.as_ref().map(|p| p.stored.seq) {
             if floor >= seq {
                 // Acknowledged already: nothing in the way any more.
@@ -461,13 +503,9 @@ impl Pulling {
         // state after a crash) and will redeliver what it lost only after the ack wait,
         // while new messages flow at once: the takeover trap. Rewinding to the ack floor
         // delivers everything unacknowledged again, in order, before anything new.
-        self.consumer.reset(None).await.map_err(|e| {
-            Error::backend(
-                BACKEND,
-                true,
-                format!("rewinding the consumer to its ack floor: {e}"),
-            )
-        })?;
+        if self.rewinds || !claimed {
+            self.reset_to_floor().await?;
+        }
         self.last_read = floor;
         self.rewind = false;
         Ok(())
@@ -528,7 +566,11 @@ impl Pulling {
                     return Ok(Step::Again);
                 }
                 let n = remaining.len().min(self.batch);
-                let mut batch = self.open(Some(n)).await?;
+                let Some(batch) = self.open(Some(n)).await else {
+                    self.suspect("the consumer's pin is unknown");
+                    return Ok(Step::Again);
+                };
+                let mut batch = batch?;
                 let connects = self.connects();
                 let mut got = 0;
                 loop {
@@ -537,6 +579,13 @@ impl Pulling {
                         Ok(Pulled::Done) => break,
                         Ok(Pulled::Moved) => {
                             self.suspect("the consumer's pin moved");
+                            return Ok(Step::Again);
+                        }
+                        Ok(Pulled::Pinned) => {
+                            // Rewound again under the new pin.
+                            self.claiming = false;
+                            self.claimed = true;
+                            self.rewind = true;
                             return Ok(Step::Again);
                         }
                         Err(e) => {
@@ -610,6 +659,7 @@ impl Pulling {
                 self.ready.clear();
                 self.poison = None;
                 self.suspect = false;
+                self.claiming = false;
                 self.takeover = now.is_some();
                 // Not renewed any more (a new epoch moves it first).
                 self.pin.clear();
@@ -632,9 +682,43 @@ impl Pulling {
     /// The takeover, once the lease is held: the consumer's pin is moved off any earlier
     /// holder (whose pulls get `423` from now on), the consumer rewound to its ack floor
     /// (everything an earlier holder left unacknowledged is delivered again first, in stream
-    /// order, before anything new), and the first pull without a pin id takes the pin.
+    /// order, before anything new), and the first pull without a pin id claims the pin;
+    /// the claim's first message is dropped and the consumer rewound once more under the
+    /// pin, so whatever another client's waiting request got before the claim comes again.
     async fn take_over(&mut self) -> Result<()> {
+        self.move_pin().await?;
+        // Read after the move: the earlier owner gets nothing more.
         let (floor, delivered) = self.floor_and_delivered().await?;
+        if self.rewinds {
+            self.reset_to_floor().await?;
+        }
+        self.counts.delivered_through(delivered);
+        self.last_read = floor;
+        self.rewind = false;
+        self.takeover = false;
+        self.claiming = true;
+        self.claimed = false;
+        Ok(())
+    }
+
+    /// Resets the consumer to its ack floor (nats-server 2.14's consumer reset): every
+    /// unacknowledged message is delivered again, in stream order, before anything new.
+    async fn reset_to_floor(&mut self) -> Result<()> {
+        self.consumer.reset(None).await.map_err(|e| {
+            Error::backend(
+                BACKEND,
+                true,
+                format!(
+                    "resetting consumer {} to its ack floor (nats-server 2.14 or later is needed): {e}",
+                    self.consumer.cached_info().name
+                ),
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Moves the consumer's pin off whoever holds it: their pulls get `423` from now on.
+    async fn move_pin(&mut self) -> Result<()> {
         self.pin.clear();
         let name = self.consumer.cached_info().name.clone();
         self.stream
@@ -649,20 +733,6 @@ impl Pulling {
             })?;
         // Pins the keepalive found gone before now are not this epoch's.
         self.moved.borrow_and_update();
-        self.consumer.reset(None).await.map_err(|e| {
-            Error::backend(
-                BACKEND,
-                true,
-                format!(
-                    "resetting consumer {} to its ack floor (nats-server 2.14 or later is needed): {e}",
-                    self.consumer.cached_info().name
-                ),
-            )
-        })?;
-        self.counts.delivered_through(delivered);
-        self.last_read = floor;
-        self.rewind = false;
-        self.takeover = false;
         Ok(())
     }
 
@@ -719,7 +789,12 @@ impl Pulling {
             }
             if self.messages.is_none() {
                 let connects = self.connects();
-                match self.open(None).await {
+                let Some(opened) = self.open(None).await else {
+                    // The pin was never learnt (the connection dropped first): move it again.
+                    self.suspect("the consumer's pin is unknown");
+                    continue;
+                };
+                match opened {
                     Ok(m) => {
                         self.messages = Some(m);
                         self.opened_at = connects;
@@ -742,9 +817,11 @@ impl Pulling {
                 () = self.lost.cancelled() => return None,
                 n = messages.next() => n,
                 // The keepalive found the pin gone.
-                r = self.moved.changed() => {
+                r = self.moved.changed(), if self.keepalive_open => {
                     if r.is_ok() {
                         self.suspect("the consumer's pin moved");
+                    } else {
+                        self.keepalive_open = false;
                     }
                     continue;
                 }
@@ -759,6 +836,14 @@ impl Pulling {
                 // even while nothing arrives (a message the client cannot read drops the
                 // connection each time it is sent, and never arrives).
                 _ = self.watch.tick() => {
+                    if let Some(epoch) = self.epoch
+                        && !self.lease.valid(self.partition, epoch)
+                    {
+                        // Not renewed for two thirds of its time: another member may have
+                        // it soon. Stop before it can expire.
+                        self.suspect("the lease could not be renewed in time");
+                        continue;
+                    }
                     if self.stalled().await {
                         self.messages = None;
                         self.rewind = true;
@@ -788,6 +873,13 @@ impl Pulling {
                     return Some(delivery(&self.topic, m, &mut self.counts, self.partition));
                 }
                 Ok(Pulled::Moved) => self.suspect("the consumer's pin moved"),
+                Ok(Pulled::Pinned) => {
+                    // Rewound again under the new pin.
+                    self.claiming = false;
+                    self.claimed = true;
+                    self.messages = None;
+                    self.rewind = true;
+                }
                 Ok(Pulled::Done) => {
                     self.messages = None;
                     self.rewind = true;

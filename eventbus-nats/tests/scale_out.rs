@@ -1,0 +1,291 @@
+//! Scale-out across processes: three member processes share a topic's partitions, one is
+//! killed with SIGKILL mid-stream, a fourth joins later. 10,000 envelopes over 100
+//! aggregates, some handlers slow. Every event is handled, each aggregate in order across
+//! both handovers (the order checker over the records of every process), the joiner gets
+//! partitions, and duplicates stay within the killed member's in-flight window.
+//!
+//! The members are this test binary, run again as children on the ignored test `member`.
+//! Each prints a line per handler start and end, with the system clock (shared by the
+//! processes of one machine), before the acknowledgement: a line of a killed member is in
+//! the pipe already.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // Test code.
+
+mod support;
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dualbus_core::conformance::{EndKind, OrderChecker, Record};
+use dualbus_core::conformance::{event, unique_topic, wait_for};
+use dualbus_core::{DomainBus, Event, HandleError, PoolConfig, Topic, handler_fn};
+use dualbus_nats::JetStream;
+use parking_lot::Mutex;
+use support::{fast_config, shared_url};
+
+const AGGREGATES: usize = 100;
+const VERSIONS: u64 = 100;
+/// The pool's in-flight bound in each member: the most a killed member can have handled
+/// without its acknowledgement confirmed.
+const IN_FLIGHT: usize = 256;
+const GROUP: &str = "scale";
+
+fn aggregate(i: usize) -> String {
+    format!("agg-{i:03}")
+}
+
+fn now_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_nanos()
+}
+
+async fn bus(url: &str, prefix: &str) -> DomainBus {
+    let mut config = fast_config(url.to_owned());
+    config.jetstream.stream.prefix = prefix.to_owned();
+    config.jetstream.partitions = 16;
+    config.jetstream.consumer.lease_ttl = Duration::from_secs(3);
+    config.jetstream.consumer.member_timeout = Duration::from_secs(3);
+    let t = JetStream::connect(config).await.expect("connect");
+    DomainBus::builder(t)
+        .source(GROUP)
+        .pool(PoolConfig {
+            max_in_flight: IN_FLIGHT,
+            ..PoolConfig::default()
+        })
+        .build()
+        .expect("build")
+}
+
+/// A member process and the lines it printed.
+struct Member {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Member {
+    fn start(url: &str, prefix: &str, topic: &str) -> Self {
+        let mut child = Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--ignored",
+                "--exact",
+                "member",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("DUALBUS_SCALE_OUT", format!("{url} {prefix} {topic}"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn a member process");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().expect("stdout");
+        let l = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                l.lock().push(line);
+            }
+        });
+        Self { child, lines }
+    }
+
+    fn said(&self, what: &str) -> bool {
+        self.lines.lock().iter().any(|l| l.ends_with(what))
+    }
+
+    fn ends(&self) -> usize {
+        self.lines
+            .lock()
+            .iter()
+            .filter(|l| l.starts_with("E "))
+            .count()
+    }
+
+    /// Its start and end records as member `m`, with their system-clock times.
+    fn records(&self, m: u32) -> Vec<(u128, Record)> {
+        let mut out = Vec::new();
+        for line in self.lines.lock().iter() {
+            let f: Vec<&str> = line.split(' ').collect();
+            match f.as_slice() {
+                ["S", t, a, v, dc, attempt] => out.push((
+                    t.parse().expect("time"),
+                    Record::Start {
+                        t: 0,
+                        a: (*a).to_owned(),
+                        v: v.parse().expect("version"),
+                        m,
+                        delivery_count: dc.parse().expect("count"),
+                        attempt: attempt.parse().expect("attempt"),
+                    },
+                )),
+                ["E", t, a, v] => out.push((
+                    t.parse().expect("time"),
+                    Record::End {
+                        t: 0,
+                        a: (*a).to_owned(),
+                        v: v.parse().expect("version"),
+                        m,
+                        kind: EndKind::Ok,
+                    },
+                )),
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Publishes versions `versions` of every aggregate, one version at a time across all
+/// aggregates (each aggregate's versions in order), noting each receipt.
+async fn publish(
+    bus: &DomainBus,
+    topic: &str,
+    versions: std::ops::RangeInclusive<u64>,
+    checker: &OrderChecker,
+) {
+    for v in versions {
+        let sends = (0..AGGREGATES).map(|i| async move {
+            let a = aggregate(i);
+            bus.publish(topic, &event(&a, v)).await.expect("publish");
+            (a, v)
+        });
+        for (a, v) in futures::future::join_all(sends).await {
+            checker.published(&a, v);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_share_a_topic_through_a_kill_and_a_join() {
+    let Some(url) = shared_url() else { return };
+    let topic = unique_topic("js-scale").to_string();
+    let prefix = format!("SO{}_", uuid::Uuid::now_v7().simple());
+    let mut members: Vec<Member> = (0..3)
+        .map(|_| Member::start(&url, &prefix, &topic))
+        .collect();
+    for m in &members {
+        wait_for(|| m.said("ready")).await;
+    }
+    let bus = bus(&url, &prefix).await;
+    let checker = OrderChecker::new();
+    let handled = |members: &[Member]| members.iter().map(Member::ends).sum::<usize>();
+
+    // Phase 1, then the kill while member 1 is busy.
+    publish(&bus, &topic, 1..=40, &checker).await;
+    wait_for(|| handled(&members) >= 2_000).await;
+    let victim_before = members[1].ends();
+    members[1].child.kill().expect("kill -9 member 1");
+    let killed_at = now_nanos();
+    let _ = members[1].child.wait();
+    assert!(victim_before > 0, "member 1 never handled anything");
+
+    // Phase 2 while its partitions move; then the joiner.
+    publish(&bus, &topic, 41..=70, &checker).await;
+    members.push(Member::start(&url, &prefix, &topic));
+    wait_for(|| members[3].said("ready")).await;
+    publish(&bus, &topic, 71..=VERSIONS, &checker).await;
+
+    let total = AGGREGATES * usize::try_from(VERSIONS).expect("small");
+    let distinct = || {
+        let mut seen = std::collections::HashSet::new();
+        for m in &members {
+            for (_, r) in m.records(0) {
+                if let Record::End { a, v, .. } = r {
+                    seen.insert((a, v));
+                }
+            }
+        }
+        seen.len()
+    };
+    wait_for(|| distinct() == total).await;
+    let t: Topic = Topic::new(topic.as_str()).expect("topic");
+    let transport = bus.transport().clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while transport.pending(&t, GROUP).await.expect("pending") != Some(0) {
+        assert!(std::time::Instant::now() < deadline, "still pending");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Stray deliveries after the end would show in the next second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let mut records: Vec<(u128, Record)> = Vec::new();
+    for (m, member) in (0u32..).zip(&members) {
+        records.extend(member.records(m));
+    }
+    records.push((killed_at, Record::Crash { t: 0, m: 1 }));
+    records.sort_by_key(|(t, _)| *t);
+    checker.import(records.into_iter().map(|(_, r)| r));
+    let summary = checker
+        .check()
+        .unwrap_or_else(|v| panic!("order checker: {v}"));
+    let joiner = members[3].ends();
+    println!(
+        "handled {} (distinct {total}), duplicates {}; member 1 handled {victim_before} before the kill; the joiner handled {joiner}; per member: {:?}",
+        summary.ends,
+        summary.duplicates,
+        members.iter().map(Member::ends).collect::<Vec<_>>()
+    );
+    assert_eq!(summary.published, total);
+    assert!(joiner > 0, "the joiner got no partition");
+    assert!(
+        summary.duplicates <= IN_FLIGHT,
+        "{} duplicates: more than the killed member's in-flight window ({IN_FLIGHT})",
+        summary.duplicates
+    );
+    bus.close().await.expect("close");
+}
+
+/// A member: run only as a child process of the test above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a child process of members_share_a_topic_through_a_kill_and_a_join"]
+async fn member() {
+    let Ok(args) = std::env::var("DUALBUS_SCALE_OUT") else {
+        return;
+    };
+    let mut args = args.split(' ');
+    let (url, prefix, topic) = (
+        args.next().expect("url"),
+        args.next().expect("prefix"),
+        args.next().expect("topic").to_owned(),
+    );
+    let bus = bus(url, prefix).await;
+    let sub = bus
+        .subscribe(&topic)
+        .start(handler_fn(move |e: Event| async move {
+            let (a, v) = (e.aggregate_id.clone(), e.event_version);
+            // One line each, written whole before the acknowledgement.
+            let line = |s: String| {
+                let mut out = std::io::stdout().lock();
+                out.write_all(s.as_bytes()).expect("stdout");
+                out.flush().expect("stdout");
+            };
+            line(format!(
+                "S {} {a} {v} {} {}\n",
+                now_nanos(),
+                e.delivery_count,
+                e.attempt
+            ));
+            // Slow on some events: handovers find handlers running.
+            if v % 10 == 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            line(format!("E {} {a} {v}\n", now_nanos()));
+            Ok::<_, HandleError>(())
+        }))
+        .await
+        .unwrap_or_else(|e| panic!("subscribe: {e}"));
+    // Members with no partition yet are ready too: they stand by for their share.
+    println!("ready");
+    std::future::pending::<()>().await;
+    drop(sub);
+}
