@@ -98,6 +98,34 @@ NATS_URL="$DUALBUS_TEST_NATS_URL" cargo run -q -p dualbus --features nats --exam
 cat "$servers_dir/nats_example.out"
 no_escapes "$servers_dir/nats_example.out"
 
+step "example: replicas across processes on NATS (one killed, one joining)"
+cargo build -q -p dualbus --features nats --example nats_scale_out
+scale="$CARGO_TARGET_DIR/debug/examples/nats_scale_out"
+export NATS_URL="$DUALBUS_TEST_NATS_URL"
+"$scale" replica a --idle 6 > "$servers_dir/scale_a.out" 2>&1 &
+a_pid=$!
+"$scale" replica b --idle 6 > "$servers_dir/scale_b.out" 2>&1 &
+b_pid=$!
+sleep 1
+"$scale" publish 1200 --rate 400 > "$servers_dir/scale_pub.out" 2>&1 &
+pub_pid=$!
+sleep 1
+kill -9 "$b_pid"
+"$scale" replica c --idle 6 > "$servers_dir/scale_c.out" 2>&1 &
+c_pid=$!
+scale_ok=1
+wait "$pub_pid" || scale_ok=0
+wait "$a_pid" || scale_ok=0
+wait "$c_pid" || scale_ok=0
+unset NATS_URL
+for f in scale_a scale_b scale_c scale_pub; do echo "--- $f"; cat "$servers_dir/$f.out"; done
+no_escapes "$servers_dir/scale_a.out"
+grep -q "all 1200 events handled" "$servers_dir/scale_pub.out" || scale_ok=0
+grep -q "broken orders 0," "$servers_dir/scale_a.out" || scale_ok=0
+grep -q "broken orders 0," "$servers_dir/scale_c.out" || scale_ok=0
+if grep -q "ORDER BROKEN" "$servers_dir"/scale_*.out; then scale_ok=0; fi
+[ "$scale_ok" = 1 ] || { echo "the scale-out example failed" >&2; exit 1; }
+
 step "benchmarks build"
 cargo build --workspace --all-features --benches --examples
 

@@ -47,6 +47,9 @@ mod simple;
 pub mod subject;
 mod unreadable;
 
+/// The NATS client this crate is built on (the version whose types
+/// [`JetStream::context`] and [`Nats::client`] return).
+pub use async_nats;
 pub use config::{Credentials, NatsConfig, Secret, redact_url, redact_urls};
 pub use jetstream::{JetStream, JetStreamConfig};
 pub use simple::Nats;

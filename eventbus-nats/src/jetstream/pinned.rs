@@ -99,8 +99,8 @@ pub(super) enum Pulled {
     Message(jetstream::Message),
     /// `423`: the request's pin is not the consumer's pin any more.
     Moved,
-    /// The claim took the pin (its first message is dropped: the caller rewinds).
-    Pinned,
+    /// The claim took the pin with this message (the caller drops it and rewinds).
+    Pinned(jetstream::Message),
     /// The single request of a bounded pull is over.
     Done,
 }
@@ -244,7 +244,10 @@ impl PinnedPull {
                     {
                         self.pin.set(id.as_str());
                         self.claim = false;
-                        return Ok(Pulled::Pinned);
+                        return Ok(Pulled::Pinned(jetstream::Message {
+                            message: m,
+                            context: self.js.clone(),
+                        }));
                     }
                     return Ok(Pulled::Message(jetstream::Message {
                         message: m,

@@ -255,7 +255,7 @@ impl Pulling {
         let settings = PullSettings {
             batch: once.unwrap_or(self.batch),
             expires,
-            heartbeat: (expires / 4).max(Duration::from_millis(100)),
+            heartbeat: (expires / 4).max(Duration::from_millis(50)),
         };
         Some(
             PinnedPull::open(
@@ -322,7 +322,7 @@ impl Pulling {
     fn expires(&self) -> Duration {
         self.ack_wait
             .min(self.consumer.cached_info().config.priority_timeout / 4)
-            .clamp(Duration::from_secs(1), Duration::from_secs(30))
+            .clamp(Duration::from_millis(250), Duration::from_secs(30))
     }
 
     /// Whether the open pull is stalled: polled and quiet for a while although the consumer
@@ -335,21 +335,45 @@ impl Pulling {
             return false;
         }
         self.quiet_since = tokio::time::Instant::now();
-        match self.consumer.info().await {
-            Ok(info) if info.num_pending > 0 => {
-                tracing::warn!(
-                    topic = %self.topic, pending = info.num_pending, ?quiet,
-                    "the pull delivered nothing although the consumer has messages; pulling again"
-                );
-                if self.claiming || self.pin.get().is_none() {
-                    // Not pinned yet: another client may hold the pin (a former owner's
-                    // request that came first). Moved again once the lease is confirmed.
-                    self.suspect("the consumer's pin is held elsewhere");
-                }
-                true
+        let Ok(info) = self.consumer.info().await else {
+            return false;
+        };
+        if self.claiming {
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                return false;
             }
-            _ => false,
+            // The claim got nothing although there are messages: another request holds the
+            // pin (one of a client that is gone, which the server pinned when the pin was
+            // moved, or of a former owner). Move it again while the claim waits, if the
+            // lease is still this member's.
+            tracing::warn!(
+                topic = %self.topic, partition = self.partition, pending = info.num_pending,
+                ack_pending = info.num_ack_pending, ?quiet,
+                "the claim of the consumer's pin got nothing; moving the pin again"
+            );
+            if let Some(epoch) = self.epoch {
+                match self.lease.holds(self.partition, epoch).await {
+                    Ok(true) => {
+                        if let Err(e) = self.move_pin().await {
+                            tracing::debug!(topic = %self.topic, error = %e, "moving the pin failed");
+                        }
+                    }
+                    Ok(false) => self.suspect("the lease is not confirmed while claiming the pin"),
+                    Err(e) => {
+                        tracing::debug!(topic = %self.topic, error = %e, "confirming the lease failed");
+                    }
+                }
+            }
+            return false;
         }
+        if info.num_pending == 0 {
+            return false;
+        }
+        tracing::warn!(
+            topic = %self.topic, pending = info.num_pending, ?quiet,
+            "the pull delivered nothing although the consumer has messages; pulling again"
+        );
+        true
     }
 
     /// Waits a little after a failure, unless the subscription ends meanwhile.
@@ -503,9 +527,7 @@ impl Pulling {
         // state after a crash) and will redeliver what it lost only after the ack wait,
         // while new messages flow at once: the takeover trap. Rewinding to the ack floor
         // delivers everything unacknowledged again, in order, before anything new.
-        if self.rewinds || !claimed {
-            self.reset_to_floor().await?;
-        }
+        self.reset_to_floor().await?;
         self.last_read = floor;
         self.rewind = false;
         Ok(())
@@ -581,8 +603,8 @@ impl Pulling {
                             self.suspect("the consumer's pin moved");
                             return Ok(Step::Again);
                         }
-                        Ok(Pulled::Pinned) => {
-                            // Rewound again under the new pin.
+                        Ok(Pulled::Pinned(_)) => {
+                            // Dropped, and rewound again under the new pin.
                             self.claiming = false;
                             self.claimed = true;
                             self.rewind = true;
@@ -615,6 +637,11 @@ impl Pulling {
                     return Ok(Step::Again);
                 }
                 if got == 0 {
+                    if self.claiming {
+                        // The claim got nothing: another request holds the pin.
+                        self.suspect("the claim of the consumer's pin got nothing");
+                        return Ok(Step::Again);
+                    }
                     // The rest is gone from the stream (or comes as redeliveries).
                     if let Some(p) = &mut self.poison {
                         p.phase = Phase::Floor;
@@ -873,8 +900,13 @@ impl Pulling {
                     return Some(delivery(&self.topic, m, &mut self.counts, self.partition));
                 }
                 Ok(Pulled::Moved) => self.suspect("the consumer's pin moved"),
-                Ok(Pulled::Pinned) => {
-                    // Rewound again under the new pin.
+                Ok(Pulled::Pinned(m)) if !self.rewinds => {
+                    // The mutant check's naive handover: delivered, no rewind.
+                    self.claiming = false;
+                    return Some(delivery(&self.topic, m, &mut self.counts, self.partition));
+                }
+                Ok(Pulled::Pinned(_)) => {
+                    // Dropped, and rewound again under the new pin.
                     self.claiming = false;
                     self.claimed = true;
                     self.messages = None;
