@@ -49,10 +49,10 @@ async fn member(
     placement: Placement,
 ) -> GroupMembership {
     let js = async_nats::jetstream::new(async_nats::connect(url).await.expect("connect"));
-    let (lstore, ttl) = open_bucket(&js, leases, "test leases", TTL, "test")
+    let (lstore, ttl) = open_bucket(&js, leases, "test leases", TTL, 1, "test")
         .await
         .expect("leases");
-    let (mstore, _) = open_bucket(&js, members, "test members", TTL, "test")
+    let (mstore, _) = open_bucket(&js, members, "test members", TTL, 1, "test")
         .await
         .expect("members");
     let registry = Arc::new(KvRegistry::new(mstore, "S", "g"));
@@ -199,6 +199,7 @@ async fn an_expired_member_learns_it_at_its_heartbeat() {
         &members,
         "test members",
         Duration::from_secs(1),
+        1,
         "test",
     )
     .await

@@ -39,9 +39,10 @@ fn kv_key(parts: &[&str]) -> String {
     parts.join(".").replace('%', "=")
 }
 
-/// Opens the bucket `name`, or creates it with entries that expire after `max_age` and
-/// limit markers on. Returns the store and the max age it has (an existing bucket keeps
-/// its own, with a warning when it differs).
+/// Opens the bucket `name`, or creates it with entries that expire after `max_age`, limit
+/// markers on and `replicas` copies (on a cluster: the replicas of the streams it
+/// coordinates, so that it survives what they survive). Returns the store and the max age
+/// it has (an existing bucket keeps its own, with a warning when it differs).
 ///
 /// `setting` names the configuration key of `max_age` in errors.
 pub async fn open_bucket(
@@ -49,6 +50,7 @@ pub async fn open_bucket(
     name: &str,
     description: &str,
     max_age: Duration,
+    replicas: usize,
     setting: &str,
 ) -> Result<(kv::Store, Duration)> {
     let store = match js.get_key_value(name).await {
@@ -60,6 +62,7 @@ pub async fn open_bucket(
                 history: 1,
                 max_age,
                 limit_markers: Some(MARKER_TTL),
+                num_replicas: replicas.max(1),
                 ..kv::Config::default()
             })
             .await

@@ -42,7 +42,16 @@ impl JetStream {
         let r = cell
             .get_or_try_init(|| async {
                 let bucket = format!("{}{suffix}", self.inner.config.stream.prefix);
-                open_bucket(&self.inner.js, &bucket, description, max_age, setting).await
+                let replicas = self.inner.config.stream.replicas;
+                open_bucket(
+                    &self.inner.js,
+                    &bucket,
+                    description,
+                    max_age,
+                    replicas,
+                    setting,
+                )
+                .await
             })
             .await?;
         Ok(r.clone())

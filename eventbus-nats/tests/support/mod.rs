@@ -135,3 +135,53 @@ impl Drop for Server {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Three nats-server processes clustered on loopback ports, each with its own store, named
+/// `s0`, `s1` and `s2`.
+pub(crate) struct Cluster {
+    pub(crate) servers: Vec<Server>,
+}
+
+impl Cluster {
+    pub(crate) fn start(bin: &std::path::Path) -> Self {
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let servers = (0..3)
+            .map(|i| {
+                let others: Vec<String> = routes
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, p)| format!("nats://127.0.0.1:{p}"))
+                    .collect();
+                Server::start_with(
+                    bin.to_path_buf(),
+                    vec![
+                        "-n".to_owned(),
+                        format!("s{i}"),
+                        "--cluster_name".to_owned(),
+                        "dualbus".to_owned(),
+                        "--cluster".to_owned(),
+                        format!("nats://127.0.0.1:{}", routes[i]),
+                        "--routes".to_owned(),
+                        others.join(","),
+                    ],
+                )
+            })
+            .collect();
+        Self { servers }
+    }
+
+    /// Every server's client URL.
+    pub(crate) fn urls(&self) -> Vec<String> {
+        self.servers.iter().map(Server::url).collect()
+    }
+
+    /// The server named `name` (`s0`, `s1`, `s2`).
+    pub(crate) fn named(&mut self, name: &str) -> &mut Server {
+        let i: usize = name
+            .strip_prefix('s')
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("not a server of the cluster: {name}"));
+        &mut self.servers[i]
+    }
+}
