@@ -13,8 +13,8 @@
 
 mod support;
 
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::process::{Child, Command, Stdio};
+use std::io::Write as _;
+use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -71,27 +71,11 @@ struct Member {
 
 impl Member {
     fn start(url: &str, prefix: &str, topic: &str) -> Self {
-        let mut child = Command::new(std::env::current_exe().expect("test binary"))
-            .args([
-                "--ignored",
-                "--exact",
-                "member",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("DUALBUS_SCALE_OUT", format!("{url} {prefix} {topic}"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn a member process");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().expect("stdout");
-        let l = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                l.lock().push(line);
-            }
-        });
+        let (child, lines) = support::spawn_self(
+            "member",
+            "DUALBUS_SCALE_OUT",
+            format!("{url} {prefix} {topic}"),
+        );
         Self { child, lines }
     }
 
@@ -258,16 +242,10 @@ async fn members_share_a_topic_through_a_kill_and_a_join() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a child process of members_share_a_topic_through_a_kill_and_a_join"]
 async fn member() {
-    let Ok(args) = std::env::var("DUALBUS_SCALE_OUT") else {
+    let Some((url, prefix, topic)) = support::child_args("DUALBUS_SCALE_OUT") else {
         return;
     };
-    let mut args = args.split(' ');
-    let (url, prefix, topic) = (
-        args.next().expect("url"),
-        args.next().expect("prefix"),
-        args.next().expect("topic").to_owned(),
-    );
-    let bus = bus(url, prefix).await;
+    let bus = bus(&url, &prefix).await;
     let sub = bus
         .subscribe(&topic)
         .start(handler_fn(move |e: Event| async move {

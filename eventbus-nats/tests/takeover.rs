@@ -7,8 +7,6 @@
 
 mod support;
 
-use std::io::{BufRead as _, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,28 +38,11 @@ async fn a_standby_process_takes_over_from_a_killed_one() {
     let Some(url) = shared_url() else { return };
     let topic = unique_topic("js-kill").to_string();
     let prefix = format!("TK{}_", uuid::Uuid::now_v7().simple());
-    let mut child = Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "--ignored",
-            "--exact",
-            "holder",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("DUALBUS_TAKEOVER", format!("{url} {prefix} {topic}"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn the holder process");
-    // The child's lines, as they come.
-    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-    let out = child.stdout.take().expect("stdout");
-    let l = lines.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            l.lock().push(line);
-        }
-    });
+    let (mut child, lines) = support::spawn_self(
+        "holder",
+        "DUALBUS_TAKEOVER",
+        format!("{url} {prefix} {topic}"),
+    );
     let said = |what: &'static str| {
         let lines = lines.clone();
         // The test harness may print "test holder ... " before the first line.
@@ -156,16 +137,10 @@ async fn last_write(url: &str, bucket: &str) -> std::time::SystemTime {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "the child process of a_standby_process_takes_over_from_a_killed_one"]
 async fn holder() {
-    let Ok(args) = std::env::var("DUALBUS_TAKEOVER") else {
+    let Some((url, prefix, topic)) = support::child_args("DUALBUS_TAKEOVER") else {
         return;
     };
-    let mut args = args.split(' ');
-    let (url, prefix, topic) = (
-        args.next().expect("url"),
-        args.next().expect("prefix"),
-        args.next().expect("topic").to_owned(),
-    );
-    let bus = bus(url, prefix).await;
+    let bus = bus(&url, &prefix).await;
     let sub = bus
         .subscribe(&topic)
         .start(handler_fn(move |e: Event| async move {

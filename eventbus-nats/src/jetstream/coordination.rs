@@ -239,10 +239,22 @@ impl KvLeases {
     /// last renewal was sent less than two thirds of the TTL ago (the point where a lease
     /// whose renewals fail counts as lost, see [`LeaseStore::renew`]). No request.
     pub(crate) fn valid(&self, partition: u32, epoch: u64) -> bool {
+        self.held_under(partition, epoch)
+            .is_some_and(|h| self.fresh(&h))
+    }
+
+    /// The lease of `partition` this process holds under `epoch`.
+    fn held_under(&self, partition: u32, epoch: u64) -> Option<Held> {
         self.held
             .lock()
             .get(&partition)
-            .is_some_and(|h| h.epoch == epoch && h.renewed.elapsed() < self.ttl * 2 / 3)
+            .copied()
+            .filter(|h| h.epoch == epoch)
+    }
+
+    /// Whether `h` was last renewed less than two thirds of the TTL ago.
+    fn fresh(&self, h: &Held) -> bool {
+        h.renewed.elapsed() < self.ttl * 2 / 3
     }
 
     /// Whether the server still has `partition`'s lease as this process last wrote it under
@@ -250,13 +262,7 @@ impl KvLeases {
     pub(crate) async fn holds(&self, partition: u32, epoch: u64) -> Result<bool> {
         let writes = self.writes(partition);
         let _write = writes.lock().await;
-        let Some(h) = self
-            .held
-            .lock()
-            .get(&partition)
-            .copied()
-            .filter(|h| h.epoch == epoch && h.renewed.elapsed() < self.ttl * 2 / 3)
-        else {
+        let Some(h) = self.held_under(partition, epoch).filter(|h| self.fresh(h)) else {
             return Ok(false);
         };
         match self.store.entry(self.key(partition)).await {
@@ -320,13 +326,7 @@ impl LeaseStore for KvLeases {
     async fn renew(&self, partition: u32, member: &str, epoch: u64) -> Result<bool> {
         let writes = self.writes(partition);
         let _write = writes.lock().await;
-        let Some(h) = self
-            .held
-            .lock()
-            .get(&partition)
-            .copied()
-            .filter(|h| h.epoch == epoch)
-        else {
+        let Some(h) = self.held_under(partition, epoch) else {
             return Ok(false);
         };
         // The server's copy is at most this old once the update is acknowledged.
@@ -360,7 +360,7 @@ impl LeaseStore for KvLeases {
         };
         // Lost well before the server may expire it (a third of the TTL early): another
         // member must never find it free while this one still delivers.
-        if h.renewed.elapsed() >= self.ttl * 2 / 3 {
+        if !self.fresh(&h) {
             tracing::warn!(partition, error = %e, "the lease could not be renewed for two thirds of its TTL");
             self.held.lock().remove(&partition);
             return Ok(false);

@@ -473,18 +473,20 @@ impl Pulling {
 
     /// The rewind after a reconnect, with an unreadable message in the way or not.
     async fn rewind(&mut self) -> Result<()> {
+        // Only for the lease held now: a member back from a pause (a new connection) must
+        // not rewind a consumer another member owns by now.
+        let held = match self.epoch {
+            Some(epoch) => self.lease.holds(self.partition, epoch).await?,
+            None => false,
+        };
+        if !held {
+            self.suspect("the lease is not confirmed at the rewind");
+            return Ok(());
+        }
         if self.claiming {
             // The claim may have taken the pin with a message that never arrived (the
             // connection dropped, the request was lost): the server keeps the pin for a
-            // request that is gone. Move it again, if the lease is still this member's.
-            let held = match self.epoch {
-                Some(epoch) => self.lease.holds(self.partition, epoch).await?,
-                None => false,
-            };
-            if !held {
-                self.suspect("the lease is not confirmed while claiming the pin");
-                return Ok(());
-            }
+            // request that is gone. Move it again.
             self.move_pin().await?;
         }
         let (floor, delivered) = self.floor_and_delivered().await?;

@@ -185,3 +185,43 @@ impl Cluster {
         &mut self.servers[i]
     }
 }
+
+/// This test binary run again as a child process on the ignored test `test`, with `value`
+/// in the environment variable `var`; the lines it prints are collected as they come.
+pub(crate) fn spawn_self(
+    test: &str,
+    var: &str,
+    value: String,
+) -> (Child, std::sync::Arc<parking_lot::Mutex<Vec<String>>>) {
+    use std::io::BufRead as _;
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--ignored",
+            "--exact",
+            test,
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(var, value)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn a child process");
+    let lines = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let out = child.stdout.take().expect("stdout");
+    let l = lines.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            l.lock().push(line);
+        }
+    });
+    (child, lines)
+}
+
+/// The three space-separated arguments a child process gets in `var` (`None` when it is
+/// not a child).
+pub(crate) fn child_args(var: &str) -> Option<(String, String, String)> {
+    let args = std::env::var(var).ok()?;
+    let mut args = args.split(' ').map(str::to_owned);
+    Some((args.next()?, args.next()?, args.next()?))
+}
