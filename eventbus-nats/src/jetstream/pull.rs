@@ -285,6 +285,23 @@ impl Pulling {
         self.poison = None;
     }
 
+    /// The claim took the pin: its message is dropped, and the consumer is rewound again
+    /// under the new pin (what the claim got counts as no delivery).
+    fn pinned(&mut self) {
+        self.claiming = false;
+        self.claimed = true;
+        self.messages = None;
+        self.rewind = true;
+    }
+
+    /// Whether the lease bucket confirms the lease of the epoch delivered under now.
+    async fn lease_confirmed(&self) -> Result<bool> {
+        match self.epoch {
+            Some(epoch) => self.lease.holds(self.partition, epoch).await,
+            None => Ok(false),
+        }
+    }
+
     /// While suspect: asks the server whether the lease is still this subscriber's, every
     /// sixth of the lease's time, until it is (then the takeover again: unpin, rewind,
     /// pin) or the ownership changes. `false` when the subscription ends.
@@ -351,17 +368,15 @@ impl Pulling {
                 ack_pending = info.num_ack_pending, ?quiet,
                 "the claim of the consumer's pin got nothing; moving the pin again"
             );
-            if let Some(epoch) = self.epoch {
-                match self.lease.holds(self.partition, epoch).await {
-                    Ok(true) => {
-                        if let Err(e) = self.move_pin().await {
-                            tracing::debug!(topic = %self.topic, error = %e, "moving the pin failed");
-                        }
+            match self.lease_confirmed().await {
+                Ok(true) => {
+                    if let Err(e) = self.move_pin().await {
+                        tracing::debug!(topic = %self.topic, error = %e, "moving the pin failed");
                     }
-                    Ok(false) => self.suspect("the lease is not confirmed while claiming the pin"),
-                    Err(e) => {
-                        tracing::debug!(topic = %self.topic, error = %e, "confirming the lease failed");
-                    }
+                }
+                Ok(false) => self.suspect("the lease is not confirmed while claiming the pin"),
+                Err(e) => {
+                    tracing::debug!(topic = %self.topic, error = %e, "confirming the lease failed");
                 }
             }
             return false;
@@ -475,11 +490,7 @@ impl Pulling {
     async fn rewind(&mut self) -> Result<()> {
         // Only for the lease held now: a member back from a pause (a new connection) must
         // not rewind a consumer another member owns by now.
-        let held = match self.epoch {
-            Some(epoch) => self.lease.holds(self.partition, epoch).await?,
-            None => false,
-        };
-        if !held {
+        if !self.lease_confirmed().await? {
             self.suspect("the lease is not confirmed at the rewind");
             return Ok(());
         }
@@ -606,10 +617,7 @@ impl Pulling {
                             return Ok(Step::Again);
                         }
                         Ok(Pulled::Pinned(_)) => {
-                            // Dropped, and rewound again under the new pin.
-                            self.claiming = false;
-                            self.claimed = true;
-                            self.rewind = true;
+                            self.pinned();
                             return Ok(Step::Again);
                         }
                         Err(e) => {
@@ -907,13 +915,7 @@ impl Pulling {
                     self.claiming = false;
                     return Some(delivery(&self.topic, m, &mut self.counts, self.partition));
                 }
-                Ok(Pulled::Pinned(_)) => {
-                    // Dropped, and rewound again under the new pin.
-                    self.claiming = false;
-                    self.claimed = true;
-                    self.messages = None;
-                    self.rewind = true;
-                }
+                Ok(Pulled::Pinned(_)) => self.pinned(),
                 Ok(Pulled::Done) => {
                     self.messages = None;
                     self.rewind = true;
