@@ -1,4 +1,28 @@
-//! Configuration helpers shared by every crate: durations written as `30s`, `100ms`, `30d`.
+//! Configuration helpers shared by every crate: durations written as `30s`, `100ms`, `30d`,
+//! and secrets kept out of `Debug` output.
+
+/// A secret string: kept out of `Debug` output and logs.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
 
 /// Serde support for durations written as text (`"250ms"`, `"30s"`, `"5m"`, `"30d"`) or as a
 /// number of milliseconds.

@@ -57,6 +57,12 @@ impl AckFloor {
     pub fn acked_above(&self) -> usize {
         self.above.len()
     }
+
+    /// The offsets above the floor that are acknowledged, ascending (what a Kafka member
+    /// lists in its commit metadata so that the next owner skips them).
+    pub fn acked_above_offsets(&self) -> impl Iterator<Item = u64> + '_ {
+        self.above.iter().copied()
+    }
 }
 
 /// Delivery counts of one partition's messages that go on across a rewind, so that a
@@ -123,6 +129,7 @@ mod tests {
         assert!(!f.ack(12), "a gap at 10 and 11 holds the floor");
         assert!(!f.ack(11));
         assert_eq!((f.floor(), f.acked_above()), (10, 2));
+        assert_eq!(f.acked_above_offsets().collect::<Vec<_>>(), [11, 12]);
         assert!(f.is_acked(11) && !f.is_acked(10) && f.is_acked(9));
         assert!(f.ack(10), "the gap closed: the floor jumps past 12");
         assert_eq!((f.floor(), f.acked_above()), (13, 0));

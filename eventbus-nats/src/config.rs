@@ -8,30 +8,9 @@ use std::time::Duration;
 use dualbus_core::{Error, Result};
 use serde::Deserialize;
 
+pub use dualbus_core::config::Secret;
+
 use crate::{JetStreamConfig, unavailable};
-
-/// A secret string: kept out of `Debug` output and logs.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret.
-    pub fn new(secret: impl Into<String>) -> Self {
-        Self(secret.into())
-    }
-
-    /// The secret itself.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"***\"")
-    }
-}
 
 /// How the client authenticates.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]

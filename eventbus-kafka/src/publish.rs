@@ -1,0 +1,151 @@
+//! Publishing: one record per envelope, keyed by the aggregate id, resolved on the
+//! broker's delivery report.
+
+use std::future::Future;
+
+use dualbus_core::{Error, OutboundMessage, Position, Receipt, Result, Topic};
+use futures::future::join_all;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{DeliveryFuture, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::util::Timeout;
+
+use crate::config::Partitioner;
+use crate::partition::partition_of;
+use crate::{BACKEND, Kafka, headers, kafka_error};
+
+/// A record ready to go: its parts and, with sarama placement, its partition.
+struct Prepared {
+    key: String,
+    headers: rdkafka::message::OwnedHeaders,
+    payload: bytes::Bytes,
+    partition: Option<i32>,
+}
+
+impl Prepared {
+    fn record<'a>(&'a self, topic: &'a str) -> FutureRecord<'a, str, [u8]> {
+        let mut r = FutureRecord::to(topic)
+            .key(self.key.as_str())
+            .payload(self.payload.as_ref())
+            .headers(self.headers.clone());
+        if let Some(p) = self.partition {
+            r = r.partition(p);
+        }
+        r
+    }
+}
+
+fn receipt(delivery: rdkafka::producer::future_producer::Delivery) -> Result<Receipt> {
+    let partition =
+        u32::try_from(delivery.partition).map_err(|e| Error::backend(BACKEND, false, e))?;
+    let offset = u64::try_from(delivery.offset).map_err(|e| Error::backend(BACKEND, false, e))?;
+    Ok(Receipt::at(Position {
+        partition,
+        offset: u128::from(offset),
+    }))
+}
+
+fn delivered(
+    r: std::result::Result<rdkafka::producer::future_producer::Delivery, (KafkaError, rdkafka::message::OwnedMessage)>,
+) -> Result<Receipt> {
+    match r {
+        Ok(d) => receipt(d),
+        Err((e, _)) => Err(produce_error(e)),
+    }
+}
+
+fn produce_error(e: KafkaError) -> Error {
+    if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge) {
+        return Error::backend(
+            BACKEND,
+            false,
+            format!("{e}: the broker's or topic's message.max.bytes is below kafka.producer.max_message_bytes"),
+        );
+    }
+    kafka_error(e)
+}
+
+impl Kafka {
+    fn prepare(&self, message: OutboundMessage, partitions: u32) -> Prepared {
+        let m = message.into_parts();
+        let partition = match self.inner.config.producer.partitioner {
+            Partitioner::Murmur2Random => None,
+            p @ Partitioner::SaramaFnv1a => {
+                i32::try_from(partition_of(p, m.key.as_bytes(), partitions)).ok()
+            }
+        };
+        Prepared {
+            headers: headers::to_kafka(&m.headers),
+            key: m.key,
+            payload: m.payload,
+            partition,
+        }
+    }
+
+    pub(crate) async fn publish_one(
+        &self,
+        topic: &Topic,
+        message: OutboundMessage,
+    ) -> Result<Receipt> {
+        let partitions = self.inner.topics.ready(topic.as_str()).await?;
+        let p = self.prepare(message, partitions);
+        let wait = self.inner.config.producer.queue_full_wait;
+        delivered(
+            self.inner
+                .producer
+                .send(p.record(topic.as_str()), Timeout::After(wait))
+                .await,
+        )
+    }
+
+    /// Enqueues every record at once (pipelined), then waits for their reports. A record
+    /// that finds the local queue full waits (up to `queue_full_wait`) before the next is
+    /// enqueued, so that each aggregate's order holds.
+    pub(crate) async fn publish_many(
+        &self,
+        topic: &Topic,
+        messages: Vec<OutboundMessage>,
+    ) -> Vec<Result<Receipt>> {
+        let partitions = match self.inner.topics.ready(topic.as_str()).await {
+            Ok(n) => n,
+            Err(e) => {
+                return messages
+                    .iter()
+                    .map(|_| Err(crate::CloneKind::clone_kind(&e)))
+                    .collect();
+            }
+        };
+        let wait = self.inner.config.producer.queue_full_wait;
+        let prepared: Vec<Prepared> = messages
+            .into_iter()
+            .map(|m| self.prepare(m, partitions))
+            .collect();
+        let mut pending: Vec<Box<dyn Future<Output = Result<Receipt>> + Send + Unpin>> =
+            Vec::with_capacity(prepared.len());
+        for p in &prepared {
+            match self.inner.producer.send_result(p.record(topic.as_str())) {
+                Ok(f) => pending.push(Box::new(report(f))),
+                Err((e, _)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                    // Wait for room (bounded), keeping the order.
+                    let r = delivered(
+                        self.inner
+                            .producer
+                            .send(p.record(topic.as_str()), Timeout::After(wait))
+                            .await,
+                    );
+                    pending.push(Box::new(futures::future::ready(r)));
+                }
+                Err((e, _)) => pending.push(Box::new(futures::future::ready(Err(produce_error(e))))),
+            }
+        }
+        join_all(pending).await
+    }
+}
+
+fn report(f: DeliveryFuture) -> impl Future<Output = Result<Receipt>> + Send + Unpin {
+    use futures::FutureExt as _;
+    f.map(|r| match r {
+        Ok(r) => delivered(r),
+        Err(_) => Err(Error::closed("kafka producer")),
+    })
+}

@@ -1,0 +1,222 @@
+//! Reading by offset outside the group: replay of one aggregate, reading a deferred
+//! record again, and the group's lag.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use dualbus_core::{Error, InboundMessage, Position, Reread, Result, Topic};
+use parking_lot::Mutex;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::{BorrowedMessage, Message as _};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::partition::partition_of;
+use crate::topics::blocking;
+use crate::{BACKEND, Kafka, KafkaConfig, Logs, headers, kafka_error};
+
+/// The group id of clients that only read by offset (never committed, never joined).
+const READER_GROUP: &str = "dualbus-reader";
+
+fn reader(config: &KafkaConfig, group: &str) -> Result<BaseConsumer<Logs>> {
+    config
+        .reader_config(group)
+        .create_with_context(Logs)
+        .map_err(|e| Error::config("kafka.properties", e.to_string()))
+}
+
+fn part(p: u32) -> Result<i32> {
+    i32::try_from(p).map_err(|e| Error::backend(BACKEND, false, e))
+}
+
+/// A consumed record as the bus's inbound message; an unreadable one (key or header not
+/// UTF-8) with what the bus can keep of it, and the reason.
+pub(crate) fn inbound(topic: &str, m: &BorrowedMessage<'_>) -> (InboundMessage, Option<&'static str>) {
+    let (headers, mut problem) = match headers::from_kafka(m.headers()) {
+        Ok(h) => (h, None),
+        Err(why) => (dualbus_core::Headers::new(), Some(why)),
+    };
+    let key = match m.key().map(std::str::from_utf8) {
+        None => None,
+        Some(Ok(k)) => Some(k.to_owned()),
+        Some(Err(_)) => {
+            problem = problem.or(Some("the key is not UTF-8"));
+            None
+        }
+    };
+    let message = InboundMessage {
+        topic: topic.to_owned(),
+        key,
+        headers,
+        payload: bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+        position: Position {
+            partition: u32::try_from(m.partition()).unwrap_or(0),
+            offset: u128::from(u64::try_from(m.offset()).unwrap_or(0)),
+        },
+    };
+    (message, problem)
+}
+
+/// Reads records of one partition from `from` up to (not including) `to`, calling `each`
+/// for every record.
+fn scan(
+    consumer: &BaseConsumer<Logs>,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    to: i64,
+    timeout: Duration,
+    mut each: impl FnMut(&BorrowedMessage<'_>) -> bool,
+) -> Result<()> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(from))
+        .map_err(kafka_error)?;
+    consumer.assign(&tpl).map_err(kafka_error)?;
+    let mut last_progress = Instant::now();
+    let mut next = from;
+    while next < to {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                last_progress = Instant::now();
+                next = m.offset() + 1;
+                if m.offset() >= to || !each(&m) {
+                    break;
+                }
+            }
+            Some(Err(e)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) => {
+                break;
+            }
+            Some(Err(e)) => return Err(kafka_error(e)),
+            None if last_progress.elapsed() > timeout => {
+                return Err(Error::Timeout {
+                    operation: "reading a partition",
+                    after: timeout,
+                });
+            }
+            None => {}
+        }
+    }
+    consumer.unassign().map_err(kafka_error)
+}
+
+impl Kafka {
+    /// Every record of `topic` with key `key`: its partition (the key's hash over the
+    /// topic's partitions now) scanned from its first record to its end.
+    pub(crate) async fn replay_key(&self, topic: &Topic, key: &str) -> Result<Vec<InboundMessage>> {
+        let partitions = self.inner.topics.partitions(topic.as_str()).await?;
+        let p = part(partition_of(
+            self.inner.config.producer.partitioner,
+            key.as_bytes(),
+            partitions,
+        ))?;
+        let config = self.inner.config.clone();
+        let topic = topic.as_str().to_owned();
+        let key = key.to_owned();
+        blocking(move || {
+            let c = reader(&config, READER_GROUP)?;
+            let (low, high) = c
+                .fetch_watermarks(&topic, p, config.request_timeout)
+                .map_err(kafka_error)?;
+            let mut out = Vec::new();
+            scan(&c, &topic, p, low, high, config.request_timeout, |m| {
+                if m.key() == Some(key.as_bytes()) {
+                    let (message, problem) = inbound(&topic, m);
+                    if problem.is_none() {
+                        out.push(message);
+                    }
+                }
+                true
+            })?;
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The group's lag on `topic`: per partition, the log end minus the committed offset
+    /// (minus the first offset where nothing is committed), summed.
+    pub(crate) async fn lag(&self, topic: &Topic, group: &str) -> Result<u64> {
+        let partitions = self.inner.topics.partitions(topic.as_str()).await?;
+        let config = self.inner.config.clone();
+        let topic = topic.as_str().to_owned();
+        let group = group.to_owned();
+        blocking(move || {
+            let c = reader(&config, &group)?;
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..partitions {
+                tpl.add_partition(&topic, part(p)?);
+            }
+            let committed = c
+                .committed_offsets(tpl, config.request_timeout)
+                .map_err(kafka_error)?;
+            let mut lag = 0u64;
+            for e in committed.elements_for_topic(&topic) {
+                let (low, high) = c
+                    .fetch_watermarks(&topic, e.partition(), config.request_timeout)
+                    .map_err(kafka_error)?;
+                let from = match e.offset() {
+                    Offset::Offset(o) => o.max(low),
+                    _ => low,
+                };
+                lag += u64::try_from(high - from).unwrap_or(0);
+            }
+            Ok(lag)
+        })
+        .await
+    }
+
+    /// Reads deferred records again by offset, for the keyed pool.
+    pub(crate) fn reread(&self, topic: &Topic) -> Arc<dyn Reread> {
+        Arc::new(KafkaReread {
+            config: self.inner.config.clone(),
+            topic: topic.as_str().to_owned(),
+            consumer: Arc::new(Mutex::new(None)),
+        })
+    }
+}
+
+/// Reads one record by offset with a reader client kept between calls.
+struct KafkaReread {
+    config: Arc<KafkaConfig>,
+    topic: String,
+    consumer: Arc<Mutex<Option<BaseConsumer<Logs>>>>,
+}
+
+#[async_trait]
+impl Reread for KafkaReread {
+    async fn reread(&self, position: Position) -> Result<InboundMessage> {
+        let config = self.config.clone();
+        let topic = self.topic.clone();
+        let slot = self.consumer.clone();
+        blocking(move || {
+            let p = part(position.partition)?;
+            let offset = i64::try_from(position.offset).map_err(|e| Error::backend(BACKEND, false, e))?;
+            let mut guard = slot.lock();
+            if guard.is_none() {
+                *guard = Some(reader(&config, READER_GROUP)?);
+            }
+            let Some(c) = guard.as_ref() else {
+                return Err(Error::closed("kafka reader"));
+            };
+            let mut found = None;
+            let mut skipped_to = None;
+            scan(c, &topic, p, offset, offset + 1, config.request_timeout, |m| {
+                if m.offset() == offset {
+                    found = Some(inbound(&topic, m).0);
+                } else {
+                    skipped_to = Some(m.offset());
+                }
+                false
+            })?;
+            match (found, skipped_to) {
+                (Some(m), _) => Ok(m),
+                (None, _) => Err(Error::backend(
+                    BACKEND,
+                    false,
+                    format!("offset {offset} of {topic}[{p}] is no longer held by the broker"),
+                )),
+            }
+        })
+        .await
+    }
+}
