@@ -16,6 +16,7 @@ step() { printf '\n==> %s\n' "$*"; }
 servers_dir="$(mktemp -d)"
 cleanup() {
   if [ -f "$servers_dir/nats.pid" ]; then kill "$(cat "$servers_dir/nats.pid")" 2>/dev/null || true; fi
+  if [ -f "$servers_dir/kafka.pid" ]; then kill "$(cat "$servers_dir/kafka.pid")" 2>/dev/null || true; fi
   rm -rf "$servers_dir"
 }
 trap cleanup EXIT
@@ -53,6 +54,14 @@ wait_port "$nats_port"
 export DUALBUS_TEST_NATS_URL="nats://127.0.0.1:$nats_port"
 export DUALBUS_NATS_SERVER="$nats_server"
 echo "nats-server on $DUALBUS_TEST_NATS_URL"
+
+step "Kafka broker"
+# Java and Maven come with the machine; the broker's jars are fetched once (scripts/kafka.sh).
+kafka_port="$(free_port)"
+kafka_cport="$(free_port)"
+./scripts/kafka-broker.sh "$servers_dir/kafka" "$kafka_port" "$kafka_cport" > "$servers_dir/kafka.pid"
+export DUALBUS_TEST_KAFKA_BOOTSTRAP="127.0.0.1:$kafka_port"
+echo "Kafka broker on $DUALBUS_TEST_KAFKA_BOOTSTRAP (pid $(cat "$servers_dir/kafka.pid"))"
 export RUSTFLAGS="${RUSTFLAGS:-} -D warnings"
 export RUSTDOCFLAGS="${RUSTDOCFLAGS:-} -D warnings"
 # Network tests fail instead of skipping when their server is missing.
@@ -136,7 +145,7 @@ step "cargo package"
 # same. Drop both for our own crates, so that the siblings are verified as they are now.
 cargo_home="${CARGO_HOME:-$HOME/.cargo}"
 rm -rf "$CARGO_TARGET_DIR/package" "$cargo_home"/registry/src/*/dualbus-* "$cargo_home"/registry/cache/*/dualbus-*
-cargo clean -p dualbus-core -p dualbus-memory -p dualbus-nats -p dualbus
+cargo clean -p dualbus-core -p dualbus-memory -p dualbus-nats -p dualbus-kafka -p dualbus
 cargo package --workspace --allow-dirty
 
 echo

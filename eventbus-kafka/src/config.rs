@@ -271,6 +271,8 @@ pub struct TopicSettings {
     /// Partitions of a created topic: at most this many members of a group share it.
     /// Default 16.
     pub partitions: u32,
+    /// Partitions of particular created topics, by topic name (over `partitions`).
+    pub partitions_of: BTreeMap<String, u32>,
     /// Replication factor of a created topic; -1 (the default) takes the broker's
     /// `default.replication.factor`.
     pub replication: i32,
@@ -286,6 +288,7 @@ impl Default for TopicSettings {
         Self {
             create: true,
             partitions: 16,
+            partitions_of: BTreeMap::new(),
             replication: -1,
             retention: None,
             configs: BTreeMap::new(),
@@ -383,9 +386,16 @@ impl fmt::Debug for KafkaConfig {
 /// Whether a librdkafka property holds a secret (its value never shown).
 fn is_secret_property(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
-    ["password", "secret", "token", ".pem", "jaas", "sasl.oauthbearer.config"]
-        .iter()
-        .any(|s| n.contains(s))
+    [
+        "password",
+        "secret",
+        "token",
+        ".pem",
+        "jaas",
+        "sasl.oauthbearer.config",
+    ]
+    .iter()
+    .any(|s| n.contains(s))
 }
 
 impl Default for KafkaConfig {
@@ -494,6 +504,14 @@ impl KafkaConfig {
         if self.topics.partitions == 0 {
             return Err(Error::config("kafka.topics.partitions", "at least 1"));
         }
+        for (topic, p) in &self.topics.partitions_of {
+            if *p == 0 {
+                return Err(Error::config(
+                    format!("kafka.topics.partitions_of.{topic}"),
+                    "at least 1",
+                ));
+            }
+        }
         if self.topics.replication == 0 || self.topics.replication < -1 {
             return Err(Error::config(
                 "kafka.topics.replication",
@@ -521,8 +539,7 @@ impl KafkaConfig {
                 "SASL needs a user name and a password",
             ));
         }
-        #[cfg(not(feature = "ssl"))]
-        {
+        if !cfg!(feature = "ssl") {
             if s.protocol.uses_tls() {
                 return Err(Error::config(
                     "kafka.security.protocol",
@@ -631,7 +648,10 @@ impl KafkaConfig {
         c.set("enable.auto.commit", "false");
         c.set("enable.auto.offset.store", "false");
         c.set("enable.partition.eof", "true");
-        c.set("fetch.queue.backoff.ms", millis(self.consumer.fetch_queue_backoff));
+        c.set(
+            "fetch.queue.backoff.ms",
+            millis(self.consumer.fetch_queue_backoff),
+        );
         self.raw(&mut c);
         c
     }
@@ -672,15 +692,24 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         };
-        assert_eq!(bad(|c| c.bootstrap_servers.clear()), "kafka.bootstrap_servers");
+        assert_eq!(
+            bad(|c| c.bootstrap_servers.clear()),
+            "kafka.bootstrap_servers"
+        );
         assert_eq!(bad(|c| c.producer.acks = "1".into()), "kafka.producer.acks");
-        assert_eq!(bad(|c| c.producer.acks = "two".into()), "kafka.producer.acks");
+        assert_eq!(
+            bad(|c| c.producer.acks = "two".into()),
+            "kafka.producer.acks"
+        );
         assert_eq!(
             bad(|c| c.consumer.revoke_timeout = c.consumer.max_poll_interval),
             "kafka.consumer.revoke_timeout"
         );
         assert_eq!(bad(|c| c.topics.partitions = 0), "kafka.topics.partitions");
-        assert_eq!(bad(|c| c.topics.replication = 0), "kafka.topics.replication");
+        assert_eq!(
+            bad(|c| c.topics.replication = 0),
+            "kafka.topics.replication"
+        );
         assert_eq!(
             bad(|c| {
                 c.properties
@@ -707,7 +736,10 @@ mod tests {
             serde_json::from_str(r#"{"retention": "forever", "partitions": 3}"#).unwrap();
         assert_eq!(t.retention.map(TopicRetention::as_millis), Some(-1));
         let t: TopicSettings = serde_json::from_str(r#"{"retention": "7d"}"#).unwrap();
-        assert_eq!(t.retention.map(TopicRetention::as_millis), Some(604_800_000));
+        assert_eq!(
+            t.retention.map(TopicRetention::as_millis),
+            Some(604_800_000)
+        );
         let p: ProducerSettings =
             serde_json::from_str(r#"{"partitioner": "sarama-fnv1a", "linger": "20ms"}"#).unwrap();
         assert_eq!(

@@ -32,7 +32,7 @@ use async_trait::async_trait;
 use dualbus_core::offsets::{AckFloor, DeliveryCounter};
 use dualbus_core::{
     Acker, Delivery, DomainSubscription, Error, GroupControl, GroupEvent, GroupMembership,
-    PartitionControl, Result, Reread, StartPosition, SubscriptionSpec,
+    PartitionControl, Reread, Result, StartPosition, SubscriptionSpec,
 };
 use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext};
@@ -266,9 +266,7 @@ impl Ctx {
                 _ => {
                     // Nothing committed (or the mutant's naive takeover): the topic's start
                     // or end.
-                    let (low, high) = c
-                        .fetch_watermarks(&topic, pi, timeout)
-                        .unwrap_or((0, 0));
+                    let (low, high) = c.fetch_watermarks(&topic, pi, timeout).unwrap_or((0, 0));
                     let naive = offset.is_some();
                     let at = if naive || self.start == StartPosition::Latest {
                         high
@@ -301,7 +299,9 @@ impl Ctx {
                     held: true,
                 },
             );
-            let Ok(start_i) = i64::try_from(start) else { continue };
+            let Ok(start_i) = i64::try_from(start) else {
+                continue;
+            };
             if assign
                 .add_partition_offset(&topic, pi, Offset::Offset(start_i))
                 .is_ok()
@@ -547,9 +547,16 @@ impl Ctx {
                 continue;
             };
             if owned {
-                match c.seek(&self.shared.topic, p, Offset::Offset(o), Duration::from_secs(5)) {
+                match c.seek(
+                    &self.shared.topic,
+                    p,
+                    Offset::Offset(o),
+                    Duration::from_secs(5),
+                ) {
                     Ok(()) => sought.push((s.partition, s.offset)),
-                    Err(e) => tracing::warn!(topic = %self.shared.topic, partition = p, error = %e, "seek back to a released record failed"),
+                    Err(e) => {
+                        tracing::warn!(topic = %self.shared.topic, partition = p, error = %e, "seek back to a released record failed")
+                    }
                 }
             }
         }
@@ -832,12 +839,7 @@ fn run(c: &BaseConsumer<Ctx>, shared: &Arc<Shared>, tx: &tmpsc::Sender<Result<De
     }
 }
 
-fn commit_if_due(
-    c: &BaseConsumer<Ctx>,
-    shared: &Shared,
-    next: &mut Instant,
-    interval: Duration,
-) {
+fn commit_if_due(c: &BaseConsumer<Ctx>, shared: &Shared, next: &mut Instant, interval: Duration) {
     let now = Instant::now();
     if now < *next {
         return;

@@ -148,29 +148,29 @@ impl std::fmt::Debug for Kafka {
 /// A librdkafka error that may go away (a broker down, a timeout, a full queue).
 pub(crate) fn kafka_error(e: rdkafka::error::KafkaError) -> Error {
     use rdkafka::types::RDKafkaErrorCode as C;
-    let transient = match e.rdkafka_error_code() {
+    let transient = matches!(
+        e.rdkafka_error_code(),
         Some(
             C::BrokerTransportFailure
-            | C::AllBrokersDown
-            | C::MessageTimedOut
-            | C::OperationTimedOut
-            | C::RequestTimedOut
-            | C::QueueFull
-            | C::LeaderNotAvailable
-            | C::NotLeaderForPartition
-            | C::NetworkException
-            | C::NotEnoughReplicas
-            | C::NotEnoughReplicasAfterAppend
-            | C::NotCoordinator
-            | C::CoordinatorNotAvailable
-            | C::CoordinatorLoadInProgress
-            | C::Resolve
-            | C::UnknownTopicOrPartition
-            | C::UnknownLeaderEpoch
-            | C::RebalanceInProgress,
-        ) => true,
-        _ => false,
-    };
+                | C::AllBrokersDown
+                | C::MessageTimedOut
+                | C::OperationTimedOut
+                | C::RequestTimedOut
+                | C::QueueFull
+                | C::LeaderNotAvailable
+                | C::NotLeaderForPartition
+                | C::NetworkException
+                | C::NotEnoughReplicas
+                | C::NotEnoughReplicasAfterAppend
+                | C::NotCoordinator
+                | C::CoordinatorNotAvailable
+                | C::CoordinatorLoadInProgress
+                | C::Resolve
+                | C::UnknownTopicOrPartition
+                | C::UnknownLeaderEpoch
+                | C::RebalanceInProgress,
+        )
+    );
     if transient {
         Error::Unavailable {
             backend: BACKEND,
@@ -354,8 +354,8 @@ impl CloneKind for Error {
     /// The same kind of error for every message of a refused batch.
     fn clone_kind(&self) -> Error {
         match self {
-            Error::Closed { what } => Error::Closed { what },
-            other => Error::backend(BACKEND, other.is_retryable(), other.to_string()),
+            Self::Closed { what } => Self::Closed { what },
+            other => Self::backend(BACKEND, other.is_retryable(), other.to_string()),
         }
     }
 }

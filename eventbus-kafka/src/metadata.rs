@@ -178,9 +178,9 @@ pub(crate) fn decode(committed: u64, text: &str) -> CommitMeta {
                     .iter()
                     .enumerate()
                     .flat_map(|(byte, b)| {
-                        (0u8..8).filter(move |bit| b & (1 << bit) != 0).map(move |bit| {
-                            committed + (byte as u64) * 8 + u64::from(bit)
-                        })
+                        (0u8..8)
+                            .filter(move |bit| b & (1 << bit) != 0)
+                            .map(move |bit| committed + (byte as u64) * 8 + u64::from(bit))
                     })
                     .collect();
             }
@@ -259,6 +259,11 @@ mod tests {
         let cut = &e[..e.len() - 1];
         assert_eq!(decode(0, cut).epoch, 2);
         // Offsets at or below the committed one are not trusted.
-        assert!(decode(10, "dualbus:1;e=1;b=_w").completed.iter().all(|o| *o > 10));
+        assert!(
+            decode(10, "dualbus:1;e=1;b=_w")
+                .completed
+                .iter()
+                .all(|o| *o > 10)
+        );
     }
 }

@@ -46,7 +46,10 @@ fn receipt(delivery: rdkafka::producer::future_producer::Delivery) -> Result<Rec
 }
 
 fn delivered(
-    r: std::result::Result<rdkafka::producer::future_producer::Delivery, (KafkaError, rdkafka::message::OwnedMessage)>,
+    r: std::result::Result<
+        rdkafka::producer::future_producer::Delivery,
+        (KafkaError, rdkafka::message::OwnedMessage),
+    >,
 ) -> Result<Receipt> {
     match r {
         Ok(d) => receipt(d),
@@ -59,7 +62,9 @@ fn produce_error(e: KafkaError) -> Error {
         return Error::backend(
             BACKEND,
             false,
-            format!("{e}: the broker's or topic's message.max.bytes is below kafka.producer.max_message_bytes"),
+            format!(
+                "{e}: the broker's or topic's message.max.bytes is below kafka.producer.max_message_bytes"
+            ),
         );
     }
     kafka_error(e)
@@ -135,7 +140,9 @@ impl Kafka {
                     );
                     pending.push(Box::new(futures::future::ready(r)));
                 }
-                Err((e, _)) => pending.push(Box::new(futures::future::ready(Err(produce_error(e))))),
+                Err((e, _)) => {
+                    pending.push(Box::new(futures::future::ready(Err(produce_error(e)))))
+                }
             }
         }
         join_all(pending).await

@@ -8,9 +8,9 @@ use async_trait::async_trait;
 use dualbus_core::{Error, InboundMessage, Position, Reread, Result, Topic};
 use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::types::RDKafkaErrorCode;
 
 use crate::partition::partition_of;
 use crate::topics::blocking;
@@ -32,7 +32,10 @@ fn part(p: u32) -> Result<i32> {
 
 /// A consumed record as the bus's inbound message; an unreadable one (key or header not
 /// UTF-8) with what the bus can keep of it, and the reason.
-pub(crate) fn inbound(topic: &str, m: &BorrowedMessage<'_>) -> (InboundMessage, Option<&'static str>) {
+pub(crate) fn inbound(
+    topic: &str,
+    m: &BorrowedMessage<'_>,
+) -> (InboundMessage, Option<&'static str>) {
     let (headers, mut problem) = match headers::from_kafka(m.headers()) {
         Ok(h) => (h, None),
         Err(why) => (dualbus_core::Headers::new(), Some(why)),
@@ -84,9 +87,17 @@ fn scan(
                     break;
                 }
             }
-            Some(Err(e)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) => {
-                break;
+            Some(Err(KafkaError::PartitionEOF(p))) if p == partition => {
+                // Possibly left over from an earlier assignment: the end only counts when
+                // the partition really ends before `next`.
+                let (_, high) = consumer
+                    .fetch_watermarks(topic, partition, timeout)
+                    .map_err(kafka_error)?;
+                if next >= high {
+                    break;
+                }
             }
+            Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(e)) => return Err(kafka_error(e)),
             None if last_progress.elapsed() > timeout => {
                 return Err(Error::Timeout {
@@ -170,52 +181,102 @@ impl Kafka {
         Arc::new(KafkaReread {
             config: self.inner.config.clone(),
             topic: topic.as_str().to_owned(),
-            consumer: Arc::new(Mutex::new(None)),
+            state: Arc::new(Mutex::new(RereadState::default())),
         })
     }
 }
 
-/// Reads one record by offset with a reader client kept between calls.
+/// How many records a reread reads ahead of the one asked for: deferred records of one
+/// aggregate are asked for one after another, each a little further into the partition.
+const READ_AHEAD: i64 = 512;
+
+/// How many records read ahead are kept at most.
+const CACHE_MAX: usize = 8192;
+
+/// Reads one record by offset with a reader client kept between calls, and the records
+/// after it read ahead into a bounded cache.
 struct KafkaReread {
     config: Arc<KafkaConfig>,
     topic: String,
-    consumer: Arc<Mutex<Option<BaseConsumer<Logs>>>>,
+    state: Arc<Mutex<RereadState>>,
+}
+
+#[derive(Default)]
+struct RereadState {
+    consumer: Option<BaseConsumer<Logs>>,
+    cache: std::collections::BTreeMap<(u32, u64), InboundMessage>,
 }
 
 #[async_trait]
 impl Reread for KafkaReread {
     async fn reread(&self, position: Position) -> Result<InboundMessage> {
+        let key = (
+            position.partition,
+            u64::try_from(position.offset).map_err(|e| Error::backend(BACKEND, false, e))?,
+        );
+        if let Some(m) = self.state.lock().cache.remove(&key) {
+            return Ok(m);
+        }
         let config = self.config.clone();
         let topic = self.topic.clone();
-        let slot = self.consumer.clone();
+        let state = self.state.clone();
         blocking(move || {
             let p = part(position.partition)?;
-            let offset = i64::try_from(position.offset).map_err(|e| Error::backend(BACKEND, false, e))?;
-            let mut guard = slot.lock();
-            if guard.is_none() {
-                *guard = Some(reader(&config, READER_GROUP)?);
+            let offset = i64::try_from(key.1).map_err(|e| Error::backend(BACKEND, false, e))?;
+            let mut st = state.lock();
+            if let Some(m) = st.cache.remove(&key) {
+                return Ok(m);
             }
-            let Some(c) = guard.as_ref() else {
+            if st.consumer.is_none() {
+                st.consumer = Some(reader(&config, READER_GROUP)?);
+            }
+            let RereadState { consumer, cache } = &mut *st;
+            let Some(c) = consumer.as_ref() else {
                 return Err(Error::closed("kafka reader"));
             };
             let mut found = None;
-            let mut skipped_to = None;
-            scan(c, &topic, p, offset, offset + 1, config.request_timeout, |m| {
-                if m.offset() == offset {
-                    found = Some(inbound(&topic, m).0);
+            // Any failure to read is worth another try: only a record the broker no
+            // longer holds is a permanent error (the pool dead-letters on those).
+            let retryable = |e: Error| {
+                if e.is_retryable() {
+                    e
                 } else {
-                    skipped_to = Some(m.offset());
+                    Error::Unavailable {
+                        backend: BACKEND,
+                        source: Box::new(e),
+                    }
                 }
-                false
-            })?;
-            match (found, skipped_to) {
-                (Some(m), _) => Ok(m),
-                (None, _) => Err(Error::backend(
+            };
+            scan(
+                c,
+                &topic,
+                p,
+                offset,
+                offset + READ_AHEAD,
+                config.request_timeout,
+                |m| {
+                    let (message, problem) = inbound(&topic, m);
+                    if m.offset() == offset {
+                        found = Some(message);
+                    } else if problem.is_none()
+                        && let Ok(o) = u64::try_from(m.offset())
+                    {
+                        cache.insert((key.0, o), message);
+                    }
+                    true
+                },
+            )
+            .map_err(retryable)?;
+            while cache.len() > CACHE_MAX {
+                cache.pop_first();
+            }
+            found.ok_or_else(|| {
+                Error::backend(
                     BACKEND,
                     false,
                     format!("offset {offset} of {topic}[{p}] is no longer held by the broker"),
-                )),
-            }
+                )
+            })
         })
         .await
     }

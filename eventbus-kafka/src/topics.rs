@@ -109,7 +109,7 @@ impl Topics {
     async fn create(&self, topic: &str) -> Result<()> {
         let t = &self.config.topics;
         let retention = t.retention.map(|r| r.as_millis().to_string());
-        let partitions = i32::try_from(t.partitions)
+        let partitions = i32::try_from(t.partitions_of.get(topic).copied().unwrap_or(t.partitions))
             .map_err(|_| Error::config("kafka.topics.partitions", "too many partitions"))?;
         let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(t.replication));
         if let Some(r) = &retention {

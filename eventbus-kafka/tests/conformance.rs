@@ -31,6 +31,10 @@ fn backend() -> KafkaBackend {
 impl Backend for KafkaBackend {
     async fn domain(&self) -> Result<DynDomainTransport> {
         let b = self.bootstrap.clone().expect("available() was checked");
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         Ok(Arc::new(Kafka::connect(support::fast_config(&b)).await?))
     }
 

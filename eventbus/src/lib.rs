@@ -59,8 +59,15 @@
     not(feature = "nats"),
     doc = "- `nats` (feature off in this build): the domain bus on NATS JetStream and the simple bus on core NATS."
 )]
-//! - Kafka and Redis (Streams + pub/sub) follow as their own crates behind the features
-//!   `kafka` and `redis`.
+#![cfg_attr(
+    feature = "kafka",
+    doc = "- [`kafka`]: the domain bus on Kafka topics (consumer groups of the broker)."
+)]
+#![cfg_attr(
+    not(feature = "kafka"),
+    doc = "- `kafka` (feature off in this build): the domain bus on Kafka topics."
+)]
+//! - Redis (Streams + pub/sub) follows as its own crate behind the feature `redis`.
 //!
 //! ## Features
 //!
@@ -69,6 +76,7 @@
 //! | `memory` | yes | the in-process backend (`dualbus-memory`) |
 //! | `config` | yes | [`Buses::from_config`] from YAML / TOML / `DUALBUS__` environment variables |
 //! | `nats` | no | the NATS backend (`dualbus-nats`): domain bus on JetStream, simple bus on core NATS |
+//! | `kafka` | no | the Kafka backend (`dualbus-kafka`, compiles librdkafka): domain bus on Kafka |
 //! | `full` | no | everything |
 //!
 //! With no features at all the crate still builds: the core types and buses, with the
@@ -120,6 +128,11 @@ pub use dualbus_memory as memory;
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub use dualbus_nats as nats;
+
+/// The Kafka backend.
+#[cfg(feature = "kafka")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
+pub use dualbus_kafka as kafka;
 
 /// Traits to import with `use dualbus::prelude::*`.
 pub mod prelude {

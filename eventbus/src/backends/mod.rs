@@ -23,6 +23,8 @@ use serde::de::DeserializeOwned;
 
 use crate::config::{BackendKind, Config, Raw};
 
+#[cfg(feature = "kafka")]
+mod kafka;
 #[cfg(feature = "memory")]
 mod memory;
 #[cfg(feature = "nats")]
@@ -34,6 +36,8 @@ pub(crate) const TABLE: &[Backend] = &[
     memory::BACKEND,
     #[cfg(feature = "nats")]
     nats::BACKEND,
+    #[cfg(feature = "kafka")]
+    kafka::BACKEND,
 ];
 
 /// One of the two buses.
@@ -121,7 +125,10 @@ pub(crate) struct Backend {
 /// What [`Backend::build`] is asked for.
 #[derive(Debug, Clone, Copy)]
 // Read by the entries; a build without backends has none.
-#[cfg_attr(not(any(feature = "memory", feature = "nats")), allow(dead_code))]
+#[cfg_attr(
+    not(any(feature = "memory", feature = "nats", feature = "kafka")),
+    allow(dead_code)
+)]
 pub(crate) struct Build<'a> {
     /// The whole (validated) configuration: the backend reads its own sections and the
     /// backend-neutral settings (`domain.group`, `domain.topics`).
