@@ -107,6 +107,11 @@ NATS_URL="$DUALBUS_TEST_NATS_URL" cargo run -q -p dualbus --features nats --exam
 cat "$servers_dir/nats_example.out"
 no_escapes "$servers_dir/nats_example.out"
 
+step "example on Kafka: event sourcing with two group members, output piped"
+KAFKA_BOOTSTRAP="$DUALBUS_TEST_KAFKA_BOOTSTRAP" cargo run -q -p dualbus --features kafka --example kafka_event_sourcing > "$servers_dir/kafka_example.out" 2>&1 || { cat "$servers_dir/kafka_example.out"; exit 1; }
+cat "$servers_dir/kafka_example.out"
+no_escapes "$servers_dir/kafka_example.out"
+
 step "example: replicas across processes on NATS (one killed, one joining)"
 cargo build -q -p dualbus --features nats --example nats_scale_out
 scale="$CARGO_TARGET_DIR/debug/examples/nats_scale_out"

@@ -46,6 +46,9 @@ use crate::metadata::{self, CommitMeta};
 use crate::reader::inbound;
 use crate::{BACKEND, KafkaConfig, Logs, kafka_error};
 
+/// When the mutant's naive takeover reads the former owner's unfinished records again.
+const NAIVE_REDELIVERY: Duration = Duration::from_secs(5);
+
 /// What the pool (or the transport) asks of the member's thread.
 enum Cmd {
     Rewind(u32, u64, oneshot::Sender<Result<()>>),
@@ -88,7 +91,7 @@ struct Shared {
     finished: AtomicBool,
     /// An asynchronous commit failed: commit every partition again.
     recommit: AtomicBool,
-    metadata_overflows: AtomicU64,
+    metadata_overflows: Arc<AtomicU64>,
 }
 
 impl Shared {
@@ -261,14 +264,13 @@ impl Ctx {
                     Offset::Offset(o) => (u64::try_from(o).ok(), e.metadata().to_owned()),
                     _ => (None, e.metadata().to_owned()),
                 });
+            let prior = offset.map_or_else(CommitMeta::default, |o| metadata::decode(o, &meta));
             let start = match offset {
-                Some(o) if self.shared.config.rewind => Some(o),
-                _ => {
-                    // Nothing committed (or the mutant's naive takeover): the topic's start
-                    // or end.
+                Some(o) => Some(o),
+                None => {
+                    // Nothing committed: the topic's start or end.
                     let (low, high) = c.fetch_watermarks(&topic, pi, timeout).unwrap_or((0, 0));
-                    let naive = offset.is_some();
-                    let at = if naive || self.start == StartPosition::Latest {
+                    let at = if self.start == StartPosition::Latest {
                         high
                     } else {
                         low
@@ -277,7 +279,21 @@ impl Ctx {
                 }
             };
             let Some(start) = start else { continue };
-            let prior = offset.map_or_else(CommitMeta::default, |o| metadata::decode(o, &meta));
+            // The mutant's naive takeover: fetch from where the former owner had read,
+            // not from what it completed; what it left unfinished is read again only
+            // after a delay (as a broker's redelivery timeout would bring it).
+            let fetch_from = match (offset, prior.delivered_through) {
+                (Some(_), Some(d)) if !self.shared.config.rewind => {
+                    self.shared.seeks.lock().push(Seek {
+                        due: Instant::now() + NAIVE_REDELIVERY,
+                        partition: *p,
+                        offset: start,
+                        epoch: prior.epoch + 1,
+                    });
+                    d + 1
+                }
+                _ => start,
+            };
             let mut floor = AckFloor::new(start);
             for o in &prior.completed {
                 floor.ack(*o);
@@ -299,7 +315,7 @@ impl Ctx {
                     held: true,
                 },
             );
-            let Ok(start_i) = i64::try_from(start) else {
+            let Ok(start_i) = i64::try_from(fetch_from) else {
                 continue;
             };
             if assign
@@ -671,10 +687,6 @@ impl Member {
         self.shared.finished.load(Ordering::Acquire)
     }
 
-    pub(crate) fn metadata_overflows(&self) -> u64 {
-        self.shared.metadata_overflows.load(Ordering::Relaxed)
-    }
-
     /// Commits what completed, now.
     pub(crate) async fn flush(&self) -> Result<()> {
         if self.finished() {
@@ -709,8 +721,8 @@ impl Member {
 pub(crate) fn start(
     config: Arc<KafkaConfig>,
     spec: SubscriptionSpec,
-    _partitions: u32,
     reread: Arc<dyn Reread>,
+    metadata_overflows: Arc<AtomicU64>,
 ) -> Result<(Member, DomainSubscription)> {
     let topic = spec.topic.as_str().to_owned();
     let shared = Arc::new(Shared {
@@ -722,7 +734,7 @@ pub(crate) fn start(
         stop: AtomicBool::new(false),
         finished: AtomicBool::new(false),
         recommit: AtomicBool::new(false),
-        metadata_overflows: AtomicU64::new(0),
+        metadata_overflows,
     });
     let (cmd_tx, cmd_rx) = mpsc::channel();
     let (event_tx, mut event_rx) = tmpsc::unbounded_channel();

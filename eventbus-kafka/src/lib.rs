@@ -133,6 +133,8 @@ pub(crate) struct Inner {
     pub(crate) producer: FutureProducer<Logs>,
     pub(crate) topics: Topics,
     closed: AtomicBool,
+    /// Commits whose out-of-order set did not fit the metadata limit.
+    metadata_overflows: Arc<std::sync::atomic::AtomicU64>,
     /// Live members of this transport's subscriptions, by (topic, group).
     members: Mutex<HashMap<(String, String), Vec<Member>>>,
 }
@@ -217,6 +219,7 @@ impl Kafka {
                 producer,
                 topics,
                 closed: AtomicBool::new(false),
+                metadata_overflows: Arc::default(),
                 members: Mutex::new(HashMap::new()),
             }),
         })
@@ -232,13 +235,7 @@ impl Kafka {
     /// ([`ConsumerSettings::metadata_max_bytes`]): after a rebalance those records are
     /// handled again.
     pub fn metadata_overflows(&self) -> u64 {
-        self.inner
-            .members
-            .lock()
-            .values()
-            .flatten()
-            .map(Member::metadata_overflows)
-            .sum()
+        self.inner.metadata_overflows.load(Ordering::Relaxed)
     }
 
     pub(crate) fn check_open(&self) -> Result<()> {
@@ -291,12 +288,13 @@ impl DomainTransport for Kafka {
 
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<DomainSubscription> {
         self.check_open()?;
-        let partitions = self.inner.topics.ready(spec.topic.as_str()).await?;
+        // The topic exists (created with our settings) before the member subscribes.
+        self.inner.topics.ready(spec.topic.as_str()).await?;
         let (member, subscription) = consumer::start(
             self.inner.config.clone(),
             spec.clone(),
-            partitions,
             self.reread(&spec.topic),
+            self.inner.metadata_overflows.clone(),
         )?;
         self.inner
             .members
