@@ -242,6 +242,10 @@ pub struct ConsumerSettings {
     /// (partition epoch, records completed out of order) is kept below it, and the
     /// out-of-order records are left out when they do not fit.
     pub metadata_max_bytes: usize,
+    /// List the records completed above the committed offset in the commit metadata, so
+    /// that the next owner does not handle them again. Default on; off commits the epoch
+    /// and the delivered mark only.
+    pub completed_in_metadata: bool,
 }
 
 impl Default for ConsumerSettings {
@@ -256,6 +260,7 @@ impl Default for ConsumerSettings {
             fetch_queue_backoff: Duration::from_millis(10),
             prefetch: 1024,
             metadata_max_bytes: 4096,
+            completed_in_metadata: true,
         }
     }
 }

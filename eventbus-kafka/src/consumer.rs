@@ -86,6 +86,10 @@ struct Shared {
     group: String,
     config: Arc<KafkaConfig>,
     parts: Mutex<HashMap<u32, Part>>,
+    /// The highest offset this member delivered of partitions it no longer owns: if it
+    /// gets one back (a lost session, a rebalance), records at or below it count as
+    /// redelivered even when its last commit did not say so.
+    delivered_before: Mutex<HashMap<u32, u64>>,
     seeks: Mutex<Vec<Seek>>,
     stop: AtomicBool,
     finished: AtomicBool,
@@ -95,6 +99,15 @@ struct Shared {
 }
 
 impl Shared {
+    /// Drops partition `p` from `parts`, remembering how far it was delivered.
+    fn forget(&self, parts: &mut HashMap<u32, Part>, p: u32) {
+        if let Some(d) = parts.remove(&p).and_then(|st| st.delivered_through) {
+            let mut before = self.delivered_before.lock();
+            let e = before.entry(p).or_insert(d);
+            *e = (*e).max(d);
+        }
+    }
+
     /// The commit list of the given partitions (all owned and rewound ones when `None`,
     /// else only those that changed unless `force`).
     fn commit_list(&self, only: Option<&[u32]>, force: bool) -> Option<TopicPartitionList> {
@@ -110,7 +123,11 @@ impl Shared {
             let meta = CommitMeta {
                 epoch: st.epoch,
                 delivered_through: st.delivered_through,
-                completed: st.floor.acked_above_offsets().collect(),
+                completed: if self.config.consumer.completed_in_metadata {
+                    st.floor.acked_above_offsets().collect()
+                } else {
+                    Vec::new()
+                },
             };
             let encoded = metadata::encode(floor, &meta, max);
             if encoded.dropped {
@@ -218,7 +235,7 @@ impl Ctx {
     fn lose(&self, parts: &[(u32, u64)]) {
         let mut all = self.shared.parts.lock();
         for (p, epoch) in parts {
-            all.remove(p);
+            self.shared.forget(&mut all, *p);
             let _ = self.events.send(GroupEvent::Lost {
                 partition: *p,
                 epoch: *epoch,
@@ -298,8 +315,13 @@ impl Ctx {
             for o in &prior.completed {
                 floor.ack(*o);
             }
+            // Delivered before: as far as the metadata knows, or as far as this member
+            // delivered it before it lost the partition (past its last commit).
+            let delivered = prior
+                .delivered_through
+                .max(self.shared.delivered_before.lock().get(p).copied());
             let mut counter = DeliveryCounter::new();
-            if let Some(d) = prior.delivered_through {
+            if let Some(d) = delivered {
                 counter.delivered_through(d);
             }
             let epoch = prior.epoch + 1;
@@ -309,7 +331,7 @@ impl Ctx {
                     epoch,
                     floor,
                     dirty: true,
-                    delivered_through: prior.delivered_through,
+                    delivered_through: delivered,
                     counter,
                     rewound: false,
                     held: true,
@@ -390,7 +412,7 @@ impl Ctx {
             }
             let mut all = self.shared.parts.lock();
             for p in &ids {
-                all.remove(p);
+                self.shared.forget(&mut all, *p);
             }
             drop(all);
             let mut released = self.released.lock();
@@ -730,6 +752,7 @@ pub(crate) fn start(
         group: spec.group.clone(),
         config: config.clone(),
         parts: Mutex::new(HashMap::new()),
+        delivered_before: Mutex::new(HashMap::new()),
         seeks: Mutex::new(Vec::new()),
         stop: AtomicBool::new(false),
         finished: AtomicBool::new(false),

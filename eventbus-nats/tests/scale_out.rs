@@ -13,16 +13,13 @@
 
 mod support;
 
-use std::io::Write as _;
-use std::process::Child;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use dualbus_core::conformance::{EndKind, OrderChecker, Record};
+use dualbus_core::conformance::process::{self, ChildTest, now_nanos};
+use dualbus_core::conformance::{OrderChecker, Record};
 use dualbus_core::conformance::{event, unique_topic, wait_for};
 use dualbus_core::{DomainBus, Event, HandleError, PoolConfig, Topic, handler_fn};
 use dualbus_nats::JetStream;
-use parking_lot::Mutex;
 use support::{fast_config, shared_url};
 
 const AGGREGATES: usize = 100;
@@ -34,13 +31,6 @@ const GROUP: &str = "scale";
 
 fn aggregate(i: usize) -> String {
     format!("agg-{i:03}")
-}
-
-fn now_nanos() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("after 1970")
-        .as_nanos()
 }
 
 async fn bus(url: &str, prefix: &str) -> DomainBus {
@@ -63,73 +53,13 @@ async fn bus(url: &str, prefix: &str) -> DomainBus {
         .expect("build")
 }
 
-/// A member process and the lines it printed.
-struct Member {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Member {
-    fn start(url: &str, prefix: &str, topic: &str) -> Self {
-        let (child, lines) = support::spawn_self(
-            "member",
-            "DUALBUS_SCALE_OUT",
-            format!("{url} {prefix} {topic}"),
-        );
-        Self { child, lines }
-    }
-
-    fn said(&self, what: &str) -> bool {
-        self.lines.lock().iter().any(|l| l.ends_with(what))
-    }
-
-    fn ends(&self) -> usize {
-        self.lines
-            .lock()
-            .iter()
-            .filter(|l| l.starts_with("E "))
-            .count()
-    }
-
-    /// Its start and end records as member `m`, with their system-clock times.
-    fn records(&self, m: u32) -> Vec<(u128, Record)> {
-        let mut out = Vec::new();
-        for line in self.lines.lock().iter() {
-            let f: Vec<&str> = line.split(' ').collect();
-            match f.as_slice() {
-                ["S", t, a, v, dc, attempt] => out.push((
-                    t.parse().expect("time"),
-                    Record::Start {
-                        t: 0,
-                        a: (*a).to_owned(),
-                        v: v.parse().expect("version"),
-                        m,
-                        delivery_count: dc.parse().expect("count"),
-                        attempt: attempt.parse().expect("attempt"),
-                    },
-                )),
-                ["E", t, a, v] => out.push((
-                    t.parse().expect("time"),
-                    Record::End {
-                        t: 0,
-                        a: (*a).to_owned(),
-                        v: v.parse().expect("version"),
-                        m,
-                        kind: EndKind::Ok,
-                    },
-                )),
-                _ => {}
-            }
-        }
-        out
-    }
-}
-
-impl Drop for Member {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A member process.
+fn start_member(url: &str, prefix: &str, topic: &str) -> ChildTest {
+    ChildTest::spawn(
+        "member",
+        "DUALBUS_SCALE_OUT",
+        format!("{url} {prefix} {topic}"),
+    )
 }
 
 /// Publishes versions `versions` of every aggregate, one version at a time across all
@@ -157,15 +87,15 @@ async fn members_share_a_topic_through_a_kill_and_a_join() {
     let Some(url) = shared_url() else { return };
     let topic = unique_topic("js-scale").to_string();
     let prefix = format!("SO{}_", uuid::Uuid::now_v7().simple());
-    let mut members: Vec<Member> = (0..3)
-        .map(|_| Member::start(&url, &prefix, &topic))
+    let mut members: Vec<ChildTest> = (0..3)
+        .map(|_| start_member(&url, &prefix, &topic))
         .collect();
     for m in &members {
         wait_for(|| m.said("ready")).await;
     }
     let bus = bus(&url, &prefix).await;
     let checker = OrderChecker::new();
-    let handled = |members: &[Member]| members.iter().map(Member::ends).sum::<usize>();
+    let handled = |members: &[ChildTest]| members.iter().map(ChildTest::ends).sum::<usize>();
 
     // Phase 1, then the kill while member 1 is busy.
     publish(&bus, &topic, 1..=40, &checker).await;
@@ -178,7 +108,7 @@ async fn members_share_a_topic_through_a_kill_and_a_join() {
 
     // Phase 2 while its partitions move; then the joiner.
     publish(&bus, &topic, 41..=70, &checker).await;
-    members.push(Member::start(&url, &prefix, &topic));
+    members.push(start_member(&url, &prefix, &topic));
     wait_for(|| members[3].said("ready")).await;
     publish(&bus, &topic, 71..=VERSIONS, &checker).await;
 
@@ -226,7 +156,7 @@ async fn members_share_a_topic_through_a_kill_and_a_join() {
         "handled {} (distinct {total}), duplicates {}; member 1 handled {victim_before} before the kill; the joiner handled {joiner}; per member: {:?}",
         summary.ends,
         summary.duplicates,
-        members.iter().map(Member::ends).collect::<Vec<_>>()
+        members.iter().map(ChildTest::ends).collect::<Vec<_>>()
     );
     assert_eq!(summary.published, total);
     assert!(joiner > 0, "the joiner got no partition");
@@ -242,31 +172,21 @@ async fn members_share_a_topic_through_a_kill_and_a_join() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a child process of members_share_a_topic_through_a_kill_and_a_join"]
 async fn member() {
-    let Some((url, prefix, topic)) = support::child_args("DUALBUS_SCALE_OUT") else {
+    let Some([url, prefix, topic]) =
+        process::child_args("DUALBUS_SCALE_OUT").and_then(|a| <[String; 3]>::try_from(a).ok())
+    else {
         return;
     };
     let bus = bus(&url, &prefix).await;
     let sub = bus
         .subscribe(&topic)
         .start(handler_fn(move |e: Event| async move {
-            let (a, v) = (e.aggregate_id.clone(), e.event_version);
-            // One line each, written whole before the acknowledgement.
-            let line = |s: String| {
-                let mut out = std::io::stdout().lock();
-                out.write_all(s.as_bytes()).expect("stdout");
-                out.flush().expect("stdout");
-            };
-            line(format!(
-                "S {} {a} {v} {} {}\n",
-                now_nanos(),
-                e.delivery_count,
-                e.attempt
-            ));
+            process::report_start(&e);
             // Slow on some events: handovers find handlers running.
-            if v % 10 == 0 {
+            if e.event_version.is_multiple_of(10) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            line(format!("E {} {a} {v}\n", now_nanos()));
+            process::report_end(&e);
             Ok::<_, HandleError>(())
         }))
         .await

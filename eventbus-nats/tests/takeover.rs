@@ -10,6 +10,7 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dualbus_core::conformance::process::{self, ChildTest};
 use dualbus_core::conformance::{event, unique_topic, wait_for};
 use dualbus_core::{DomainBus, Event, HandleError, handler_fn};
 use dualbus_nats::JetStream;
@@ -38,11 +39,12 @@ async fn a_standby_process_takes_over_from_a_killed_one() {
     let Some(url) = shared_url() else { return };
     let topic = unique_topic("js-kill").to_string();
     let prefix = format!("TK{}_", uuid::Uuid::now_v7().simple());
-    let (mut child, lines) = support::spawn_self(
+    let mut holder = ChildTest::spawn(
         "holder",
         "DUALBUS_TAKEOVER",
         format!("{url} {prefix} {topic}"),
     );
+    let lines = holder.lines.clone();
     let said = |what: &'static str| {
         let lines = lines.clone();
         // The test harness may print "test holder ... " before the first line.
@@ -77,9 +79,9 @@ async fn a_standby_process_takes_over_from_a_killed_one() {
         "the standby handled events: {seen:?}",
         seen = seen.lock()
     );
-    child.kill().expect("kill -9 the holder");
+    holder.child.kill().expect("kill -9 the holder");
     let killed = Instant::now();
-    let _ = child.wait();
+    let _ = holder.child.wait();
     // The lease expires one TTL after the holder's last renewal, as the server stored it.
     let renewed = last_write(&url, &format!("{prefix}LEASES")).await;
     for v in 6..=10 {
@@ -137,7 +139,9 @@ async fn last_write(url: &str, bucket: &str) -> std::time::SystemTime {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "the child process of a_standby_process_takes_over_from_a_killed_one"]
 async fn holder() {
-    let Some((url, prefix, topic)) = support::child_args("DUALBUS_TAKEOVER") else {
+    let Some([url, prefix, topic]) =
+        process::child_args("DUALBUS_TAKEOVER").and_then(|a| <[String; 3]>::try_from(a).ok())
+    else {
         return;
     };
     let bus = bus(&url, &prefix).await;

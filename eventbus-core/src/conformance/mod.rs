@@ -21,6 +21,7 @@ pub mod group_names;
 pub mod groups;
 pub mod limits;
 pub mod pipeline;
+pub mod process;
 pub mod simple;
 
 use std::future::Future;

@@ -1,0 +1,367 @@
+//! Fault tests against real brokers, counting every envelope:
+//!
+//! - three member processes share a topic; one is killed with SIGKILL mid-stream and a
+//!   fourth joins later; 10,000 envelopes over 50 aggregates with injected handler
+//!   failures. Every event is handled, each aggregate in order across the handovers (the
+//!   order checker over the records of every process). Run with and without the completed
+//!   records in the commit metadata: the duplicates of both are printed.
+//! - the broker is killed with SIGKILL mid-stream and restarted (a broker of the test's
+//!   own): every acknowledged publish is handled, in order per aggregate.
+//!
+//! The members are this test binary, run again as children on the ignored test `member`.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // Test code.
+
+mod support;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dualbus_core::conformance::process::{self, ChildTest, now_nanos};
+use dualbus_core::conformance::{OrderChecker, Record, event, mix, unique_topic, wait_for};
+use dualbus_core::{Backoff, DomainBus, Event, HandleError, PoolConfig, Topic, handler_fn};
+use dualbus_kafka::{Kafka, KafkaConfig};
+
+const AGGREGATES: usize = 50;
+const VERSIONS: u64 = 200;
+const IN_FLIGHT: usize = 256;
+const GROUP: &str = "faults";
+
+fn aggregate(i: usize) -> String {
+    format!("agg-{i:02}")
+}
+
+fn config(bootstrap: &str, with_completed: bool) -> KafkaConfig {
+    let mut c = support::fast_config(bootstrap);
+    c.topics.partitions = 8;
+    c.consumer.completed_in_metadata = with_completed;
+    c
+}
+
+async fn bus(config: KafkaConfig) -> DomainBus {
+    DomainBus::builder(Kafka::connect(config).await.expect("connect"))
+        .source(GROUP)
+        .retry(Backoff::new(
+            20,
+            Duration::from_millis(1),
+            Duration::from_millis(10),
+        ))
+        .pool(PoolConfig {
+            max_in_flight: IN_FLIGHT,
+            ..PoolConfig::default()
+        })
+        .build()
+        .expect("build")
+}
+
+/// Publishes versions `versions` of every aggregate in one pipelined batch (each
+/// aggregate's versions in order), noting each receipt.
+async fn publish(
+    bus: &DomainBus,
+    topic: &str,
+    versions: std::ops::RangeInclusive<u64>,
+    checker: &OrderChecker,
+) {
+    let events: Vec<_> = versions
+        .flat_map(|v| (0..AGGREGATES).map(move |i| event(&aggregate(i), v)))
+        .collect();
+    for (e, r) in events
+        .iter()
+        .zip(bus.publish_batch(topic, &events).await.expect("batch"))
+    {
+        r.expect("publish");
+        checker.published(&e.aggregate_id, e.event_version);
+    }
+}
+
+/// Records of every member (the crash of `killed` at `killed_at`), checked; returns the
+/// duplicates.
+fn check(
+    checker: &OrderChecker,
+    members: &[ChildTest],
+    killed: u32,
+    killed_at: u128,
+    quiet_at: u128,
+) -> usize {
+    let mut records: Vec<(u128, Record)> = Vec::new();
+    for (m, member) in (0u32..).zip(members) {
+        records.extend(member.records(m));
+    }
+    records.push((killed_at, Record::Crash { t: 0, m: killed }));
+    records.sort_by_key(|(t, _)| *t);
+    let after = records.partition_point(|(t, _)| *t <= quiet_at);
+    let late = records.split_off(after);
+    checker.import(records.into_iter().map(|(_, r)| r));
+    checker.quiescent();
+    checker.import(late.into_iter().map(|(_, r)| r));
+    let summary = checker
+        .check()
+        .unwrap_or_else(|v| panic!("order checker: {v}"));
+    assert_eq!(
+        summary.published,
+        AGGREGATES * VERSIONS as usize + 1,
+        "and the warm-up"
+    );
+    summary.duplicates
+}
+
+async fn kill_and_join(bootstrap: &str, with_completed: bool) -> usize {
+    let topic = unique_topic("kafka-faults").to_string();
+    let start = || {
+        ChildTest::spawn(
+            "member",
+            "DUALBUS_KAFKA_FAULTS",
+            format!("{bootstrap} {topic} {with_completed}"),
+        )
+    };
+    let publisher = bus(config(bootstrap, with_completed)).await;
+    // The topic exists before the members subscribe.
+    publisher
+        .publish(&topic, &event("warm-up", 1))
+        .await
+        .expect("publish");
+    let checker = OrderChecker::new();
+    checker.published("warm-up", 1);
+    let mut members: Vec<ChildTest> = (0..3).map(|_| start()).collect();
+    for m in &members {
+        wait_for(|| m.said("ready")).await;
+    }
+    let handled = |members: &[ChildTest]| members.iter().map(ChildTest::ends).sum::<usize>();
+    publish(&publisher, &topic, 1..=80, &checker).await;
+    // Killed with a backlog: its partitions hold unfinished work.
+    wait_for(|| handled(&members) >= 1_000 && members[1].ends() >= 100).await;
+    let victim_before = members[1].ends();
+    members[1].child.kill().expect("kill -9 member 1");
+    let killed_at = now_nanos();
+    let _ = members[1].child.wait();
+    publish(&publisher, &topic, 81..=140, &checker).await;
+    members.push(start());
+    wait_for(|| members[3].said("ready")).await;
+    publish(&publisher, &topic, 141..=VERSIONS, &checker).await;
+    let total = AGGREGATES * VERSIONS as usize + 1;
+    let distinct = |members: &[ChildTest]| {
+        let mut seen = HashSet::new();
+        for m in members {
+            for (_, r) in m.records(0) {
+                if let Record::End { a, v, .. } = r {
+                    seen.insert((a, v));
+                }
+            }
+        }
+        seen.len()
+    };
+    wait_for(|| distinct(&members) == total).await;
+    let t = Topic::new(topic.as_str()).expect("topic");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while publisher
+        .transport()
+        .pending(&t, GROUP)
+        .await
+        .expect("pending")
+        != Some(0)
+    {
+        assert!(std::time::Instant::now() < deadline, "still pending");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let quiet_at = now_nanos();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let duplicates = check(&checker, &members, 1, killed_at, quiet_at);
+    let joiner = members[3].ends();
+    println!(
+        "completed records in the metadata: {with_completed}; duplicates {duplicates}; member 1 handled {victim_before} before the kill; the joiner handled {joiner}; per member {:?}",
+        members.iter().map(ChildTest::ends).collect::<Vec<_>>()
+    );
+    assert!(joiner > 0, "the joiner got no partition");
+    publisher.close().await.expect("close");
+    duplicates
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_share_a_topic_through_a_kill_and_a_join() {
+    let Some(bootstrap) = support::shared_bootstrap() else {
+        return;
+    };
+    let with = kill_and_join(&bootstrap, true).await;
+    let without = kill_and_join(&bootstrap, false).await;
+    println!(
+        "duplicates after a SIGKILL and a join: {with} with the completed records in the commit metadata, {without} without"
+    );
+    // What a killed member can leave to be done again: its in-flight window and what it
+    // completed since its last commit (100 ms apart), per handover.
+    assert!(with <= 4 * IN_FLIGHT, "{with} duplicates");
+}
+
+/// A member: run only as a child process of the tests above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a child process of members_share_a_topic_through_a_kill_and_a_join"]
+async fn member() {
+    let Some([bootstrap, topic, with_completed]) =
+        process::child_args("DUALBUS_KAFKA_FAULTS").and_then(|a| <[String; 3]>::try_from(a).ok())
+    else {
+        return;
+    };
+    let bus = bus(config(&bootstrap, with_completed == "true")).await;
+    let sub = bus
+        .subscribe(&topic)
+        .start(handler_fn(move |e: Event| async move {
+            process::report_start(&e);
+            // Injected failures (retried in place) and some slow events.
+            let roll = mix(7, &e.aggregate_id, e.event_version, e.attempt);
+            if roll.is_multiple_of(11) {
+                process::report_fail(&e);
+                return Err(HandleError::msg("injected failure"));
+            }
+            if e.event_version.is_multiple_of(25) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            process::report_end(&e);
+            Ok::<_, HandleError>(())
+        }))
+        .await
+        .unwrap_or_else(|e| panic!("subscribe: {e}"));
+    // Ready once it owns partitions (the group's first assignment reached it).
+    wait_for(|| !sub.active_partitions().is_empty()).await;
+    println!("ready");
+    std::future::pending::<()>().await;
+    drop(sub);
+}
+
+/// A broker of the test's own, started by `scripts/kafka-broker.sh` (Java and the cached
+/// jars), killed and restarted on the same ports and data.
+struct Broker {
+    dir: PathBuf,
+    port: u16,
+    cport: u16,
+    pid: Option<u32>,
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+impl Broker {
+    fn script() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka-broker.sh")
+    }
+
+    fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("dualbus-kafka-{}", now_nanos()));
+        let mut b = Self {
+            dir,
+            port: free_port(),
+            cport: free_port(),
+            pid: None,
+        };
+        b.run();
+        b
+    }
+
+    fn run(&mut self) {
+        let out = Command::new(Self::script())
+            .args([
+                self.dir.to_str().expect("utf-8 path"),
+                &self.port.to_string(),
+                &self.cport.to_string(),
+            ])
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/kafka-broker.sh");
+        assert!(out.status.success(), "the broker did not start");
+        let pid = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("pid");
+        self.pid = Some(pid);
+    }
+
+    fn kill(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            // Until the process is gone (its ports free).
+            while Command::new("kill")
+                .args(["-0", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_stream_loses_nothing() {
+    // Needs the broker's jars (cached by scripts/kafka.sh) and Java, as the shared broker.
+    if support::shared_bootstrap().is_none() {
+        return;
+    }
+    let mut broker = tokio::task::spawn_blocking(Broker::start)
+        .await
+        .expect("start");
+    let mut c = config(&broker.bootstrap(), true);
+    c.topics.partitions = 4;
+    // Publishes wait out the restart (librdkafka retries within the delivery timeout).
+    c.producer.delivery_timeout = Duration::from_secs(120);
+    let publisher = bus(c.clone()).await;
+    let consumer = bus(c).await;
+    let topic = unique_topic("kafka-restart").to_string();
+    publisher
+        .publish(&topic, &event("warm-up", 1))
+        .await
+        .expect("publish");
+    let checker = Arc::new(OrderChecker::new());
+    checker.published("warm-up", 1);
+    let sub = consumer
+        .subscribe(&topic)
+        .observer(checker.observer(0))
+        .start(checker.wrap(
+            0,
+            handler_fn(|_e: Event| async { Ok::<_, HandleError>(()) }),
+        ))
+        .await
+        .expect("subscribe");
+    publish(&publisher, &topic, 1..=40, &checker).await;
+    wait_for(|| checker.distinct_ends() >= 1_000).await;
+    tokio::task::block_in_place(|| broker.kill());
+    let restart = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        broker.run();
+        broker
+    });
+    // Published while the broker is down: they wait in the producer and go out after the
+    // restart.
+    publish(&publisher, &topic, 41..=VERSIONS, &checker).await;
+    let _broker = restart.await.expect("restart");
+    let total = AGGREGATES * VERSIONS as usize + 1;
+    wait_for(|| checker.distinct_ends() == total).await;
+    let t = Topic::new(topic.as_str()).expect("topic");
+    while consumer.transport().pending(&t, GROUP).await.ok().flatten() != Some(0) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    checker.quiescent();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let summary = checker
+        .check()
+        .unwrap_or_else(|v| panic!("order checker: {v}"));
+    println!("broker restart: {summary:?}");
+    assert_eq!(summary.published, total);
+    sub.shutdown().await;
+    publisher.close().await.expect("close");
+    consumer.close().await.expect("close");
+}
