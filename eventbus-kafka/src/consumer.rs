@@ -49,6 +49,15 @@ use crate::{BACKEND, KafkaConfig, Logs, kafka_error};
 /// When the mutant's naive takeover reads the former owner's unfinished records again.
 const NAIVE_REDELIVERY: Duration = Duration::from_secs(5);
 
+/// How long closing waits for a member's thread.
+const STOP_WAIT: Duration = Duration::from_secs(15);
+
+/// How long a leaving member polls for its revocation before it closes the consumer.
+const LEAVE_WAIT: Duration = Duration::from_secs(10);
+
+/// How long the pool may take no records before every partition is paused.
+const PAUSE_AFTER: Duration = Duration::from_millis(100);
+
 /// What the pool (or the transport) asks of the member's thread.
 enum Cmd {
     Rewind(u32, u64, oneshot::Sender<Result<()>>),
@@ -729,12 +738,22 @@ impl Member {
         }
     }
 
-    /// Ends the member: its thread commits what completed and leaves the group.
+    /// Ends the member: its thread commits what completed and leaves the group. Waits for
+    /// it at most [`STOP_WAIT`]: a thread stuck in librdkafka is left behind (with a
+    /// warning) rather than blocking the caller.
     pub(crate) async fn stop(&self) {
         self.shared.stop.store(true, Ordering::Release);
-        let thread = self.thread.lock().take();
-        if let Some(t) = thread {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        let deadline = tokio::time::Instant::now() + STOP_WAIT;
+        while !self.finished() {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(topic = %self.shared.topic, group = %self.shared.group, "the consumer did not close within {STOP_WAIT:?}; left behind");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if let Some(t) = self.thread.lock().take() {
+            // Finished: the join returns at once.
+            let _ = t.join();
         }
     }
 }
@@ -825,6 +844,7 @@ fn run(c: &BaseConsumer<Ctx>, shared: &Arc<Shared>, tx: &tmpsc::Sender<Result<De
     let mut next_commit = Instant::now() + interval;
     let mut pending: Option<Delivery> = None;
     let mut overflow: VecDeque<Delivery> = VecDeque::new();
+    let mut full_since: Option<Instant> = None;
     loop {
         if shared.stop.load(Ordering::Acquire) || tx.is_closed() {
             break;
@@ -845,13 +865,24 @@ fn run(c: &BaseConsumer<Ctx>, shared: &Arc<Shared>, tx: &tmpsc::Sender<Result<De
         }
         if let Some(d) = pending.take() {
             match tx.try_send(Ok(d)) {
-                Ok(()) => ctx.set_backpressure(c, false),
+                Ok(()) => {
+                    full_since = None;
+                    ctx.set_backpressure(c, false);
+                }
                 Err(tmpsc::error::TrySendError::Full(Ok(d))) => {
                     pending = Some(d);
-                    ctx.set_backpressure(c, true);
-                    // Keep polling: heartbeats and rebalances are served here.
-                    if let Some(d) = poll_one(c, shared, Duration::from_millis(20)) {
-                        overflow.push_back(d);
+                    let since = *full_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() < PAUSE_AFTER {
+                        // A pool that is only a little behind: wait for room without
+                        // pausing (a pause drops librdkafka's fetched records, which a
+                        // resume fetches again).
+                        std::thread::sleep(Duration::from_millis(1));
+                    } else {
+                        ctx.set_backpressure(c, true);
+                        // Keep polling: heartbeats and rebalances are served here.
+                        if let Some(d) = poll_one(c, shared, Duration::from_millis(20)) {
+                            overflow.push_back(d);
+                        }
                     }
                     commit_if_due(c, shared, &mut next_commit, interval);
                     continue;
@@ -863,14 +894,22 @@ fn run(c: &BaseConsumer<Ctx>, shared: &Arc<Shared>, tx: &tmpsc::Sender<Result<De
             pending = Some(d);
             continue;
         }
-        pending = poll_one(c, shared, Duration::from_millis(100));
+        // Short: commands (a rewind, a pause) wait for the next turn of this loop.
+        pending = poll_one(c, shared, Duration::from_millis(20));
         commit_if_due(c, shared, &mut next_commit, interval);
     }
-    // On the way out: commit what completed; closing the consumer revokes the rest.
+    // On the way out: commit what completed, then leave the group while polling, so that
+    // the revocation runs here (closing a consumer that still holds partitions was seen to
+    // hang in librdkafka's unassign).
     if let Some(list) = shared.commit_list(None, true)
         && let Err(e) = c.commit(&list, CommitMode::Sync)
     {
         tracing::warn!(topic = %shared.topic, error = %e, "final commit failed");
+    }
+    c.unsubscribe();
+    let deadline = Instant::now() + LEAVE_WAIT;
+    while Instant::now() < deadline && c.assignment().is_ok_and(|a| a.count() > 0) {
+        let _ = c.poll(Duration::from_millis(20));
     }
 }
 

@@ -37,28 +37,21 @@ pub(crate) fn from_kafka(headers: Option<&BorrowedHeaders>) -> Result<Headers, &
     let Some(h) = headers else {
         return Ok(Headers::new());
     };
-    let count = h.count();
-    let mut out = Headers::with_capacity(count);
-    for i in 0..count {
-        let read = catch_unwind(AssertUnwindSafe(|| {
-            h.try_get(i).map(|header| {
-                let value = match header.value {
-                    None => Ok(String::new()),
-                    Some(v) => String::from_utf8(v.to_vec()),
-                };
-                (header.key.to_owned(), value)
-            })
-        }));
-        let Ok(header) = read else {
-            return Err("a header name is not UTF-8");
-        };
-        let Some((name, value)) = header else {
-            continue;
-        };
-        let value = value.map_err(|_| "a header value is not UTF-8")?;
-        out.insert(name, value);
-    }
-    Ok(out)
+    let read = catch_unwind(AssertUnwindSafe(|| {
+        let count = h.count();
+        let mut out = Headers::with_capacity(count);
+        for i in 0..count {
+            let Some(header) = h.try_get(i) else {
+                continue;
+            };
+            let Ok(value) = std::str::from_utf8(header.value.unwrap_or_default()) else {
+                return Err("a header value is not UTF-8");
+            };
+            out.insert(header.key.to_owned(), value);
+        }
+        Ok(out)
+    }));
+    read.unwrap_or(Err("a header name is not UTF-8"))
 }
 
 #[cfg(test)]

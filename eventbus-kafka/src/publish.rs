@@ -23,11 +23,35 @@ struct Prepared {
 }
 
 impl Prepared {
-    fn record<'a>(&'a self, topic: &'a str) -> FutureRecord<'a, str, [u8]> {
-        let mut r = FutureRecord::to(topic)
+    fn record(self, topic: &str) -> Record<'_> {
+        Record {
+            topic,
+            key: self.key,
+            payload: self.payload,
+            headers: Some(self.headers),
+            partition: self.partition,
+        }
+    }
+}
+
+/// A record that owns its parts (librdkafka copies them when it enqueues).
+struct Record<'a> {
+    topic: &'a str,
+    key: String,
+    payload: bytes::Bytes,
+    headers: Option<rdkafka::message::OwnedHeaders>,
+    partition: Option<i32>,
+}
+
+impl Record<'_> {
+    /// The record as rdkafka takes it; the headers move in (no copy).
+    fn future(&mut self) -> FutureRecord<'_, str, [u8]> {
+        let mut r = FutureRecord::to(self.topic)
             .key(self.key.as_str())
-            .payload(self.payload.as_ref())
-            .headers(self.headers.clone());
+            .payload(self.payload.as_ref());
+        if let Some(h) = self.headers.take() {
+            r = r.headers(h);
+        }
         if let Some(p) = self.partition {
             r = r.partition(p);
         }
@@ -93,12 +117,12 @@ impl Kafka {
         message: OutboundMessage,
     ) -> Result<Receipt> {
         let partitions = self.inner.topics.ready(topic.as_str()).await?;
-        let p = self.prepare(message, partitions);
+        let mut r = self.prepare(message, partitions).record(topic.as_str());
         let wait = self.inner.config.producer.queue_full_wait;
         delivered(
             self.inner
                 .producer
-                .send(p.record(topic.as_str()), Timeout::After(wait))
+                .send(r.future(), Timeout::After(wait))
                 .await,
         )
     }
@@ -127,15 +151,20 @@ impl Kafka {
             .collect();
         let mut pending: Vec<Box<dyn Future<Output = Result<Receipt>> + Send + Unpin>> =
             Vec::with_capacity(prepared.len());
-        for p in &prepared {
-            match self.inner.producer.send_result(p.record(topic.as_str())) {
+        for p in prepared {
+            let mut r = p.record(topic.as_str());
+            let sent = self.inner.producer.send_result(r.future());
+            match sent {
                 Ok(f) => pending.push(Box::new(report(f))),
-                Err((e, _)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
-                    // Wait for room (bounded), keeping the order.
+                Err((e, back)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                    // Wait for room (bounded), keeping the order; the headers come back
+                    // with the refused record.
+                    let headers = back.headers;
+                    r.headers = headers;
                     let r = delivered(
                         self.inner
                             .producer
-                            .send(p.record(topic.as_str()), Timeout::After(wait))
+                            .send(r.future(), Timeout::After(wait))
                             .await,
                     );
                     pending.push(Box::new(futures::future::ready(r)));

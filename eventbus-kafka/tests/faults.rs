@@ -14,9 +14,9 @@
 
 mod support;
 
+use support::broker::Broker;
+
 use std::collections::HashSet;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -227,82 +227,6 @@ async fn member() {
     println!("ready");
     std::future::pending::<()>().await;
     drop(sub);
-}
-
-/// A broker of the test's own, started by `scripts/kafka-broker.sh` (Java and the cached
-/// jars), killed and restarted on the same ports and data.
-struct Broker {
-    dir: PathBuf,
-    port: u16,
-    cport: u16,
-    pid: Option<u32>,
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-impl Broker {
-    fn script() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka-broker.sh")
-    }
-
-    fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!("dualbus-kafka-{}", now_nanos()));
-        let mut b = Self {
-            dir,
-            port: free_port(),
-            cport: free_port(),
-            pid: None,
-        };
-        b.run();
-        b
-    }
-
-    fn run(&mut self) {
-        let out = Command::new(Self::script())
-            .args([
-                self.dir.to_str().expect("utf-8 path"),
-                &self.port.to_string(),
-                &self.cport.to_string(),
-            ])
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run scripts/kafka-broker.sh");
-        assert!(out.status.success(), "the broker did not start");
-        let pid = String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .expect("pid");
-        self.pid = Some(pid);
-    }
-
-    fn kill(&mut self) {
-        if let Some(pid) = self.pid.take() {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            // Until the process is gone (its ports free).
-            while Command::new("kill")
-                .args(["-0", &pid.to_string()])
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-            {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-
-    fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -239,8 +239,13 @@ fn sections_of_disabled_backends_name_the_feature() {
             assert!(message.contains("cargo feature `nats`"), "{message}");
         }
         let (path, message) = config_error(Config::from_yaml("domain:\n  kafka: { brokers: x }\n"));
-        assert_eq!(path, "domain.kafka");
-        assert!(message.contains("cargo feature `kafka`"), "{message}");
+        if cfg!(feature = "kafka") {
+            // The section is read: its unknown key is named.
+            assert_eq!(path, "domain.kafka.brokers");
+        } else {
+            assert_eq!(path, "domain.kafka");
+            assert!(message.contains("cargo feature `kafka`"), "{message}");
+        }
         let (path, _) = config_error(Config::from_yaml("simple:\n  redis: { url: x }\n"));
         assert_eq!(path, "simple.redis");
         Ok(())

@@ -3,6 +3,8 @@
 
 #![allow(dead_code, clippy::expect_used, clippy::panic)] // Test code; not every test uses all.
 
+pub(crate) mod broker;
+
 use std::time::Duration;
 
 use dualbus_kafka::KafkaConfig;
