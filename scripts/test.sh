@@ -44,6 +44,26 @@ if ! command -v openssl > /dev/null; then
 fi
 openssl version
 
+# kcat and Python's confluent-kafka with the CloudEvents SDK: other clients of the Kafka
+# tests (tests/interop.rs), in a virtual environment kept between runs.
+if ! command -v kcat > /dev/null; then
+  if command -v apt-get > /dev/null; then
+    sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+    $sudo_cmd apt-get install -y -q kcat > /dev/null 2>&1 \
+      || { $sudo_cmd apt-get update -q > /dev/null && $sudo_cmd apt-get install -y -q kcat; }
+  else
+    echo "kcat is needed by the Kafka interop tests; install it" >&2
+    exit 1
+  fi
+fi
+kcat -V | head -1
+py_env="${XDG_CACHE_HOME:-$HOME/.cache}/dualbus/py"
+if ! "$py_env/bin/python" -c "import confluent_kafka, cloudevents.v1.kafka" 2> /dev/null; then
+  python3 -m venv "$py_env"
+  "$py_env/bin/pip" install -q confluent-kafka==2.16.1 cloudevents==2.2.0
+fi
+export DUALBUS_PYTHON="$py_env/bin/python"
+
 step "nats-server"
 nats_server="$(./scripts/nats-server.sh)"
 "$nats_server" --version
