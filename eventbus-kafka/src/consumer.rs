@@ -104,10 +104,25 @@ struct Shared {
     finished: AtomicBool,
     /// An asynchronous commit failed: commit every partition again.
     recommit: AtomicBool,
+    /// When a commit last succeeded: proof that the group coordinator still takes this
+    /// member's commits.
+    last_contact: Mutex<Instant>,
     metadata_overflows: Arc<AtomicU64>,
 }
 
 impl Shared {
+    /// A commit succeeded.
+    fn touch(&self) {
+        *self.last_contact.lock() = Instant::now();
+    }
+
+    /// Commits `list` synchronously, noting the contact.
+    fn commit_sync(&self, c: &BaseConsumer<Ctx>, list: &TopicPartitionList) -> KafkaResult<()> {
+        c.commit(list, CommitMode::Sync)?;
+        self.touch();
+        Ok(())
+    }
+
     /// Drops partition `p` from `parts`, remembering how far it was delivered.
     fn forget(&self, parts: &mut HashMap<u32, Part>, p: u32) {
         if let Some(d) = parts.remove(&p).and_then(|st| st.delivered_through) {
@@ -206,9 +221,12 @@ impl ConsumerContext for Ctx {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        if let Err(e) = result {
-            tracing::warn!(topic = %self.shared.topic, group = %self.shared.group, error = %e, "commit failed; committing again");
-            self.shared.recommit.store(true, Ordering::Release);
+        match result {
+            Ok(()) => self.shared.touch(),
+            Err(e) => {
+                tracing::warn!(topic = %self.shared.topic, group = %self.shared.group, error = %e, "commit failed; committing again");
+                self.shared.recommit.store(true, Ordering::Release);
+            }
         }
     }
 }
@@ -258,12 +276,20 @@ impl Ctx {
     }
 
     fn on_assign(&self, c: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
-        let topic = self.shared.topic.clone();
-        let parts = partitions_of(tpl, &topic);
+        let parts = partitions_of(tpl, &self.shared.topic);
         if parts.is_empty() {
             let _ = c.incremental_assign(tpl);
             return;
         }
+        self.take(c, &parts, false);
+    }
+
+    /// Takes `parts` under new epochs: from the committed offsets and their metadata, paused
+    /// until the pool's rewind. `adopt`: they are assigned on the client already (stopped
+    /// here after a missed session that the broker did not act on), so they are sought
+    /// back to the committed offsets instead of assigned.
+    fn take(&self, c: &BaseConsumer<Self>, parts: &[u32], adopt: bool) {
+        let topic = self.shared.topic.clone();
         let timeout = self.shared.config.request_timeout;
         // The committed offsets and their metadata; a failure is retried, then taken as
         // "nothing committed" only for the epoch (the start is then librdkafka's).
@@ -281,7 +307,7 @@ impl Ctx {
         }
         let mut assign = TopicPartitionList::new();
         let mut assigned = Vec::new();
-        for p in &parts {
+        for p in parts {
             let Ok(pi) = i32::try_from(*p) else { continue };
             let (offset, meta) = committed
                 .as_ref()
@@ -356,7 +382,13 @@ impl Ctx {
                 assigned.push((*p, epoch));
             }
         }
-        if let Err(e) = c.incremental_assign(&assign) {
+        if adopt {
+            for e in assign.elements() {
+                if let Err(err) = c.seek(&topic, e.partition(), e.offset(), timeout) {
+                    tracing::error!(%topic, partition = e.partition(), error = %err, "seek to the committed offset failed");
+                }
+            }
+        } else if let Err(e) = c.incremental_assign(&assign) {
             tracing::error!(%topic, error = %e, "incremental assign failed");
         }
         if let Err(e) = c.pause(&assign) {
@@ -366,7 +398,7 @@ impl Ctx {
             let mut paused = self.paused.lock();
             paused.extend(assigned.iter().map(|(p, _)| *p));
         }
-        tracing::debug!(%topic, group = %self.shared.group, ?assigned, "assigned");
+        tracing::debug!(%topic, group = %self.shared.group, ?assigned, adopt, "assigned");
         for (partition, epoch) in assigned {
             let _ = self.events.send(GroupEvent::Assigned { partition, epoch });
         }
@@ -415,7 +447,7 @@ impl Ctx {
             }
             let ids: Vec<u32> = revoked.iter().map(|(p, _)| *p).collect();
             if let Some(list) = self.shared.commit_list(Some(&ids), true)
-                && let Err(e) = c.commit(&list, CommitMode::Sync)
+                && let Err(e) = self.shared.commit_sync(c, &list)
             {
                 tracing::warn!(%topic, error = %e, "commit of revoked partitions failed");
             }
@@ -486,7 +518,7 @@ impl Ctx {
             }
             Cmd::Flush(reply) => {
                 let r = match self.shared.commit_list(None, true) {
-                    Some(list) => c.commit(&list, CommitMode::Sync).map_err(kafka_error),
+                    Some(list) => self.shared.commit_sync(c, &list).map_err(kafka_error),
                     None => Ok(()),
                 };
                 let _ = reply.send(r);
@@ -511,7 +543,7 @@ impl Ctx {
         }
         let list = self.shared.commit_list(Some(&[p]), true);
         if let Some(list) = list
-            && let Err(e) = c.commit(&list, CommitMode::Sync)
+            && let Err(e) = self.shared.commit_sync(c, &list)
         {
             if let Some(st) = self.shared.parts.lock().get_mut(&p) {
                 st.rewound = false;
@@ -776,6 +808,7 @@ pub(crate) fn start(
         stop: AtomicBool::new(false),
         finished: AtomicBool::new(false),
         recommit: AtomicBool::new(false),
+        last_contact: Mutex::new(Instant::now()),
         metadata_overflows,
     });
     let (cmd_tx, cmd_rx) = mpsc::channel();
@@ -919,12 +952,49 @@ fn commit_if_due(c: &BaseConsumer<Ctx>, shared: &Shared, next: &mut Instant, int
         return;
     }
     *next = now + interval;
-    let force = shared.recommit.swap(false, Ordering::AcqRel);
+    let session = shared.config.consumer.session_timeout;
+    let silent = now.duration_since(*shared.last_contact.lock());
+    // Commit now and then even with nothing new: a commit the coordinator takes is what
+    // tells this member it still belongs to the group.
+    let force = shared.recommit.swap(false, Ordering::AcqRel) || silent >= session / 3;
     if let Some(list) = shared.commit_list(None, force)
         && let Err(e) = c.commit(&list, CommitMode::Async)
     {
         tracing::warn!(topic = %shared.topic, error = %e, "commit failed");
         shared.recommit.store(true, Ordering::Release);
+    }
+    let ctx = c.context();
+    if silent > session {
+        let owned = ctx.owned();
+        if !owned.is_empty() {
+            // A whole session without a commit taken: the broker has fenced this member
+            // (or will before it hears from it); another member may own these partitions
+            // now. Stop them here at once rather than when librdkafka learns of it.
+            tracing::warn!(topic = %shared.topic, group = %shared.group, ?silent, "no commit taken for a session timeout; the partitions are stopped here until the group gives them back");
+            let ids: Vec<u32> = owned.iter().map(|(p, _)| *p).collect();
+            ctx.lose(&owned);
+            if let Err(e) = c.pause(&tpl_of(&shared.topic, ids)) {
+                tracing::warn!(topic = %shared.topic, error = %e, "pausing stopped partitions failed");
+            }
+        }
+        shared.touch();
+    } else if silent < session / 3 {
+        // Contact again, and no rebalance took the stopped partitions away: take them
+        // back under new epochs, from the committed offsets.
+        let stopped: Vec<u32> = match c.assignment() {
+            Ok(a) => {
+                let parts = shared.parts.lock();
+                partitions_of(&a, &shared.topic)
+                    .into_iter()
+                    .filter(|p| !parts.contains_key(p))
+                    .collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        if !stopped.is_empty() {
+            tracing::info!(topic = %shared.topic, group = %shared.group, ?stopped, "the group kept the stopped partitions; taking them back");
+            ctx.take(c, &stopped, true);
+        }
     }
 }
 

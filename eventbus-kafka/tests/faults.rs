@@ -289,3 +289,75 @@ async fn a_broker_restart_mid_stream_loses_nothing() {
     publisher.close().await.expect("close");
     consumer.close().await.expect("close");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cut_off_for_a_session_stops_its_partitions() {
+    if support::shared_bootstrap().is_none() {
+        return;
+    }
+    let broker = tokio::task::spawn_blocking(Broker::start)
+        .await
+        .expect("start");
+    let mut c = config(&broker.bootstrap(), true);
+    c.topics.partitions = 2;
+    c.producer.delivery_timeout = Duration::from_secs(120);
+    let bus = bus(c).await;
+    let topic = unique_topic("kafka-cut-off").to_string();
+    let checker = Arc::new(OrderChecker::new());
+    let aggs: Vec<String> = (0..5).map(aggregate).collect();
+    let publish_versions = |versions: std::ops::RangeInclusive<u64>| {
+        let (bus, topic, checker, aggs) = (&bus, &topic, checker.clone(), &aggs);
+        async move {
+            for v in versions {
+                for a in aggs {
+                    bus.publish(topic, &event(a, v)).await.expect("publish");
+                    checker.published(a, v);
+                }
+            }
+        }
+    };
+    publish_versions(1..=1).await;
+    let sub = bus
+        .subscribe(&topic)
+        .observer(checker.observer(0))
+        .start(checker.wrap(
+            0,
+            handler_fn(|_e: Event| async { Ok::<_, HandleError>(()) }),
+        ))
+        .await
+        .expect("subscribe");
+    publish_versions(2..=10).await;
+    wait_for(|| checker.distinct_ends() == 50).await;
+    assert!(!sub.active_partitions().is_empty());
+    // The broker stops answering: after a session timeout (3 s here) without a commit
+    // taken, the member stops its partitions by itself.
+    broker.signal("STOP");
+    let cut = std::time::Instant::now();
+    wait_for(|| sub.active_partitions().is_empty()).await;
+    let stopped_after = cut.elapsed();
+    broker.signal("CONT");
+    wait_for(|| !sub.active_partitions().is_empty()).await;
+    let back_after = cut.elapsed();
+    publish_versions(11..=20).await;
+    wait_for(|| checker.distinct_ends() == 100).await;
+    let t = Topic::new(topic.as_str()).expect("topic");
+    while bus.transport().pending(&t, GROUP).await.ok().flatten() != Some(0) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    checker.quiescent();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let summary = checker
+        .check()
+        .unwrap_or_else(|v| panic!("order checker: {v}"));
+    println!(
+        "cut off: partitions stopped after {stopped_after:?}, owned again after {back_after:?}; {summary:?}"
+    );
+    // A session after the last commit taken, which was at most a third of a session
+    // before the broker stopped.
+    assert!(
+        stopped_after >= Duration::from_millis(1500),
+        "stopped before a session passed: {stopped_after:?}"
+    );
+    sub.shutdown().await;
+    bus.close().await.expect("close");
+}

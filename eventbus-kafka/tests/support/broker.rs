@@ -72,6 +72,17 @@ impl Broker {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to the broker process.
+    pub(crate) fn signal(&self, signal: &str) {
+        if let Some(pid) = self.pid {
+            let ok = Command::new("kill")
+                .args([&format!("-{signal}"), &pid.to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "kill -{signal} {pid}");
+        }
+    }
+
     pub(crate) fn bootstrap(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
