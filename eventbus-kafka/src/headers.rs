@@ -16,6 +16,34 @@ pub(crate) const WIRE: WireOverhead = WireOverhead::new(0, 10);
 /// the record's framing (length, attributes, timestamp and offset deltas, header count).
 pub(crate) const RECORD_RESERVE: usize = 256 + 64;
 
+/// Header names the bus writes on every record (the CloudEvents Kafka binding and trace
+/// context): read back without allocating.
+const KNOWN: [&str; 15] = [
+    "ce_specversion",
+    "ce_id",
+    "ce_source",
+    "ce_type",
+    "ce_time",
+    "ce_subject",
+    "ce_aggregateversion",
+    "ce_partitionkey",
+    "ce_correlationid",
+    "ce_causationid",
+    "ce_tenantid",
+    "ce_dataschema",
+    "content-type",
+    "traceparent",
+    "tracestate",
+];
+
+/// A header name, shared when it is one of [`KNOWN`].
+fn name(n: &str) -> std::borrow::Cow<'static, str> {
+    match KNOWN.iter().find(|k| **k == n) {
+        Some(k) => std::borrow::Cow::Borrowed(k),
+        None => std::borrow::Cow::Owned(n.to_owned()),
+    }
+}
+
 /// The bus's headers as Kafka headers (values as UTF-8 bytes).
 pub(crate) fn to_kafka(headers: &Headers) -> OwnedHeaders {
     let mut out = OwnedHeaders::new_with_capacity(headers.len());
@@ -47,7 +75,7 @@ pub(crate) fn from_kafka(headers: Option<&BorrowedHeaders>) -> Result<Headers, &
             let Ok(value) = std::str::from_utf8(header.value.unwrap_or_default()) else {
                 return Err("a header value is not UTF-8");
             };
-            out.insert(header.key.to_owned(), value);
+            out.insert(name(header.key), value);
         }
         Ok(out)
     }));

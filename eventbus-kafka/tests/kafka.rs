@@ -324,3 +324,90 @@ async fn records_of_other_producers_go_to_the_dead_letter_with_a_reason() {
     sub.shutdown().await;
     bus.close().await.expect("close");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_local_queue_is_a_bounded_wait_then_a_retryable_error() {
+    let Some(b) = support::shared_bootstrap() else {
+        return;
+    };
+    let mut c = support::fast_config(&b);
+    // Room for one record, which lingers 2 s before it is sent.
+    c = c
+        .with_property("queue.buffering.max.messages", "1")
+        .with_property("linger.ms", "2000");
+    c.producer.queue_full_wait = Duration::from_millis(300);
+    let bus = bus(c).await;
+    let topic = unique_topic("kafka-queue-full");
+    // The topic exists before the queue fills.
+    bus.publish(topic.as_str(), &event("warm-up", 1))
+        .await
+        .expect("warm-up");
+    // librdkafka counts a delivered record out of its queue just after reporting it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (e1, e3) = (event("a", 1), event("c", 1));
+    let first = bus.publish(topic.as_str(), &e1);
+    let second = async {
+        // After the first is queued.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        let r = bus.publish(topic.as_str(), &event("b", 1)).await;
+        (r, started.elapsed())
+    };
+    let (first, (second, waited)) = tokio::join!(first, second);
+    first.unwrap_or_else(|e| panic!("the first record goes out after its linger: {e}"));
+    let e = second.expect_err("no room for a second record");
+    assert_eq!(e.kind(), dualbus_core::ErrorKind::Unavailable, "{e}");
+    assert!(e.is_retryable());
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_millis(1900),
+        "waited {waited:?}"
+    );
+    // A publish waiting for room ends when it is dropped (cancelled).
+    let third = bus.publish(topic.as_str(), &e3);
+    let fourth = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::timeout(
+            Duration::from_millis(50),
+            bus.publish(topic.as_str(), &event("d", 1)),
+        )
+        .await
+    };
+    let (third, fourth) = tokio::join!(third, fourth);
+    third.unwrap_or_else(|e| panic!("third: {e}"));
+    assert!(fourth.is_err(), "the waiting publish was cancelled");
+    bus.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_classic_protocol_passes_the_crash_trap() {
+    use async_trait::async_trait;
+    use dualbus_core::conformance::{Backend, groups};
+
+    struct Classic(String);
+
+    #[async_trait]
+    impl Backend for Classic {
+        async fn domain(&self) -> dualbus_core::Result<dualbus_core::DynDomainTransport> {
+            let mut c = support::fast_config(&self.0);
+            c.consumer.group_protocol = dualbus_kafka::GroupProtocol::Classic;
+            // The broker's minimum for classic groups (`group.min.session.timeout.ms`).
+            c.consumer.session_timeout = Duration::from_secs(6);
+            Ok(Arc::new(Kafka::connect(c).await?))
+        }
+
+        async fn simple(&self) -> dualbus_core::Result<dualbus_core::DynSimpleTransport> {
+            Err(dualbus_core::Error::NotSupported {
+                operation: "simple messages",
+                backend: "kafka",
+            })
+        }
+    }
+
+    let Some(b) = support::shared_bootstrap() else {
+        return;
+    };
+    let summary = groups::crash_trap_outcome(&Classic(b), 3)
+        .await
+        .unwrap_or_else(|v| panic!("classic protocol: {v}"));
+    println!("classic protocol, crash trap: {summary:?}");
+}
