@@ -16,12 +16,11 @@ mod support;
 
 use support::broker::Broker;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use dualbus_core::conformance::process::{self, ChildTest, now_nanos};
-use dualbus_core::conformance::{OrderChecker, Record, event, mix, unique_topic, wait_for};
+use dualbus_core::conformance::{OrderChecker, event, mix, unique_topic, wait_for};
 use dualbus_core::{Backoff, DomainBus, Event, HandleError, PoolConfig, Topic, handler_fn};
 use dualbus_kafka::{Kafka, KafkaConfig};
 
@@ -86,19 +85,7 @@ fn check(
     killed_at: u128,
     quiet_at: u128,
 ) -> usize {
-    let mut records: Vec<(u128, Record)> = Vec::new();
-    for (m, member) in (0u32..).zip(members) {
-        records.extend(member.records(m));
-    }
-    records.push((killed_at, Record::Crash { t: 0, m: killed }));
-    records.sort_by_key(|(t, _)| *t);
-    let after = records.partition_point(|(t, _)| *t <= quiet_at);
-    let late = records.split_off(after);
-    checker.import(records.into_iter().map(|(_, r)| r));
-    checker.quiescent();
-    checker.import(late.into_iter().map(|(_, r)| r));
-    let summary = checker
-        .check()
+    let summary = process::check_children(checker, members, &[(killed, killed_at)], quiet_at)
         .unwrap_or_else(|v| panic!("order checker: {v}"));
     assert_eq!(
         summary.published,
@@ -142,18 +129,7 @@ async fn kill_and_join(bootstrap: &str, with_completed: bool) -> usize {
     wait_for(|| members[3].said("ready")).await;
     publish(&publisher, &topic, 141..=VERSIONS, &checker).await;
     let total = AGGREGATES * VERSIONS as usize + 1;
-    let distinct = |members: &[ChildTest]| {
-        let mut seen = HashSet::new();
-        for m in members {
-            for (_, r) in m.records(0) {
-                if let Record::End { a, v, .. } = r {
-                    seen.insert((a, v));
-                }
-            }
-        }
-        seen.len()
-    };
-    wait_for(|| distinct(&members) == total).await;
+    wait_for(|| process::distinct_ends(&members) == total).await;
     let t = Topic::new(topic.as_str()).expect("topic");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while publisher

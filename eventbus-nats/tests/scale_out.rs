@@ -15,8 +15,8 @@ mod support;
 
 use std::time::Duration;
 
+use dualbus_core::conformance::OrderChecker;
 use dualbus_core::conformance::process::{self, ChildTest, now_nanos};
-use dualbus_core::conformance::{OrderChecker, Record};
 use dualbus_core::conformance::{event, unique_topic, wait_for};
 use dualbus_core::{DomainBus, Event, HandleError, PoolConfig, Topic, handler_fn};
 use dualbus_nats::JetStream;
@@ -113,18 +113,7 @@ async fn members_share_a_topic_through_a_kill_and_a_join() {
     publish(&bus, &topic, 71..=VERSIONS, &checker).await;
 
     let total = AGGREGATES * usize::try_from(VERSIONS).expect("small");
-    let distinct = || {
-        let mut seen = std::collections::HashSet::new();
-        for m in &members {
-            for (_, r) in m.records(0) {
-                if let Record::End { a, v, .. } = r {
-                    seen.insert((a, v));
-                }
-            }
-        }
-        seen.len()
-    };
-    wait_for(|| distinct() == total).await;
+    wait_for(|| process::distinct_ends(&members) == total).await;
     let t: Topic = Topic::new(topic.as_str()).expect("topic");
     let transport = bus.transport().clone();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -137,19 +126,7 @@ async fn members_share_a_topic_through_a_kill_and_a_join() {
     let quiet_at = now_nanos();
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let mut records: Vec<(u128, Record)> = Vec::new();
-    for (m, member) in (0u32..).zip(&members) {
-        records.extend(member.records(m));
-    }
-    records.push((killed_at, Record::Crash { t: 0, m: 1 }));
-    records.sort_by_key(|(t, _)| *t);
-    let after = records.partition_point(|(t, _)| *t <= quiet_at);
-    let late = records.split_off(after);
-    checker.import(records.into_iter().map(|(_, r)| r));
-    checker.quiescent();
-    checker.import(late.into_iter().map(|(_, r)| r));
-    let summary = checker
-        .check()
+    let summary = process::check_children(&checker, &members, &[(1, killed_at)], quiet_at)
         .unwrap_or_else(|v| panic!("order checker: {v}"));
     let joiner = members[3].ends();
     println!(

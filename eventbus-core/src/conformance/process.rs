@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
-use super::{EndKind, Record};
+use super::{EndKind, OrderChecker, Record, Summary, Violation};
 use crate::handler::Event;
 
 /// Nanoseconds since 1970 on the system clock.
@@ -170,4 +170,42 @@ pub fn report_end(e: &Event) {
         e.aggregate_id,
         e.event_version
     ));
+}
+
+/// How many distinct (aggregate, version) pairs the children reported handled.
+pub fn distinct_ends(children: &[ChildTest]) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    for child in children {
+        for (_, r) in child.records(0) {
+            if let Record::End { a, v, .. } = r {
+                seen.insert((a, v));
+            }
+        }
+    }
+    seen.len()
+}
+
+/// Runs the order checker over the records of every child (child `i` as member `i`) and
+/// the crashes (`(member, time)`, system clock): records up to `quiet_at` are imported
+/// before the run is marked quiescent, later ones after (C6 catches them).
+pub fn check_children(
+    checker: &OrderChecker,
+    children: &[ChildTest],
+    crashes: &[(u32, u128)],
+    quiet_at: u128,
+) -> Result<Summary, Violation> {
+    let mut records: Vec<(u128, Record)> = Vec::new();
+    for (m, child) in (0u32..).zip(children) {
+        records.extend(child.records(m));
+    }
+    for (m, at) in crashes {
+        records.push((*at, Record::Crash { t: 0, m: *m }));
+    }
+    records.sort_by_key(|(t, _)| *t);
+    let after = records.partition_point(|(t, _)| *t <= quiet_at);
+    let late = records.split_off(after);
+    checker.import(records.into_iter().map(|(_, r)| r));
+    checker.quiescent();
+    checker.import(late.into_iter().map(|(_, r)| r));
+    checker.check()
 }
