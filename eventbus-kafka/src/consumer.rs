@@ -297,6 +297,8 @@ impl Ctx {
         for attempt in 0..3 {
             match c.committed_offsets(tpl_of(&topic, parts.iter().copied()), timeout) {
                 Ok(t) => {
+                    // The coordinator answered: contact, as a commit taken is.
+                    self.shared.touch();
                     committed = Some(t);
                     break;
                 }
