@@ -955,10 +955,7 @@ fn commit_if_due(c: &BaseConsumer<Ctx>, shared: &Shared, next: &mut Instant, int
     }
     *next = now + interval;
     let session = shared.config.consumer.session_timeout;
-    let silent = now.duration_since(*shared.last_contact.lock());
-    // Commit now and then even with nothing new: a commit the coordinator takes is what
-    // tells this member it still belongs to the group.
-    let force = shared.recommit.swap(false, Ordering::AcqRel) || silent >= session / 3;
+    let force = shared.recommit.swap(false, Ordering::AcqRel);
     if let Some(list) = shared.commit_list(None, force)
         && let Err(e) = c.commit(&list, CommitMode::Async)
     {
@@ -966,6 +963,20 @@ fn commit_if_due(c: &BaseConsumer<Ctx>, shared: &Shared, next: &mut Instant, int
         shared.recommit.store(true, Ordering::Release);
     }
     let ctx = c.context();
+    // Ask the group coordinator for the committed offsets now and then (bounded by a third
+    // of the session): an answer is the contact that keeps the partitions here.
+    if now.duration_since(*shared.last_contact.lock()) >= session / 3 {
+        let owned: Vec<u32> = ctx.owned().into_iter().map(|(p, _)| p).collect();
+        if owned.is_empty() {
+            shared.touch();
+        } else if c
+            .committed_offsets(tpl_of(&shared.topic, owned), session / 3)
+            .is_ok()
+        {
+            shared.touch();
+        }
+    }
+    let silent = Instant::now().duration_since(*shared.last_contact.lock());
     if silent > session {
         let owned = ctx.owned();
         if !owned.is_empty() {
