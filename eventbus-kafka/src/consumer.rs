@@ -967,11 +967,10 @@ fn commit_if_due(c: &BaseConsumer<Ctx>, shared: &Shared, next: &mut Instant, int
     // of the session): an answer is the contact that keeps the partitions here.
     if now.duration_since(*shared.last_contact.lock()) >= session / 3 {
         let owned: Vec<u32> = ctx.owned().into_iter().map(|(p, _)| p).collect();
-        if owned.is_empty() {
-            shared.touch();
-        } else if c
-            .committed_offsets(tpl_of(&shared.topic, owned), session / 3)
-            .is_ok()
+        // Nothing owned: nothing to stop, so nothing to ask.
+        if owned.is_empty()
+            || c.committed_offsets(tpl_of(&shared.topic, owned), session / 3)
+                .is_ok()
         {
             shared.touch();
         }
