@@ -104,14 +104,15 @@ struct Shared {
     finished: AtomicBool,
     /// An asynchronous commit failed: commit every partition again.
     recommit: AtomicBool,
-    /// When a commit last succeeded: proof that the group coordinator still takes this
-    /// member's commits.
+    /// When the group coordinator last answered this member: a synchronous commit taken,
+    /// or committed offsets read (the asynchronous commits' results never reach the
+    /// context in practice, see `Ctx::commit_callback`).
     last_contact: Mutex<Instant>,
     metadata_overflows: Arc<AtomicU64>,
 }
 
 impl Shared {
-    /// A commit succeeded.
+    /// The group coordinator answered.
     fn touch(&self) {
         *self.last_contact.lock() = Instant::now();
     }
@@ -220,6 +221,10 @@ impl ConsumerContext for Ctx {
         }
     }
 
+    /// Results of asynchronous commits. Observed with rdkafka 0.39 and a `BaseConsumer`:
+    /// it is not called. Contact does not depend on it; a failed asynchronous commit is
+    /// therefore committed again only when its partition's floor moves or a synchronous
+    /// commit (rewind, revocation, `pending`, close) covers it.
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
         match result {
             Ok(()) => self.shared.touch(),
