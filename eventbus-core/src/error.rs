@@ -193,6 +193,17 @@ impl Error {
         }
     }
 
+    /// The same failure again, for each message of a batch the backend refused as a whole
+    /// (an error owns its source and cannot be cloned): [`Error::Closed`] as it is, any
+    /// other as an [`Error::Backend`] of `backend` with the same text and retryability.
+    #[must_use]
+    pub fn for_each_in_batch(&self, backend: &'static str) -> Self {
+        match self {
+            Self::Closed { what } => Self::Closed { what },
+            other => Self::backend(backend, other.is_retryable(), other.to_string()),
+        }
+    }
+
     /// The source error as `E`, if it is one (escape hatch for backend-specific handling).
     pub fn try_downcast_ref<E: std::error::Error + 'static>(&self) -> Option<&E> {
         match self {
@@ -331,6 +342,19 @@ mod tests {
         );
         assert!(Error::closed("bus").is_permanent());
         assert_eq!(Error::closed("bus").kind(), ErrorKind::Closed);
+        let again = Error::closed("bus").for_each_in_batch("x");
+        assert!(matches!(again, Error::Closed { what: "bus" }), "{again}");
+        let timeout = Error::Timeout {
+            operation: "publish",
+            after: Duration::from_secs(1),
+        };
+        let again = timeout.for_each_in_batch("x");
+        assert!(again.is_retryable() && again.to_string().contains(&timeout.to_string()));
+        let bad = Error::config("a", "b").for_each_in_batch("x");
+        assert!(
+            bad.is_permanent() && bad.to_string().contains("`a`"),
+            "{bad}"
+        );
         assert!(Error::backend("x", true, Failure("t".into())).is_retryable());
         assert!(!Error::backend("x", false, Failure("t".into())).is_retryable());
     }

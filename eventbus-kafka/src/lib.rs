@@ -281,7 +281,10 @@ impl DomainTransport for Kafka {
         messages: Vec<OutboundMessage>,
     ) -> Vec<Result<Receipt>> {
         if let Err(e) = self.check_open() {
-            return messages.iter().map(|_| Err(e.clone_kind())).collect();
+            return messages
+                .iter()
+                .map(|_| Err(e.for_each_in_batch(BACKEND)))
+                .collect();
         }
         self.publish_many(topic, messages).await
     }
@@ -341,19 +344,5 @@ impl DomainTransport for Kafka {
         .await
         .map_err(|e| Error::backend(BACKEND, false, e))?
         .map_err(kafka_error)
-    }
-}
-
-trait CloneKind {
-    fn clone_kind(&self) -> Error;
-}
-
-impl CloneKind for Error {
-    /// The same kind of error for every message of a refused batch.
-    fn clone_kind(&self) -> Error {
-        match self {
-            Self::Closed { what } => Self::Closed { what },
-            other => Self::backend(BACKEND, other.is_retryable(), other.to_string()),
-        }
     }
 }

@@ -140,7 +140,7 @@ impl Kafka {
             Err(e) => {
                 return messages
                     .iter()
-                    .map(|_| Err(crate::CloneKind::clone_kind(&e)))
+                    .map(|_| Err(e.for_each_in_batch(BACKEND)))
                     .collect();
             }
         };

@@ -80,7 +80,7 @@ impl JetStream {
         };
         let plan = match prepared {
             Ok(p) => p,
-            Err(e) => return (0..n).map(|_| Err(clone_error(&e))).collect(),
+            Err(e) => return (0..n).map(|_| Err(e.for_each_in_batch(BACKEND))).collect(),
         };
         let window = self.inner.config.publish_window;
         // Keys with a failed event: their later events in this batch are not sent, so an
@@ -164,12 +164,4 @@ fn receipt(
         offset: u128::from(ack.sequence),
     });
     Ok(if ack.duplicate { r.as_duplicate() } else { r })
-}
-
-/// The same failure for every message of a batch that could not start.
-fn clone_error(e: &Error) -> Error {
-    match e.kind() {
-        dualbus_core::ErrorKind::Closed => Error::closed("nats connection"),
-        _ => Error::backend(BACKEND, e.is_retryable(), e.to_string()),
-    }
 }
