@@ -331,10 +331,11 @@ async fn a_full_local_queue_is_a_bounded_wait_then_a_retryable_error() {
         return;
     };
     let mut c = support::fast_config(&b);
-    // Room for one record, which lingers 2 s before it is sent.
+    // Room for one record, which lingers 4 s before it is sent: everything below that
+    // needs a full queue happens while the first record sits in it.
     c = c
         .with_property("queue.buffering.max.messages", "1")
-        .with_property("linger.ms", "2000");
+        .with_property("linger.ms", "4000");
     c.producer.queue_full_wait = Duration::from_millis(300);
     let bus = bus(c).await;
     let topic = unique_topic("kafka-queue-full");
@@ -342,39 +343,50 @@ async fn a_full_local_queue_is_a_bounded_wait_then_a_retryable_error() {
     bus.publish(topic.as_str(), &event("warm-up", 1))
         .await
         .expect("warm-up");
-    // librdkafka counts a delivered record out of its queue just after reporting it.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let (e1, e3) = (event("a", 1), event("c", 1));
-    let first = bus.publish(topic.as_str(), &e1);
+    // The first record takes the only place in the queue: it is enqueued on the first
+    // poll of `join!`, before the second publish starts.
+    let (a, b, d) = (event("a", 1), event("b", 1), event("d", 1));
+    let first = bus.publish(topic.as_str(), &a);
     let second = async {
-        // After the first is queued.
-        tokio::time::sleep(Duration::from_millis(100)).await;
         let started = std::time::Instant::now();
-        let r = bus.publish(topic.as_str(), &event("b", 1)).await;
+        let r = bus.publish(topic.as_str(), &b).await;
         (r, started.elapsed())
     };
-    let (first, (second, waited)) = tokio::join!(first, second);
-    first.unwrap_or_else(|e| panic!("the first record goes out after its linger: {e}"));
+    tokio::pin!(first);
+    // The second publish gives up while the first record still fills the queue: the
+    // wait is bounded by `queue_full_wait`, not by the queue's progress.
+    let (second, waited) = tokio::select! {
+        biased;
+        r = &mut first => panic!("the first record left the queue before the second gave up: {r:?}"),
+        r = second => r,
+    };
     let e = second.expect_err("no room for a second record");
     assert_eq!(e.kind(), dualbus_core::ErrorKind::Unavailable, "{e}");
     assert!(e.is_retryable());
-    assert!(
-        waited >= Duration::from_millis(300) && waited < Duration::from_millis(1900),
-        "waited {waited:?}"
-    );
-    // A publish waiting for room ends when it is dropped (cancelled).
-    let third = bus.publish(topic.as_str(), &e3);
-    let fourth = async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        tokio::time::timeout(
+    assert!(waited >= Duration::from_millis(300), "waited {waited:?}");
+    // A publish waiting for room ends when it is dropped (cancelled), still while the
+    // first record fills the queue.
+    let cancelled = tokio::select! {
+        biased;
+        r = &mut first => panic!("the first record left the queue too early: {r:?}"),
+        r = tokio::time::timeout(
             Duration::from_millis(50),
-            bus.publish(topic.as_str(), &event("d", 1)),
-        )
-        .await
+            bus.publish(topic.as_str(), &d),
+        ) => r,
     };
-    let (third, fourth) = tokio::join!(third, fourth);
-    third.unwrap_or_else(|e| panic!("third: {e}"));
-    assert!(fourth.is_err(), "the waiting publish was cancelled");
+    assert!(cancelled.is_err(), "the waiting publish was cancelled");
+    first
+        .await
+        .unwrap_or_else(|e| panic!("the first record goes out after its linger: {e}"));
+    // Room again (the queue's count drops just after the report: the wait covers that).
+    bus.publish(topic.as_str(), &event("c", 1))
+        .await
+        .unwrap_or_else(|e| panic!("after the first left: {e}"));
+    // Exactly the records that were accepted are on the topic.
+    for (key, n) in [("warm-up", 1), ("a", 1), ("b", 0), ("c", 1), ("d", 0)] {
+        let got = bus.replay(topic.as_str(), key).await.expect("replay");
+        assert_eq!(got.len(), n, "{key}");
+    }
     bus.close().await.expect("close");
 }
 
