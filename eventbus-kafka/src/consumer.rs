@@ -222,9 +222,9 @@ impl ConsumerContext for Ctx {
     }
 
     /// Results of asynchronous commits. Observed with rdkafka 0.39 and a `BaseConsumer`:
-    /// it is not called. Contact does not depend on it; a failed asynchronous commit is
-    /// therefore committed again only when its partition's floor moves or a synchronous
-    /// commit (rewind, revocation, `pending`, close) covers it.
+    /// it is not called. Neither contact nor commits depend on it: every owned partition is
+    /// committed again each third of a session (see `commit_if_due`), so a failed
+    /// asynchronous commit is repeated within that time.
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
         match result {
             Ok(()) => self.shared.touch(),
@@ -960,7 +960,11 @@ fn commit_if_due(c: &BaseConsumer<Ctx>, shared: &Shared, next: &mut Instant, int
     }
     *next = now + interval;
     let session = shared.config.consumer.session_timeout;
-    let force = shared.recommit.swap(false, Ordering::AcqRel);
+    // Contact is due every third of a session. Then every owned partition is committed
+    // again, moved or not: an asynchronous commit that failed (its result never reaches
+    // this thread) is repeated within that time.
+    let contact_due = now.duration_since(*shared.last_contact.lock()) >= session / 3;
+    let force = shared.recommit.swap(false, Ordering::AcqRel) || contact_due;
     if let Some(list) = shared.commit_list(None, force)
         && let Err(e) = c.commit(&list, CommitMode::Async)
     {
@@ -970,7 +974,7 @@ fn commit_if_due(c: &BaseConsumer<Ctx>, shared: &Shared, next: &mut Instant, int
     let ctx = c.context();
     // Ask the group coordinator for the committed offsets now and then (bounded by a third
     // of the session): an answer is the contact that keeps the partitions here.
-    if now.duration_since(*shared.last_contact.lock()) >= session / 3 {
+    if contact_due {
         let owned: Vec<u32> = ctx.owned().into_iter().map(|(p, _)| p).collect();
         // Nothing owned: nothing to stop, so nothing to ask.
         if owned.is_empty()
