@@ -309,10 +309,13 @@ pub async fn request_reply(backend: &dyn Backend) {
         assert_eq!(e.kind(), ErrorKind::NotSupported);
         return;
     }
+    // Responders in a queue group where the backend has them (one answer per request);
+    // one plain responder otherwise.
+    let group = bus.capabilities().queue_groups.then_some("responders");
     let _server = bus
         .serve(
             &topic,
-            Some("responders"),
+            group,
             handler_fn(|m: Message| async move {
                 let mut reply = b"re:".to_vec();
                 reply.extend_from_slice(&m.payload);
