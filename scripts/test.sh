@@ -17,6 +17,7 @@ servers_dir="$(mktemp -d)"
 cleanup() {
   if [ -f "$servers_dir/nats.pid" ]; then kill "$(cat "$servers_dir/nats.pid")" 2>/dev/null || true; fi
   if [ -f "$servers_dir/kafka.pid" ]; then kill "$(cat "$servers_dir/kafka.pid")" 2>/dev/null || true; fi
+  if [ -f "$servers_dir/redis.pid" ]; then kill "$(cat "$servers_dir/redis.pid")" 2>/dev/null || true; fi
   rm -rf "$servers_dir"
 }
 trap cleanup EXIT
@@ -57,10 +58,24 @@ if ! command -v kcat > /dev/null; then
   fi
 fi
 kcat -V | head -1
+# redis-server (Debian's, 7.0) for the Redis tests; the package starts no service by itself.
+if ! command -v redis-server > /dev/null; then
+  if command -v apt-get > /dev/null; then
+    sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+    $sudo_cmd apt-get install -y -q redis-server > /dev/null 2>&1 \
+      || { $sudo_cmd apt-get update -q > /dev/null && $sudo_cmd apt-get install -y -q redis-server; }
+  else
+    echo "redis-server is needed by the Redis tests; install it" >&2
+    exit 1
+  fi
+fi
+redis-server --version
+# Python clients of the interop tests: confluent-kafka with the CloudEvents SDK (Kafka),
+# redis-py (Redis).
 py_env="${XDG_CACHE_HOME:-$HOME/.cache}/dualbus/py"
-if ! "$py_env/bin/python" -c "import confluent_kafka, cloudevents.v1.kafka" 2> /dev/null; then
+if ! "$py_env/bin/python" -c "import confluent_kafka, cloudevents.v1.kafka, redis" 2> /dev/null; then
   python3 -m venv "$py_env"
-  "$py_env/bin/pip" install -q confluent-kafka==2.16.1 cloudevents==2.2.0
+  "$py_env/bin/pip" install -q confluent-kafka==2.16.1 cloudevents==2.2.0 redis==8.1.0
 fi
 export DUALBUS_PYTHON="$py_env/bin/python"
 
@@ -82,6 +97,16 @@ kafka_cport="$(free_port)"
 ./scripts/kafka-broker.sh "$servers_dir/kafka" "$kafka_port" "$kafka_cport" > "$servers_dir/kafka.pid"
 export DUALBUS_TEST_KAFKA_BOOTSTRAP="127.0.0.1:$kafka_port"
 echo "Kafka broker on $DUALBUS_TEST_KAFKA_BOOTSTRAP (pid $(cat "$servers_dir/kafka.pid"))"
+step "redis-server"
+redis_port="$(free_port)"
+mkdir -p "$servers_dir/redis"
+redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$servers_dir/redis" --save "" --appendonly no \
+  > "$servers_dir/redis.log" 2>&1 &
+echo $! > "$servers_dir/redis.pid"
+wait_port "$redis_port"
+export DUALBUS_TEST_REDIS_URL="redis://127.0.0.1:$redis_port"
+echo "redis-server on $DUALBUS_TEST_REDIS_URL"
+
 export RUSTFLAGS="${RUSTFLAGS:-} -D warnings"
 export RUSTDOCFLAGS="${RUSTDOCFLAGS:-} -D warnings"
 # Network tests fail instead of skipping when their server is missing.
@@ -104,6 +129,9 @@ cargo doc --workspace --all-features --no-deps
 
 step "tests"
 cargo test --workspace --all-features --no-fail-fast
+
+step "facade unit tests without the backends"
+cargo test -p dualbus --lib --no-default-features --features config
 
 # Examples run with their output piped: it must be plain text (no colour escapes).
 no_escapes() {
@@ -131,6 +159,11 @@ step "example on Kafka: event sourcing with two group members, output piped"
 KAFKA_BOOTSTRAP="$DUALBUS_TEST_KAFKA_BOOTSTRAP" cargo run -q -p dualbus --features kafka --example kafka_event_sourcing > "$servers_dir/kafka_example.out" 2>&1 || { cat "$servers_dir/kafka_example.out"; exit 1; }
 cat "$servers_dir/kafka_example.out"
 no_escapes "$servers_dir/kafka_example.out"
+
+step "example: domain events on NATS, notifications on Redis pub/sub, output piped"
+NATS_URL="$DUALBUS_TEST_NATS_URL" REDIS_URL="$DUALBUS_TEST_REDIS_URL" cargo run -q -p dualbus --features nats,redis --example redis_notifications > "$servers_dir/redis_example.out" 2>&1 || { cat "$servers_dir/redis_example.out"; exit 1; }
+cat "$servers_dir/redis_example.out"
+no_escapes "$servers_dir/redis_example.out"
 
 step "example: replicas across processes on NATS (one killed, one joining)"
 cargo build -q -p dualbus --features nats --example nats_scale_out
@@ -170,7 +203,7 @@ step "cargo package"
 # same. Drop both for our own crates, so that the siblings are verified as they are now.
 cargo_home="${CARGO_HOME:-$HOME/.cargo}"
 rm -rf "$CARGO_TARGET_DIR/package" "$cargo_home"/registry/src/*/dualbus-* "$cargo_home"/registry/cache/*/dualbus-*
-cargo clean -p dualbus-core -p dualbus-memory -p dualbus-nats -p dualbus-kafka -p dualbus
+cargo clean -p dualbus-core -p dualbus-memory -p dualbus-nats -p dualbus-kafka -p dualbus-redis -p dualbus
 cargo package --workspace --allow-dirty
 
 echo

@@ -8,7 +8,7 @@ use std::time::Duration;
 use dualbus_core::{Error, Result};
 use serde::Deserialize;
 
-pub use dualbus_core::config::Secret;
+pub use dualbus_core::config::{Secret, redact_url, redact_urls};
 
 use crate::{JetStreamConfig, unavailable};
 
@@ -312,46 +312,4 @@ fn server_addr(url: &str) -> Result<(async_nats::ServerAddr, Option<UrlAuth>)> {
         .map_err(|()| invalid(&"cannot take the user information out of this URL"))?;
     let addr = async_nats::ServerAddr::from_url(bare).map_err(|e| invalid(&e))?;
     Ok((addr, Some(auth)))
-}
-
-/// `url` with the secret part of its user information replaced by `***`:
-/// `nats://user:***@host:4222` for a user and password, `nats://***@host:4222` for a token.
-/// A URL without user information is returned as it is.
-///
-/// Works on any text, valid URL or not: everything between the scheme's `://` (or the
-/// start, without a scheme) and the last `@` counts as user information, so an invalid URL
-/// is redacted too (at worst, too much of it).
-pub fn redact_url(url: &str) -> String {
-    let start = url.find("://").map_or(0, |i| i + 3);
-    let Some(at) = url[start..].rfind('@').map(|i| start + i) else {
-        return url.to_owned();
-    };
-    let shown = match url[start..at].split_once(':') {
-        Some((user, _)) => format!("{user}:***"),
-        None => "***".to_owned(),
-    };
-    format!("{}{shown}{}", &url[..start], &url[at..])
-}
-
-/// `text` with the user information of every `scheme://` URL in it redacted as by
-/// [`redact_url`]; a URL runs until the next whitespace or quote. For messages that may
-/// quote a configured URL (e.g. a deserialization error).
-pub fn redact_urls(text: &str) -> String {
-    let is_end = |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`');
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = rest.find("://") {
-        // The URL starts at its scheme: the word before `://`.
-        let scheme_start = rest[..i]
-            .char_indices()
-            .rev()
-            .find(|(_, c)| is_end(*c))
-            .map_or(0, |(j, c)| j + c.len_utf8());
-        let end = rest[i..].find(is_end).map_or(rest.len(), |j| i + j);
-        out.push_str(&rest[..scheme_start]);
-        out.push_str(&redact_url(&rest[scheme_start..end]));
-        rest = &rest[end..];
-    }
-    out.push_str(rest);
-    out
 }

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use dualbus_core::config::Secret;
+use dualbus_core::config::{Secret, redact_url};
 use dualbus_core::{Error, Result};
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, ProtocolVersion};
 use serde::Deserialize;
@@ -135,25 +135,6 @@ impl fmt::Debug for RedisConfig {
     }
 }
 
-/// `url` with the password of its user part replaced by `***`.
-pub(crate) fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(end);
-    match authority.rsplit_once('@') {
-        Some((user, host)) => {
-            let user = match user.split_once(':') {
-                Some((name, _)) => format!("{name}:***"),
-                None => user.to_owned(),
-            };
-            format!("{scheme}://{user}@{host}{path}")
-        }
-        None => url.to_owned(),
-    }
-}
-
 impl RedisConfig {
     /// The settings for the server at `url`.
     pub fn new(url: impl Into<String>) -> Self {
@@ -269,7 +250,7 @@ impl RedisConfig {
             if from_url.1 {
                 return Err(Error::config("redis.password", "also given in the URL"));
             }
-            redis = redis.set_password(password.expose().to_owned());
+            redis = redis.set_password(password.expose());
         }
         if let Some(db) = self.database {
             if redis.db() != 0 {

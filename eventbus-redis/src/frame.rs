@@ -20,7 +20,7 @@
 //! is not UTF-8) is delivered as it is too, with the header [`FRAME_ERROR`] saying why:
 //! nothing that reaches a subscriber is dropped.
 
-use bytes::{BufMut as _, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use dualbus_core::{Error, Headers, Result, WireOverhead};
 
 /// The first bytes of every frame.
@@ -48,30 +48,80 @@ fn len16(what: &str, n: usize) -> Result<u16> {
     })
 }
 
-/// The frame of a message.
-pub fn encode(headers: &Headers, reply_to: Option<&str>, payload: &[u8]) -> Result<Bytes> {
-    let reply = reply_to.unwrap_or("");
-    let size = FIXED
-        + headers
-            .iter()
-            .map(|(n, v)| 4 + n.len() + v.len())
-            .sum::<usize>()
-        + reply.len()
-        + payload.len();
-    let mut b = BytesMut::with_capacity(size);
-    b.put_slice(&MAGIC);
-    b.put_u8(VERSION);
-    b.put_u16(len16("header count", headers.len())?);
-    for (name, value) in headers.iter() {
-        b.put_u16(len16(name, name.len())?);
-        b.put_slice(name.as_bytes());
-        b.put_u16(len16(name, value.len())?);
-        b.put_slice(value.as_bytes());
+/// A message to frame: its parts checked against the format's lengths, written with
+/// [`Frame::write`] straight into a buffer (the publish command's, without a copy of the
+/// payload in between).
+#[derive(Debug, Clone, Copy)]
+pub struct Frame<'a> {
+    headers: &'a Headers,
+    reply: &'a str,
+    payload: &'a [u8],
+}
+
+impl<'a> Frame<'a> {
+    /// [`Error::InvalidHeader`] when a header, the header count or the reply topic does
+    /// not fit the format's two-byte lengths.
+    pub fn new(headers: &'a Headers, reply_to: Option<&'a str>, payload: &'a [u8]) -> Result<Self> {
+        let reply = reply_to.unwrap_or("");
+        len16("header count", headers.len())?;
+        for (name, value) in headers.iter() {
+            len16(name, name.len())?;
+            len16(name, value.len())?;
+        }
+        len16("reply topic", reply.len())?;
+        Ok(Self {
+            headers,
+            reply,
+            payload,
+        })
     }
-    b.put_u16(len16("reply topic", reply.len())?);
-    b.put_slice(reply.as_bytes());
-    b.put_slice(payload);
-    Ok(b.freeze())
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        FIXED
+            + self
+                .headers
+                .iter()
+                .map(|(n, v)| 4 + n.len() + v.len())
+                .sum::<usize>()
+            + self.reply.len()
+            + self.payload.len()
+    }
+
+    /// Never: a frame has at least its fixed bytes.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Writes it. The lengths were checked by [`Frame::new`]: the casts below cannot
+    /// truncate.
+    #[allow(clippy::cast_possible_truncation)]
+    pub fn write(&self, b: &mut impl BufMut) {
+        b.put_slice(&MAGIC);
+        b.put_u8(VERSION);
+        b.put_u16(self.headers.len() as u16);
+        for (name, value) in self.headers.iter() {
+            b.put_u16(name.len() as u16);
+            b.put_slice(name.as_bytes());
+            b.put_u16(value.len() as u16);
+            b.put_slice(value.as_bytes());
+        }
+        b.put_u16(self.reply.len() as u16);
+        b.put_slice(self.reply.as_bytes());
+        b.put_slice(self.payload);
+    }
+
+    /// It, as bytes.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(self.len());
+        self.write(&mut b);
+        b.freeze()
+    }
+}
+
+/// The frame of a message, as bytes ([`Frame`] writes it without the copy).
+pub fn encode(headers: &Headers, reply_to: Option<&str>, payload: &[u8]) -> Result<Bytes> {
+    Ok(Frame::new(headers, reply_to, payload)?.to_bytes())
 }
 
 /// A message read from a channel.

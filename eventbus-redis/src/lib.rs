@@ -37,7 +37,7 @@ pub mod frame;
 mod pubsub;
 
 pub use config::{DEFAULT_MAX_MESSAGE_BYTES, Reconnect, RedisConfig, SERVER_MAX_BULK};
-pub use dualbus_core::config::Secret;
+pub use dualbus_core::config::{Secret, redact_url, redact_urls};
 pub use pubsub::RedisPubSub;
 /// The `redis` crate this backend is built on (for what the bus does not cover).
 pub use redis;

@@ -89,7 +89,7 @@ fn route(routes: &Mutex<Routes>, dropped: &AtomicU64, push: PushInfo) {
             let (Some(channel), Some(payload)) = (bulk(channel), bulk(payload)) else {
                 return;
             };
-            let Ok(channel) = String::from_utf8(channel.to_vec()) else {
+            let Ok(channel) = std::str::from_utf8(&channel) else {
                 return;
             };
             let decoded = frame::decode(payload);
@@ -97,11 +97,11 @@ fn route(routes: &Mutex<Routes>, dropped: &AtomicU64, push: PushInfo) {
                 tracing::warn!(%channel, %why, "a message with a broken frame, delivered as it came");
             }
             let routes = routes.lock();
-            let Some(subs) = routes.by_channel.get(&channel) else {
+            let Some(subs) = routes.by_channel.get(channel) else {
                 return;
             };
             for (_, tx) in subs {
-                let mut m = Message::new(channel.as_str(), decoded.payload.clone())
+                let mut m = Message::new(channel, decoded.payload.clone())
                     .with_headers(decoded.headers.clone());
                 m.reply_to.clone_from(&decoded.reply_to);
                 if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(m) {
@@ -201,6 +201,16 @@ impl RedisPubSub {
     }
 }
 
+/// A frame as the argument of a command: written into the command's buffer.
+struct Arg<'a>(frame::Frame<'a>);
+
+impl redis::ToRedisArgs for Arg<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        let mut b = out.bufmut_for_next_arg(self.0.len());
+        self.0.write(&mut b);
+    }
+}
+
 /// A subscription's messages; dropping it removes the subscription (and unsubscribes the
 /// channel when it was the last one here).
 struct Subscription {
@@ -266,11 +276,11 @@ impl SimpleTransport for RedisPubSub {
 
     async fn publish(&self, message: SimpleOutbound) -> Result<()> {
         self.check_open()?;
-        let bytes = frame::encode(message.headers(), message.reply_to(), message.payload())?;
+        let frame = frame::Frame::new(message.headers(), message.reply_to(), message.payload())?;
         let mut c = self.connection();
         redis::cmd("PUBLISH")
             .arg(message.topic())
-            .arg(bytes.as_ref())
+            .arg(Arg(frame))
             .exec_async(&mut c)
             .await
             .map_err(redis_error)

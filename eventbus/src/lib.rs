@@ -67,7 +67,14 @@
     not(feature = "kafka"),
     doc = "- `kafka` (feature off in this build): the domain bus on Kafka topics."
 )]
-//! - Redis (Streams + pub/sub) follows as its own crate behind the feature `redis`.
+#![cfg_attr(
+    feature = "redis",
+    doc = "- [`redis`]: the simple bus on Redis pub/sub (the domain bus on Redis Streams follows)."
+)]
+#![cfg_attr(
+    not(feature = "redis"),
+    doc = "- `redis` (feature off in this build): the simple bus on Redis pub/sub."
+)]
 //!
 //! ## Features
 //!
@@ -77,6 +84,8 @@
 //! | `config` | yes | [`Buses::from_config`] from YAML / TOML / `DUALBUS__` environment variables |
 //! | `nats` | no | the NATS backend (`dualbus-nats`): domain bus on JetStream, simple bus on core NATS |
 //! | `kafka` | no | the Kafka backend (`dualbus-kafka`, compiles librdkafka): domain bus on Kafka |
+//! | `redis` | no | the Redis backend (`dualbus-redis`): simple bus on pub/sub |
+//! | `redis-tls` | no | `redis` with TLS (`rediss://`, rustls) |
 //! | `full` | no | everything |
 //!
 //! With no features at all the crate still builds: the core types and buses, with the
@@ -133,6 +142,11 @@ pub use dualbus_nats as nats;
 #[cfg(feature = "kafka")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
 pub use dualbus_kafka as kafka;
+
+/// The Redis backend.
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use dualbus_redis as redis;
 
 /// Traits to import with `use dualbus::prelude::*`.
 pub mod prelude {
