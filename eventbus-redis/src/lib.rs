@@ -33,6 +33,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod config;
+pub mod coordination;
 pub mod frame;
 mod pubsub;
 
