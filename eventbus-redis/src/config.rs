@@ -47,6 +47,52 @@ impl Default for Reconnect {
     }
 }
 
+/// Settings of the domain bus on Redis Streams.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct StreamsSettings {
+    /// Prefix of every key the domain bus writes. Default `dualbus:`.
+    pub prefix: String,
+    /// Partitions (streams) of a topic when it is first used; a topic keeps the count it
+    /// was created with (stored in `<prefix>{<topic>}:meta`). Default 16, at most 1024.
+    pub partitions: u32,
+    /// How long a partition's lease lives without renewal: after a member's crash, its
+    /// partitions move after at most this. Default 10 s.
+    #[serde(with = "dualbus_core::config::duration")]
+    pub lease_ttl: Duration,
+    /// How long a member stays registered without a heartbeat. Default 10 s.
+    #[serde(with = "dualbus_core::config::duration")]
+    pub member_timeout: Duration,
+    /// How long an owner's wait for new entries (`XREAD BLOCK`) lasts before it looks
+    /// again at its partitions. Default 250 ms.
+    #[serde(with = "dualbus_core::config::duration")]
+    pub block: Duration,
+    /// Entries read per partition and call (`XREADGROUP COUNT`). Default 256.
+    pub read_count: usize,
+    /// Deliveries a subscription holds before the pool takes them. Default 1024.
+    pub prefetch: usize,
+    /// `XADD MAXLEN ~ <n>` on every publish, off by default: on Redis 7.0 it trims entries
+    /// whatever the groups have read (the group-aware trim arrives in Redis 8.2), so a
+    /// slow group loses events. Set it only where that is acceptable.
+    pub maxlen: Option<u64>,
+}
+
+impl Default for StreamsSettings {
+    fn default() -> Self {
+        Self {
+            prefix: crate::coordination::DEFAULT_PREFIX.to_owned(),
+            partitions: 16,
+            lease_ttl: Duration::from_secs(10),
+            member_timeout: Duration::from_secs(10),
+            block: Duration::from_millis(250),
+            read_count: 256,
+            prefetch: 1024,
+            maxlen: None,
+        }
+    }
+}
+
 /// Settings of the Redis backend: the `redis` section of a bus in the facade's
 /// configuration.
 ///
@@ -93,6 +139,16 @@ pub struct RedisConfig {
     /// ([`crate::RedisPubSub::dropped`]), as Redis drops a subscriber whose output buffer
     /// overflows: pub/sub is at most once. Default 65,536.
     pub subscription_buffer: usize,
+    /// The domain bus on Streams.
+    pub streams: StreamsSettings,
+    /// Whether a new owner delivers its partition's pending entries first (always, except
+    /// in the conformance suite's mutant check).
+    #[serde(skip, default = "yes")]
+    pub(crate) rewind: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for RedisConfig {
@@ -111,6 +167,8 @@ impl Default for RedisConfig {
             reconnect: Reconnect::default(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             subscription_buffer: 65_536,
+            streams: StreamsSettings::default(),
+            rewind: true,
         }
     }
 }
@@ -131,6 +189,7 @@ impl fmt::Debug for RedisConfig {
             .field("reconnect", &self.reconnect)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("subscription_buffer", &self.subscription_buffer)
+            .field("streams", &self.streams)
             .finish()
     }
 }
@@ -165,6 +224,17 @@ impl RedisConfig {
             .saturating_sub(frame::FIXED + dualbus_core::MAX_TOPIC_LEN)
     }
 
+    /// The same settings with the rewind at takeover broken: a new owner of a partition
+    /// delivers the entries its former owner left pending a second late, after newer ones.
+    /// A broken transport for the conformance suite's mutant check, which must catch it.
+    /// Never use it elsewhere.
+    #[cfg(feature = "conformance")]
+    #[must_use]
+    pub fn without_rewind(mut self) -> Self {
+        self.rewind = false;
+        self
+    }
+
     /// Checks the settings without connecting: [`Error::Config`] naming the field.
     pub fn validate(&self) -> Result<()> {
         self.connection_info().map(|_| ())?;
@@ -181,13 +251,47 @@ impl RedisConfig {
         if self.subscription_buffer == 0 {
             return Err(Error::config("redis.subscription_buffer", "at least 1"));
         }
+        let st = &self.streams;
+        if !(1..=1024).contains(&st.partitions) {
+            return Err(Error::config(
+                "redis.streams.partitions",
+                "between 1 and 1024",
+            ));
+        }
+        if st.read_count == 0 || st.prefetch == 0 {
+            return Err(Error::config(
+                "redis.streams.read_count",
+                "read_count and prefetch must be at least 1",
+            ));
+        }
+        if st.maxlen == Some(0) {
+            return Err(Error::config(
+                "redis.streams.maxlen",
+                "at least 1 (or absent)",
+            ));
+        }
+        if st.prefix.contains(['{', '}']) {
+            return Err(Error::config(
+                "redis.streams.prefix",
+                "no braces (they mark hash tags)",
+            ));
+        }
         for (path, d) in [
+            ("redis.streams.lease_ttl", st.lease_ttl),
+            ("redis.streams.member_timeout", st.member_timeout),
+            ("redis.streams.block", st.block),
             ("redis.connect_timeout", self.connect_timeout),
             ("redis.response_timeout", self.response_timeout),
         ] {
             if d.is_zero() {
                 return Err(Error::config(path, "must be longer than zero"));
             }
+        }
+        if st.block >= self.response_timeout {
+            return Err(Error::config(
+                "redis.streams.block",
+                "shorter than redis.response_timeout (the wait is a command)",
+            ));
         }
         if self.reconnect.min_delay > self.reconnect.max_delay {
             return Err(Error::config(

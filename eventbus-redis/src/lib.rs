@@ -36,12 +36,16 @@ mod config;
 pub mod coordination;
 pub mod frame;
 mod pubsub;
+pub mod streams;
 
-pub use config::{DEFAULT_MAX_MESSAGE_BYTES, Reconnect, RedisConfig, SERVER_MAX_BULK};
+pub use config::{
+    DEFAULT_MAX_MESSAGE_BYTES, Reconnect, RedisConfig, SERVER_MAX_BULK, StreamsSettings,
+};
 pub use dualbus_core::config::{Secret, redact_url, redact_urls};
 pub use pubsub::RedisPubSub;
 /// The `redis` crate this backend is built on (for what the bus does not cover).
 pub use redis;
+pub use streams::RedisStreams;
 
 /// The backend's name in errors and capabilities.
 pub const BACKEND: &str = "redis";

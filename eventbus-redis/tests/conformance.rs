@@ -1,4 +1,5 @@
-//! The conformance suite against a real redis-server: the simple bus on pub/sub.
+//! The conformance suite against a real redis-server: the domain bus on Streams, the
+//! simple bus on pub/sub.
 //!
 //! The server's URL comes from `DUALBUS_TEST_REDIS_URL` (set by `scripts/test.sh`, which
 //! starts the server). Without it the tests are skipped, unless
@@ -9,9 +10,11 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use dualbus_core::conformance::Backend;
-use dualbus_core::{DynDomainTransport, DynSimpleTransport, Error, Result};
-use dualbus_redis::RedisPubSub;
+use std::time::Duration;
+
+use dualbus_core::conformance::{Backend, Settings};
+use dualbus_core::{DynDomainTransport, DynSimpleTransport, Result};
+use dualbus_redis::{RedisConfig, RedisPubSub, RedisStreams};
 
 mod support;
 
@@ -22,10 +25,8 @@ struct RedisBackend {
 #[async_trait]
 impl Backend for RedisBackend {
     async fn domain(&self) -> Result<DynDomainTransport> {
-        Err(Error::NotSupported {
-            operation: "domain events",
-            backend: "redis",
-        })
+        let url = self.url.clone().expect("available() was checked");
+        Ok(Arc::new(RedisStreams::connect(test_config(&url)).await?))
     }
 
     async fn simple(&self) -> Result<DynSimpleTransport> {
@@ -35,9 +36,26 @@ impl Backend for RedisBackend {
         ))
     }
 
+    fn settings(&self) -> Settings {
+        let mut s = Settings::default();
+        // The group tests run 20 seeds against a real server, beside the other tests.
+        s.deadline = Duration::from_secs(240);
+        s
+    }
+
     fn available(&self) -> bool {
         self.url.is_some()
     }
+}
+
+/// Short leases (no server restarts here) and four partitions per topic: groups of up to
+/// four members share them.
+fn test_config(url: &str) -> RedisConfig {
+    let mut c = support::fast_config(url);
+    c.streams.partitions = 4;
+    c.streams.lease_ttl = Duration::from_secs(2);
+    c.streams.member_timeout = Duration::from_secs(2);
+    c
 }
 
 fn backend() -> RedisBackend {
@@ -46,4 +64,4 @@ fn backend() -> RedisBackend {
     }
 }
 
-dualbus_core::conformance_tests!(real, simple: backend());
+dualbus_core::conformance_tests!(backend());
