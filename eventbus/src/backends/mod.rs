@@ -94,11 +94,10 @@ impl BackendKind {
         }
     }
 
-    /// Whether it offers `bus` (Kafka: the domain bus only; Redis, in this release: the
-    /// simple bus only).
+    /// Whether it offers `bus` (Kafka: the domain bus only).
     pub(crate) fn offers(self, bus: Bus) -> bool {
         match (self, bus) {
-            (Self::Kafka, Bus::Simple) | (Self::Redis, Bus::Domain) => false,
+            (Self::Kafka, Bus::Simple) => false,
             (Self::Memory | Self::Nats | Self::Kafka | Self::Redis, _) => true,
         }
     }
@@ -412,18 +411,11 @@ mod tests {
             let parsed: BackendKind =
                 serde_json::from_value(serde_json::Value::from(kind.name())).unwrap();
             assert_eq!(parsed, kind);
-            // Redis' domain bus (Streams) is not in this release.
-            assert_eq!(
+            assert!(
                 kind.offers(Bus::Domain),
-                kind != BackendKind::Redis,
-                "{kind:?}"
+                "{kind:?}: every backend has a domain bus"
             );
         }
-        let (_, message) = config_error(for_bus(Bus::Domain, BackendKind::Redis));
-        assert_eq!(
-            message,
-            "redis offers no domain-event bus; use memory, nats or kafka"
-        );
         assert!(!BackendKind::Kafka.offers(Bus::Simple));
         let (_, message) = config_error(for_bus(Bus::Simple, BackendKind::Kafka));
         assert_eq!(

@@ -1,10 +1,10 @@
-//! Redis (`dualbus-redis`): the simple bus on Redis pub/sub, connected with the simple
-//! bus's `redis` section (defaults without one).
+//! Redis (`dualbus-redis`): the domain bus on Redis Streams, the simple bus on Redis
+//! pub/sub, each connected with its own bus's `redis` section (defaults without one).
 
 use std::sync::Arc;
 
 use dualbus_core::Result;
-use dualbus_redis::{RedisConfig, RedisPubSub};
+use dualbus_redis::{RedisConfig, RedisPubSub, RedisStreams};
 
 use super::{Backend, BoxFuture, Build, Built, Bus, read_section};
 use crate::config::BackendKind;
@@ -13,7 +13,8 @@ use crate::config::Raw;
 /// The entry of the table.
 pub(super) const BACKEND: Backend = Backend {
     kind: BackendKind::Redis,
-    takes_partitions: false,
+    // A topic is one stream per partition, its count stored with the topic at first use.
+    takes_partitions: true,
     check: Some(check),
     build,
 };
@@ -31,9 +32,41 @@ fn config(raw: Option<&Raw>, bus: Bus) -> Result<RedisConfig> {
     }
 }
 
+/// The domain bus's Redis configuration: its `redis` section, with the group settings that
+/// apply to it (`domain.group.partitions` for the topics first used here,
+/// `domain.group.member_timeout`), which override the section's. Per-topic partition
+/// counts are refused: a Redis topic takes the count of its first use.
+fn domain_config(config: &crate::Config) -> Result<RedisConfig> {
+    let mut redis = self::config(config.domain.redis.as_ref(), Bus::Domain)?;
+    let group = &config.domain.group;
+    if let Some(t) = group.member_timeout {
+        redis.streams.member_timeout = t;
+    }
+    if let Some(p) = group.partitions {
+        redis.streams.partitions = p;
+    }
+    if let Some((topic, _)) = config
+        .domain
+        .topics
+        .iter()
+        .find(|(_, t)| t.partitions.is_some())
+    {
+        return Err(dualbus_core::Error::config(
+            format!("domain.topics.{topic}.partitions"),
+            "not on redis: every topic takes domain.group.partitions (or redis.streams.partitions) at its first use",
+        ));
+    }
+    redis.validate()?;
+    Ok(redis)
+}
+
 fn build(b: Build<'_>) -> BoxFuture<'_, Result<Built>> {
     Box::pin(async move {
         let mut built = Built::default();
+        if b.domain {
+            let config = domain_config(b.config)?;
+            built.domain = Some(Arc::new(RedisStreams::connect(config).await?));
+        }
         if b.simple {
             let config = config(b.config.simple.redis.as_ref(), Bus::Simple)?;
             built.simple = Some(Arc::new(RedisPubSub::connect(config).await?));
@@ -70,11 +103,27 @@ mod tests {
                 other => panic!("{yaml}: {other:?}"),
             }
         }
-        // The domain bus is not offered on Redis in this release.
-        let e = crate::Config::from_yaml("domain:\n  type: redis\n").expect_err("no domain bus");
-        assert!(
-            e.to_string().contains("redis offers no domain-event bus"),
-            "{e}"
-        );
+    }
+
+    #[test]
+    fn group_settings_reach_the_streams() {
+        let c = crate::Config::from_yaml(
+            "domain:\n  type: redis\n  group: { partitions: 8, member_timeout: 6s }\n  redis: { url: \"redis://cache:6380\", streams: { partitions: 4, lease_ttl: 3s } }\n",
+        )
+        .expect("config");
+        let r = domain_config(&c).expect("redis config");
+        assert_eq!(r.streams.partitions, 8, "the group setting wins");
+        assert_eq!(r.streams.member_timeout, std::time::Duration::from_secs(6));
+        assert_eq!(r.streams.lease_ttl, std::time::Duration::from_secs(3));
+        let c = crate::Config::from_yaml(
+            "domain:\n  type: redis\n  topics: { payments: { partitions: 2 } }\n",
+        )
+        .expect("config");
+        match domain_config(&c) {
+            Err(dualbus_core::Error::Config { path, .. }) => {
+                assert_eq!(path, "domain.topics.payments.partitions");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
