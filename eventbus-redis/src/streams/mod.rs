@@ -276,12 +276,14 @@ async fn durable(conn: &mut ConnectionManager) -> bool {
     let get = |name: &'static str| {
         let mut c = conn.clone();
         async move {
-            let r: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
-                .arg("GET")
-                .arg(name)
-                .query_async(&mut c)
-                .await;
-            r.ok().and_then(|v| v.get(1).cloned())
+            // A map under RESP3, a flat array under RESP2: both read as one.
+            let r: redis::RedisResult<std::collections::HashMap<String, String>> =
+                redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg(name)
+                    .query_async(&mut c)
+                    .await;
+            r.ok().and_then(|mut v| v.remove(name))
         }
     };
     let aof = get("appendonly").await;
