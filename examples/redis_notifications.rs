@@ -1,20 +1,20 @@
-//! Domain events on NATS JetStream, notifications on Redis pub/sub: the two buses on two
-//! brokers, wired from one configuration.
+//! Domain events on Redis Streams (or NATS JetStream), notifications on Redis pub/sub: the
+//! seed's shape, wired from one configuration.
 //!
-//! Start the servers, then run the example:
+//! Start a server, then run the example:
 //!
 //! ```text
-//! nats-server -js -sd /tmp/nats-example &      # scripts/nats-server.sh builds one
 //! redis-server --port 6379 --save "" &         # Debian: apt-get install redis-server
 //! cargo run -p dualbus --features nats,redis --example redis_notifications
 //! ```
 //!
-//! `NATS_URL` and `REDIS_URL` point elsewhere (defaults `nats://127.0.0.1:4222`,
-//! `redis://127.0.0.1:6379`). Each handled order event sends a notification on Redis
+//! With `-- --domain nats` the domain events go to NATS JetStream instead (start
+//! `nats-server -js -sd /tmp/nats-example &`; `scripts/nats-server.sh` builds one).
+//! `REDIS_URL` and `NATS_URL` point elsewhere (defaults `redis://127.0.0.1:6379`,
+//! `nats://127.0.0.1:4222`). Each handled order event sends a notification on Redis
 //! pub/sub; a price lookup goes out as a request and is answered by a responder on Redis;
 //! and a notification published by another Redis client (a plain `PUBLISH`, no dualbus
-//! frame) reaches the same subscriber without headers. The Redis Streams domain bus is
-//! planned; until then the durable side runs on JetStream.
+//! frame) reaches the same subscriber without headers.
 
 use std::io::IsTerminal as _;
 use std::sync::Arc;
@@ -38,12 +38,27 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let nats = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
     let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let args: Vec<String> = std::env::args().collect();
+    let on_nats = args
+        .windows(2)
+        .any(|w| w[0] == "--domain" && w[1] == "nats");
+    let domain = if on_nats {
+        format!("  type: nats\n  nats: {{ urls: [\"{nats}\"] }}\n")
+    } else {
+        format!("  type: redis\n  group: {{ partitions: 4 }}\n  redis: {{ url: \"{redis}\" }}\n")
+    };
     let config = Config::from_yaml(&format!(
-        "domain:\n  type: nats\n  source: shop\n  nats: {{ urls: [\"{nats}\"] }}\nsimple:\n  type: redis\n  redis: {{ url: \"{redis}\" }}\n"
+        "domain:\n  source: shop\n{domain}simple:\n  type: redis\n  redis: {{ url: \"{redis}\" }}\n"
     ))?;
+    let store = if on_nats {
+        format!("NATS JetStream at {nats}")
+    } else {
+        format!("Redis Streams at {redis}")
+    };
     let buses = Buses::from_config(&config)
         .await
-        .with_context(|| format!("NATS at {nats} (nats-server -js) and Redis at {redis}"))?;
+        .with_context(|| format!("{store} and Redis pub/sub at {redis}"))?;
+    println!("domain events on {store}, notifications on Redis pub/sub");
 
     // Notifications on Redis pub/sub.
     let notified = Arc::new(AtomicU64::new(0));
@@ -79,7 +94,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
 
-    // Order events on JetStream; each handled one is announced on Redis.
+    // Order events; each handled one is announced on Redis pub/sub.
     let simple = buses.simple().clone();
     let subscription = buses
         .domain()
@@ -147,6 +162,6 @@ async fn main() -> anyhow::Result<()> {
     subscription.shutdown().await;
     drop(notifications);
     buses.close().await?;
-    println!("2 order events handled on JetStream, 3 notifications received on Redis");
+    println!("2 order events handled in order, 3 notifications received on Redis pub/sub");
     Ok(())
 }

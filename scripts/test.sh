@@ -160,10 +160,12 @@ KAFKA_BOOTSTRAP="$DUALBUS_TEST_KAFKA_BOOTSTRAP" cargo run -q -p dualbus --featur
 cat "$servers_dir/kafka_example.out"
 no_escapes "$servers_dir/kafka_example.out"
 
-step "example: domain events on NATS, notifications on Redis pub/sub, output piped"
-NATS_URL="$DUALBUS_TEST_NATS_URL" REDIS_URL="$DUALBUS_TEST_REDIS_URL" cargo run -q -p dualbus --features nats,redis --example redis_notifications > "$servers_dir/redis_example.out" 2>&1 || { cat "$servers_dir/redis_example.out"; exit 1; }
-cat "$servers_dir/redis_example.out"
-no_escapes "$servers_dir/redis_example.out"
+step "example: domain events on Redis Streams (then on NATS), notifications on Redis pub/sub, output piped"
+for domain in redis nats; do
+  NATS_URL="$DUALBUS_TEST_NATS_URL" REDIS_URL="$DUALBUS_TEST_REDIS_URL" cargo run -q -p dualbus --features nats,redis --example redis_notifications -- --domain "$domain" > "$servers_dir/redis_example.out" 2>&1 || { cat "$servers_dir/redis_example.out"; exit 1; }
+  cat "$servers_dir/redis_example.out"
+  no_escapes "$servers_dir/redis_example.out"
+done
 
 step "example: replicas across processes on NATS (one killed, one joining)"
 cargo build -q -p dualbus --features nats --example nats_scale_out

@@ -1,12 +1,23 @@
-//! Redis pub/sub: the simple bus against the raw `redis` crate doing the same work, in one
-//! run, against one server.
+//! Redis: both buses against the raw `redis` crate doing the same work, in one run,
+//! against one server.
 //!
+//! Pub/sub:
 //! Both sides publish the same payloads to a channel, 256 publishes in flight at a time on
 //! one multiplexed connection, and count what one subscriber receives; the rate runs from
 //! the first publish to the last message received. Bus: `SimpleBus::publish_message` (the
 //! publish pipeline, the frame with one header) and a subscription whose handler counts.
 //! Raw: `PUBLISH` of the payload with the same header in the same frame, and a RESP3
 //! connection whose pushes are counted.
+//!
+//! Streams (one partition per topic here, so that the raw loop reads one stream as the
+//! bus's members do):
+//!
+//! 1. Publish: `DomainBus::publish_batch` in chunks of 10,000 (CloudEvents encoding, the
+//!    publish script: `XADD` and the aggregate's last entry) against pipelined `XADD`s of
+//!    the same fields, encoded before the clock starts.
+//! 2. Consume and acknowledge: a subscription through the keyed pool (a handler that does
+//!    nothing) against a loop of `XREADGROUP COUNT 256` and one pipelined `XACK` per batch,
+//!    both reading the same stored entries as a new group.
 //!
 //! 16 B and 1 KiB payloads. `cargo bench -p dualbus-redis --bench redis` starts its own
 //! `redis-server` (from `PATH`), or uses `DUALBUS_BENCH_REDIS_URL`. Add `-- --quick` for a
@@ -19,8 +30,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dualbus_core::{HandleError, Headers, Message, SimpleBus, handler_fn};
-use dualbus_redis::{RedisConfig, RedisPubSub, frame};
+use dualbus_core::conformance::unique_topic;
+use dualbus_core::{
+    Codec, DomainBus, DomainTransport as _, Envelope, Event, HandleError, Headers, Message,
+    PoolConfig, SimpleBus, handler_fn,
+};
+use dualbus_redis::streams::{KEY_FIELD, PAYLOAD_FIELD};
+use dualbus_redis::{RedisConfig, RedisPubSub, RedisStreams, frame};
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 use redis::aio::ConnectionManagerConfig;
@@ -155,6 +171,200 @@ async fn raw_publish<C: redis::aio::ConnectionLike + Clone + Send + 'static>(
     start.elapsed()
 }
 
+const AGGREGATES: usize = 1000;
+
+fn envelopes(n: usize, size: usize) -> Vec<Envelope> {
+    let body = Bytes::from(vec![b'x'; size]);
+    (0..n)
+        .map(|i| {
+            let a = format!("agg-{}", i % AGGREGATES);
+            Envelope::unchecked(a, "BenchEvent", (i / AGGREGATES) as u64 + 1, body.clone())
+        })
+        .collect()
+}
+
+/// The fields the bus writes for `events`.
+fn fields(events: &[Envelope]) -> Vec<Vec<(String, Bytes)>> {
+    events
+        .iter()
+        .map(|e| {
+            let m = Codec::CloudEvents
+                .encode(e, dualbus_core::HeaderStyle::HyphenPercentEncoded, "bench")
+                .unwrap();
+            let mut f: Vec<(String, Bytes)> = m
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_owned(), Bytes::copy_from_slice(v.as_bytes())))
+                .collect();
+            f.push((KEY_FIELD.to_owned(), Bytes::from(m.key.clone())));
+            f.push((PAYLOAD_FIELD.to_owned(), m.payload));
+            f
+        })
+        .collect()
+}
+
+fn streams_config(url: &str) -> RedisConfig {
+    let mut c = RedisConfig::new(url);
+    c.streams.partitions = 1;
+    c
+}
+
+async fn bus_xadd(bus: &DomainBus, topic: &str, events: &[Envelope]) -> Duration {
+    let t = Instant::now();
+    for chunk in events.chunks(10_000) {
+        for r in bus.publish_batch(topic, chunk).await.unwrap() {
+            r.unwrap();
+        }
+    }
+    t.elapsed()
+}
+
+async fn raw_xadd(url: &str, stream: &str, entries: &[Vec<(String, Bytes)>]) -> Duration {
+    let mut c = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let t = Instant::now();
+    for chunk in entries.chunks(10_000) {
+        let mut pipe = redis::pipe();
+        for fields in chunk {
+            let cmd = pipe.cmd("XADD").arg(stream).arg("*");
+            for (k, v) in fields {
+                cmd.arg(k).arg(v.as_ref());
+            }
+        }
+        let _: Vec<String> = pipe.query_async(&mut c).await.unwrap();
+    }
+    t.elapsed()
+}
+
+async fn bus_consume(url: &str, topic: &str, n: u64) -> Duration {
+    let bus = DomainBus::builder(RedisStreams::connect(streams_config(url)).await.unwrap())
+        .source("bench")
+        .pool(PoolConfig {
+            max_in_flight: 4096,
+            max_concurrency: 256,
+            ..PoolConfig::default()
+        })
+        .build()
+        .unwrap();
+    let handled = Arc::new(AtomicU64::new(0));
+    let first = Arc::new(std::sync::OnceLock::new());
+    let (h, f) = (handled.clone(), first.clone());
+    let sub = bus
+        .subscribe(topic)
+        .group(format!("bus-{topic}"))
+        .start(handler_fn(move |_e: Event| {
+            let (h, f) = (h.clone(), f.clone());
+            async move {
+                f.get_or_init(Instant::now);
+                h.fetch_add(1, Ordering::Relaxed);
+                Ok::<_, HandleError>(())
+            }
+        }))
+        .await
+        .unwrap();
+    while handled.load(Ordering::Relaxed) < n {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let took = first.get().expect("handled").elapsed();
+    // Every acknowledgement reached the server.
+    let t = dualbus_core::Topic::new(topic).unwrap();
+    while bus
+        .transport()
+        .pending(&t, &format!("bus-{topic}"))
+        .await
+        .unwrap()
+        != Some(0)
+    {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let took = took.max(first.get().expect("handled").elapsed());
+    sub.shutdown().await;
+    bus.close().await.unwrap();
+    took
+}
+
+async fn raw_consume(url: &str, stream: &str, n: u64) -> Duration {
+    let mut c = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg("raw")
+        .arg("0")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let mut seen = 0u64;
+    while seen < n {
+        let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("raw")
+            .arg("c1")
+            .arg("COUNT")
+            .arg(256)
+            .arg("STREAMS")
+            .arg(stream)
+            .arg(">")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let ids: Vec<String> = reply
+            .keys
+            .into_iter()
+            .flat_map(|k| k.ids.into_iter().map(|e| e.id))
+            .collect();
+        if ids.is_empty() {
+            continue;
+        }
+        seen += ids.len() as u64;
+        let _: i64 = redis::cmd("XACK")
+            .arg(stream)
+            .arg("raw")
+            .arg(&ids)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    t.elapsed()
+}
+
+fn line(what: &str, n: usize, bus: Duration, raw: Duration) {
+    let (b, r) = (n as f64 / bus.as_secs_f64(), n as f64 / raw.as_secs_f64());
+    println!(
+        "{what:<28} bus {b:>9.0}/s  raw {r:>9.0}/s  bus/raw {:.2}  overhead {:>7.0} ns/msg",
+        b / r,
+        (bus.as_secs_f64() - raw.as_secs_f64()) * 1e9 / n as f64
+    );
+}
+
+async fn streams(url: &str, n: usize) {
+    let transport = RedisStreams::connect(streams_config(url)).await.unwrap();
+    let bus = DomainBus::builder(transport)
+        .source("bench")
+        .build()
+        .unwrap();
+    for size in [16usize, 1024] {
+        let events = envelopes(n, size);
+        let entries = fields(&events);
+        let (bus_topic, raw_topic) = (unique_topic("bench-bus"), unique_topic("bench-raw"));
+        let raw_stream = format!("bench-raw-stream-{}", raw_topic.as_str());
+        let raw_t = raw_xadd(url, &raw_stream, &entries).await;
+        let bus_t = bus_xadd(&bus, bus_topic.as_str(), &events).await;
+        line(&format!("streams publish {size} B"), n, bus_t, raw_t);
+        let bus_c = bus_consume(url, bus_topic.as_str(), n as u64).await;
+        let raw_c = raw_consume(url, &raw_stream, n as u64).await;
+        line(&format!("streams consume + ack {size} B"), n, bus_c, raw_c);
+    }
+    bus.close().await.unwrap();
+}
+
 struct Server(std::process::Child);
 
 impl Drop for Server {
@@ -205,6 +415,7 @@ async fn main() {
     );
     for run in 1..=2 {
         println!("run {run}");
+        streams(&url, if quick { 20_000 } else { 100_000 }).await;
         for size in [16usize, 1024] {
             let payload = Bytes::from(vec![b'x'; size]);
             let bus = bus_run(&url, &format!("bench-bus-{run}-{size}"), n, payload.clone()).await;

@@ -1,7 +1,22 @@
 //! # dualbus-redis
 //!
 //! The Redis backend of [dualbus](https://crates.io/crates/dualbus), on the `redis` crate
-//! and its tokio connection manager (RESP3): the **simple-message bus** on Redis pub/sub.
+//! and its tokio connection manager (RESP3): the **domain-event bus** on Redis Streams and
+//! the **simple-message bus** on Redis pub/sub.
+//!
+//! ## Domain bus ([`RedisStreams`])
+//!
+//! - A topic is one stream per partition (`dualbus:{orders:3}`), the partition the core
+//!   hash of the aggregate id. Every publish is one script: `XADD`, then the aggregate's
+//!   last entry in a hash, so that an append checked against the expected version is
+//!   atomic. A batch is one pipeline.
+//! - Consumer groups run on core's coordinator with the registry and leases of
+//!   [`coordination`]. Every read, claim and acknowledgement checks the partition's lease
+//!   token in a script; a new owner claims every pending entry of the partition before it
+//!   reads new ones. Durable only when the server syncs its log on every write
+//!   (`appendfsync always`): the transport reads that at connect.
+//!
+//! ## Simple bus ([`RedisPubSub`])
 //!
 //! - **Topics** are pub/sub channels of the same name, one channel per topic (no patterns).
 //! - **Headers** and the reply topic travel in a versioned binary frame in front of the
@@ -18,12 +33,18 @@
 //!
 //! ```no_run
 //! # async fn run() -> dualbus_core::Result<()> {
-//! use dualbus_core::{Message, SimpleBus};
-//! use dualbus_redis::{RedisConfig, RedisPubSub};
+//! use dualbus_core::{DomainBus, Envelope, Message, SimpleBus};
+//! use dualbus_redis::{RedisConfig, RedisPubSub, RedisStreams};
 //!
-//! let redis = RedisPubSub::connect(RedisConfig::new("redis://127.0.0.1:6379")).await?;
-//! let simple = SimpleBus::builder(redis).build()?;
-//! simple.publish(Message::new("notifications", "hello")).await?;
+//! let config = RedisConfig::new("redis://127.0.0.1:6379");
+//! let domain = DomainBus::builder(RedisStreams::connect(config.clone()).await?)
+//!     .source("orders-service")
+//!     .build()?;
+//! domain
+//!     .publish("orders", &Envelope::new("order-1", "OrderPlaced", 1, "{}")?)
+//!     .await?;
+//! let simple = SimpleBus::builder(RedisPubSub::connect(config).await?).build()?;
+//! simple.publish("notifications", "hello").await?;
 //! # Ok(()) }
 //! ```
 //!

@@ -43,6 +43,9 @@ async fn next(sub: &mut DomainSubscription) -> Delivery {
         .expect("delivery")
 }
 
+/// An entry's fields, as another client reads them.
+type Fields = Vec<(String, Vec<u8>)>;
+
 async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url)
         .expect("client")
@@ -66,7 +69,7 @@ async fn entries_of_other_clients_go_to_the_dead_letter_with_a_reason() {
     // the key and the payload.
     let stream = format!("dualbus:{{{}:0}}", topic.as_str());
     let mut c = raw(&url).await;
-    let fields: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+    let fields: Vec<(String, Fields)> = redis::cmd("XRANGE")
         .arg(&stream)
         .arg("-")
         .arg("+")

@@ -2,7 +2,7 @@
 //!
 //! ```yaml
 //! domain:
-//!   type: memory            # memory | nats | kafka
+//!   type: memory            # memory | nats | kafka | redis
 //!   source: orders-service  # CloudEvents source; also the default group name (mapped to
 //!                           # a valid one if it is not: `/orders` gives `_orders`)
 //!   codec: cloudevents      # cloudevents | jxt

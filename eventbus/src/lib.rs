@@ -69,11 +69,11 @@
 )]
 #![cfg_attr(
     feature = "redis",
-    doc = "- [`redis`]: the simple bus on Redis pub/sub (the domain bus on Redis Streams follows)."
+    doc = "- [`redis`]: the domain bus on Redis Streams and the simple bus on Redis pub/sub."
 )]
 #![cfg_attr(
     not(feature = "redis"),
-    doc = "- `redis` (feature off in this build): the simple bus on Redis pub/sub."
+    doc = "- `redis` (feature off in this build): the domain bus on Redis Streams and the simple bus on Redis pub/sub."
 )]
 //!
 //! ## Features
@@ -84,7 +84,7 @@
 //! | `config` | yes | [`Buses::from_config`] from YAML / TOML / `DUALBUS__` environment variables |
 //! | `nats` | no | the NATS backend (`dualbus-nats`): domain bus on JetStream, simple bus on core NATS |
 //! | `kafka` | no | the Kafka backend (`dualbus-kafka`, compiles librdkafka): domain bus on Kafka |
-//! | `redis` | no | the Redis backend (`dualbus-redis`): simple bus on pub/sub |
+//! | `redis` | no | the Redis backend (`dualbus-redis`): domain bus on Streams, simple bus on pub/sub |
 //! | `redis-tls` | no | `redis` with TLS (`rediss://`, rustls) |
 //! | `full` | no | everything |
 //!

@@ -158,7 +158,7 @@ impl DomainBusBuilder {
         if !caps.durable {
             tracing::warn!(
                 backend = caps.backend,
-                "the domain bus runs on a non-durable backend: events live only as long as this process"
+                "the domain bus runs on a non-durable backend: stored events may be lost when the broker (or, on memory, this process) stops"
             );
         }
         let pipeline = Pipeline::new(

@@ -62,11 +62,11 @@ if redis.call('GET', KEYS[2]) ~= ARGV[1] then return redis.error_reply('NOTOWNER
 return redis.call('XCLAIM', KEYS[1], ARGV[2], ARGV[3], 0, ARGV[4])
 ";
 
-/// Acknowledges an entry if the caller holds the lease. KEYS: stream, lease. ARGV: token,
-/// group, id.
+/// Acknowledges entries if the caller holds the lease. KEYS: stream, lease. ARGV: token,
+/// group, ids.
 const ACK: &str = r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return redis.error_reply('NOTOWNER lease lost') end
-return redis.call('XACK', KEYS[1], ARGV[2], ARGV[3])
+return redis.call('XACK', KEYS[1], ARGV[2], unpack(ARGV, 3))
 ";
 
 struct Scripts {
@@ -108,6 +108,9 @@ struct Shared {
     leases: Arc<RedisLeases>,
     parts: Mutex<HashMap<u32, Part>>,
     redeliveries: Mutex<Vec<Redelivery>>,
+    /// Acknowledgements the server did not take (unreachable): sent again by the reader
+    /// until they are taken or the partition is gone.
+    unsent_acks: Mutex<Vec<(u32, u64, String)>>,
     wake: Notify,
     stop: AtomicBool,
     scripts: Scripts,
@@ -188,12 +191,15 @@ struct RedisAcker {
 
 #[async_trait]
 impl Acker for RedisAcker {
-    /// `XACK`, if this member still holds the partition under the delivery's epoch.
+    /// `XACK`, if this member still holds the partition under the delivery's epoch. When
+    /// the server cannot be reached, the acknowledgement is kept and sent again until the
+    /// server takes it or the partition moves (then the next owner claims the entry and
+    /// handles it again).
     async fn ack(&self) -> Result<()> {
         let Some(token) = self.shared.token_of(self.partition, self.epoch) else {
             return Err(not_owned(&self.shared, self.partition, self.epoch));
         };
-        let _: i64 = self
+        let r: Result<i64> = self
             .shared
             .fenced(
                 &self.shared.scripts.ack,
@@ -201,8 +207,19 @@ impl Acker for RedisAcker {
                 self.epoch,
                 &[&token, &self.shared.group, &self.id],
             )
-            .await?;
-        Ok(())
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e @ Error::Conflict(_)) => Err(e),
+            Err(e) => {
+                tracing::debug!(topic = %self.shared.topic, partition = self.partition, error = %e, "acknowledgement not taken; sending it again");
+                self.shared
+                    .unsent_acks
+                    .lock()
+                    .push((self.partition, self.epoch, self.id.clone()));
+                Ok(())
+            }
+        }
     }
 
     /// The entry stays pending; it is claimed again (its delivery count grows) after
@@ -573,6 +590,7 @@ pub(super) async fn subscribe(
         leases: leases.clone(),
         parts: Mutex::new(HashMap::new()),
         redeliveries: Mutex::new(Vec::new()),
+        unsent_acks: Mutex::new(Vec::new()),
         wake: Notify::new(),
         stop: AtomicBool::new(false),
         scripts: Scripts {
@@ -732,6 +750,35 @@ async fn due_redeliveries(shared: &Arc<Shared>) -> (Vec<Result<Delivery>>, Optio
     (out, next)
 }
 
+/// Sends the acknowledgements the server did not take before, one script per partition.
+async fn resend_acks(shared: &Arc<Shared>) {
+    let pending: Vec<(u32, u64, String)> = std::mem::take(&mut *shared.unsent_acks.lock());
+    if pending.is_empty() {
+        return;
+    }
+    let mut by_part: HashMap<(u32, u64), Vec<String>> = HashMap::new();
+    for (p, e, id) in pending {
+        by_part.entry((p, e)).or_default().push(id);
+    }
+    for ((partition, epoch), ids) in by_part {
+        let Some(token) = shared.token_of(partition, epoch) else {
+            continue;
+        };
+        let mut args: Vec<&str> = vec![&token, &shared.group];
+        args.extend(ids.iter().map(String::as_str));
+        let r: Result<i64> = shared
+            .fenced(&shared.scripts.ack, partition, epoch, &args)
+            .await;
+        match r {
+            Ok(_) | Err(Error::Conflict(_)) => {}
+            Err(_) => shared
+                .unsent_acks
+                .lock()
+                .extend(ids.into_iter().map(|id| (partition, epoch, id))),
+        }
+    }
+}
+
 async fn read_loop(
     shared: Arc<Shared>,
     tx: mpsc::Sender<Result<Delivery>>,
@@ -743,6 +790,7 @@ async fn read_loop(
         if shared.stop.load(Ordering::Acquire) || tx.is_closed() {
             break;
         }
+        resend_acks(&shared).await;
         let (redelivered, next_due) = due_redeliveries(&shared).await;
         let mut progressed = !redelivered.is_empty();
         for d in redelivered {
