@@ -14,7 +14,8 @@
 //!
 //! 1. Publish: `DomainBus::publish_batch` in chunks of 10,000 (CloudEvents encoding, the
 //!    publish script: `XADD` and the aggregate's last entry) against pipelined `XADD`s of
-//!    the same fields, encoded before the clock starts.
+//!    the same fields, encoded before the clock starts; and the bus with
+//!    `streams.track_last` off (a bare `XADD`, no script) against the same raw run.
 //! 2. Consume and acknowledge: a subscription through the keyed pool (a handler that does
 //!    nothing) against a loop of `XREADGROUP COUNT 256` and one pipelined `XACK` per batch,
 //!    both reading the same stored entries as a new group.
@@ -350,6 +351,12 @@ async fn streams(url: &str, n: usize) {
         .source("bench")
         .build()
         .unwrap();
+    let mut untracked = streams_config(url);
+    untracked.streams.track_last = false;
+    let bare = DomainBus::builder(RedisStreams::connect(untracked).await.unwrap())
+        .source("bench")
+        .build()
+        .unwrap();
     for size in [16usize, 1024] {
         let events = envelopes(n, size);
         let entries = fields(&events);
@@ -358,6 +365,9 @@ async fn streams(url: &str, n: usize) {
         let raw_t = raw_xadd(url, &raw_stream, &entries).await;
         let bus_t = bus_xadd(&bus, bus_topic.as_str(), &events).await;
         line(&format!("streams publish {size} B"), n, bus_t, raw_t);
+        let bare_topic = unique_topic("bench-bare");
+        let bare_t = bus_xadd(&bare, bare_topic.as_str(), &events).await;
+        line(&format!("  without track_last {size} B"), n, bare_t, raw_t);
         let bus_c = bus_consume(url, bus_topic.as_str(), n as u64).await;
         let raw_c = raw_consume(url, &raw_stream, n as u64).await;
         line(&format!("streams consume + ack {size} B"), n, bus_c, raw_c);

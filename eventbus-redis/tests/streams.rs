@@ -287,3 +287,63 @@ async fn a_topic_keeps_its_partition_count_and_reserved_names_are_refused() {
         "nothing was written"
     );
 }
+
+/// The streams with `track_last` off: publishes are bare `XADD`s, appends are refused (and
+/// declared absent), everything else holds.
+struct Untracked(String);
+
+#[async_trait::async_trait]
+impl dualbus_core::conformance::Backend for Untracked {
+    async fn domain(&self) -> dualbus_core::Result<dualbus_core::DynDomainTransport> {
+        let mut c = config(&self.0);
+        c.streams.partitions = 4;
+        c.streams.track_last = false;
+        Ok(Arc::new(RedisStreams::connect(c).await?))
+    }
+
+    async fn simple(&self) -> dualbus_core::Result<dualbus_core::DynSimpleTransport> {
+        Ok(Arc::new(
+            dualbus_redis::RedisPubSub::connect(support::fast_config(&self.0)).await?,
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_last_entries_publishes_are_bare_and_appends_are_refused() {
+    use dualbus_core::conformance::domain;
+    let Some(url) = support::shared_url() else {
+        return;
+    };
+    let backend = Untracked(url.clone());
+    let t = dualbus_core::conformance::Backend::domain(&backend)
+        .await
+        .expect("connect");
+    assert!(!t.capabilities().expected_version);
+    domain::expected_version(&backend).await;
+    domain::publish_subscribe(&backend).await;
+    domain::publish_batch_order(&backend).await;
+    domain::replay(&backend).await;
+    // No last-entry hash is written.
+    let topic = unique_topic("redis-untracked");
+    let bus = bus(RedisStreams::connect({
+        let mut c = config(&url);
+        c.streams.track_last = false;
+        c
+    })
+    .await
+    .expect("connect"))
+    .await;
+    bus.publish(topic.as_str(), &event("a", 1))
+        .await
+        .expect("publish");
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(format!("dualbus:{{{}:0}}:last", topic.as_str()))
+        .query_async(&mut raw(&url).await)
+        .await
+        .expect("exists");
+    assert_eq!(exists, 0);
+    assert_eq!(
+        bus.replay(topic.as_str(), "a").await.expect("replay").len(),
+        1
+    );
+}

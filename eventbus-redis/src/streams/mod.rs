@@ -36,23 +36,20 @@ const ENTRY_RESERVE: usize = 256 + KEY_FIELD.len() + PAYLOAD_FIELD.len();
 /// entry yet, else the id of the aggregate's last entry), `MAXLEN ~` (`''`: none), then
 /// the fields. Returns `{1, id}`, or `{0, current}` when the check failed.
 const PUBLISH: &str = r"
-local cur = redis.call('HGET', KEYS[2], ARGV[1])
 if ARGV[2] ~= '' then
+  local cur = redis.call('HGET', KEYS[2], ARGV[1])
   if ARGV[2] == '-' then
     if cur then return {0, cur} end
   elseif cur ~= ARGV[2] then
     return {0, cur or ''}
   end
 end
-local args = {'XADD', KEYS[1]}
-if ARGV[3] ~= '' then
-  args[#args + 1] = 'MAXLEN'
-  args[#args + 1] = '~'
-  args[#args + 1] = ARGV[3]
+local id
+if ARGV[3] == '' then
+  id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4))
+else
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
 end
-args[#args + 1] = '*'
-for i = 4, #ARGV do args[#args + 1] = ARGV[i] end
-local id = redis.call(unpack(args))
 redis.call('HSET', KEYS[2], ARGV[1], id)
 return {1, id}
 ";
@@ -116,7 +113,7 @@ impl RedisStreams {
         caps.ordered_per_key = true;
         caps.consumer_groups = true;
         caps.replay = true;
-        caps.expected_version = true;
+        caps.expected_version = config.streams.track_last;
         caps.reread = true;
         caps.max_payload = config.max_message_bytes.saturating_sub(ENTRY_RESERVE);
         // Each header is a field name and a value, each with its RESP length prefix.
@@ -153,6 +150,18 @@ impl RedisStreams {
             Err(Error::closed("redis connection"))
         } else {
             Ok(())
+        }
+    }
+
+    /// Appends need the aggregates' last entries (`streams.track_last`).
+    fn check_tracked(&self) -> Result<()> {
+        if self.inner.config.streams.track_last {
+            Ok(())
+        } else {
+            Err(Error::NotSupported {
+                operation: "appends with an expected version (redis.streams.track_last is off)",
+                backend: BACKEND,
+            })
         }
     }
 
@@ -194,7 +203,7 @@ impl RedisStreams {
     }
 
     /// The command that publishes `message` (appends when `expected` is set): the publish
-    /// script called by its hash.
+    /// script called by its hash, or a bare `XADD` without `streams.track_last`.
     fn command(
         &self,
         topic: &str,
@@ -203,17 +212,28 @@ impl RedisStreams {
         expected: &str,
     ) -> Result<redis::Cmd> {
         let keys = self.keys(topic);
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.inner.publish.get_hash())
-            .arg(2)
-            .arg(keys.stream(partition))
-            .arg(keys.last(partition))
-            .arg(message.key())
-            .arg(expected);
-        match self.inner.config.streams.maxlen {
-            Some(n) => cmd.arg(n),
-            None => cmd.arg(""),
-        };
+        let maxlen = self.inner.config.streams.maxlen;
+        let mut cmd;
+        if self.inner.config.streams.track_last {
+            cmd = redis::cmd("EVALSHA");
+            cmd.arg(self.inner.publish.get_hash())
+                .arg(2)
+                .arg(keys.stream(partition))
+                .arg(keys.last(partition))
+                .arg(message.key())
+                .arg(expected);
+            match maxlen {
+                Some(n) => cmd.arg(n),
+                None => cmd.arg(""),
+            };
+        } else {
+            cmd = redis::cmd("XADD");
+            cmd.arg(keys.stream(partition));
+            if let Some(n) = maxlen {
+                cmd.arg("MAXLEN").arg("~").arg(n);
+            }
+            cmd.arg("*");
+        }
         for (name, value) in message.headers().iter() {
             if name == KEY_FIELD || name == PAYLOAD_FIELD {
                 return Err(Error::InvalidHeader {
@@ -251,7 +271,11 @@ impl RedisStreams {
         let n = self.partitions(topic.as_str()).await?;
         let partition = dualbus_core::partition::partition_for(message.key(), n);
         let cmd = self.command(topic.as_str(), partition, &message, expected)?;
-        let (ok, id): (i64, String) = self.run(&cmd, &self.inner.publish).await?;
+        let (ok, id): (i64, String) = if self.inner.config.streams.track_last {
+            self.run(&cmd, &self.inner.publish).await?
+        } else {
+            (1, self.run(&cmd, &self.inner.publish).await?)
+        };
         if ok == 1 {
             Ok(Ok(receipt(partition, &id)?))
         } else {
@@ -328,11 +352,12 @@ impl DomainTransport for RedisStreams {
             Err(e) => return all(&e),
         };
         // The pipeline calls the script by its hash: load it first (once per batch).
-        if let Err(e) = self
-            .inner
-            .publish
-            .load_async(&mut self.inner.conn.clone())
-            .await
+        if self.inner.config.streams.track_last
+            && let Err(e) = self
+                .inner
+                .publish
+                .load_async(&mut self.inner.conn.clone())
+                .await
         {
             return all(&redis_error(e));
         }
@@ -364,8 +389,13 @@ impl DomainTransport for RedisStreams {
                 let reply = replies.next().ok_or_else(|| {
                     Error::backend(BACKEND, false, "the pipeline answered too few replies")
                 })?;
-                let (ok, id): (i64, String) = redis::from_redis_value(reply)
-                    .map_err(|e| Error::backend(BACKEND, false, e))?;
+                let parsed = if self.inner.config.streams.track_last {
+                    redis::from_redis_value(reply)
+                } else {
+                    redis::from_redis_value(reply).map(|id: String| (1i64, id))
+                };
+                let (ok, id): (i64, String) =
+                    parsed.map_err(|e| Error::backend(BACKEND, false, e))?;
                 if ok == 1 {
                     receipt(partition, &id)
                 } else {
@@ -424,6 +454,7 @@ impl DomainTransport for RedisStreams {
 
     async fn last_for_key(&self, topic: &Topic, key: &str) -> Result<Option<InboundMessage>> {
         self.check_open()?;
+        self.check_tracked()?;
         let n = self.partitions(topic.as_str()).await?;
         let partition = dualbus_core::partition::partition_for(key, n);
         let keys = self.keys(topic.as_str());
@@ -447,6 +478,7 @@ impl DomainTransport for RedisStreams {
         message: OutboundMessage,
         expected: Option<Position>,
     ) -> Result<Receipt> {
+        self.check_tracked()?;
         let want = expected.map_or_else(|| "-".to_owned(), |p| id_of(p.offset));
         match self.add(topic, message, &want).await? {
             Ok(r) => Ok(r),

@@ -108,8 +108,11 @@ struct Shared {
     leases: Arc<RedisLeases>,
     parts: Mutex<HashMap<u32, Part>>,
     redeliveries: Mutex<Vec<Redelivery>>,
-    /// Acknowledgements the server did not take (unreachable): sent again by the reader
-    /// until they are taken or the partition is gone.
+    /// Acknowledgements waiting for the acknowledger task, each with its caller.
+    acks: Mutex<Vec<AckRequest>>,
+    acks_wake: Notify,
+    /// Acknowledgements the server did not take (unreachable): sent again until they are
+    /// taken or the partition is gone.
     unsent_acks: Mutex<Vec<(u32, u64, String)>>,
     wake: Notify,
     stop: AtomicBool,
@@ -181,6 +184,14 @@ impl Shared {
     }
 }
 
+/// One acknowledgement for the acknowledger task.
+struct AckRequest {
+    partition: u32,
+    epoch: u64,
+    id: String,
+    done: tokio::sync::oneshot::Sender<Result<()>>,
+}
+
 struct RedisAcker {
     shared: Arc<Shared>,
     partition: u32,
@@ -191,35 +202,26 @@ struct RedisAcker {
 
 #[async_trait]
 impl Acker for RedisAcker {
-    /// `XACK`, if this member still holds the partition under the delivery's epoch. When
-    /// the server cannot be reached, the acknowledgement is kept and sent again until the
+    /// `XACK`, if this member still holds the partition under the delivery's epoch.
+    /// Acknowledgements are sent together: one fenced script per partition for all those
+    /// waiting (a group commit), and this resolves when the server took its own. When the
+    /// server cannot be reached, the acknowledgement is kept and sent again until the
     /// server takes it or the partition moves (then the next owner claims the entry and
     /// handles it again).
     async fn ack(&self) -> Result<()> {
-        let Some(token) = self.shared.token_of(self.partition, self.epoch) else {
+        if self.shared.token_of(self.partition, self.epoch).is_none() {
             return Err(not_owned(&self.shared, self.partition, self.epoch));
-        };
-        let r: Result<i64> = self
-            .shared
-            .fenced(
-                &self.shared.scripts.ack,
-                self.partition,
-                self.epoch,
-                &[&token, &self.shared.group, &self.id],
-            )
-            .await;
-        match r {
-            Ok(_) => Ok(()),
-            Err(e @ Error::Conflict(_)) => Err(e),
-            Err(e) => {
-                tracing::debug!(topic = %self.shared.topic, partition = self.partition, error = %e, "acknowledgement not taken; sending it again");
-                self.shared
-                    .unsent_acks
-                    .lock()
-                    .push((self.partition, self.epoch, self.id.clone()));
-                Ok(())
-            }
         }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.shared.acks.lock().push(AckRequest {
+            partition: self.partition,
+            epoch: self.epoch,
+            id: self.id.clone(),
+            done: tx,
+        });
+        self.shared.acks_wake.notify_one();
+        rx.await
+            .unwrap_or_else(|_| Err(Error::closed("redis subscription")))
     }
 
     /// The entry stays pending; it is claimed again (its delivery count grows) after
@@ -590,6 +592,8 @@ pub(super) async fn subscribe(
         leases: leases.clone(),
         parts: Mutex::new(HashMap::new()),
         redeliveries: Mutex::new(Vec::new()),
+        acks: Mutex::new(Vec::new()),
+        acks_wake: Notify::new(),
         unsent_acks: Mutex::new(Vec::new()),
         wake: Notify::new(),
         stop: AtomicBool::new(false),
@@ -608,6 +612,7 @@ pub(super) async fn subscribe(
         st.read_count,
         st.block,
     ));
+    tokio::spawn(ack_loop(shared.clone()));
     let ttl = st.lease_ttl;
     let config = CoordinatorConfig::new(n)
         .placement(if n == 1 {
@@ -750,31 +755,78 @@ async fn due_redeliveries(shared: &Arc<Shared>) -> (Vec<Result<Delivery>>, Optio
     (out, next)
 }
 
-/// Sends the acknowledgements the server did not take before, one script per partition.
-async fn resend_acks(shared: &Arc<Shared>) {
-    let pending: Vec<(u32, u64, String)> = std::mem::take(&mut *shared.unsent_acks.lock());
-    if pending.is_empty() {
-        return;
-    }
-    let mut by_part: HashMap<(u32, u64), Vec<String>> = HashMap::new();
-    for (p, e, id) in pending {
-        by_part.entry((p, e)).or_default().push(id);
-    }
-    for ((partition, epoch), ids) in by_part {
-        let Some(token) = shared.token_of(partition, epoch) else {
-            continue;
-        };
+/// Sends `ids` of `partition` in one fenced script: `Ok` when the server took them,
+/// `Conflict` when the partition is not this member's any more.
+async fn send_acks(shared: &Arc<Shared>, partition: u32, epoch: u64, ids: &[String]) -> Result<()> {
+    let Some(token) = shared.token_of(partition, epoch) else {
+        return Err(not_owned(shared, partition, epoch));
+    };
+    // Lua unpacks at most a few thousand values onto its stack: 1,000 ids per call.
+    for chunk in ids.chunks(1000) {
         let mut args: Vec<&str> = vec![&token, &shared.group];
-        args.extend(ids.iter().map(String::as_str));
-        let r: Result<i64> = shared
+        args.extend(chunk.iter().map(String::as_str));
+        let _: i64 = shared
             .fenced(&shared.scripts.ack, partition, epoch, &args)
-            .await;
-        match r {
-            Ok(_) | Err(Error::Conflict(_)) => {}
-            Err(_) => shared
-                .unsent_acks
-                .lock()
-                .extend(ids.into_iter().map(|id| (partition, epoch, id))),
+            .await?;
+    }
+    Ok(())
+}
+
+type Callers = Vec<tokio::sync::oneshot::Sender<Result<()>>>;
+
+/// The acknowledger: takes every waiting acknowledgement, sends them per partition, and
+/// answers each caller; sends again what the server did not take.
+async fn ack_loop(shared: Arc<Shared>) {
+    loop {
+        let waiting: Vec<AckRequest> = std::mem::take(&mut *shared.acks.lock());
+        let unsent: Vec<(u32, u64, String)> = std::mem::take(&mut *shared.unsent_acks.lock());
+        if waiting.is_empty() && unsent.is_empty() {
+            if shared.stop.load(Ordering::Acquire) {
+                break;
+            }
+            tokio::select! {
+                () = shared.acks_wake.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            continue;
+        }
+        let mut groups: HashMap<(u32, u64), (Vec<String>, Callers)> = HashMap::new();
+        for r in waiting {
+            let g = groups.entry((r.partition, r.epoch)).or_default();
+            g.0.push(r.id);
+            g.1.push(r.done);
+        }
+        for (p, e, id) in unsent {
+            groups.entry((p, e)).or_default().0.push(id);
+        }
+        let mut failed = false;
+        for ((partition, epoch), (ids, callers)) in groups {
+            match send_acks(&shared, partition, epoch, &ids).await {
+                Ok(()) => {
+                    for c in callers {
+                        let _ = c.send(Ok(()));
+                    }
+                }
+                Err(Error::Conflict(why)) => {
+                    for c in callers {
+                        let _ = c.send(Err(Error::Conflict(why.clone())));
+                    }
+                }
+                Err(e) => {
+                    failed = true;
+                    tracing::debug!(topic = %shared.topic, partition, error = %e, "acknowledgements not taken; sending them again");
+                    shared
+                        .unsent_acks
+                        .lock()
+                        .extend(ids.into_iter().map(|id| (partition, epoch, id)));
+                    for c in callers {
+                        let _ = c.send(Ok(()));
+                    }
+                }
+            }
+        }
+        if failed {
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }
@@ -790,7 +842,6 @@ async fn read_loop(
         if shared.stop.load(Ordering::Acquire) || tx.is_closed() {
             break;
         }
-        resend_acks(&shared).await;
         let (redelivered, next_due) = due_redeliveries(&shared).await;
         let mut progressed = !redelivered.is_empty();
         for d in redelivered {
