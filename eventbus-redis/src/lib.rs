@@ -73,7 +73,7 @@ pub const BACKEND: &str = "redis";
 
 /// Our error for an error of the `redis` crate: the connection (refused, dropped, timed
 /// out) and the server's transient refusals (`LOADING`, `BUSY`, `TRYAGAIN`,
-/// `MASTERDOWN`) are [`dualbus_core::Error::Unavailable`] (retryable); the rest (a wrong
+/// `MASTERDOWN`, `READONLY` after a failover) are [`dualbus_core::Error::Unavailable`] (retryable); the rest (a wrong
 /// password, a command refused) are permanent backend errors.
 pub(crate) fn redis_error(e: redis::RedisError) -> dualbus_core::Error {
     let transient = e.is_io_error()
@@ -82,7 +82,7 @@ pub(crate) fn redis_error(e: redis::RedisError) -> dualbus_core::Error {
         || e.is_connection_refusal()
         || matches!(
             e.code(),
-            Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN")
+            Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN" | "READONLY")
         );
     if transient {
         dualbus_core::Error::Unavailable {

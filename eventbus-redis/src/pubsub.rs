@@ -301,6 +301,8 @@ impl SimpleTransport for RedisPubSub {
         let channel = topic.as_str().to_owned();
         let (tx, rx) = mpsc::channel(self.inner.buffer);
         let _changes = self.inner.changes.lock().await;
+        // Closed meanwhile: `close` cleared the routes; a new one would never end.
+        self.check_open()?;
         let (id, first) = {
             let mut routes = self.inner.routes.lock();
             let id = routes.next_id;

@@ -347,3 +347,45 @@ async fn without_last_entries_publishes_are_bare_and_appends_are_refused() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledgement_after_the_subscription_ended_is_an_error_not_a_wait() {
+    let Some(url) = support::shared_url() else {
+        return;
+    };
+    let t = RedisStreams::connect(config(&url)).await.expect("connect");
+    let topic = unique_topic("redis-late-ack");
+    bus(t.clone())
+        .await
+        .publish(topic.as_str(), &event("a", 1))
+        .await
+        .expect("publish");
+    let mut sub = t
+        .subscribe(SubscriptionSpec::new(topic.clone(), "g"))
+        .await
+        .expect("subscribe");
+    let d = next(&mut sub).await;
+    drop(sub);
+    // The member leaves and its acknowledger ends.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = tokio::time::timeout(Duration::from_secs(10), d.ack())
+        .await
+        .expect("an answer, not a wait");
+    let e = r.expect_err("the subscription is gone");
+    assert!(
+        matches!(
+            e.kind(),
+            dualbus_core::ErrorKind::Closed | dualbus_core::ErrorKind::Conflict
+        ),
+        "{e}"
+    );
+    // The entry is still pending: the next member gets it again.
+    let mut again = t
+        .subscribe(SubscriptionSpec::new(topic.clone(), "g"))
+        .await
+        .expect("subscribe");
+    let d = next(&mut again).await;
+    assert_eq!(d.delivery_count, 2);
+    d.ack().await.expect("ack");
+    assert_eq!(t.pending(&topic, "g").await.expect("pending"), Some(0));
+}

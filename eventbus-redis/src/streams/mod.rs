@@ -70,6 +70,8 @@ pub(crate) struct Inner {
     partitions_script: Script,
     partitions: Mutex<std::collections::HashMap<String, u32>>,
     pub(crate) lost_entries: Arc<AtomicU64>,
+    /// The stop flags of the subscriptions, set by `close`.
+    subscriptions: Mutex<Vec<std::sync::Weak<AtomicBool>>>,
 }
 
 /// A Redis client for the domain bus: events in Redis Streams, one stream per partition of
@@ -130,6 +132,7 @@ impl RedisStreams {
                 partitions_script: Script::new(PARTITIONS),
                 partitions: Mutex::new(std::collections::HashMap::new()),
                 lost_entries: Arc::new(AtomicU64::new(0)),
+                subscriptions: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -143,6 +146,13 @@ impl RedisStreams {
     /// The connection (for what the bus does not cover).
     pub fn connection(&self) -> ConnectionManager {
         self.inner.conn.clone()
+    }
+
+    /// Keeps a subscription's stop flag, for `close`.
+    pub(crate) fn track(&self, stop: &Arc<AtomicBool>) {
+        let mut subs = self.inner.subscriptions.lock();
+        subs.retain(|w| w.strong_count() > 0);
+        subs.push(Arc::downgrade(stop));
     }
 
     fn check_open(&self) -> Result<()> {
@@ -389,6 +399,9 @@ impl DomainTransport for RedisStreams {
                 let reply = replies.next().ok_or_else(|| {
                     Error::backend(BACKEND, false, "the pipeline answered too few replies")
                 })?;
+                if let Value::ServerError(e) = reply {
+                    return Err(redis_error(e.into()));
+                }
                 let parsed = if self.inner.config.streams.track_last {
                     redis::from_redis_value(reply)
                 } else {
@@ -503,8 +516,15 @@ impl DomainTransport for RedisStreams {
         Ok(Some(total))
     }
 
+    /// Ends every subscription of this transport (their delivery streams end; their
+    /// members leave the groups when the pool drops them) and refuses what comes after.
     async fn close(&self) -> Result<()> {
         self.inner.closed.store(true, Ordering::Release);
+        for stop in self.inner.subscriptions.lock().drain(..) {
+            if let Some(stop) = stop.upgrade() {
+                stop.store(true, Ordering::Release);
+            }
+        }
         Ok(())
     }
 }

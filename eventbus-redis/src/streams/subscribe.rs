@@ -34,12 +34,13 @@ use super::{RedisStreams, read_entry};
 use crate::coordination::{RedisLeases, RedisRegistry, token};
 use crate::{BACKEND, redis_error};
 
-/// Reads new entries if the caller holds the lease. KEYS: stream, lease. ARGV: token,
-/// group, consumer, count. Returns `{1, entries}`, or `{0, last id}` when there was none
-/// (everything up to the stream's last entry has been delivered to the group).
+/// Reads entries if the caller holds the lease. KEYS: stream, lease. ARGV: token, group,
+/// consumer, count, start (`>`: new entries; an id: this consumer's pending entries after
+/// it). Returns `{1, entries}`, or `{0, last id}` when there was none (for `>`: everything
+/// up to the stream's last entry has been delivered to the group).
 const READ: &str = r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return redis.error_reply('NOTOWNER lease lost') end
-local r = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', tonumber(ARGV[4]), 'STREAMS', KEYS[1], '>')
+local r = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', tonumber(ARGV[4]), 'STREAMS', KEYS[1], ARGV[5])
 if r and r[1] and #r[1][2] > 0 then return {1, r[1][2]} end
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if last[1] then return {0, last[1][1]} end
@@ -87,6 +88,10 @@ struct Part {
     backlog: VecDeque<(Entry, u32)>,
     /// The id up to which the group has had everything, to wait for newer ones.
     waited_from: Option<String>,
+    /// A read failed after the server may have run it (its entries then pending with this
+    /// consumer, never delivered): this consumer's pending entries after this id are read
+    /// again before any new one. The pool drops the copies of what it already holds.
+    resync_from: Option<String>,
 }
 
 /// A release's wish: claim `id` of `partition` again at `due`.
@@ -108,14 +113,15 @@ struct Shared {
     leases: Arc<RedisLeases>,
     parts: Mutex<HashMap<u32, Part>>,
     redeliveries: Mutex<Vec<Redelivery>>,
-    /// Acknowledgements waiting for the acknowledger task, each with its caller.
-    acks: Mutex<Vec<AckRequest>>,
-    acks_wake: Notify,
+    /// Acknowledgements for the acknowledger task, each with its caller. When the task has
+    /// ended (the subscription is gone), sends fail and the caller learns it.
+    acks: mpsc::UnboundedSender<AckRequest>,
     /// Acknowledgements the server did not take (unreachable): sent again until they are
     /// taken or the partition is gone.
     unsent_acks: Mutex<Vec<(u32, u64, String)>>,
     wake: Notify,
-    stop: AtomicBool,
+    /// The subscription ends (its stream was dropped, or the transport closed).
+    stop: Arc<AtomicBool>,
     scripts: Scripts,
 }
 
@@ -205,21 +211,23 @@ impl Acker for RedisAcker {
     /// `XACK`, if this member still holds the partition under the delivery's epoch.
     /// Acknowledgements are sent together: one fenced script per partition for all those
     /// waiting (a group commit), and this resolves when the server took its own. When the
-    /// server cannot be reached, the acknowledgement is kept and sent again until the
-    /// server takes it or the partition moves (then the next owner claims the entry and
-    /// handles it again).
+    /// server cannot be reached, this fails (retryable) and the acknowledgement is kept
+    /// and sent again until the server takes it or the partition moves (then the next
+    /// owner claims the entry and handles it again).
     async fn ack(&self) -> Result<()> {
         if self.shared.token_of(self.partition, self.epoch).is_none() {
             return Err(not_owned(&self.shared, self.partition, self.epoch));
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.shared.acks.lock().push(AckRequest {
+        let request = AckRequest {
             partition: self.partition,
             epoch: self.epoch,
             id: self.id.clone(),
             done: tx,
-        });
-        self.shared.acks_wake.notify_one();
+        };
+        if self.shared.acks.send(request).is_err() {
+            return Err(Error::closed("redis subscription"));
+        }
         rx.await
             .unwrap_or_else(|_| Err(Error::closed("redis subscription")))
     }
@@ -264,7 +272,56 @@ impl PartitionControl for Control {
 
 #[async_trait]
 impl GroupControl for Control {
+    /// Claims the partition's pending entries. A transient failure is tried again (the
+    /// claim is idempotent from `0-0`) for up to a lease TTL; if it still fails, the lease
+    /// is given back, so that the group hands the partition out again (to this member or
+    /// another) instead of leaving it owned and unread.
     async fn rewind(&self, partition: u32, epoch: u64) -> Result<()> {
+        let sh = &self.shared;
+        sh.redeliveries.lock().retain(|r| r.partition != partition);
+        let deadline = Instant::now() + sh.streams.inner.config.streams.lease_ttl;
+        loop {
+            match self.claim(partition, epoch).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                    tracing::warn!(topic = %sh.topic, partition, error = %e, "claiming the partition's pending entries failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => {
+                    if !matches!(e, Error::Conflict(_)) {
+                        let _ = dualbus_core::group::LeaseStore::release(
+                            &*sh.leases,
+                            partition,
+                            &sh.member,
+                            epoch,
+                        )
+                        .await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn release(&self, partition: u32, epoch: u64) -> Result<()> {
+        let sh = &self.shared;
+        {
+            let mut parts = sh.parts.lock();
+            if parts.get(&partition).is_some_and(|p| p.epoch == epoch) {
+                parts.remove(&partition);
+            }
+        }
+        sh.redeliveries
+            .lock()
+            .retain(|r| !(r.partition == partition && r.epoch == epoch));
+        Ok(())
+    }
+}
+
+impl Control {
+    /// The rewind's work: claims every pending entry and makes them the partition's
+    /// backlog.
+    async fn claim(&self, partition: u32, epoch: u64) -> Result<()> {
         let sh = &self.shared;
         let token = token(&sh.member, epoch);
         let mut claimed: Vec<Entry> = Vec::new();
@@ -342,23 +399,10 @@ impl GroupControl for Control {
                 dead: false,
                 backlog,
                 waited_from: None,
+                resync_from: None,
             },
         );
         sh.wake.notify_one();
-        Ok(())
-    }
-
-    async fn release(&self, partition: u32, epoch: u64) -> Result<()> {
-        let sh = &self.shared;
-        {
-            let mut parts = sh.parts.lock();
-            if parts.get(&partition).is_some_and(|p| p.epoch == epoch) {
-                parts.remove(&partition);
-            }
-        }
-        sh.redeliveries
-            .lock()
-            .retain(|r| !(r.partition == partition && r.epoch == epoch));
         Ok(())
     }
 }
@@ -432,14 +476,25 @@ pub(super) async fn pending_of(conn: &ConnectionManager, stream: &str, group: &s
                     .get("last-delivered-id")
                     .and_then(text)
                     .unwrap_or_else(|| "0-0".to_owned());
-                let after: Vec<Value> = redis::cmd("XRANGE")
-                    .arg(stream)
-                    .arg(format!("({from}"))
-                    .arg("+")
-                    .query_async(&mut conn.clone())
-                    .await
-                    .map_err(redis_error)?;
-                after.len() as u64
+                let mut n = 0u64;
+                let mut from = from;
+                loop {
+                    let page: Vec<(String, Value)> = redis::cmd("XRANGE")
+                        .arg(stream)
+                        .arg(format!("({from}"))
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn.clone())
+                        .await
+                        .map_err(redis_error)?;
+                    n += page.len() as u64;
+                    match page.last() {
+                        Some((id, _)) if page.len() == 1000 => from = id.clone(),
+                        _ => break,
+                    }
+                }
+                n
             }
         };
         return Ok(pending + lag);
@@ -582,6 +637,9 @@ pub(super) async fn subscribe(
         )
         .await
         .map_err(redis_error)?;
+    let (acks_tx, acks_rx) = mpsc::unbounded_channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    streams.track(&stop);
     let shared = Arc::new(Shared {
         streams: streams.clone(),
         conn: conn.clone(),
@@ -592,11 +650,10 @@ pub(super) async fn subscribe(
         leases: leases.clone(),
         parts: Mutex::new(HashMap::new()),
         redeliveries: Mutex::new(Vec::new()),
-        acks: Mutex::new(Vec::new()),
-        acks_wake: Notify::new(),
+        acks: acks_tx,
         unsent_acks: Mutex::new(Vec::new()),
         wake: Notify::new(),
-        stop: AtomicBool::new(false),
+        stop: stop.clone(),
         scripts: Scripts {
             read: Script::new(READ),
             claim: Script::new(CLAIM),
@@ -612,7 +669,7 @@ pub(super) async fn subscribe(
         st.read_count,
         st.block,
     ));
-    tokio::spawn(ack_loop(shared.clone()));
+    tokio::spawn(ack_loop(shared.clone(), acks_rx));
     let ttl = st.lease_ttl;
     let config = CoordinatorConfig::new(n)
         .placement(if n == 1 {
@@ -623,7 +680,9 @@ pub(super) async fn subscribe(
         .renew_every(ttl.min(st.member_timeout) / 3)
         // Redis reports no changes: members look again every quarter of the lease TTL.
         .poll_every(ttl / 4)
-        .standby(spec.standby);
+        // Partitioned topics take every member (the contract: `standby` is for topics of
+        // one partition).
+        .standby(spec.standby || n > 1);
     let control = Arc::new(Control {
         shared: shared.clone(),
     });
@@ -656,16 +715,16 @@ pub(super) async fn subscribe(
 enum Turn {
     /// Entries to deliver.
     Entries(u64, Vec<(Entry, u32)>),
-    /// Nothing new after this id.
-    Idle(String),
-    /// The lease is gone.
-    Dead,
-    /// Paused, or not rewound.
+    /// Nothing new after this id (under this epoch).
+    Idle(u64, String),
+    /// The lease of this epoch is gone.
+    Dead(u64),
+    /// Paused, not rewound, or a failed read.
     Skip,
 }
 
 async fn turn(shared: &Arc<Shared>, partition: u32, count: usize) -> Turn {
-    let (epoch, token) = {
+    let (epoch, token, resync) = {
         let mut parts = shared.parts.lock();
         let Some(p) = parts.get_mut(&partition) else {
             return Turn::Skip;
@@ -677,31 +736,56 @@ async fn turn(shared: &Arc<Shared>, partition: u32, count: usize) -> Turn {
             let batch: Vec<(Entry, u32)> = p.backlog.drain(..).collect();
             return Turn::Entries(p.epoch, batch);
         }
-        (p.epoch, p.token.clone())
+        (p.epoch, p.token.clone(), p.resync_from.clone())
     };
     let count = count.to_string();
+    let start = resync.clone().unwrap_or_else(|| ">".to_owned());
     let r: Result<(i64, Value)> = shared
         .fenced(
             &shared.scripts.read,
             partition,
             epoch,
-            &[&token, &shared.group, &shared.member, &count],
+            &[&token, &shared.group, &shared.member, &count, &start],
         )
         .await;
+    let set_resync = |from: Option<String>| {
+        if let Some(p) = shared.parts.lock().get_mut(&partition)
+            && p.epoch == epoch
+        {
+            p.resync_from = from;
+        }
+    };
     match r {
         Ok((1, entries)) => match entry::entries(entries) {
-            Ok(e) => Turn::Entries(epoch, e.into_iter().map(|e| (e, 1)).collect()),
+            Ok(e) => {
+                if resync.is_some() {
+                    set_resync(e.last().map(|l| l.id.clone()));
+                }
+                Turn::Entries(epoch, e.into_iter().map(|e| (e, 1)).collect())
+            }
             Err(e) => {
-                tracing::warn!(topic = %shared.topic, partition, error = %e, "unreadable reply to a read");
+                tracing::warn!(topic = %shared.topic, partition, error = %e, "unreadable reply to a read; reading this consumer's pending entries again");
+                set_resync(Some(resync.unwrap_or_else(|| "0".to_owned())));
                 Turn::Skip
             }
         },
         Ok((_, last)) => {
-            Turn::Idle(redis::from_redis_value(last).unwrap_or_else(|_| "0-0".to_owned()))
+            if resync.is_some() {
+                // Every pending entry of this consumer has been read again.
+                set_resync(None);
+                return Turn::Skip;
+            }
+            Turn::Idle(
+                epoch,
+                redis::from_redis_value(last).unwrap_or_else(|_| "0-0".to_owned()),
+            )
         }
-        Err(Error::Conflict(_)) => Turn::Dead,
+        Err(Error::Conflict(_)) => Turn::Dead(epoch),
         Err(e) => {
-            tracing::warn!(topic = %shared.topic, partition, error = %e, "reading a partition failed");
+            tracing::warn!(topic = %shared.topic, partition, error = %e, "reading a partition failed; reading this consumer's pending entries again");
+            // The server may have run the read: its entries would be pending with this
+            // consumer and never delivered.
+            set_resync(Some(resync.unwrap_or_else(|| "0".to_owned())));
             Turn::Skip
         }
     }
@@ -713,12 +797,16 @@ async fn due_redeliveries(shared: &Arc<Shared>) -> (Vec<Result<Delivery>>, Optio
     let due: Vec<Redelivery> = {
         let mut r = shared.redeliveries.lock();
         let parts = shared.parts.lock();
-        let (due, keep): (Vec<Redelivery>, Vec<Redelivery>) = r.drain(..).partition(|x| {
-            x.due <= now
-                && parts
-                    .get(&x.partition)
-                    .is_some_and(|p| p.epoch == x.epoch && !p.paused)
+        // Those of partitions no longer owned under their epoch are dropped: the next
+        // owner claims the entries.
+        r.retain(|x| {
+            parts
+                .get(&x.partition)
+                .is_some_and(|p| p.epoch == x.epoch && !p.dead)
         });
+        let (due, keep): (Vec<Redelivery>, Vec<Redelivery>) = r
+            .drain(..)
+            .partition(|x| x.due <= now && parts.get(&x.partition).is_some_and(|p| !p.paused));
         *r = keep;
         due
     };
@@ -751,7 +839,15 @@ async fn due_redeliveries(shared: &Arc<Shared>) -> (Vec<Result<Delivery>>, Optio
             }
         }
     }
-    let next = shared.redeliveries.lock().iter().map(|r| r.due).min();
+    // The next due time of those that can be claimed (not of paused partitions).
+    let next = {
+        let r = shared.redeliveries.lock();
+        let parts = shared.parts.lock();
+        r.iter()
+            .filter(|x| parts.get(&x.partition).is_some_and(|p| !p.paused))
+            .map(|x| x.due)
+            .min()
+    };
     (out, next)
 }
 
@@ -775,20 +871,26 @@ async fn send_acks(shared: &Arc<Shared>, partition: u32, epoch: u64, ids: &[Stri
 type Callers = Vec<tokio::sync::oneshot::Sender<Result<()>>>;
 
 /// The acknowledger: takes every waiting acknowledgement, sends them per partition, and
-/// answers each caller; sends again what the server did not take.
-async fn ack_loop(shared: Arc<Shared>) {
+/// answers each caller; sends again what the server did not take. Ends when the
+/// subscription stopped and nothing waits (callers after that get `Closed`).
+async fn ack_loop(shared: Arc<Shared>, mut requests: mpsc::UnboundedReceiver<AckRequest>) {
     loop {
-        let waiting: Vec<AckRequest> = std::mem::take(&mut *shared.acks.lock());
+        let mut waiting: Vec<AckRequest> = Vec::new();
+        while let Ok(r) = requests.try_recv() {
+            waiting.push(r);
+        }
         let unsent: Vec<(u32, u64, String)> = std::mem::take(&mut *shared.unsent_acks.lock());
         if waiting.is_empty() && unsent.is_empty() {
             if shared.stop.load(Ordering::Acquire) {
                 break;
             }
             tokio::select! {
-                () = shared.acks_wake.notified() => {}
-                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                r = requests.recv() => match r {
+                    Some(r) => waiting.push(r),
+                    None => break,
+                },
+                () = tokio::time::sleep(Duration::from_millis(100)) => continue,
             }
-            continue;
         }
         let mut groups: HashMap<(u32, u64), (Vec<String>, Callers)> = HashMap::new();
         for r in waiting {
@@ -814,18 +916,29 @@ async fn ack_loop(shared: Arc<Shared>) {
                 }
                 Err(e) => {
                     failed = true;
+                    // Kept and sent again while the partition stays here; the callers learn
+                    // the failure (if the partition moves first, the next owner claims
+                    // the entries and handles them again).
                     tracing::debug!(topic = %shared.topic, partition, error = %e, "acknowledgements not taken; sending them again");
                     shared
                         .unsent_acks
                         .lock()
                         .extend(ids.into_iter().map(|id| (partition, epoch, id)));
                     for c in callers {
-                        let _ = c.send(Ok(()));
+                        let _ = c.send(Err(Error::Unavailable {
+                            backend: BACKEND,
+                            source: format!("acknowledgement not taken yet, sent again: {e}")
+                                .into(),
+                        }));
                     }
                 }
             }
         }
         if failed {
+            if shared.stop.load(Ordering::Acquire) && requests.is_empty() {
+                // The subscription is gone: what is left is claimed by the next owner.
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -861,13 +974,17 @@ async fn read_loop(
                         }
                     }
                 }
-                Turn::Idle(last) => {
-                    if let Some(part) = shared.parts.lock().get_mut(&p) {
+                Turn::Idle(epoch, last) => {
+                    if let Some(part) = shared.parts.lock().get_mut(&p)
+                        && part.epoch == epoch
+                    {
                         part.waited_from = Some(last);
                     }
                 }
-                Turn::Dead => {
-                    if let Some(part) = shared.parts.lock().get_mut(&p) {
+                Turn::Dead(epoch) => {
+                    if let Some(part) = shared.parts.lock().get_mut(&p)
+                        && part.epoch == epoch
+                    {
                         part.dead = true;
                     }
                 }
