@@ -1,40 +1,22 @@
 //! The group coordinator on Redis (member registry and partition leases, each operation a
-//! script) against a real redis-server: a standby takes over when the holder dies,
-//! balanced members split partitions through revoke and release, an expired member learns
-//! it, and a lease is fenced by its token.
+//! script) against a real redis-server, through core's coordination scenarios: a standby
+//! takes over when the holder dies, balanced members split partitions through revoke and
+//! release, an expired member learns it; and a lease is fenced by its token.
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // Test code.
 
 mod support;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use async_trait::async_trait;
-use dualbus_core::group::{Coordinator, CoordinatorConfig, LeaseStore, MemberRegistry, Placement};
-use dualbus_core::{GroupControl, GroupEvent, GroupMembership, PartitionControl, Result};
+use dualbus_core::GroupMembership;
+use dualbus_core::conformance::coordination::{self, Join, NoControl};
+use dualbus_core::group::{Coordinator, CoordinatorConfig, LeaseStore, Placement};
 use dualbus_redis::coordination::{DEFAULT_PREFIX, RedisLeases, RedisRegistry};
-use futures::StreamExt as _;
 use redis::aio::ConnectionManager;
 
 const TTL: Duration = Duration::from_secs(2);
-
-struct NoControl;
-
-impl PartitionControl for NoControl {
-    fn pause(&self, _partition: u32) {}
-    fn resume(&self, _partition: u32) {}
-}
-
-#[async_trait]
-impl GroupControl for NoControl {
-    async fn rewind(&self, _partition: u32, _epoch: u64) -> Result<()> {
-        Ok(())
-    }
-    async fn release(&self, _partition: u32, _epoch: u64) -> Result<()> {
-        Ok(())
-    }
-}
 
 async fn conn(url: &str) -> ConnectionManager {
     redis::Client::open(url)
@@ -76,12 +58,13 @@ async fn member(
         .expect("join")
 }
 
-/// The next event within a generous deadline (a liveness bound, not a measurement).
-async fn next(m: &mut GroupMembership) -> GroupEvent {
-    tokio::time::timeout(TTL * 5, m.events.next())
-        .await
-        .expect("an event within five lease TTLs")
-        .expect("the stream goes on")
+/// Members of one group on a topic of their own.
+fn join(url: String) -> Join {
+    let topic = topic();
+    Arc::new(move |name, partitions, placement| {
+        let (url, topic) = (url.clone(), topic.clone());
+        Box::pin(async move { member(&url, &topic, &name, partitions, placement).await })
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,49 +72,8 @@ async fn standby_takes_over_when_the_holder_dies() {
     let Some(url) = support::shared_url() else {
         return;
     };
-    let topic = topic();
-    // The holder runs on a runtime of its own: shutting it down is a crash (no release, no
-    // leave, the connection gone), as kill -9 of its process would be.
-    let (holder_rt, holder, first) = {
-        let (url, topic) = (url.clone(), topic.clone());
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Runtime::new().expect("runtime");
-            let (m, e) = rt.block_on(async {
-                let mut m = member(&url, &topic, "holder", 1, Placement::Sticky).await;
-                let e = next(&mut m).await;
-                (m, e)
-            });
-            (rt, m, e)
-        })
-        .join()
-        .expect("the holder's thread")
-    };
-    let GroupEvent::Assigned { epoch: e1, .. } = first else {
-        panic!("expected the holder to be assigned, got {first:?}");
-    };
-    let mut standby = member(&url, &topic, "standby", 1, Placement::Sticky).await;
-    // Held: the standby waits, whatever the rendezvous ranking of the two names.
-    assert!(
-        tokio::time::timeout(TTL, standby.events.next())
-            .await
-            .is_err(),
-        "the standby took a held partition"
-    );
-    holder_rt.shutdown_background();
-    let crashed = Instant::now();
-    let e = next(&mut standby).await;
-    match e {
-        GroupEvent::Assigned {
-            partition: 0,
-            epoch,
-        } => assert!(epoch > e1, "{epoch} <= {e1}"),
-        e => panic!("expected the standby to take over, got {e:?}"),
-    }
-    println!(
-        "takeover: {:?} after the holder's crash (TTL {TTL:?})",
-        crashed.elapsed()
-    );
-    drop(holder);
+    let took = coordination::standby_takes_over_when_the_holder_dies(join(url), TTL).await;
+    println!("takeover: {took:?} after the holder's crash (TTL {TTL:?})");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,42 +81,8 @@ async fn balanced_members_split_partitions_through_revoke_and_release() {
     let Some(url) = support::shared_url() else {
         return;
     };
-    const P: u32 = 4;
-    let topic = topic();
-    let mut a = member(&url, &topic, "a", P, Placement::Balanced).await;
-    let mut epochs = std::collections::HashMap::new();
-    for _ in 0..P {
-        match next(&mut a).await {
-            GroupEvent::Assigned { partition, epoch } => {
-                epochs.insert(partition, epoch);
-            }
-            e => panic!("expected an assignment, got {e:?}"),
-        }
-    }
-    let mut b = member(&url, &topic, "b", P, Placement::Balanced).await;
-    let moving: Vec<u32> = dualbus_core::group::assignment(P, &["a", "b"])["b"].clone();
-    let mut revoked = Vec::new();
-    for _ in &moving {
-        match next(&mut a).await {
-            GroupEvent::Revoked { partition, epoch } => {
-                assert_eq!(epochs[&partition], epoch);
-                revoked.push(partition);
-            }
-            e => panic!("expected a revocation, got {e:?}"),
-        }
-    }
-    revoked.sort_unstable();
-    assert_eq!(revoked, moving);
-    for p in &moving {
-        a.control.release(*p, epochs[p]).await.expect("release");
-        match next(&mut b).await {
-            GroupEvent::Assigned { partition, epoch } => {
-                assert_eq!(partition, *p);
-                assert!(epoch > epochs[p], "epochs grow with every holder");
-            }
-            e => panic!("expected an assignment, got {e:?}"),
-        }
-    }
+    coordination::balanced_members_split_partitions_through_revoke_and_release(join(url), TTL)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,27 +90,9 @@ async fn an_expired_member_learns_it_at_its_heartbeat() {
     let Some(url) = support::shared_url() else {
         return;
     };
-    let registry = RedisRegistry::new(
-        conn(&url).await,
-        DEFAULT_PREFIX,
-        &topic(),
-        "g",
-        Duration::from_secs(1),
-    );
-    registry.join("m1").await.expect("join");
-    registry.join("m2").await.expect("join");
-    assert!(registry.heartbeat("m1").await.expect("heartbeat"));
-    let mut live = registry.members().await.expect("members");
-    live.sort();
-    assert_eq!(live, ["m1", "m2"]);
-    registry.leave("m2").await.expect("leave");
-    assert_eq!(registry.members().await.expect("members"), ["m1"]);
-    // Past the member timeout without a heartbeat: expired.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(registry.members().await.expect("members").is_empty());
-    assert!(!registry.heartbeat("m1").await.expect("heartbeat"));
-    registry.join("m1").await.expect("join again");
-    assert_eq!(registry.members().await.expect("members"), ["m1"]);
+    let timeout = Duration::from_secs(1);
+    let registry = RedisRegistry::new(conn(&url).await, DEFAULT_PREFIX, &topic(), "g", timeout);
+    coordination::an_expired_member_learns_it_at_its_heartbeat(&registry, timeout).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,6 +16,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod checker;
+pub mod coordination;
 pub mod domain;
 pub mod group_names;
 pub mod groups;
