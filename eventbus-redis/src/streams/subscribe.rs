@@ -761,7 +761,11 @@ async fn turn(shared: &Arc<Shared>, partition: u32, count: usize) -> Turn {
                 if resync.is_some() {
                     set_resync(e.last().map(|l| l.id.clone()));
                 }
-                Turn::Entries(epoch, e.into_iter().map(|e| (e, 1)).collect())
+                // Read again from this consumer's pending entries: each was delivered
+                // before (and `XREADGROUP` with an id counts this delivery), so at least
+                // its second delivery.
+                let count = if resync.is_some() { 2 } else { 1 };
+                Turn::Entries(epoch, e.into_iter().map(|e| (e, count)).collect())
             }
             Err(e) => {
                 tracing::warn!(topic = %shared.topic, partition, error = %e, "unreadable reply to a read; reading this consumer's pending entries again");
