@@ -59,14 +59,21 @@ impl Record<'_> {
     }
 }
 
-fn receipt(delivery: rdkafka::producer::future_producer::Delivery) -> Result<Receipt> {
-    let partition =
-        u32::try_from(delivery.partition).map_err(|e| Error::backend(BACKEND, false, e))?;
-    let offset = u64::try_from(delivery.offset).map_err(|e| Error::backend(BACKEND, false, e))?;
-    Ok(Receipt::at(Position {
-        partition,
-        offset: u128::from(offset),
-    }))
+/// The receipt of a delivery report. librdkafka reports a negative offset when it could not
+/// learn where the record landed although the broker persisted it (for example when an
+/// idempotent retry is answered with `DUPLICATE_SEQUENCE_NUMBER`): the publish succeeded, so
+/// the receipt is returned without a position rather than as an error.
+fn receipt(delivery: rdkafka::producer::future_producer::Delivery) -> Receipt {
+    match (
+        u32::try_from(delivery.partition),
+        u64::try_from(delivery.offset),
+    ) {
+        (Ok(partition), Ok(offset)) => Receipt::at(Position {
+            partition,
+            offset: u128::from(offset),
+        }),
+        _ => Receipt::accepted(),
+    }
 }
 
 fn delivered(
@@ -76,7 +83,7 @@ fn delivered(
     >,
 ) -> Result<Receipt> {
     match r {
-        Ok(d) => receipt(d),
+        Ok(d) => Ok(receipt(d)),
         Err((e, _)) => Err(produce_error(e)),
     }
 }
