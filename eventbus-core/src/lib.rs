@@ -74,7 +74,9 @@ mod transport;
 pub mod conformance;
 
 pub use codec::{Codec, DecodeError, HeaderStyle};
-pub use domain::{DomainBus, DomainBusBuilder, DomainSubscribeBuilder, Subscription};
+pub use domain::{
+    DomainBus, DomainBusBuilder, DomainSubscribeBuilder, Subscription, SubscriptionHandle,
+};
 pub use envelope::{Envelope, EnvelopeError, MAX_AGGREGATE_ID_LEN, MAX_ID_LEN};
 pub use error::{BoxError, Disposition, Error, ErrorKind, Failure, HandleError, Result};
 pub use handler::{
@@ -87,12 +89,12 @@ pub use message::{
     EncodedMessage, InboundMessage, Message, OutboundMessage, Position, Receipt, SimpleOutbound,
 };
 pub use pipeline::{
-    BoxPublishService, Extensions, HandlerLayer, PublishBody, PublishKind, PublishLayer,
-    PublishRequest, PublishResponse,
+    BoxPublishService, Extensions, HandlerContext, HandlerLayer, PublishBody, PublishKind,
+    PublishLayer, PublishRequest, PublishResponse,
 };
 pub use pool::{
-    DeadLetterKind, DeadLetterPolicy, PartitionState, PoolConfig, PoolEvent, PoolObserver,
-    PoolStats, ShutdownReport,
+    DeadLetterKind, DeadLetterPolicy, KeyQueues, PartitionState, PoolConfig, PoolEvent,
+    PoolObserver, PoolStats, ShutdownReport,
 };
 pub use retry::Backoff;
 pub use simple::{

@@ -17,9 +17,11 @@ use crate::error::{Error, HandleError, Result};
 use crate::guard::Guarded;
 use crate::handler::{BoxMessageHandler, BoxRequestHandler};
 use crate::message::Message;
-use crate::middleware::{Hook, HookLayer};
+use crate::middleware::{BusKind, Hook, HookLayer};
 use crate::pipeline::simple::SimpleSink;
-use crate::pipeline::{HandlerLayer, Layers, Pipeline, PublishKind, PublishLayer, Stack};
+use crate::pipeline::{
+    HandlerContext, HandlerLayer, Layers, Pipeline, PublishKind, PublishLayer, Stack,
+};
 use crate::topic::{IntoTopic, Topic, validate_group};
 use crate::transport::{DynSimpleTransport, SimpleCapabilities, SimpleTransport};
 
@@ -332,11 +334,19 @@ impl SimpleSubscribeBuilder {
             }
             validate_group("queue_group", q)?;
         }
+        let cx = HandlerContext {
+            bus: BusKind::Simple,
+            backend: bus.capabilities().backend,
+            topic: &topic,
+            group: self.queue.as_deref(),
+            max_attempts: 1,
+            subscription: None,
+        };
         let svc = bus
             .inner
             .handler_layers
             .apply(BoxMessageHandler::new(handler), |layer, inner| {
-                layer.layer_handler(inner)
+                layer.layer_handler_in(inner, &cx)
             });
         let stream = bus
             .inner

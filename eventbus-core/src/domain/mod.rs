@@ -8,7 +8,7 @@ mod builder;
 mod subscribe;
 
 pub use builder::DomainBusBuilder;
-pub use subscribe::{DomainSubscribeBuilder, Subscription};
+pub use subscribe::{DomainSubscribeBuilder, Subscription, SubscriptionHandle};
 
 use std::fmt;
 use std::sync::Arc;

@@ -2,18 +2,22 @@
 //! transport's subscription, and the running [`Subscription`].
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use tower::Service;
 
 use crate::error::{Error, HandleError, Result};
 use crate::handler::{BoxEventHandler, Event};
-use crate::middleware::TimeoutLayer;
-use crate::pool::{Pool, PoolConfig, PoolObserver, PoolParams, PoolStats, ShutdownReport};
+use crate::middleware::{BusKind, TimeoutLayer};
+use crate::pipeline::HandlerContext;
+use crate::pool::{
+    KeyQueues, PartitionState, Pool, PoolConfig, PoolObserver, PoolParams, PoolStats,
+    ShutdownReport,
+};
 use crate::retry::Backoff;
 use crate::topic::{Topic, validate_group};
-use crate::transport::{DomainTransport, StartPosition, SubscriptionSpec};
+use crate::transport::{DomainTransport, DynDomainTransport, StartPosition, SubscriptionSpec};
 
 use super::DomainBus;
 
@@ -118,10 +122,26 @@ impl DomainSubscribeBuilder {
         if let Some(t) = bus.inner.handler_timeout {
             svc = BoxEventHandler::new(tower::Layer::layer(&TimeoutLayer::new(t), svc));
         }
+        let handle = SubscriptionHandle {
+            inner: Arc::new(HandleInner {
+                pool: OnceLock::new(),
+                topic: topic.clone(),
+                group: group.clone(),
+                transport: bus.inner.transport.clone(),
+            }),
+        };
+        let cx = HandlerContext {
+            bus: BusKind::Domain,
+            backend: bus.capabilities().backend,
+            topic: &topic,
+            group: Some(&group),
+            max_attempts: retry.attempts,
+            subscription: Some(&handle),
+        };
         let svc = bus
             .inner
             .handler_layers
-            .apply(svc, |layer, inner| layer.layer_handler(inner));
+            .apply(svc, |layer, inner| layer.layer_handler_in(inner, &cx));
 
         let spec = SubscriptionSpec::new(topic.clone(), group.clone())
             .starting_at(self.start)
@@ -142,6 +162,8 @@ impl DomainSubscribeBuilder {
             subscription,
             ack_deadline,
         ));
+        // Set once, here, before anyone but the layers holds the handle.
+        let _ = handle.inner.pool.set(Arc::downgrade(&pool));
         {
             let mut pools = bus.inner.pools.lock();
             pools.retain(|w| w.strong_count() > 0);
@@ -220,5 +242,83 @@ impl Subscription {
     /// certainly stopped.
     pub async fn abort(self) {
         self.pool.abort().await;
+    }
+}
+
+/// A running domain subscription as layers and reporters see it (metrics of its pool, its
+/// partitions and its lag). Cheap to clone; it does not keep the subscription alive: once
+/// the subscription is dropped, its accessors answer `None`.
+#[derive(Clone)]
+pub struct SubscriptionHandle {
+    inner: Arc<HandleInner>,
+}
+
+struct HandleInner {
+    pool: OnceLock<Weak<Pool>>,
+    topic: Topic,
+    group: String,
+    transport: DynDomainTransport,
+}
+
+impl fmt::Debug for SubscriptionHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubscriptionHandle")
+            .field("topic", &self.inner.topic)
+            .field("group", &self.inner.group)
+            .field("running", &self.is_running())
+            .finish()
+    }
+}
+
+impl SubscriptionHandle {
+    fn pool(&self) -> Option<Arc<Pool>> {
+        self.inner.pool.get().and_then(Weak::upgrade)
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &Topic {
+        &self.inner.topic
+    }
+
+    /// The consumer group.
+    pub fn group(&self) -> &str {
+        &self.inner.group
+    }
+
+    /// The backend's name.
+    pub fn backend(&self) -> &'static str {
+        self.inner.transport.capabilities().backend
+    }
+
+    /// Whether the subscription still runs: started, not dropped, not finished.
+    pub fn is_running(&self) -> bool {
+        self.pool().is_some_and(|p| !p.is_finished())
+    }
+
+    /// The pool's counters now, while the subscription exists.
+    pub fn stats(&self) -> Option<PoolStats> {
+        self.pool().map(|p| p.stats())
+    }
+
+    /// The per-aggregate queues now, while the subscription exists. Walks every aggregate
+    /// with work: for periodic reports, not per message.
+    pub fn key_queues(&self) -> Option<KeyQueues> {
+        self.pool().map(|p| p.key_queues())
+    }
+
+    /// The partitions this member knows of, with their state and epoch, while the
+    /// subscription exists (empty without consumer groups).
+    pub fn partitions(&self) -> Option<Vec<(u32, PartitionState, u64)>> {
+        self.pool().map(|p| p.partitions())
+    }
+
+    /// The group's backlog on the topic: messages not yet acknowledged (unread plus
+    /// delivered-unacked), if the backend can tell
+    /// ([`DomainTransport::pending`](crate::DomainTransport::pending)). Asks the broker.
+    pub async fn pending(&self) -> Result<Option<u64>> {
+        self.inner
+            .transport
+            .pending(&self.inner.topic, &self.inner.group)
+            .await
     }
 }

@@ -453,6 +453,27 @@ where
     }
 }
 
+/// What a handler layer learns, once, about the subscription whose handler it wraps:
+/// enough to name spans and build metric attributes before the first message arrives.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct HandlerContext<'a> {
+    /// The bus.
+    pub bus: BusKind,
+    /// The backend's name.
+    pub backend: &'static str,
+    /// The topic subscribed to.
+    pub topic: &'a Topic,
+    /// The consumer group (domain bus) or the queue group (simple bus), if any.
+    pub group: Option<&'a str>,
+    /// The attempts the pool makes before it dead-letters an event (1 on the simple bus,
+    /// which does not retry).
+    pub max_attempts: u32,
+    /// The domain subscription (its pool's counters, partitions and lag), for layers that
+    /// report on it; `None` on the simple bus.
+    pub subscription: Option<&'a crate::SubscriptionHandle>,
+}
+
 /// A layer over handlers of requests `R` ([`Event`](crate::Event) on the domain bus,
 /// [`Message`] on the simple bus). Implemented for every [`tower::Layer`] whose service
 /// takes `R` and answers `()` or a [`HandleError`].
@@ -462,6 +483,17 @@ pub trait HandlerLayer<R>: Send + Sync + 'static {
         &self,
         inner: BoxCloneSyncService<R, (), HandleError>,
     ) -> BoxCloneSyncService<R, (), HandleError>;
+
+    /// Wraps `inner` for the subscription `cx` describes; the buses call this one. The
+    /// default ignores `cx` and calls [`layer_handler`](Self::layer_handler).
+    fn layer_handler_in(
+        &self,
+        inner: BoxCloneSyncService<R, (), HandleError>,
+        cx: &HandlerContext<'_>,
+    ) -> BoxCloneSyncService<R, (), HandleError> {
+        let _ = cx;
+        self.layer_handler(inner)
+    }
 }
 
 impl<L, R> HandlerLayer<R> for L

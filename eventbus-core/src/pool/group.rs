@@ -120,6 +120,12 @@ pub(super) fn lose_all(sh: &Shared) {
 }
 
 pub(super) fn set_state(sh: &Shared, partition: u32, epoch: u64, state: PartitionState) {
+    match state {
+        PartitionState::Assigned => super::stats::bump(&sh.counters.partitions_acquired),
+        PartitionState::Revoked => super::stats::bump(&sh.counters.partitions_released),
+        PartitionState::Lost => super::stats::bump(&sh.counters.partitions_lost),
+        _ => {}
+    }
     sh.state
         .lock()
         .parts

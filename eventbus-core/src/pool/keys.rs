@@ -442,6 +442,16 @@ impl Schedule {
         self.counts
     }
 
+    /// The aggregates with queued or running work, and the longest of their queues (the
+    /// deliveries waiting behind the running one). Walks every scheduled key: for periodic
+    /// reports, not for the hot path.
+    pub(super) fn key_queues(&self) -> super::KeyQueues {
+        super::KeyQueues {
+            keys: self.keys.len(),
+            deepest: self.keys.values().map(VecDeque::len).max().unwrap_or(0),
+        }
+    }
+
     /// Whether a delivery of `partition` is held.
     pub(super) fn holds_partition(&self, partition: u32) -> bool {
         self.held.keys().any(|(pos, _)| pos.partition == partition)

@@ -104,6 +104,11 @@ impl Pool {
         self.shared.counters.snapshot(held)
     }
 
+    /// The per-aggregate queues now.
+    pub(crate) fn key_queues(&self) -> super::KeyQueues {
+        self.shared.state.lock().sched.key_queues()
+    }
+
     /// The partitions this member knows of in its consumer group, sorted.
     pub(crate) fn partitions(&self) -> Vec<(u32, PartitionState, u64)> {
         let st = self.shared.state.lock();

@@ -23,6 +23,9 @@ pub(super) struct Counters {
     pub(super) stale_dropped: AtomicU64,
     pub(super) stale_acks: AtomicU64,
     pub(super) reread: AtomicU64,
+    pub(super) partitions_acquired: AtomicU64,
+    pub(super) partitions_released: AtomicU64,
+    pub(super) partitions_lost: AtomicU64,
 }
 
 /// How many deliveries the pool holds, whole and deferred, now and at most.
@@ -84,6 +87,9 @@ impl Counters {
             transport_errors: self.transport_errors.load(Ordering::Relaxed),
             stale_dropped: self.stale_dropped.load(Ordering::Relaxed),
             stale_acks: self.stale_acks.load(Ordering::Relaxed),
+            partitions_acquired: self.partitions_acquired.load(Ordering::Relaxed),
+            partitions_released: self.partitions_released.load(Ordering::Relaxed),
+            partitions_lost: self.partitions_lost.load(Ordering::Relaxed),
         }
     }
 

@@ -312,6 +312,23 @@ pub struct PoolStats {
     pub stale_dropped: u64,
     /// Acknowledgements skipped because the partition's ownership had moved on.
     pub stale_acks: u64,
+    /// Consumer groups: partitions this member was given (one per new ownership epoch).
+    pub partitions_acquired: u64,
+    /// Consumer groups: partitions this member drained and gave back to the group.
+    pub partitions_released: u64,
+    /// Consumer groups: partitions this member lost without a drain (expired, fenced).
+    pub partitions_lost: u64,
+}
+
+/// The per-aggregate queues of a pool at one moment
+/// ([`SubscriptionHandle::key_queues`](crate::SubscriptionHandle::key_queues)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KeyQueues {
+    /// Aggregates with queued or running work.
+    pub keys: usize,
+    /// The longest queue of one aggregate: deliveries waiting behind its running one.
+    pub deepest: usize,
 }
 
 /// What a shutdown did.
