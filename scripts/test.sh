@@ -150,6 +150,12 @@ step "example of a layer on every write"
 cargo run -q -p dualbus --example write_audit > "$servers_dir/write_audit.out" 2>&1 || { cat "$servers_dir/write_audit.out"; exit 1; }
 cat "$servers_dir/write_audit.out"
 
+step "example: one trace through two handlers (OpenTelemetry, spans on stdout), output piped"
+cargo run -q -p dualbus --features otel --example tracing > "$servers_dir/tracing.out" 2>&1 || { cat "$servers_dir/tracing.out"; exit 1; }
+cat "$servers_dir/tracing.out"
+no_escapes "$servers_dir/tracing.out"
+grep -q "^one trace " "$servers_dir/tracing.out" || { echo "the tracing example did not finish its trace" >&2; exit 1; }
+
 step "example on NATS, output piped"
 NATS_URL="$DUALBUS_TEST_NATS_URL" cargo run -q -p dualbus --features nats --example nats_domain_events > "$servers_dir/nats_example.out" 2>&1 || { cat "$servers_dir/nats_example.out"; exit 1; }
 cat "$servers_dir/nats_example.out"
@@ -205,7 +211,7 @@ step "cargo package"
 # same. Drop both for our own crates, so that the siblings are verified as they are now.
 cargo_home="${CARGO_HOME:-$HOME/.cargo}"
 rm -rf "$CARGO_TARGET_DIR/package" "$cargo_home"/registry/src/*/dualbus-* "$cargo_home"/registry/cache/*/dualbus-*
-cargo clean -p dualbus-core -p dualbus-memory -p dualbus-nats -p dualbus-kafka -p dualbus-redis -p dualbus
+cargo clean -p dualbus-core -p dualbus-memory -p dualbus-nats -p dualbus-kafka -p dualbus-redis -p dualbus-otel -p dualbus
 cargo package --workspace --allow-dirty
 
 echo

@@ -12,6 +12,7 @@ use serde::Deserialize;
 /// ```yaml
 /// otel:
 ///   enabled: true
+///   install: true                  # set up the SDK; false: use the application's providers
 ///   service_name: orders-service   # default: the domain bus's source
 ///   sampler: parentbased_always_on # always_on | always_off | traceidratio | parentbased_*
 ///   sampler_ratio: 1.0             # for the ratio samplers
@@ -29,6 +30,10 @@ use serde::Deserialize;
 pub struct OtelConfig {
     /// Whether the facade adds the layers. Default `true` when the section is present.
     pub enabled: bool,
+    /// Whether the facade's `Buses::from_config` sets up OpenTelemetry's SDK with
+    /// [`Telemetry::install`](crate::Telemetry::install) (`true`, the default), or uses the
+    /// global providers the application set up itself (`false`).
+    pub install: bool,
     /// The `service.name` resource attribute. Default: the domain bus's source.
     pub service_name: Option<String>,
     /// How root spans are sampled. Default `parentbased_always_on`.
@@ -62,6 +67,7 @@ impl Default for OtelConfig {
     fn default() -> Self {
         Self {
             enabled: true,
+            install: true,
             service_name: None,
             sampler: SamplerKind::ParentbasedAlwaysOn,
             sampler_ratio: 1.0,

@@ -102,9 +102,18 @@ impl Telemetry {
         &self.meter_provider
     }
 
+    /// Exports what is buffered. Blocks until the exporters are done (call it from a
+    /// blocking context, e.g. `tokio::task::spawn_blocking`).
+    pub fn flush(&self) -> Result<(), Error> {
+        let t = self.tracer_provider.force_flush();
+        let m = self.meter_provider.force_flush();
+        t.and(m)
+            .map_err(|e| Error::backend("opentelemetry", true, e))
+    }
+
     /// Exports what is buffered and stops the providers. Blocks until the exporters are
     /// done (call it from a blocking context or at the very end of `main`).
-    pub fn shutdown(self) -> Result<(), Error> {
+    pub fn shutdown(&self) -> Result<(), Error> {
         let t = self.tracer_provider.shutdown();
         let m = self.meter_provider.shutdown();
         t.and(m)

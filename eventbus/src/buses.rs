@@ -17,6 +17,8 @@ use dualbus_core::{
 pub struct Buses {
     domain: DomainBus,
     simple: SimpleBus,
+    #[cfg(feature = "otel")]
+    telemetry: Option<Arc<dualbus_otel::Telemetry>>,
 }
 
 impl Buses {
@@ -36,10 +38,29 @@ impl Buses {
         &self.simple
     }
 
+    /// The OpenTelemetry SDK set up by [`Buses::from_config`] (an `otel` section with
+    /// `install: true`), if any.
+    #[cfg(feature = "otel")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
+    pub fn telemetry(&self) -> Option<&dualbus_otel::Telemetry> {
+        self.telemetry.as_deref()
+    }
+
     /// Drains the subscriptions of both buses and closes their transports. Idempotent.
+    /// Telemetry set up by [`Buses::from_config`] exports what it still holds.
     pub async fn close(&self) -> Result<()> {
         let domain = self.domain.close().await;
         let simple = self.simple.close().await;
+        #[cfg(feature = "otel")]
+        if let Some(t) = self.telemetry.clone() {
+            let flushed = tokio::task::spawn_blocking(move || t.flush())
+                .await
+                .map_err(|e| dualbus_core::Error::backend("opentelemetry", false, e))
+                .and_then(|r| r);
+            if let Err(e) = flushed {
+                tracing::warn!(error = %e, "telemetry could not export what it held");
+            }
+        }
         domain.and(simple)
     }
 }
@@ -59,6 +80,8 @@ pub struct BusesBuilder {
     handler_timeout: Option<Duration>,
     simple_max_concurrency: Option<usize>,
     default_group: Option<String>,
+    #[cfg(feature = "otel")]
+    telemetry: Option<Arc<dualbus_otel::Telemetry>>,
 }
 
 impl fmt::Debug for BusesBuilder {
@@ -183,6 +206,22 @@ impl BusesBuilder {
         self
     }
 
+    /// OpenTelemetry on both buses, in one call: the tracing layer (spans, W3C context in
+    /// headers) outermost, then the metrics layer, on every write and handler call.
+    #[cfg(feature = "otel")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
+    pub fn otel(self, otel: &dualbus_otel::Otel) -> Self {
+        self.layer(otel.tracing()).layer(otel.metrics())
+    }
+
+    /// Keeps `telemetry` with the buses: [`Buses::close`] has it export what it holds.
+    #[cfg(feature = "otel")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
+    pub fn telemetry(mut self, telemetry: dualbus_otel::Telemetry) -> Self {
+        self.telemetry = Some(Arc::new(telemetry));
+        self
+    }
+
     /// Cuts off each domain handler attempt after `after` (a retryable failure).
     pub fn handler_timeout(mut self, after: Duration) -> Self {
         self.handler_timeout = Some(after);
@@ -227,6 +266,8 @@ impl BusesBuilder {
         Ok(Buses {
             domain: domain.build()?,
             simple: simple.build()?,
+            #[cfg(feature = "otel")]
+            telemetry: self.telemetry,
         })
     }
 

@@ -297,6 +297,13 @@ pub struct Config {
     pub domain: DomainSection,
     /// The simple-message bus.
     pub simple: SimpleSection,
+    /// OpenTelemetry on both buses (feature `otel`).
+    #[cfg(feature = "otel")]
+    pub otel: Option<dualbus_otel::OtelConfig>,
+    /// OpenTelemetry (feature `otel`, off in this build: a present section is an error
+    /// naming the feature).
+    #[cfg(not(feature = "otel"))]
+    pub otel: Option<Raw>,
 }
 
 impl Config {
@@ -347,6 +354,17 @@ impl Config {
 
     /// Checks values and backend sections against this build's features.
     pub fn validate(&self) -> Result<()> {
+        #[cfg(feature = "otel")]
+        if let Some(o) = &self.otel {
+            o.validate()?;
+        }
+        #[cfg(not(feature = "otel"))]
+        if self.otel.is_some() {
+            return Err(Error::config(
+                "otel",
+                "this build has no OpenTelemetry: enable the `otel` feature of dualbus",
+            ));
+        }
         let d = &self.domain;
         let domain = backends::for_bus(Bus::Domain, d.kind)?;
         backends::check_sections(Bus::Domain, d.backend_sections())?;
@@ -494,6 +512,14 @@ impl crate::Buses {
         }
         if let Some(g) = &d.group.name {
             b = b.default_group(g.clone());
+        }
+        #[cfg(feature = "otel")]
+        if let Some(o) = config.otel.as_ref().filter(|o| o.enabled) {
+            if o.install {
+                let service = d.source.as_deref().unwrap_or("dualbus");
+                b = b.telemetry(dualbus_otel::Telemetry::install(o, service)?);
+            }
+            b = b.otel(&dualbus_otel::Otel::from_config(o));
         }
         b.build()
     }

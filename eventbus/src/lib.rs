@@ -86,6 +86,8 @@
 //! | `kafka` | no | the Kafka backend (`dualbus-kafka`, compiles librdkafka): domain bus on Kafka |
 //! | `redis` | no | the Redis backend (`dualbus-redis`): domain bus on Streams, simple bus on pub/sub |
 //! | `redis-tls` | no | `redis` with TLS (`rediss://`, rustls) |
+//! | `otel` | no | OpenTelemetry (`dualbus-otel`): spans, W3C trace context in headers, metrics, OTLP over HTTP |
+//! | `otel-grpc` | no | `otel` with OTLP over gRPC |
 //! | `full` | no | everything |
 //!
 //! With no features at all the crate still builds: the core types and buses, with the
@@ -147,6 +149,11 @@ pub use dualbus_kafka as kafka;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use dualbus_redis as redis;
+
+/// OpenTelemetry: tracing and metrics layers, SDK set-up.
+#[cfg(feature = "otel")]
+#[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
+pub use dualbus_otel as otel;
 
 /// Traits to import with `use dualbus::prelude::*`.
 pub mod prelude {

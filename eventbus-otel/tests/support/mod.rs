@@ -383,3 +383,18 @@ pub(crate) async fn simple_trace(transport: impl SimpleTransport, h: &Harness, s
     assert_eq!(attr(process, "messaging.system").as_deref(), Some(system));
     assert_ne!(send.parent_span_id, SpanId::INVALID);
 }
+
+/// The address of a shared test server from `var` (set by `scripts/test.sh`); `None`
+/// (the test skips) when unset, a failure when `DUALBUS_TEST_REQUIRE_SERVERS` is set.
+pub(crate) fn server(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(u) => Some(u),
+        Err(_) if std::env::var_os("DUALBUS_TEST_REQUIRE_SERVERS").is_some() => {
+            panic!("{var} is not set but DUALBUS_TEST_REQUIRE_SERVERS is")
+        }
+        Err(_) => {
+            eprintln!("skipped: {var} is not set");
+            None
+        }
+    }
+}
