@@ -21,13 +21,20 @@ impl Injector for Inject<'_> {
     }
 }
 
-/// Reads propagation fields from message headers; names match without regard to case
-/// (brokers and other clients may change it).
+/// Reads propagation fields from message headers. `traceparent` is also found in another
+/// case (a client may have written `Traceparent`); the other fields only as written, which
+/// spares a second scan of the headers for fields most messages do not carry.
 pub(crate) struct Extract<'a>(pub(crate) &'a Headers);
 
 impl Extractor for Extract<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).or_else(|| self.0.get_ignore_case(key))
+        self.0.get(key).or_else(|| {
+            if key == "traceparent" {
+                self.0.get_ignore_case(key)
+            } else {
+                None
+            }
+        })
     }
 
     fn keys(&self) -> Vec<&str> {
@@ -47,7 +54,11 @@ mod tests {
         Inject(&mut h).set("traceparent", "00-abc".to_owned());
         Inject(&mut h).set("x-Custom", "v".to_owned());
         assert_eq!(Extract(&h).get("traceparent"), Some("00-abc"));
-        assert_eq!(Extract(&h).get("X-CUSTOM"), Some("v"));
+        assert_eq!(Extract(&h).get("x-Custom"), Some("v"));
+        assert_eq!(Extract(&h).get("X-CUSTOM"), None);
+        let mut upper = Headers::new();
+        upper.insert("Traceparent", "00-def");
+        assert_eq!(Extract(&upper).get("traceparent"), Some("00-def"));
         assert_eq!(Extract(&h).keys(), vec!["traceparent", "x-Custom"]);
     }
 }

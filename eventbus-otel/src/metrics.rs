@@ -77,7 +77,8 @@ struct Metrics {
     process_duration: Histogram<f64>,
     watched: Arc<Mutex<Vec<Watched>>>,
     lag_interval: Duration,
-    publish_attrs: RwLock<HashMap<(&'static str, String), Arc<PublishAttrs>>>,
+    /// By backend, then by topic.
+    publish_attrs: RwLock<HashMap<&'static str, HashMap<String, Arc<PublishAttrs>>>>,
     _observers: Observers,
 }
 
@@ -288,7 +289,12 @@ const DURATION_BOUNDARIES: [f64; 14] = [
 
 impl Metrics {
     fn publish_attrs(&self, backend: &'static str, topic: &str) -> Arc<PublishAttrs> {
-        if let Some(a) = self.publish_attrs.read().get(&(backend, topic.to_owned())) {
+        if let Some(a) = self
+            .publish_attrs
+            .read()
+            .get(backend)
+            .and_then(|topics| topics.get(topic))
+        {
             return a.clone();
         }
         let sent = vec![
@@ -300,8 +306,9 @@ impl Metrics {
         duration.push(attrs::s(MESSAGING_OPERATION_TYPE, "send"));
         let a = Arc::new(PublishAttrs { sent, duration });
         let mut map = self.publish_attrs.write();
-        if map.len() < CACHED_TOPICS {
-            map.insert((backend, topic.to_owned()), a.clone());
+        let topics = map.entry(backend).or_default();
+        if topics.len() < CACHED_TOPICS {
+            topics.insert(topic.to_owned(), a.clone());
         }
         a
     }
@@ -523,9 +530,20 @@ where
     }
 
     fn call(&mut self, event: Event) -> Self::Future {
-        let topic = event.topic.clone();
         let attempt = event.attempt;
-        handler_call(self, event, topic.as_str(), attempt == 1, attempt, false)
+        let bare = if self.handler.is_none() {
+            Some(event.topic.as_str().to_owned())
+        } else {
+            None
+        };
+        handler_call(
+            self,
+            event,
+            bare.as_deref().unwrap_or(""),
+            attempt == 1,
+            attempt,
+            false,
+        )
     }
 }
 

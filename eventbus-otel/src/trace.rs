@@ -3,8 +3,9 @@
 //! the trace the message carries.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context as TaskContext, Poll};
 
 use dualbus_core::middleware::BusKind;
@@ -22,6 +23,7 @@ use opentelemetry::trace::{
 };
 use opentelemetry::{Context, InstrumentationScope, KeyValue};
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+use parking_lot::RwLock;
 use tower::Service;
 use tower::util::BoxCloneSyncService;
 
@@ -125,6 +127,47 @@ impl TracingLayer {
     }
 }
 
+/// The span names of one topic.
+#[derive(Clone)]
+struct Names {
+    send: Cow<'static, str>,
+    create: Cow<'static, str>,
+    process: Cow<'static, str>,
+}
+
+/// Topics whose span names are kept for the life of the process: a service's topics are
+/// few and fixed, and a kept name spares an allocation per span. Past this many topics,
+/// names are built per span.
+const KEPT_NAMES: usize = 4096;
+
+/// The span names of `topic`: kept ones, or built now.
+fn names(topic: &str) -> Names {
+    static KEPT: OnceLock<RwLock<HashMap<String, Names>>> = OnceLock::new();
+    let kept = KEPT.get_or_init(RwLock::default);
+    if let Some(n) = kept.read().get(topic) {
+        return n.clone();
+    }
+    let made = |op: &str| format!("{op} {topic}");
+    let mut map = kept.write();
+    if map.len() >= KEPT_NAMES {
+        return Names {
+            send: Cow::Owned(made("send")),
+            create: Cow::Owned(made("create")),
+            process: Cow::Owned(made("process")),
+        };
+    }
+    // Kept for the life of the process, by design (bounded by `KEPT_NAMES` topics).
+    let keep =
+        |op: &str| -> Cow<'static, str> { Cow::Borrowed(Box::leak(made(op).into_boxed_str())) };
+    let n = Names {
+        send: keep("send"),
+        create: keep("create"),
+        process: keep("process"),
+    };
+    map.insert(topic.to_owned(), n.clone());
+    n
+}
+
 /// The propagators the layer writes and reads: W3C trace context and W3C baggage.
 pub fn propagator() -> TextMapCompositePropagator {
     TextMapCompositePropagator::new(vec![
@@ -223,7 +266,7 @@ impl Tracing {
 
     fn start(
         &self,
-        name: String,
+        name: Cow<'static, str>,
         kind: SpanKind,
         parent: &Context,
         links: Vec<Link>,
@@ -240,7 +283,8 @@ impl Tracing {
     fn on_publish(&self, req: &mut PublishRequest) -> Context {
         let kind = req.kind();
         let backend = req.backend;
-        let topic = req.topic.as_str().to_owned();
+        let topic = req.topic.as_str();
+        let names = names(topic);
         // A dead letter continues the trace of the message it copies.
         let mut parent = ambient();
         let mut links = Vec::new();
@@ -260,13 +304,13 @@ impl Tracing {
             if self.create_spans {
                 for e in batch.iter_mut() {
                     let mut span = self.start(
-                        format!("create {topic}"),
+                        names.create.clone(),
                         SpanKind::Producer,
                         &parent,
                         Vec::new(),
                     );
                     if span.is_recording() {
-                        let mut a = self.common(backend, &topic, "create");
+                        let mut a = self.common(backend, topic, "create");
                         self.message_attrs(backend, &MessageAttrs::of_envelope(e), &mut a);
                         span.set_attributes(a);
                     }
@@ -277,9 +321,9 @@ impl Tracing {
                     contexts.push(Link::with_context(sc));
                 }
             }
-            let mut span = self.start(format!("send {topic}"), SpanKind::Client, &parent, contexts);
+            let mut span = self.start(names.send.clone(), SpanKind::Client, &parent, contexts);
             if span.is_recording() {
-                let mut a = self.common(backend, &topic, "send");
+                let mut a = self.common(backend, topic, "send");
                 a.push(attrs::int(MESSAGING_BATCH_MESSAGE_COUNT, count));
                 a.push(attrs::s(DUALBUS_PUBLISH_KIND, kind.as_str()));
                 span.set_attributes(a);
@@ -292,9 +336,9 @@ impl Tracing {
             }
             return cx;
         }
-        let mut span = self.start(format!("send {topic}"), SpanKind::Producer, &parent, links);
+        let mut span = self.start(names.send, SpanKind::Producer, &parent, links);
         if span.is_recording() {
-            let mut a = self.common(backend, &topic, "send");
+            let mut a = self.common(backend, topic, "send");
             a.push(attrs::s(DUALBUS_PUBLISH_KIND, kind.as_str()));
             a.push(attrs::s(
                 DUALBUS_BUS,
@@ -461,7 +505,7 @@ impl HandlerSpans {
             common.push(attrs::shared(MESSAGING_CONSUMER_GROUP_NAME, g));
         }
         Self {
-            name: Cow::Owned(format!("process {}", cx.topic.as_str())),
+            name: names(cx.topic.as_str()).process,
             common,
             backend: cx.backend,
             max_attempts: cx.max_attempts,
@@ -471,7 +515,7 @@ impl HandlerSpans {
     /// Without a subscription (a handler layered by hand): what the request tells.
     fn bare(topic: &str) -> Self {
         Self {
-            name: Cow::Owned(format!("process {topic}")),
+            name: names(topic).process,
             common: vec![
                 attrs::owned(MESSAGING_DESTINATION_NAME, topic),
                 attrs::s(MESSAGING_OPERATION_TYPE, "process"),
@@ -507,14 +551,14 @@ impl Tracing {
     ) -> Context {
         let carried = self.propagator.extract(&Extract(headers));
         let remote: SpanContext = carried.span().span_context().clone();
-        let links = if remote.is_valid() {
-            vec![Link::with_context(remote.clone())]
-        } else {
-            Vec::new()
-        };
-        let parent = match self.consumer_parent {
-            ConsumerParent::Parent => carried.clone(),
-            ConsumerParent::Link => Context::new(),
+        // A new trace gets its link at creation (samplers may read it); a child gets it
+        // only if it is recorded, which spares an allocation per message otherwise.
+        let (parent, links) = match self.consumer_parent {
+            ConsumerParent::Parent => (carried.clone(), Vec::new()),
+            ConsumerParent::Link if remote.is_valid() => {
+                (Context::new(), vec![Link::with_context(remote.clone())])
+            }
+            ConsumerParent::Link => (Context::new(), Vec::new()),
         };
         let mut span = self
             .tracer
@@ -523,6 +567,9 @@ impl Tracing {
             .with_links(links)
             .start_with_context(&self.tracer, &parent);
         if span.is_recording() {
+            if self.consumer_parent == ConsumerParent::Parent && remote.is_valid() {
+                span.add_link(remote, Vec::new());
+            }
             let mut a = spans.common.clone();
             extra(&mut a);
             span.set_attributes(a);

@@ -43,18 +43,7 @@ async fn the_envelope_trace_id_names_the_same_trace() {
         .build()
         .unwrap();
     let topic = unique("otel-jxt");
-    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
-    let sub = bus
-        .subscribe(topic.as_str())
-        .start(handler_fn(move |e: Event| {
-            let tx = tx.clone();
-            async move {
-                tx.send(e).ok();
-                Ok::<_, HandleError>(())
-            }
-        }))
-        .await
-        .unwrap();
+    let (sub, mut rx) = collecting(&bus, &topic).await;
     let root = h.root("job");
     let trace = root.span().span_context().trace_id();
     let e = Envelope::new("a-1", "Done", 1, &b"{}"[..]).unwrap();
@@ -83,18 +72,7 @@ async fn a_batch_links_one_send_span_to_a_create_span_per_message() {
         let h = Harness::new(&config);
         let bus = domain_bus(Memory::new(), &h);
         let topic = unique("otel-batch");
-        let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
-        let sub = bus
-            .subscribe(topic.as_str())
-            .start(handler_fn(move |e: Event| {
-                let tx = tx.clone();
-                async move {
-                    tx.send(e).ok();
-                    Ok::<_, HandleError>(())
-                }
-            }))
-            .await
-            .unwrap();
+        let (sub, mut rx) = collecting(&bus, &topic).await;
         let root = h.root("import");
         let trace = root.span().span_context().trace_id();
         let batch: Vec<Envelope> = (1..=3)
@@ -615,18 +593,7 @@ async fn with_sampling_off_the_context_still_travels() {
     let h = Harness::new(&config);
     let bus = domain_bus(Memory::new(), &h);
     let topic = unique("otel-off");
-    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
-    let sub = bus
-        .subscribe(topic.as_str())
-        .start(handler_fn(move |e: Event| {
-            let tx = tx.clone();
-            async move {
-                tx.send(e).ok();
-                Ok::<_, HandleError>(())
-            }
-        }))
-        .await
-        .unwrap();
+    let (sub, mut rx) = collecting(&bus, &topic).await;
     let e = Envelope::new("a", "Quiet", 1, &b"{}"[..]).unwrap();
     bus.publish(topic.as_str(), &e).await.unwrap();
     let got = tokio::time::timeout(DEADLINE, rx.recv())

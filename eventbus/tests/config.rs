@@ -717,3 +717,68 @@ fn nats_url_credentials_never_show() {
         check("an invalid URL", format!("{e} {e:?}"));
     });
 }
+
+#[test]
+fn the_otel_section_is_read_or_names_its_feature() {
+    figment::Jail::expect_with(|_| {
+        let r = Config::from_yaml("otel: { sampler: sometimes }\n");
+        if cfg!(feature = "otel") {
+            let (path, message) = config_error(r);
+            assert_eq!(path, "otel.sampler");
+            assert!(message.contains("parentbased_always_on"), "{message}");
+            let (path, _) = config_error(Config::from_yaml("otel: { colour: blue }\n"));
+            assert_eq!(path, "otel.colour");
+            let (path, _) = config_error(Config::from_yaml("otel: { sampler_ratio: 2.0 }\n"));
+            assert_eq!(path, "otel.sampler_ratio");
+            let (path, _) = config_error(Config::from_yaml(
+                "otel:\n  attributes: { payload: true }\n",
+            ));
+            assert_eq!(path, "otel.attributes.payload");
+            assert!(
+                Config::from_yaml(
+                    "otel: { sampler: traceidratio, sampler_ratio: 0.25, lag_interval: 2s }\n"
+                )
+                .is_ok()
+            );
+        } else {
+            let (path, message) = config_error(r);
+            assert_eq!(path, "otel");
+            assert!(message.contains("`otel` feature"), "{message}");
+        }
+        Ok(())
+    });
+}
+
+/// An `otel` section puts the layers on both buses: events carry a `traceparent`.
+#[cfg(feature = "otel")]
+#[tokio::test]
+async fn an_otel_section_traces_both_buses() {
+    let config =
+        parse_alone("domain: { type: memory, source: traced-service }\notel: { exporter: none }\n")
+            .unwrap();
+    let buses = Buses::from_config(&config).await.unwrap();
+    assert!(buses.telemetry().is_some());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<String>>();
+    let sub = buses
+        .domain()
+        .subscribe("traced")
+        .start(handler_fn(move |e: Event| {
+            let tx = tx.clone();
+            async move {
+                tx.send(e.headers.get("traceparent").map(str::to_owned))
+                    .ok();
+                Ok::<_, HandleError>(())
+            }
+        }))
+        .await
+        .unwrap();
+    let e = dualbus::Envelope::new("o-1", "Created", 1, "{}").unwrap();
+    buses.domain().publish("traced", &e).await.unwrap();
+    let tp = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(tp.is_some_and(|t| t.starts_with("00-") && t.ends_with("-01")));
+    sub.shutdown().await;
+    buses.close().await.unwrap();
+}

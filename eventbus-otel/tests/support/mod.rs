@@ -175,6 +175,26 @@ pub(crate) fn links_to(span: &SpanData, target: &SpanData) -> bool {
         .any(|l| l.span_context.span_id() == target.span_context.span_id())
 }
 
+/// A subscription to `topic` whose handler hands every event over, and the receiver.
+pub(crate) async fn collecting(
+    bus: &DomainBus,
+    topic: &str,
+) -> (dualbus_core::Subscription, mpsc::UnboundedReceiver<Event>) {
+    let (tx, rx) = mpsc::unbounded_channel::<Event>();
+    let sub = bus
+        .subscribe(topic)
+        .start(handler_fn(move |e: Event| {
+            let tx = tx.clone();
+            async move {
+                tx.send(e).ok();
+                Ok::<_, HandleError>(())
+            }
+        }))
+        .await
+        .unwrap();
+    (sub, rx)
+}
+
 /// A domain bus on `transport` with both layers and quick retries.
 pub(crate) fn domain_bus(transport: impl DomainTransport, h: &Harness) -> DomainBus {
     DomainBusBuilder::new(transport)
@@ -198,18 +218,7 @@ pub(crate) fn domain_bus(transport: impl DomainTransport, h: &Harness) -> Domain
 pub(crate) async fn domain_trace(bus: &DomainBus, h: &Harness, system: &str) -> Vec<SpanData> {
     let orders = unique("otel-orders");
     let payments = unique("otel-payments");
-    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
-    let second = bus
-        .subscribe(payments.as_str())
-        .start(handler_fn(move |e: Event| {
-            let tx = tx.clone();
-            async move {
-                tx.send(e).ok();
-                Ok::<_, HandleError>(())
-            }
-        }))
-        .await
-        .unwrap();
+    let (second, mut rx) = collecting(bus, &payments).await;
     let follow_up = bus.clone();
     let to = payments.clone();
     let first = bus
