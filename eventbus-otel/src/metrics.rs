@@ -75,7 +75,7 @@ struct Metrics {
     operation_duration: Histogram<f64>,
     consumed: Counter<u64>,
     process_duration: Histogram<f64>,
-    watched: Arc<Mutex<Vec<Watched>>>,
+    watched: Arc<Mutex<Watchlist>>,
     lag_interval: Duration,
     /// By backend, then by topic.
     publish_attrs: RwLock<HashMap<&'static str, HashMap<String, Arc<PublishAttrs>>>>,
@@ -102,10 +102,71 @@ struct Watched {
     lag: Arc<AtomicI64>,
 }
 
+/// The subscriptions being reported, and the handovers of those that ended (a counter
+/// must not go down when a member stops).
+#[derive(Default)]
+struct Watchlist {
+    running: Vec<Watched>,
+    ended: Vec<(Arc<[KeyValue]>, [u64; 3])>,
+}
+
+fn handovers_of(s: &Watched) -> Option<[u64; 3]> {
+    s.handle.stats().map(|st| {
+        [
+            st.partitions_acquired,
+            st.partitions_released,
+            st.partitions_lost,
+        ]
+    })
+}
+
+impl Watchlist {
+    /// Moves the subscriptions that stopped out of the list, keeping their handovers.
+    fn prune(&mut self) {
+        let Self { running, ended } = self;
+        running.retain(|s| {
+            if s.handle.is_running() {
+                return true;
+            }
+            if let Some(counts) = handovers_of(s) {
+                match ended.iter_mut().find(|(a, _)| **a == *s.attrs) {
+                    Some((_, total)) => {
+                        for (t, c) in total.iter_mut().zip(counts) {
+                            *t += c;
+                        }
+                    }
+                    None => ended.push((s.attrs.clone(), counts)),
+                }
+            }
+            false
+        });
+    }
+
+    /// `read` of every running subscription, combined per series: members of one group in
+    /// one process share their attributes, so their values add up (`sum`) or the largest
+    /// stands for them (`max`).
+    fn series(
+        &self,
+        read: impl Fn(&Watched) -> Option<u64>,
+        sum: bool,
+    ) -> Vec<(Arc<[KeyValue]>, u64)> {
+        let mut out: Vec<(Arc<[KeyValue]>, u64)> = Vec::new();
+        for s in &self.running {
+            let Some(v) = read(s) else { continue };
+            match out.iter_mut().find(|(a, _)| **a == *s.attrs) {
+                Some((_, t)) if sum => *t += v,
+                Some((_, t)) => *t = (*t).max(v),
+                None => out.push((s.attrs.clone(), v)),
+            }
+        }
+        out
+    }
+}
+
 impl fmt::Debug for MetricsLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MetricsLayer")
-            .field("subscriptions", &self.inner.watched.lock().len())
+            .field("subscriptions", &self.inner.watched.lock().running.len())
             .field("lag_interval", &self.inner.lag_interval)
             .finish_non_exhaustive()
     }
@@ -149,11 +210,12 @@ impl MetricsLayer {
     }
 
     fn with_meter(meter: Meter, config: &OtelConfig) -> Self {
-        let watched: Arc<Mutex<Vec<Watched>>> = Arc::default();
+        let watched: Arc<Mutex<Watchlist>> = Arc::default();
         let gauge = |name: &'static str,
                      unit: &'static str,
                      description: &'static str,
-                     read: fn(&Watched) -> Option<u64>| {
+                     read: fn(&Watched) -> Option<u64>,
+                     sum: bool| {
             let w = watched.clone();
             meter
                 .u64_observable_gauge(name)
@@ -161,11 +223,9 @@ impl MetricsLayer {
                 .with_description(description)
                 .with_callback(move |o| {
                     let mut list = w.lock();
-                    list.retain(|s| s.handle.is_running());
-                    for s in list.iter() {
-                        if let Some(v) = read(s) {
-                            o.observe(v, &s.attrs);
-                        }
+                    list.prune();
+                    for (attrs, v) in list.series(read, sum) {
+                        o.observe(v, &attrs);
                     }
                 })
                 .build()
@@ -175,24 +235,28 @@ impl MetricsLayer {
             "{message}",
             "Deliveries the keyed pool holds whole (queued or running)",
             |s| s.handle.stats().map(|st| st.in_flight),
+            true,
         );
         let deferred = gauge(
             names::POOL_DEFERRED,
             "{message}",
             "Deferred deliveries of aggregates over max_per_key",
             |s| s.handle.stats().map(|st| st.deferred),
+            true,
         );
         let keys = gauge(
             names::POOL_KEYS,
             "{aggregate}",
             "Aggregates with queued or running work",
             |s| s.handle.key_queues().map(|k| k.keys as u64),
+            true,
         );
         let depth = gauge(
             names::POOL_KEY_QUEUE_DEPTH,
             "{message}",
             "The longest per-aggregate queue: deliveries waiting behind the running one",
             |s| s.handle.key_queues().map(|k| k.deepest as u64),
+            false,
         );
         let owned = gauge(
             names::PARTITIONS_OWNED,
@@ -213,12 +277,14 @@ impl MetricsLayer {
                         .count() as u64
                 })
             },
+            true,
         );
         let lag = gauge(
             names::LAG,
             "{message}",
             "Messages of the topic the group has not acknowledged, as the broker tells",
             |s| u64::try_from(s.lag.load(Ordering::Relaxed)).ok(),
+            false,
         );
         let w = watched.clone();
         let handovers = meter
@@ -226,15 +292,26 @@ impl MetricsLayer {
             .with_unit("{handover}")
             .with_description("Partitions this member acquired, released after a drain, or lost")
             .with_callback(move |o| {
-                let list = w.lock();
-                for s in list.iter() {
-                    let Some(st) = s.handle.stats() else { continue };
-                    for (what, n) in [
-                        ("acquired", st.partitions_acquired),
-                        ("released", st.partitions_released),
-                        ("lost", st.partitions_lost),
-                    ] {
-                        let mut a = s.attrs.to_vec();
+                let mut list = w.lock();
+                list.prune();
+                // Per series: the running members' counts and those of ended ones.
+                let mut totals = list.ended.clone();
+                for s in &list.running {
+                    let Some(counts) = handovers_of(s) else {
+                        continue;
+                    };
+                    match totals.iter_mut().find(|(a, _)| **a == *s.attrs) {
+                        Some((_, total)) => {
+                            for (t, c) in total.iter_mut().zip(counts) {
+                                *t += c;
+                            }
+                        }
+                        None => totals.push((s.attrs.clone(), counts)),
+                    }
+                }
+                for (series, counts) in totals {
+                    for (what, n) in ["acquired", "released", "lost"].into_iter().zip(counts) {
+                        let mut a = series.to_vec();
                         a.push(attrs::s(DUALBUS_HANDOVER, what));
                         o.observe(n, &a);
                     }
@@ -351,7 +428,7 @@ impl Metrics {
     /// Starts reporting `handle`'s gauges, and polls its lag while it runs.
     fn watch(&self, handle: &SubscriptionHandle, attrs: Arc<[KeyValue]>) {
         let lag = Arc::new(AtomicI64::new(-1));
-        self.watched.lock().push(Watched {
+        self.watched.lock().running.push(Watched {
             handle: handle.clone(),
             attrs,
             lag: lag.clone(),

@@ -422,12 +422,40 @@ async fn pool_gauges_and_lag_are_reported_per_subscription() {
     assert_eq!(h.metric("dualbus.pool.key_queue.depth", &with), 0);
     assert_eq!(h.metric("dualbus.consumer.lag", &with), 0);
 
-    // Once the subscription ended, its gauges are no longer reported.
+    assert_eq!(h.points("dualbus.pool.in_flight", &with), 1);
+
+    // A second member joins: the first hands partitions over (released after a drain).
+    let second = bus
+        .subscribe(topic.as_str())
+        .start(handler_fn(|_e: Event| async { Ok::<_, HandleError>(()) }))
+        .await
+        .unwrap();
+    tokio::time::timeout(DEADLINE, async {
+        while sub.stats().partitions_released < 1
+            || sub.active_partitions().len() + second.active_partitions().len() < 4
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let released = sub.stats().partitions_released;
+    h.metrics.reset();
+    let mut r_with = with.to_vec();
+    r_with.push(("dualbus.handover", "released"));
+    assert_eq!(h.metric("dualbus.consumer.handovers", &r_with), released);
+    // Members of one group in one process share a series: their values add up.
+    assert_eq!(h.points("dualbus.pool.in_flight", &with), 1);
+    assert_eq!(h.metric("dualbus.consumer.partitions.owned", &with), 4);
+    second.shutdown().await;
+
+    // Once a subscription ended, its gauges are no longer reported.
     sub.shutdown().await;
     h.metrics.reset();
-    assert!(
-        !h.has_metric("dualbus.pool.in_flight") || h.metric("dualbus.pool.in_flight", &with) == 0
-    );
+    assert_eq!(h.points("dualbus.pool.in_flight", &with), 0);
+    assert_eq!(h.points("dualbus.consumer.partitions.owned", &with), 0);
+    // A counter does not go down when its members stop.
+    assert!(h.metric("dualbus.consumer.handovers", &h_with) >= 4 + released);
 }
 
 /// Trace headers count against the broker's limit: with tracing on, an event is refused

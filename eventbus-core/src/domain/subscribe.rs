@@ -125,6 +125,7 @@ impl DomainSubscribeBuilder {
         let handle = SubscriptionHandle {
             inner: Arc::new(HandleInner {
                 pool: OnceLock::new(),
+                counts: OnceLock::new(),
                 topic: topic.clone(),
                 group: group.clone(),
                 transport: bus.inner.transport.clone(),
@@ -164,6 +165,7 @@ impl DomainSubscribeBuilder {
         ));
         // Set once, here, before anyone but the layers holds the handle.
         let _ = handle.inner.pool.set(Arc::downgrade(&pool));
+        let _ = handle.inner.counts.set(pool.last_counts());
         {
             let mut pools = bus.inner.pools.lock();
             pools.retain(|w| w.strong_count() > 0);
@@ -255,6 +257,7 @@ pub struct SubscriptionHandle {
 
 struct HandleInner {
     pool: OnceLock<Weak<Pool>>,
+    counts: OnceLock<crate::pool::LastCounts>,
     topic: Topic,
     group: String,
     transport: DynDomainTransport,
@@ -295,9 +298,13 @@ impl SubscriptionHandle {
         self.pool().is_some_and(|p| !p.is_finished())
     }
 
-    /// The pool's counters now, while the subscription exists.
+    /// The pool's counters now; once the subscription is gone, its last counts (with
+    /// nothing held). `None` only before it started.
     pub fn stats(&self) -> Option<PoolStats> {
-        self.pool().map(|p| p.stats())
+        match self.pool() {
+            Some(p) => Some(p.stats()),
+            None => self.inner.counts.get().map(|c| c.stats()),
+        }
     }
 
     /// The per-aggregate queues now, while the subscription exists. Walks every aggregate

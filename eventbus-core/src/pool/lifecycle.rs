@@ -14,7 +14,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::keys::{Left, Schedule};
-use super::stats::Counters;
 use super::{
     PartitionState, PoolParams, PoolStats, Shared, ShutdownReport, State, dispatch, ticker, worker,
 };
@@ -73,7 +72,7 @@ impl Pool {
             p: params,
             ready_tx,
             ready_rx,
-            counters: Counters::default(),
+            counters: Arc::default(),
             idle: Notify::new(),
             stop_pulling: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
@@ -102,6 +101,11 @@ impl Pool {
     pub(crate) fn stats(&self) -> PoolStats {
         let held = self.shared.state.lock().sched.counts();
         self.shared.counters.snapshot(held)
+    }
+
+    /// The pool's counters, readable after the pool is gone.
+    pub(crate) fn last_counts(&self) -> super::stats::LastCounts {
+        super::stats::LastCounts(self.shared.counters.clone())
     }
 
     /// The per-aggregate queues now.

@@ -39,6 +39,7 @@ mod types;
 mod worker;
 
 pub(crate) use lifecycle::Pool;
+pub(crate) use stats::LastCounts;
 pub use types::*;
 
 use std::panic::AssertUnwindSafe;
@@ -51,7 +52,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::keys::{Key, Schedule};
-use self::stats::Counters;
 use crate::handler::BoxEventHandler;
 use crate::retry::Backoff;
 use crate::topic::Topic;
@@ -133,7 +133,7 @@ struct Shared {
     running: Arc<Semaphore>,
     /// Events started inline whose handlers did not finish at once.
     continuations: TaskTracker,
-    counters: Counters,
+    counters: Arc<stats::Counters>,
     idle: Notify,
     stop_pulling: CancellationToken,
     hard_stop: CancellationToken,

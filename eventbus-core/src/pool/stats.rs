@@ -59,6 +59,16 @@ impl Held {
     }
 }
 
+/// A pool's counters, kept by whoever reports on the pool after it stopped.
+pub(crate) struct LastCounts(pub(super) std::sync::Arc<Counters>);
+
+impl LastCounts {
+    /// The counters now, with nothing held.
+    pub(crate) fn stats(&self) -> PoolStats {
+        self.0.snapshot(Held::default())
+    }
+}
+
 pub(super) fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }

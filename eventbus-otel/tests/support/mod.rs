@@ -69,10 +69,21 @@ impl Harness {
     /// The summed value of metric `name`'s points (sums: their values; histograms: their
     /// counts) whose attributes include every one of `with`.
     pub(crate) fn metric(&self, name: &str, with: &[(&str, &str)]) -> u64 {
+        self.measure(name, with).0
+    }
+
+    /// How many data points of metric `name` carry every one of `with`.
+    pub(crate) fn points(&self, name: &str, with: &[(&str, &str)]) -> usize {
+        self.measure(name, with).1
+    }
+
+    fn measure(&self, name: &str, with: &[(&str, &str)]) -> (u64, usize) {
         self.meter_provider.force_flush().unwrap();
         let all = self.metrics.get_finished_metrics().unwrap();
         // Cumulative: the last export holds the totals.
-        let Some(last) = all.last() else { return 0 };
+        let Some(last) = all.last() else {
+            return (0, 0);
+        };
         let matches = |attrs: Vec<&KeyValue>| {
             with.iter().all(|(k, v)| {
                 attrs
@@ -81,6 +92,7 @@ impl Harness {
             })
         };
         let mut total = 0;
+        let mut points = 0;
         for scope in last.scope_metrics() {
             for m in scope.metrics() {
                 if m.name() != name {
@@ -91,6 +103,7 @@ impl Harness {
                         for p in s.data_points() {
                             if matches(p.attributes().collect()) {
                                 total += p.value();
+                                points += 1;
                             }
                         }
                     }
@@ -98,6 +111,7 @@ impl Harness {
                         for p in g.data_points() {
                             if matches(p.attributes().collect()) {
                                 total += p.value();
+                                points += 1;
                             }
                         }
                     }
@@ -105,6 +119,7 @@ impl Harness {
                         for p in h.data_points() {
                             if matches(p.attributes().collect()) {
                                 total += p.count();
+                                points += 1;
                             }
                         }
                     }
@@ -112,7 +127,7 @@ impl Harness {
                 }
             }
         }
-        total
+        (total, points)
     }
 
     /// Whether metric `name` was exported at all.
