@@ -633,3 +633,67 @@ async fn with_sampling_off_the_context_still_travels() {
     assert!(tp.starts_with("00-") && tp.ends_with("-00"), "{tp}");
     assert!(h.finished_spans().is_empty());
 }
+
+/// Baggage set by the publisher travels in the `baggage` header and is in the handler's
+/// context; a `tracestate` travels beside the `traceparent`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baggage_and_tracestate_travel_with_the_trace() {
+    use opentelemetry::baggage::BaggageExt as _;
+    use opentelemetry::trace::{SpanContext, TraceFlags, TraceState};
+    let h = Harness::new(&OtelConfig::default());
+    let bus = domain_bus(Memory::new(), &h);
+    let topic = unique("otel-baggage");
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Option<String>, Option<String>)>();
+    let sub = bus
+        .subscribe(topic.as_str())
+        .start(handler_fn(move |e: Event| {
+            let tx = tx.clone();
+            async move {
+                let cx = opentelemetry::Context::current();
+                let tenant = cx.baggage().get("tenant").map(|v| v.to_string());
+                let state = cx
+                    .span()
+                    .span_context()
+                    .trace_state()
+                    .get("vendor")
+                    .map(str::to_owned);
+                assert!(e.headers.contains("baggage"));
+                tx.send((tenant, state)).ok();
+                Ok::<_, HandleError>(())
+            }
+        }))
+        .await
+        .unwrap();
+    // A remote parent with a trace state (as an upstream service would have sent it).
+    let parent = SpanContext::new(
+        opentelemetry::trace::TraceId::from(0x0af7651916cd43dd8448eb211c80319c_u128),
+        opentelemetry::trace::SpanId::from(0xb7ad6b7169203331_u64),
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::from_key_value([("vendor", "abc")]).unwrap(),
+    );
+    let cx = opentelemetry::Context::new()
+        .with_remote_span_context(parent)
+        .with_baggage([opentelemetry::KeyValue::new("tenant", "t-7")]);
+    let e = Envelope::new("a", "Carried", 1, &b"{}"[..]).unwrap();
+    bus.publish(topic.as_str(), &e)
+        .with_context(cx)
+        .await
+        .unwrap();
+    let (tenant, state) = tokio::time::timeout(DEADLINE, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    sub.shutdown().await;
+    assert_eq!(tenant.as_deref(), Some("t-7"));
+    assert_eq!(state.as_deref(), Some("abc"));
+    let spans = h.finished_spans();
+    let process = spans
+        .iter()
+        .find(|s| s.name == format!("process {topic}"))
+        .unwrap();
+    assert_eq!(
+        process.span_context.trace_id(),
+        opentelemetry::trace::TraceId::from(0x0af7651916cd43dd8448eb211c80319c_u128)
+    );
+}
