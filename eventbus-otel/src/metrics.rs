@@ -28,7 +28,7 @@ use tower::util::BoxCloneSyncService;
 
 use crate::attrs::{self, *};
 use crate::config::OtelConfig;
-use crate::trace::outcome;
+use crate::trace::{Handled, outcome_of};
 
 /// Names of this crate's own metrics (the conventions' are in
 /// `opentelemetry_semantic_conventions::metric`).
@@ -559,44 +559,11 @@ impl HandlerAttrs {
     }
 }
 
-fn handler_call<S, R>(
-    svc: &mut MetricsService<S>,
-    req: R,
-    topic: &str,
-    first: bool,
-    attempt: u32,
-    simple: bool,
-) -> BoxFuture<'static, Result<(), HandleError>>
+impl<S, R> Service<R> for MetricsService<S>
 where
     S: Service<R, Response = (), Error = HandleError>,
     S::Future: Send + 'static,
-{
-    let a = svc
-        .handler
-        .clone()
-        .unwrap_or_else(|| Arc::new(HandlerAttrs::bare(topic)));
-    if first {
-        svc.metrics.consumed.add(1, &a.consumed);
-    }
-    let metrics = svc.metrics.clone();
-    let start = Instant::now();
-    let fut = svc.inner.call(req);
-    Box::pin(async move {
-        let result = fut.await;
-        let outcome = if simple {
-            if result.is_ok() { "ok" } else { "failed" }
-        } else {
-            outcome(&result, attempt, a.max_attempts)
-        };
-        a.record(&metrics, start.elapsed().as_secs_f64(), &result, outcome);
-        result
-    })
-}
-
-impl<S> Service<Event> for MetricsService<S>
-where
-    S: Service<Event, Response = (), Error = HandleError>,
-    S::Future: Send + 'static,
+    R: Handled,
 {
     type Response = ();
     type Error = HandleError;
@@ -606,44 +573,25 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, event: Event) -> Self::Future {
-        let attempt = event.attempt;
-        let bare = if self.handler.is_none() {
-            Some(event.topic.as_str().to_owned())
-        } else {
-            None
-        };
-        handler_call(
-            self,
-            event,
-            bare.as_deref().unwrap_or(""),
-            attempt == 1,
-            attempt,
-            false,
-        )
-    }
-}
-
-impl<S> Service<Message> for MetricsService<S>
-where
-    S: Service<Message, Response = (), Error = HandleError>,
-    S::Future: Send + 'static,
-{
-    type Response = ();
-    type Error = HandleError;
-    type Future = BoxFuture<'static, Result<(), HandleError>>;
-
-    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), HandleError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, message: Message) -> Self::Future {
-        let topic = if self.handler.is_some() {
-            String::new()
-        } else {
-            message.topic.clone()
-        };
-        handler_call(self, message, &topic, true, 1, true)
+    fn call(&mut self, req: R) -> Self::Future {
+        let a = self
+            .handler
+            .clone()
+            .unwrap_or_else(|| Arc::new(HandlerAttrs::bare(req.topic())));
+        let (simple, attempt) = (req.simple(), req.attempt());
+        // A delivery is consumed once, at its first attempt.
+        if attempt == 1 {
+            self.metrics.consumed.add(1, &a.consumed);
+        }
+        let metrics = self.metrics.clone();
+        let start = Instant::now();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let result = fut.await;
+            let outcome = outcome_of(simple, &result, attempt, a.max_attempts);
+            a.record(&metrics, start.elapsed().as_secs_f64(), &result, outcome);
+            result
+        })
     }
 }
 

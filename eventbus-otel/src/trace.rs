@@ -64,7 +64,7 @@ pub struct TracingLayer {
     inner: Arc<Tracing>,
 }
 
-struct Tracing {
+pub(crate) struct Tracing {
     tracer: BoxedTracer,
     propagator: TextMapCompositePropagator,
     create_spans: bool,
@@ -527,19 +527,6 @@ impl HandlerSpans {
     }
 }
 
-/// The outcome of an attempt as the pool will treat it.
-pub(crate) fn outcome(
-    result: &Result<(), HandleError>,
-    attempt: u32,
-    max_attempts: u32,
-) -> &'static str {
-    match result {
-        Ok(()) => "ok",
-        Err(e) if e.is_retryable() && attempt < max_attempts => "retried",
-        Err(_) => "dead_lettered",
-    }
-}
-
 impl Tracing {
     /// Starts the `process` span of a handler call on `headers`; returns the context the
     /// handler runs in.
@@ -592,57 +579,89 @@ fn finish_handle(cx: &Context, result: &Result<(), HandleError>, outcome: &'stat
     span.end();
 }
 
-impl<S> Service<Event> for TracingService<S>
-where
-    S: Service<Event, Response = (), Error = HandleError>,
-    S::Future: Send + 'static,
-{
-    type Response = ();
-    type Error = HandleError;
-    type Future = BoxFuture<'static, Result<(), HandleError>>;
+/// What the layers read of a handler's request: a domain [`Event`] or a simple [`Message`].
+pub(crate) trait Handled: Send + 'static {
+    /// The topic it came from.
+    fn topic(&self) -> &str;
+    /// Its headers.
+    fn headers(&self) -> &dualbus_core::Headers;
+    /// The pool's attempt (a simple message has one).
+    fn attempt(&self) -> u32;
+    /// Whether it travels on the simple bus (no retries: its outcome is `ok` or `failed`).
+    fn simple(&self) -> bool;
+    /// Its own span attributes.
+    fn span_attrs(&self, tracing: &Tracing, backend: &'static str, out: &mut Vec<KeyValue>);
+}
 
-    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), HandleError>> {
-        self.inner.poll_ready(cx)
+impl Handled for Event {
+    fn topic(&self) -> &str {
+        self.topic.as_str()
     }
-
-    fn call(&mut self, event: Event) -> Self::Future {
-        let bare;
-        let spans = match &self.handler {
-            Some(h) => h.as_ref(),
-            None => {
-                bare = HandlerSpans::bare(event.topic.as_str());
-                &bare
-            }
-        };
-        let (attempt, max_attempts) = (event.attempt, spans.max_attempts);
-        let backend = spans.backend;
-        let cx = self.tracing.on_handle(spans, &event.envelope.headers, |a| {
-            let e = &event.envelope;
-            self.tracing
-                .message_attrs(backend, &MessageAttrs::of_envelope(e), a);
-            a.push(attrs::owned(
-                MESSAGING_DESTINATION_PARTITION_ID,
-                &event.position.partition.to_string(),
-            ));
-            if backend == "kafka" {
-                a.push(attrs::int(MESSAGING_KAFKA_OFFSET, event.position.offset));
-            }
-            a.push(attrs::int(DUALBUS_ATTEMPT, event.attempt));
-            a.push(attrs::int(DUALBUS_DELIVERY_COUNT, event.delivery_count));
-        });
-        let fut = self.inner.call(event).with_context(cx.clone());
-        Box::pin(async move {
-            let result = fut.await;
-            finish_handle(&cx, &result, outcome(&result, attempt, max_attempts));
-            result
-        })
+    fn headers(&self) -> &dualbus_core::Headers {
+        &self.envelope.headers
+    }
+    fn attempt(&self) -> u32 {
+        self.attempt
+    }
+    fn simple(&self) -> bool {
+        false
+    }
+    fn span_attrs(&self, tracing: &Tracing, backend: &'static str, a: &mut Vec<KeyValue>) {
+        tracing.message_attrs(backend, &MessageAttrs::of_envelope(&self.envelope), a);
+        a.push(attrs::owned(
+            MESSAGING_DESTINATION_PARTITION_ID,
+            &self.position.partition.to_string(),
+        ));
+        if backend == "kafka" {
+            a.push(attrs::int(MESSAGING_KAFKA_OFFSET, self.position.offset));
+        }
+        a.push(attrs::int(DUALBUS_ATTEMPT, self.attempt));
+        a.push(attrs::int(DUALBUS_DELIVERY_COUNT, self.delivery_count));
     }
 }
 
-impl<S> Service<Message> for TracingService<S>
+impl Handled for Message {
+    fn topic(&self) -> &str {
+        &self.topic
+    }
+    fn headers(&self) -> &dualbus_core::Headers {
+        &self.headers
+    }
+    fn attempt(&self) -> u32 {
+        1
+    }
+    fn simple(&self) -> bool {
+        true
+    }
+    fn span_attrs(&self, tracing: &Tracing, _backend: &'static str, a: &mut Vec<KeyValue>) {
+        if tracing.attributes.body_size {
+            a.push(attrs::int(MESSAGING_MESSAGE_BODY_SIZE, self.payload.len()));
+        }
+    }
+}
+
+/// The outcome of a handler call as the bus will treat it: on the domain bus `ok`,
+/// `retried` or `dead_lettered` (by the attempt and the error's kind), on the simple bus
+/// `ok` or `failed`.
+pub(crate) fn outcome_of(
+    simple: bool,
+    result: &Result<(), HandleError>,
+    attempt: u32,
+    max_attempts: u32,
+) -> &'static str {
+    match (simple, result) {
+        (_, Ok(())) => "ok",
+        (true, Err(_)) => "failed",
+        (false, Err(e)) if e.is_retryable() && attempt < max_attempts => "retried",
+        (false, Err(_)) => "dead_lettered",
+    }
+}
+
+impl<S, R> Service<R> for TracingService<S>
 where
-    S: Service<Message, Response = (), Error = HandleError>,
+    S: Service<R, Response = (), Error = HandleError>,
     S::Future: Send + 'static,
+    R: Handled,
 {
     type Response = ();
     type Error = HandleError;
@@ -652,28 +671,28 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, message: Message) -> Self::Future {
+    fn call(&mut self, req: R) -> Self::Future {
         let bare;
         let spans = match &self.handler {
             Some(h) => h.as_ref(),
             None => {
-                bare = HandlerSpans::bare(&message.topic);
+                bare = HandlerSpans::bare(req.topic());
                 &bare
             }
         };
-        let cx = self.tracing.on_handle(spans, &message.headers, |a| {
-            if self.tracing.attributes.body_size {
-                a.push(attrs::int(
-                    MESSAGING_MESSAGE_BODY_SIZE,
-                    message.payload.len(),
-                ));
-            }
+        let (simple, attempt, max_attempts) = (req.simple(), req.attempt(), spans.max_attempts);
+        let backend = spans.backend;
+        let cx = self.tracing.on_handle(spans, req.headers(), |a| {
+            req.span_attrs(&self.tracing, backend, a);
         });
-        let fut = self.inner.call(message).with_context(cx.clone());
+        let fut = self.inner.call(req).with_context(cx.clone());
         Box::pin(async move {
             let result = fut.await;
-            let outcome = if result.is_ok() { "ok" } else { "failed" };
-            finish_handle(&cx, &result, outcome);
+            finish_handle(
+                &cx,
+                &result,
+                outcome_of(simple, &result, attempt, max_attempts),
+            );
             result
         })
     }
@@ -713,5 +732,40 @@ where
             tracing: self.inner.clone(),
             handler: Some(Arc::new(HandlerSpans::new(cx))),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn outcomes_follow_the_pools_decision() {
+        let ok: Result<(), HandleError> = Ok(());
+        let retryable = Err(HandleError::retryable(std::io::Error::other("busy")));
+        let permanent = Err(HandleError::permanent(std::io::Error::other("bad")));
+        assert_eq!(outcome_of(false, &ok, 1, 3), "ok");
+        assert_eq!(outcome_of(false, &retryable, 1, 3), "retried");
+        assert_eq!(outcome_of(false, &retryable, 2, 3), "retried");
+        assert_eq!(outcome_of(false, &retryable, 3, 3), "dead_lettered");
+        assert_eq!(outcome_of(false, &permanent, 1, 3), "dead_lettered");
+        assert_eq!(outcome_of(true, &ok, 1, 1), "ok");
+        assert_eq!(outcome_of(true, &retryable, 1, 1), "failed");
+        assert_eq!(outcome_of(true, &permanent, 1, 1), "failed");
+    }
+
+    #[test]
+    fn span_names_are_kept_per_topic() {
+        let a = names("orders.kept");
+        let b = names("orders.kept");
+        assert_eq!(a.send, "send orders.kept");
+        assert_eq!(a.create, "create orders.kept");
+        assert_eq!(a.process, "process orders.kept");
+        // The same kept text, not a new one.
+        assert!(
+            matches!((&a.send, &b.send), (Cow::Borrowed(x), Cow::Borrowed(y)) if std::ptr::eq(*x, *y))
+        );
     }
 }
