@@ -30,6 +30,17 @@ pub struct Headers {
     entries: Option<Arc<Vec<(HeaderName, String)>>>,
 }
 
+/// `name` as a header name: the W3C trace-context names that most messages carry stay
+/// static (no copy); others are copied.
+pub(crate) fn known_name(name: &str) -> HeaderName {
+    match name {
+        "traceparent" => Cow::Borrowed("traceparent"),
+        "tracestate" => Cow::Borrowed("tracestate"),
+        "baggage" => Cow::Borrowed("baggage"),
+        other => Cow::Owned(other.to_owned()),
+    }
+}
+
 impl PartialEq for Headers {
     fn eq(&self, other: &Self) -> bool {
         self.entries() == other.entries()
@@ -44,7 +55,8 @@ impl Headers {
         Self { entries: None }
     }
 
-    fn entries(&self) -> &[(HeaderName, String)] {
+    /// The entries, names as stored (a static name stays borrowed when copied).
+    pub(crate) fn entries(&self) -> &[(HeaderName, String)] {
         self.entries.as_deref().map_or(&[], Vec::as_slice)
     }
 

@@ -217,15 +217,18 @@ pub(super) fn encode(
     if let Some(ct) = &e.content_type {
         h.push_unique(n.datacontenttype, value(style, ct));
     }
-    for (name, v) in e.headers.iter() {
+    // The envelope's names are distinct (`Headers` keeps one value per name) and none is
+    // reserved (checked here), so they cannot meet the attributes' names: appended as
+    // they are, a static name without a copy.
+    for (name, v) in e.headers.entries() {
         if is_reserved(n, name) {
             return Err(EnvelopeError::Header {
-                name: name.to_owned(),
+                name: name.to_string(),
                 reason: "reserved for a CloudEvents attribute",
             }
             .into());
         }
-        h.insert(Cow::Owned(name.to_owned()), v);
+        h.push_unique(name.clone(), v.clone());
     }
     Ok(EncodedMessage {
         key: e.aggregate_id.clone(),
@@ -256,7 +259,7 @@ pub(super) fn decode(m: &InboundMessage, style: HeaderStyle) -> Result<Envelope,
     let mut headers = Headers::new();
     for (name, v) in m.headers.iter() {
         if !is_reserved(n, name) {
-            headers.insert(Cow::Owned(name.to_owned()), v);
+            headers.insert(crate::headers::known_name(name), v);
         }
     }
     Ok(Envelope {
