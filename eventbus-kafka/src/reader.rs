@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use dualbus_core::{Error, InboundMessage, Position, Reread, Result, Topic};
 use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
@@ -157,9 +157,7 @@ impl Kafka {
             for p in 0..partitions {
                 tpl.add_partition(&topic, part(p)?);
             }
-            let committed = c
-                .committed_offsets(tpl, config.request_timeout)
-                .map_err(kafka_error)?;
+            let committed = committed_with_retry(&c, &tpl, config.request_timeout)?;
             let mut lag = 0u64;
             for e in committed.elements_for_topic(&topic) {
                 let (low, high) = c
@@ -183,6 +181,39 @@ impl Kafka {
             topic: topic.as_str().to_owned(),
             state: Arc::new(Mutex::new(RereadState::default())),
         })
+    }
+}
+
+/// The group's committed offsets of `tpl`. The group's coordinator may be moving or still
+/// loading (`NOT_COORDINATOR`, `COORDINATOR_LOAD_IN_PROGRESS`,
+/// `COORDINATOR_NOT_AVAILABLE`, as a busy broker answers for a while): such answers are
+/// asked again, with a growing pause, until `timeout` has passed.
+fn committed_with_retry(
+    c: &BaseConsumer<Logs>,
+    tpl: &TopicPartitionList,
+    timeout: Duration,
+) -> Result<TopicPartitionList> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match c.committed_offsets(tpl.clone(), left) {
+            Ok(committed) => return Ok(committed),
+            Err(e)
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::NotCoordinator
+                            | RDKafkaErrorCode::CoordinatorLoadInProgress
+                            | RDKafkaErrorCode::CoordinatorNotAvailable
+                    )
+                ) && left > pause =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => return Err(kafka_error(e)),
+        }
     }
 }
 
