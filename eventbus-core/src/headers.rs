@@ -30,9 +30,9 @@ pub struct Headers {
     entries: Option<Arc<Vec<(HeaderName, String)>>>,
 }
 
-/// `name` as a header name: the W3C trace-context names that most messages carry stay
-/// static (no copy); others are copied.
-pub(crate) fn known_name(name: &str) -> HeaderName {
+/// `name` as a header name: the W3C trace-context names that most messages carry
+/// (`traceparent`, `tracestate`, `baggage`) stay static (no copy); others are copied.
+pub fn header_name(name: &str) -> HeaderName {
     match name {
         "traceparent" => Cow::Borrowed("traceparent"),
         "tracestate" => Cow::Borrowed("tracestate"),

@@ -75,7 +75,8 @@ pub mod conformance;
 
 pub use codec::{Codec, DecodeError, HeaderStyle};
 pub use domain::{
-    DomainBus, DomainBusBuilder, DomainSubscribeBuilder, Subscription, SubscriptionHandle,
+    DEFAULT_SOURCE, DomainBus, DomainBusBuilder, DomainSubscribeBuilder, Subscription,
+    SubscriptionHandle,
 };
 pub use envelope::{Envelope, EnvelopeError, MAX_AGGREGATE_ID_LEN, MAX_ID_LEN};
 pub use error::{BoxError, Disposition, Error, ErrorKind, Failure, HandleError, Result};
@@ -83,7 +84,7 @@ pub use handler::{
     BoxEventHandler, BoxMessageHandler, BoxRequestHandler, Event, HandlerFn, handler_fn,
 };
 pub use headers::{
-    HeaderName, Headers, MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, validate_header,
+    HeaderName, Headers, MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, header_name, validate_header,
 };
 pub use message::{
     EncodedMessage, InboundMessage, Message, OutboundMessage, Position, Receipt, SimpleOutbound,

@@ -1,7 +1,5 @@
 //! W3C trace context in message headers: the propagators' view of [`Headers`].
 
-use std::borrow::Cow;
-
 use dualbus_core::Headers;
 use opentelemetry::propagation::{Extractor, Injector};
 
@@ -10,14 +8,8 @@ pub(crate) struct Inject<'a>(pub(crate) &'a mut Headers);
 
 impl Injector for Inject<'_> {
     fn set(&mut self, key: &str, value: String) {
-        // The names the W3C propagators write, without an allocation.
-        let name: Cow<'static, str> = match key {
-            "traceparent" => Cow::Borrowed("traceparent"),
-            "tracestate" => Cow::Borrowed("tracestate"),
-            "baggage" => Cow::Borrowed("baggage"),
-            other => Cow::Owned(other.to_owned()),
-        };
-        self.0.insert(name, value);
+        // The names the W3C propagators write stay static.
+        self.0.insert(dualbus_core::header_name(key), value);
     }
 }
 

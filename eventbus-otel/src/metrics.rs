@@ -110,6 +110,22 @@ struct Watchlist {
     ended: Vec<(Arc<[KeyValue]>, [u64; 3])>,
 }
 
+/// Adds `counts` to the series `attrs` of `totals` (appending the series if new).
+fn add_counts(
+    totals: &mut Vec<(Arc<[KeyValue]>, [u64; 3])>,
+    attrs: &Arc<[KeyValue]>,
+    counts: [u64; 3],
+) {
+    match totals.iter_mut().find(|(a, _)| **a == **attrs) {
+        Some((_, total)) => {
+            for (t, c) in total.iter_mut().zip(counts) {
+                *t += c;
+            }
+        }
+        None => totals.push((attrs.clone(), counts)),
+    }
+}
+
 fn handovers_of(s: &Watched) -> Option<[u64; 3]> {
     s.handle.stats().map(|st| {
         [
@@ -129,14 +145,7 @@ impl Watchlist {
                 return true;
             }
             if let Some(counts) = handovers_of(s) {
-                match ended.iter_mut().find(|(a, _)| **a == *s.attrs) {
-                    Some((_, total)) => {
-                        for (t, c) in total.iter_mut().zip(counts) {
-                            *t += c;
-                        }
-                    }
-                    None => ended.push((s.attrs.clone(), counts)),
-                }
+                add_counts(ended, &s.attrs, counts);
             }
             false
         });
@@ -297,16 +306,8 @@ impl MetricsLayer {
                 // Per series: the running members' counts and those of ended ones.
                 let mut totals = list.ended.clone();
                 for s in &list.running {
-                    let Some(counts) = handovers_of(s) else {
-                        continue;
-                    };
-                    match totals.iter_mut().find(|(a, _)| **a == *s.attrs) {
-                        Some((_, total)) => {
-                            for (t, c) in total.iter_mut().zip(counts) {
-                                *t += c;
-                            }
-                        }
-                        None => totals.push((s.attrs.clone(), counts)),
+                    if let Some(counts) = handovers_of(s) {
+                        add_counts(&mut totals, &s.attrs, counts);
                     }
                 }
                 for (series, counts) in totals {

@@ -516,7 +516,7 @@ impl crate::Buses {
         #[cfg(feature = "otel")]
         if let Some(o) = config.otel.as_ref().filter(|o| o.enabled) {
             if o.install {
-                let service = d.source.as_deref().unwrap_or("dualbus");
+                let service = d.source.as_deref().unwrap_or(dualbus_core::DEFAULT_SOURCE);
                 b = b.telemetry(dualbus_otel::Telemetry::install(o, service)?);
             }
             b = b.otel(&dualbus_otel::Otel::from_config(o));

@@ -259,7 +259,7 @@ pub(super) fn decode(m: &InboundMessage, style: HeaderStyle) -> Result<Envelope,
     let mut headers = Headers::new();
     for (name, v) in m.headers.iter() {
         if !is_reserved(n, name) {
-            headers.insert(crate::headers::known_name(name), v);
+            headers.insert(crate::headers::header_name(name), v);
         }
     }
     Ok(Envelope {

@@ -21,6 +21,9 @@ use crate::transport::{DomainTransport, DynDomainTransport};
 
 use super::{DomainBus, Inner};
 
+/// The source (service name) of a bus that sets none.
+pub const DEFAULT_SOURCE: &str = "dualbus";
+
 /// Builds a [`DomainBus`].
 #[must_use]
 pub struct DomainBusBuilder {
@@ -57,7 +60,7 @@ impl DomainBusBuilder {
     pub fn from_dyn(transport: DynDomainTransport) -> Self {
         Self {
             transport,
-            source: "dualbus".to_owned(),
+            source: DEFAULT_SOURCE.to_owned(),
             codec: Codec::CloudEvents,
             pool: PoolConfig::default(),
             retry: Backoff::default(),

@@ -7,7 +7,7 @@
 mod builder;
 mod subscribe;
 
-pub use builder::DomainBusBuilder;
+pub use builder::{DEFAULT_SOURCE, DomainBusBuilder};
 pub use subscribe::{DomainSubscribeBuilder, Subscription, SubscriptionHandle};
 
 use std::fmt;

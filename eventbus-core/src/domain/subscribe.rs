@@ -249,7 +249,9 @@ impl Subscription {
 
 /// A running domain subscription as layers and reporters see it (metrics of its pool, its
 /// partitions and its lag). Cheap to clone; it does not keep the subscription alive: once
-/// the subscription is dropped, its accessors answer `None`.
+/// the subscription is dropped, [`key_queues`](Self::key_queues) and
+/// [`partitions`](Self::partitions) answer `None` and [`stats`](Self::stats) its last
+/// counts.
 #[derive(Clone)]
 pub struct SubscriptionHandle {
     inner: Arc<HandleInner>,
